@@ -1,0 +1,233 @@
+"""Versioned checkpoints on disk: atomic writes, a manifest of sha256 sums, one archive per checkpoint, retention.
+
+Layout under the checkpoint dir: `epoch-000012/` (a save_pretrained model, the tokenizer, `training_state.pt`,
+`manifest.json`) and `epoch-000012.tar`, the same directory as one archive for download. Both are written under a
+temporary name and renamed into place; nothing is listed or served unless every file matches its recorded sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from monitor.history import CheckpointEntry, History
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TRAINING_STATE = "training_state.pt"
+CHUNK = 1 << 20
+
+
+class CheckpointNotFound(LookupError):
+    """No verified checkpoint matches the request."""
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:06d}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def epochs_to_keep(epochs: Iterable[int], keep: int, keep_every: int) -> set[int]:
+    """Retention: the newest `keep` epochs plus every epoch divisible by `keep_every` (0 disables the latter)."""
+    epochs = sorted(set(epochs), reverse=True)
+    kept = set(epochs[: max(keep, 0)])
+    if keep_every > 0:
+        kept |= {epoch for epoch in epochs if epoch % keep_every == 0}
+    return kept
+
+
+def write_manifest(directory: Path, **fields) -> dict:
+    """Record the size and sha256 of every file under `directory` (the manifest itself excluded)."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(directory).as_posix()] = {"sha256": sha256_of(path), "size": path.stat().st_size}
+    manifest = {"format": 1, **fields, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify_directory(directory: Path) -> Optional[str]:
+    """None if every file listed in the manifest is present with its recorded size and sha256, else the problem."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable {MANIFEST} in {directory}: {error}"
+    for relative, expected in files.items():
+        path = directory / relative
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return f"{path} is missing or has the wrong size"
+        if sha256_of(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in {MANIFEST}"
+    return None
+
+
+def write_archive(directory: Path, archive: Path) -> str:
+    """Tar `directory` (files sorted, fixed owners and times, so equal contents give an equal archive); sha256."""
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(directory.rglob("*")):
+            info = tar.gettarinfo(str(path), arcname=f"{directory.name}/{path.relative_to(directory).as_posix()}")
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            if path.is_file():
+                with open(path, "rb") as file:
+                    tar.addfile(info, file)
+            else:
+                tar.addfile(info)
+    _fsync(archive)
+    return sha256_of(archive)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+class CheckpointStore:
+    """Writes, verifies, lists and prunes the checkpoints of one run.
+
+    Args:
+        root: the checkpoint directory (created if missing).
+        history: the SQLite index that remembers each checkpoint's archive sum across restarts.
+        keep: how many of the newest checkpoints to keep.
+        keep_every: additionally keep every checkpoint whose epoch is a multiple of this (0: none).
+    """
+
+    def __init__(self, root: str | Path, history: History, keep: int = 3, keep_every: int = 0):
+        self.root, self.history, self.keep, self.keep_every = Path(root), history, keep, keep_every
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._verified: dict[int, Optional[tuple]] = {}  # epoch -> signature that last verified, None if damaged
+        self.corrupted = 0  # checkpoints found damaged since start (exported as a metric)
+
+    def write(self, epoch: int, fill: Callable[[Path], None], **manifest_fields) -> CheckpointEntry:
+        """Create checkpoint `epoch`: `fill(tmpdir)` writes the files, then manifest, rename, archive, index."""
+        with self._write_lock:
+            name = checkpoint_name(epoch)
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
+            try:
+                fill(tmp_dir)
+                created_at = time.time()
+                write_manifest(tmp_dir, epoch=epoch, created_at=created_at, **manifest_fields)
+                for path in tmp_dir.rglob("*"):
+                    if path.is_file():
+                        _fsync(path)
+                final_dir = self.root / name
+                self._discard(epoch)
+                os.rename(tmp_dir, final_dir)
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+            entry = self._archive_and_index(final_dir, epoch, created_at, manifest_fields)
+            self._prune()
+            return entry
+
+    def _archive_and_index(self, directory: Path, epoch: int, created_at: float, fields: dict) -> CheckpointEntry:
+        tmp_archive = self.root / f".tmp-{directory.name}.tar"
+        sha256 = write_archive(directory, tmp_archive)
+        archive = self.root / f"{directory.name}.tar"
+        os.replace(tmp_archive, archive)
+        entry = CheckpointEntry(
+            epoch=epoch, name=directory.name, archive_sha256=sha256, archive_size=archive.stat().st_size,
+            created_at=created_at, loss=fields.get("loss"), samples_total=int(fields.get("samples_total") or 0),
+        )
+        self.history.add_checkpoint(entry)
+        self._verified[epoch] = self._signature(entry)
+        logger.info(f"Checkpoint of epoch {epoch} written to {directory} (archive sha256 {sha256})")
+        return entry
+
+    def _discard(self, epoch: int) -> None:
+        self.history.remove_checkpoint(epoch)
+        self._verified.pop(epoch, None)
+        name = checkpoint_name(epoch)
+        (self.root / f"{name}.tar").unlink(missing_ok=True)
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def _prune(self) -> None:
+        indexed = [entry.epoch for entry in self.history.checkpoints()]
+        for epoch in set(indexed) - epochs_to_keep(indexed, self.keep, self.keep_every):
+            logger.info(f"Removing checkpoint of epoch {epoch} (retention: keep {self.keep}, every {self.keep_every})")
+            self._discard(epoch)
+
+    def reconcile(self) -> None:
+        """On start: drop leftovers of interrupted writes, forget vanished checkpoints, index complete unindexed ones."""
+        with self._write_lock:
+            for leftover in self.root.glob(".tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            indexed = {entry.epoch: entry for entry in self.history.checkpoints()}
+            for epoch, entry in indexed.items():
+                if not (self.root / entry.name).is_dir():
+                    self.history.remove_checkpoint(epoch)
+            for directory in sorted(self.root.glob("epoch-*")):
+                if not directory.is_dir() or not directory.name[6:].isdigit() or int(directory.name[6:]) in indexed:
+                    continue
+                problem = verify_directory(directory)
+                if problem:  # a rename that happened but whose manifest is damaged: leave it for a human
+                    logger.warning(f"Not indexing {directory}: {problem}")
+                    continue
+                manifest = json.loads((directory / MANIFEST).read_text())
+                self._archive_and_index(directory, int(directory.name[6:]), manifest.get("created_at", 0.0), manifest)
+
+    def _signature(self, entry: CheckpointEntry) -> tuple:
+        """Sizes and modification times of every file: re-hashing happens only when this changes."""
+        paths = [self.root / f"{entry.name}.tar", *sorted((self.root / entry.name).rglob("*"))]
+        return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.exists())
+
+    def is_valid(self, entry: CheckpointEntry) -> bool:
+        """Full verification (archive sum and every file's sum), cached until a file changes."""
+        try:
+            signature = self._signature(entry)
+            if self._verified.get(entry.epoch) == signature:
+                return True
+            problem = self._find_problem(entry)
+        except OSError as error:  # pruned or replaced while being checked
+            problem = str(error)
+        if problem:
+            if self._verified.get(entry.epoch, ()) is not None:  # count each damaged checkpoint once
+                self.corrupted += 1
+                logger.error(f"Checkpoint of epoch {entry.epoch} is corrupted and will not be served: {problem}")
+            self._verified[entry.epoch] = None
+            return False
+        self._verified[entry.epoch] = signature
+        return True
+
+    def _find_problem(self, entry: CheckpointEntry) -> Optional[str]:
+        problem = verify_directory(self.root / entry.name)
+        archive = self.root / f"{entry.name}.tar"
+        if problem is None and not archive.is_file():
+            problem = f"{archive} is missing"
+        if problem is None and (archive.stat().st_size != entry.archive_size or sha256_of(archive) != entry.archive_sha256):
+            problem = f"{archive} does not match its recorded size and sha256"
+        return problem
+
+    def list(self) -> list[CheckpointEntry]:
+        """Verified checkpoints, newest first."""
+        return [entry for entry in self.history.checkpoints() if self.is_valid(entry)]
+
+    def get(self, epoch: Optional[int] = None) -> tuple[CheckpointEntry, Path]:
+        """The verified checkpoint of `epoch` (newest if None) and its archive path, or CheckpointNotFound."""
+        for entry in self.list():
+            if epoch is None or entry.epoch == epoch:
+                return entry, self.root / f"{entry.name}.tar"
+        raise CheckpointNotFound(f"no verified checkpoint for epoch {epoch}" if epoch is not None else "no checkpoint yet")
+
+    def directory(self, entry: CheckpointEntry) -> Path:
+        return self.root / entry.name

@@ -1,0 +1,101 @@
+"""Configuration of the monitor node, read like the peer's: flags, then ALBERT_* environment variables, then defaults.
+
+The network settings (`SwarmConfig`) and the optimizer settings (`OptimConfig`, needed to hold a training state of
+the same layout as the peers') are the peer's own dataclasses; `MonitorConfig` holds the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from peer.config import OptimConfig, SwarmConfig, parse_configs
+
+
+@dataclass
+class MonitorConfig:
+    """What the monitor serves and keeps.
+
+    Args:
+        model: the run's model preset (tiny, base, ...) or config.json path; peers with another model are refused.
+        tokenizer: the run's tokenizer directory; empty uses the bundled tokenizer.
+        run_dir: directory for the monitor's files (identity, history, checkpoints, peers file) unless set one by one.
+        http_host: address of the dashboard, API and metrics server.
+        http_port: port of that server.
+        refresh_period: seconds between two reads of the peers' progress records.
+        stale_after: a peer whose newest record is older than this many seconds is not counted as alive.
+        db: SQLite file of the history (default: RUN_DIR/history.sqlite).
+        checkpoint_dir: where checkpoints are written (default: RUN_DIR/checkpoints).
+        checkpoint_every: write a checkpoint every this many global epochs (0: only on request).
+        keep: keep the newest this many checkpoints.
+        keep_every: also keep every checkpoint whose epoch is a multiple of this (0: none).
+        fetch_state_every: download the swarm's averaged state every this many epochs, to keep sharing a fresh one.
+        admin_token: enables POST /api/checkpoints for requests carrying 'Authorization: Bearer TOKEN'.
+        resume_from: checkpoint directory to start a fresh swarm from (peers then join at its epoch).
+        peers_file: file to write this monitor's multiaddrs to (default: RUN_DIR/initial_peers.txt).
+    """
+
+    model: str = field(default="tiny", metadata={"help": "The run's model preset or config.json path."})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "The run's tokenizer directory (default: bundled)."})
+    run_dir: str = field(default="albert-swarm-run/monitor", metadata={"help": "Directory of the monitor's files."})
+    http_host: str = field(default="0.0.0.0", metadata={"help": "Address of the dashboard/API/metrics server."})
+    http_port: int = field(default=8080, metadata={"help": "Port of the dashboard/API/metrics server (0: any free)."})
+    refresh_period: float = field(default=5.0, metadata={"help": "Seconds between reads of the progress records."})
+    stale_after: float = field(default=30.0, metadata={"help": "Seconds after which a silent peer is not alive."})
+    db: Optional[str] = field(default=None, metadata={"help": "SQLite history file (default: RUN_DIR/history.sqlite)."})
+    checkpoint_dir: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint directory (default: RUN_DIR/checkpoints)."}
+    )
+    checkpoint_every: int = field(
+        default=50, metadata={"help": "Write a checkpoint every this many global epochs (0: only on request)."}
+    )
+    keep: int = field(default=3, metadata={"help": "Number of newest checkpoints to keep."})
+    keep_every: int = field(default=0, metadata={"help": "Also keep checkpoints of epochs divisible by this (0: off)."})
+    fetch_state_every: int = field(
+        default=10,
+        metadata={"help": "Download the swarm's state every this many epochs, so the monitor can share a fresh one."},
+    )
+    admin_token: Optional[str] = field(
+        default=None, metadata={"help": "Token enabling POST /api/checkpoints (send 'Authorization: Bearer TOKEN')."}
+    )
+    resume_from: Optional[str] = field(
+        default=None, metadata={"help": "Checkpoint directory to start a fresh swarm from (peers join at its epoch)."}
+    )
+    peers_file: Optional[str] = field(
+        default=None, metadata={"help": "Write this monitor's multiaddrs here (default: RUN_DIR/initial_peers.txt)."}
+    )
+
+    def __post_init__(self):
+        for name in ("refresh_period", "stale_after"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("checkpoint_every", "keep_every", "fetch_state_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)!r}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be at least 1, got {self.keep}")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in 0..65535, got {self.http_port}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin_token must be at least 16 characters long (it guards checkpoint creation)")
+        if self.resume_from is not None and not (Path(self.resume_from) / "config.json").is_file():
+            raise ValueError(f"--resume-from {self.resume_from!r} is not a checkpoint directory (no config.json)")
+
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db else Path(self.run_dir) / "history.sqlite"
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.run_dir) / "checkpoints"
+
+    def peers_file_path(self) -> Path:
+        return Path(self.peers_file) if self.peers_file else Path(self.run_dir) / "initial_peers.txt"
+
+    def identity_path(self, swarm: SwarmConfig) -> Path:
+        """The monitor always has a stable identity: its multiaddr is what every peer is told to dial."""
+        return Path(swarm.identity_path) if swarm.identity_path else Path(self.run_dir) / "identity.key"
+
+
+def parse_monitor_args(args: Optional[Sequence[str]] = None) -> tuple[SwarmConfig, OptimConfig, MonitorConfig]:
+    """Parse the monitor's three config groups from flags and ALBERT_* variables (exit 2 with a message if bad)."""
+    return tuple(parse_configs(SwarmConfig, OptimConfig, MonitorConfig, args=args))

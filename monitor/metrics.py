@@ -1,0 +1,88 @@
+"""Prometheus exposition of the swarm: a collector that reads the live state at scrape time (no stale gauges)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitor.checkpoint import CheckpointStore
+from monitor.live import LiveState
+
+
+class SwarmCollector(Collector):
+    """Builds every metric family from `LiveState` and the checkpoint store when Prometheus scrapes.
+
+    Args:
+        live: the monitor's live state.
+        store: the checkpoint store (for the newest checkpoint's age and epoch).
+    """
+
+    def __init__(self, live: LiveState, store: CheckpointStore):
+        self.live, self.store = live, store
+
+    def collect(self) -> Iterator[Metric]:
+        snap, live = self.live.snapshot, self.live
+        yield _gauge("albert_swarm_epoch", "Global epoch of the swarm (optimizer steps made together).", snap.epoch)
+        loss = snap.loss if snap.loss is not None else math.nan
+        yield _gauge("albert_swarm_loss", "Swarm MLM loss: sum of peers' losses over sum of their mini-steps.", loss)
+        yield _gauge("albert_swarm_samples_per_second", "Samples per second of all alive peers together.",
+                     snap.samples_per_second)
+        yield _gauge("albert_swarm_alive_peers", "Peers whose progress record is fresh.", snap.alive_peers)
+        yield _counter("albert_swarm_samples", "Samples processed by the swarm over the run.", snap.samples_total)
+        yield _counter("albert_monitor_invalid_records", "Progress records that failed validation.",
+                       live.invalid_records_total)
+        yield _counter("albert_monitor_refused_records", "Valid records from peers whose model does not match.",
+                       live.refused_records_total)
+        yield _counter("albert_monitor_refresh_errors", "Refreshes that failed to read the DHT.", live.refresh_errors)
+        yield _gauge("albert_monitor_state_epoch", "Epoch of the training state the monitor holds (-1: none).",
+                     live.state_epoch)
+        yield _gauge("albert_monitor_last_refresh_timestamp_seconds", "Unix time of the last refresh.",
+                     live.last_refresh)
+        yield from self._checkpoint_metrics()
+        yield from self._peer_metrics()
+
+    def _checkpoint_metrics(self) -> Iterator[Metric]:
+        entries = self.store.list()
+        newest = entries[0] if entries else None
+        age = time.time() - newest.created_at if newest else math.nan
+        yield _gauge("albert_swarm_checkpoint_age_seconds", "Age of the newest verified checkpoint.", age)
+        yield _gauge("albert_swarm_checkpoint_epoch", "Epoch of the newest verified checkpoint (-1: none).",
+                     newest.epoch if newest else -1)
+        yield _gauge("albert_swarm_checkpoints", "Verified checkpoints available for download.", len(entries))
+        yield _counter("albert_monitor_corrupted_checkpoints", "Checkpoints found damaged and withheld.",
+                       self.store.corrupted)
+
+    def _peer_metrics(self) -> Iterator[Metric]:
+        speed = GaugeMetricFamily("albert_peer_samples_per_second", "Samples per second of one alive peer.",
+                                  labels=["peer_id", "device"])
+        epoch = GaugeMetricFamily("albert_peer_epoch", "Local epoch of one alive peer.", labels=["peer_id"])
+        for row in self.live.snapshot.peers:
+            if row.alive:
+                speed.add_metric([row.peer_id, row.device], row.samples_per_second)
+                epoch.add_metric([row.peer_id], row.epoch)
+        yield speed
+        yield epoch
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def make_registry(live: LiveState, store: CheckpointStore) -> CollectorRegistry:
+    """A registry of its own, so two monitors in one process (tests) never collide in the global one."""
+    registry = CollectorRegistry()
+    registry.register(SwarmCollector(live, store))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

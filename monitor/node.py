@@ -1,0 +1,185 @@
+"""The monitor node: DHT bootstrap, the refresh loop (aggregate, record, checkpoint) and the HTTP server around it.
+
+`Monitor.start()` must run in the main thread (hivemind's averager installs signal handlers); the HTTP server runs
+in a background thread; `run()` loops in the main thread until `stop()` is called (e.g. by a signal handler).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from hivemind.utils import get_dht_time
+
+from monitor.aggregate import aggregate
+from monitor.checkpoint import CheckpointStore
+from monitor.config import MonitorConfig
+from monitor.history import CheckpointEntry, History
+from monitor.live import LiveState
+from monitor.metrics import make_registry
+from monitor.records import RunRecord, monitor_validators, publish_run_record, read_progress
+from monitor.server import ServerThread, create_app
+from monitor.state import ModelMismatch, StateKeeper, build_run_model
+from peer.config import OptimConfig, SwarmConfig
+from peer.swarm import build_dht, visible_maddrs
+
+logger = logging.getLogger(__name__)
+RUN_RECORD_EXPIRATION = 60.0  # seconds; refreshed every refresh period, so a dead monitor's record soon vanishes
+
+
+class Monitor:
+    """One monitor of one run.
+
+    Args:
+        swarm: network settings (the identity path defaults to one under the monitor's run dir).
+        optim: the run's optimizer settings, to hold a state of the peers' layout.
+        config: the monitor's own settings.
+    """
+
+    def __init__(self, swarm: SwarmConfig, optim: OptimConfig, config: MonitorConfig):
+        self.swarm, self.optim, self.config = swarm, optim, config
+        self._stop = threading.Event()
+        self._requests: queue.Queue[Future] = queue.Queue()
+        self.dht = self.keeper = self.server = None
+        self._refused_logged: set[str] = set()
+
+    def start(self) -> None:
+        """Load or build the model, join the DHT, announce the multiaddrs, open history and checkpoints, serve HTTP."""
+        cfg = self.config
+        self.run_model = build_run_model(cfg.model, cfg.tokenizer, weights_from=cfg.resume_from)
+        identity = cfg.identity_path(self.swarm)
+        identity.parent.mkdir(parents=True, exist_ok=True)
+        self.swarm.identity_path = str(identity)
+        self.dht = build_dht(self.swarm, monitor_validators(self.swarm.run_id))
+        self.initial_peers = visible_maddrs(self.dht)
+        self._write_peers_file(self.initial_peers)
+        self.keeper = StateKeeper(self.dht, self.swarm, self.optim, self.run_model)
+        if cfg.resume_from:
+            self.keeper.resume(cfg.resume_from)
+        self.history = History(cfg.db_path())
+        self.store = CheckpointStore(cfg.checkpoint_path(), self.history, keep=cfg.keep, keep_every=cfg.keep_every)
+        self.store.reconcile()
+        model_info = {"name": cfg.model, "tokenizer": self.run_model.tokenizer_name, "hash": self.run_model.fingerprint}
+        self.live = LiveState(run_id=self.swarm.run_id, initial_peers=self.initial_peers, model=model_info,
+                              snapshot=self.history.last_snapshot(), state_epoch=self.keeper.epoch)
+        app = create_app(self.live, self.history, self.store, make_registry(self.live, self.store),
+                         admin_token=cfg.admin_token, request_checkpoint=self.request_checkpoint)
+        self.server = ServerThread(app, cfg.http_host, cfg.http_port)
+        self.server.start()
+        self.dashboard_url = f"http://{cfg.http_host}:{self.server.port}/"
+        logger.info(f"Dashboard, API and /metrics on {self.dashboard_url}")
+        print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
+
+    def _write_peers_file(self, maddrs: list[str]) -> None:
+        path = self.config.peers_file_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(maddrs) + "\n")
+        tmp.replace(path)  # atomic: a script polling for the file never reads half of it
+        logger.info(f"Multiaddrs of this monitor written to {path}")
+
+    def run(self) -> None:
+        """Refresh every refresh period until stopped; serve checkpoint requests as they come."""
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() >= next_refresh:
+                self.refresh()
+                next_refresh = time.monotonic() + self.config.refresh_period
+            try:
+                request = self._requests.get(timeout=max(0.0, next_refresh - time.monotonic()))
+            except queue.Empty:
+                continue
+            if request is not None:
+                self._serve_request(request)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._requests.put(None)  # wake the loop
+
+    def refresh(self) -> None:
+        """One cycle: announce the run, read and aggregate the records, keep the state fresh, checkpoint if due."""
+        try:
+            self._publish_run_record()
+            read = read_progress(self.dht, self.swarm.run_id, self.run_model.fingerprint)
+        except Exception as error:  # the DHT can time out; the next refresh tries again
+            logger.warning(f"Could not read the swarm's progress: {error!r}")
+            self.live.refresh_errors += 1
+            return
+        for label in read.refused.keys() - self._refused_logged:
+            logger.warning(f"Refusing the records of peer {label}: {read.refused[label]}")
+        self._refused_logged |= read.refused.keys()
+        snapshot = aggregate(read.reports, now=get_dht_time(), previous=self.live.snapshot, invalid_records=read.invalid,
+                             stale_after=self.config.stale_after)
+        self.history.record(snapshot)
+        self.live.update(snapshot, read.invalid, read.refused)
+        self._keep_state(snapshot.epoch)
+
+    def _publish_run_record(self) -> None:
+        record = RunRecord(model_hash=self.run_model.fingerprint, model=self.config.model,
+                           tokenizer=self.run_model.tokenizer_name, state_epoch=self.keeper.epoch,
+                           dashboard=self.dashboard_url[:256], time=get_dht_time())
+        publish_run_record(self.dht, self.swarm.run_id, record, RUN_RECORD_EXPIRATION)
+
+    def _keep_state(self, swarm_epoch: int) -> None:
+        """Download the state when it is `fetch_state_every` epochs old; checkpoint every `checkpoint_every` epochs."""
+        cfg, held = self.config, self.keeper.epoch
+        fetch_due = cfg.fetch_state_every and swarm_epoch >= held + cfg.fetch_state_every
+        newest = self.store.list()
+        last_checkpoint = newest[0].epoch if newest else 0
+        checkpoint_due = cfg.checkpoint_every and swarm_epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every
+        if fetch_due or (checkpoint_due and held < swarm_epoch):
+            self._fetch()
+        if checkpoint_due and self.keeper.epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
+            self.checkpoint()
+
+    def _fetch(self) -> bool:
+        try:
+            fetched = self.keeper.fetch(timeout=self.optim.load_state_timeout)
+        except ModelMismatch as error:
+            logger.error(str(error))
+            return False
+        self.live.state_epoch = self.keeper.epoch
+        return fetched
+
+    def checkpoint(self) -> CheckpointEntry:
+        """Write the held state as a checkpoint (RuntimeError if the monitor holds none yet)."""
+        if not self.keeper.has_state:
+            raise RuntimeError("the monitor holds no training state yet (no peer has shared one)")
+        snapshot = self.live.snapshot
+        return self.store.write(self.keeper.epoch, self.keeper.write, run_id=self.swarm.run_id,
+                                loss=snapshot.loss, samples_total=snapshot.samples_total,
+                                model_fingerprint=self.run_model.fingerprint)
+
+    def request_checkpoint(self, timeout: float = 600.0) -> CheckpointEntry:
+        """From another thread (HTTP): fetch the newest state and checkpoint it in the main loop; wait for it."""
+        request: Future = Future()
+        self._requests.put(request)
+        return request.result(timeout=timeout)
+
+    def _serve_request(self, request: Future) -> None:
+        if not request.set_running_or_notify_cancel():
+            return
+        try:
+            self._fetch()
+            request.set_result(self.checkpoint())
+        except Exception as error:
+            request.set_exception(RuntimeError(str(error)))
+
+    def shutdown(self) -> None:
+        """Stop serving, stop sharing, leave the DHT (also after a partial start)."""
+        self.stop()
+        while not self._requests.empty():
+            pending = self._requests.get_nowait()
+            if pending is not None and pending.set_running_or_notify_cancel():
+                pending.set_exception(RuntimeError("the monitor is shutting down"))
+        for part, close in ((self.server, "stop"), (self.keeper, "shutdown"), (self.dht, "shutdown")):
+            if part is not None:
+                try:
+                    getattr(part, close)()
+                except Exception as error:
+                    logger.warning(f"Error while shutting down {type(part).__name__}: {error!r}")
+        if getattr(self, "history", None) is not None:
+            self.history.close()

@@ -1,0 +1,149 @@
+"""The training state the monitor keeps: a hivemind TrainingStateAverager built exactly like a peer's.
+
+It downloads the swarm's averaged state (model, optimizer, scheduler, epoch), shares it with peers that join later
+(also when every trainer has left), writes it out as a checkpoint and starts a fresh swarm from one (--resume-from).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+from transformers import PreTrainedTokenizerFast
+
+from data import load_tokenizer, model_overrides_from_tokenizer
+from model import LeanAlbertForMaskedLM, load_config
+from monitor.checkpoint import TRAINING_STATE
+from peer.config import OptimConfig, SwarmConfig
+from peer.progress import model_fingerprint
+from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
+
+logger = logging.getLogger(__name__)
+
+
+class ModelMismatch(ValueError):
+    """A checkpoint or a swarm state does not fit the run's model."""
+
+
+@dataclass
+class RunModel:
+    """The run's model and tokenizer as the peers build them, and the fingerprint that identifies them."""
+
+    model: LeanAlbertForMaskedLM
+    tokenizer: PreTrainedTokenizerFast
+    fingerprint: str
+    name: str
+    tokenizer_name: str
+
+
+def build_run_model(model: str, tokenizer: Optional[str], weights_from: Optional[str] = None) -> RunModel:
+    """Build the model like a peer does (config from the preset, sizes from the tokenizer), or load checkpoint weights."""
+    loaded_tokenizer = load_tokenizer(tokenizer)
+    config = load_config(model, **model_overrides_from_tokenizer(loaded_tokenizer))
+    if weights_from is None:
+        torch.manual_seed(0)  # the monitor's initial weights are never trained on; seeded for reproducible tests
+        network = LeanAlbertForMaskedLM(config)
+    else:
+        network = LeanAlbertForMaskedLM.from_pretrained(weights_from)
+        if model_fingerprint(network.config, loaded_tokenizer) != model_fingerprint(config, loaded_tokenizer):
+            raise ModelMismatch(f"checkpoint {weights_from} holds another model than --model {model!r} "
+                                f"with --tokenizer {tokenizer or 'bundled'}")
+    network.eval()
+    fingerprint = model_fingerprint(network.config, loaded_tokenizer)  # as a peer computes it, from model.config
+    return RunModel(network, loaded_tokenizer, fingerprint, model, tokenizer or "bundled")
+
+
+class StateKeeper:
+    """Holds the run's training state in a TrainingStateAverager under the peers' own DHT prefix.
+
+    Build it in the main thread (hivemind installs signal handlers). Trainers share their state with priority =
+    their epoch; the keeper uses epoch - 0.5, so a newcomer prefers a trainer at the same epoch (whose state is
+    fresher within the epoch) and falls back to the keeper when no trainer is left.
+
+    Args:
+        dht: the monitor's DHT node (not client mode: others download from it).
+        swarm: network settings (run_id gives the prefix).
+        optim: the run's optimizer settings (the same factories as the peers', so the state layout matches).
+        run_model: the model whose parameters hold the state.
+        client_mode: True for a keeper that only downloads (albert-checkpoint pull).
+    """
+
+    def __init__(self, dht: hivemind.DHT, swarm: SwarmConfig, optim: OptimConfig, run_model: RunModel,
+                 client_mode: bool = False):
+        self.optim, self.run_model = optim, run_model
+        self.averager = TrainingStateAverager(
+            dht=dht,
+            prefix=f"{swarm.run_id}_state_averager",
+            params=param_groups(run_model.model, optim.weight_decay),
+            optimizer=partial(make_optimizer, optim=optim),
+            scheduler=partial(make_scheduler, optim=optim),
+            offload_optimizer=False,  # the optimizer works on the model's own parameters: save_pretrained saves them
+            state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
+            client_mode=client_mode,
+            allow_state_sharing=False,  # enabled once the keeper holds a real state, never a random initialisation
+            start=True,
+        )
+        self.has_state = False
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the state held, or -1 before one was downloaded or resumed."""
+        return self.averager.local_epoch if self.has_state else -1
+
+    def fetch(self, timeout: float) -> bool:
+        """Download the newest state from the swarm; True if the keeper now holds a state at least as new as before."""
+        before = self.epoch
+        started = time.monotonic()
+        try:
+            self.averager.load_state_from_peers(timeout=timeout)
+        except (TimeoutError, RuntimeError) as error:
+            logger.warning(f"Could not download the swarm's state: {error!r}")
+            return False
+        except Exception as error:  # a shape or dtype that does not fit: a peer runs another model
+            raise ModelMismatch(f"the swarm's state does not fit the run's model: {error!r}") from error
+        if self.averager.local_epoch <= before or (not self.has_state and self.averager.local_epoch == 0):
+            return False  # nobody shared a newer state (or only epoch 0, indistinguishable from no download)
+        self._now_holds_state()
+        logger.info(f"Downloaded the swarm's state of epoch {self.epoch} in {time.monotonic() - started:.1f} s")
+        return True
+
+    def _now_holds_state(self) -> None:
+        self.has_state = True
+        self.averager.allow_state_sharing = True
+        self.averager.state_sharing_priority = self.averager.local_epoch - 0.5
+
+    def resume(self, directory: str | Path) -> int:
+        """Take model weights (already loaded into run_model), optimizer and scheduler state from a checkpoint."""
+        state = torch.load(Path(directory) / TRAINING_STATE, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            self.averager.optimizer.load_state_dict(state["optimizer"])
+            if self.averager.scheduler is not None and state.get("scheduler") is not None:
+                self.averager.scheduler.load_state_dict(state["scheduler"])
+        self.averager.local_epoch = int(state["epoch"])
+        self._now_holds_state()
+        logger.info(f"Resumed the training state of epoch {self.epoch} from {directory}")
+        return self.epoch
+
+    def write(self, directory: Path) -> None:
+        """Fill a checkpoint directory: save_pretrained model (code + auto_map), tokenizer, training_state.pt."""
+        self.run_model.model.save_pretrained(directory)
+        self.run_model.tokenizer.save_pretrained(directory)
+        scheduler = self.averager.scheduler
+        training_state = {
+            "epoch": self.averager.local_epoch,
+            "optimizer": self.averager.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optim_config": asdict(self.optim),
+            "model_fingerprint": self.run_model.fingerprint,
+        }
+        torch.save(training_state, directory / TRAINING_STATE)
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()

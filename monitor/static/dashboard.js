@@ -1,0 +1,158 @@
+// Dashboard logic: polls the monitor's JSON API and draws everything with DOM + hand-made SVG (no libraries).
+"use strict";
+
+const REFRESH_MS = 5000;
+const SVG_NS = "http://www.w3.org/2000/svg";
+const W = 400, H = 160, PAD = { left: 44, right: 8, top: 8, bottom: 20 };
+
+function svgElement(tag, attrs, text) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, value);
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+function formatNumber(value, digits = 3) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "–";
+  if (Math.abs(value) >= 1e6) return (value / 1e6).toFixed(2) + "M";
+  if (Math.abs(value) >= 1e4) return (value / 1e3).toFixed(1) + "k";
+  return Number.isInteger(value) ? String(value) : value.toPrecision(digits);
+}
+
+function formatTime(seconds) {
+  return new Date(seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+// Draw one line chart of points [{x, y}] into the container; x labels come from formatX.
+function drawChart(container, points, formatX) {
+  const svg = svgElement("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img" });
+  const usable = points.filter((p) => p.y !== null && Number.isFinite(p.y));
+  svg.dataset.points = String(usable.length);
+  if (usable.length === 0) {
+    svg.appendChild(svgElement("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
+    container.replaceChildren(svg);
+    return;
+  }
+  const xs = usable.map((p) => p.x), ys = usable.map((p) => p.y);
+  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  if (y0 === y1) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
+  const sx = (x) => PAD.left + ((x - x0) / (x1 - x0)) * (W - PAD.left - PAD.right);
+  const sy = (y) => H - PAD.bottom - ((y - y0) / (y1 - y0)) * (H - PAD.top - PAD.bottom);
+  for (const y of [y0, (y0 + y1) / 2, y1]) {
+    svg.appendChild(svgElement("line", { x1: PAD.left, x2: W - PAD.right, y1: sy(y), y2: sy(y), class: "grid" }));
+    svg.appendChild(svgElement("text", { x: PAD.left - 4, y: sy(y) + 3, "text-anchor": "end" }, formatNumber(y)));
+  }
+  svg.appendChild(svgElement("text", { x: PAD.left, y: H - 4 }, formatX(x0)));
+  svg.appendChild(svgElement("text", { x: W - PAD.right, y: H - 4, "text-anchor": "end" }, formatX(x1)));
+  const path = usable.map((p, i) => `${i ? "L" : "M"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ");
+  svg.appendChild(svgElement("path", { d: path, class: "series" }));
+  if (usable.length === 1) svg.appendChild(svgElement("circle", { cx: sx(xs[0]), cy: sy(ys[0]), r: 3, class: "series" }));
+  container.replaceChildren(svg);
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function renderStatus(status) {
+  document.getElementById("run-id").textContent = status.run_id;
+  document.getElementById("stat-epoch").textContent = status.epoch;
+  document.getElementById("stat-loss").textContent = formatNumber(status.loss, 4);
+  document.getElementById("stat-speed").textContent = formatNumber(status.samples_per_second);
+  document.getElementById("stat-peers").textContent = status.alive_peers;
+  document.getElementById("stat-samples").textContent = formatNumber(status.samples_total);
+  document.getElementById("stat-invalid").textContent =
+    `${status.invalid_records_total} / ${status.refused_records_total}`;
+  const peersInput = document.getElementById("initial-peers");
+  if (peersInput.value !== status.initial_peers_string) peersInput.value = status.initial_peers_string;
+  const model = status.model || {};
+  document.getElementById("model-info").textContent =
+    `model ${model.name || "?"} · fingerprint ${model.hash || "?"} · monitor holds the state of epoch ${status.state_epoch}`;
+}
+
+function renderHistory(history) {
+  const byTime = (key) => history.series.map((p) => ({ x: p.time, y: p[key] }));
+  const byEpoch = (key) => history.epochs.map((p) => ({ x: p.epoch, y: p[key] }));
+  const epochLabel = (x) => `epoch ${Math.round(x)}`;
+  for (const [key, name] of [["loss", "loss"], ["samples_per_second", "speed"], ["alive_peers", "peers"]]) {
+    drawChart(document.getElementById(`chart-${name}-time`), byTime(key), formatTime);
+    drawChart(document.getElementById(`chart-${name}-epoch`), byEpoch(key), epochLabel);
+  }
+}
+
+function renderPeers(peers) {
+  const body = document.querySelector("#peers-table tbody");
+  body.replaceChildren();
+  const now = Date.now() / 1000;
+  for (const peer of peers) {
+    const row = body.insertRow();
+    row.className = peer.status;
+    row.dataset.peerId = peer.peer_id;
+    const idCell = cell(row, peer.peer_id.slice(-12));
+    idCell.title = peer.peer_id;
+    cell(row, peer.status);
+    cell(row, peer.epoch, "num");
+    cell(row, formatNumber(peer.loss, 4), "num");
+    cell(row, formatNumber(peer.samples_per_second), "num");
+    cell(row, formatNumber(peer.contribution), "num");
+    cell(row, peer.device);
+    cell(row, `${Math.max(0, Math.round(now - peer.last_seen))} s ago`, "num");
+  }
+}
+
+function renderCheckpoints(checkpoints) {
+  const body = document.querySelector("#checkpoints-table tbody");
+  body.replaceChildren();
+  for (const ckpt of checkpoints) {
+    const row = body.insertRow();
+    cell(row, ckpt.epoch, "num");
+    cell(row, new Date(ckpt.created_at * 1000).toLocaleString());
+    cell(row, formatNumber(ckpt.loss, 4), "num");
+    cell(row, formatNumber(ckpt.samples_total), "num");
+    cell(row, `${(ckpt.size / 2 ** 20).toFixed(1)} MiB`, "num");
+    cell(row, ckpt.sha256.slice(0, 16) + "…").title = ckpt.sha256;
+    const link = document.createElement("a");
+    link.href = new URL(ckpt.url).pathname;  // relative, so it works behind a proxy too
+    link.textContent = "download";
+    row.insertCell().appendChild(link);
+  }
+}
+
+async function getJson(path) {
+  const response = await fetch(path, { cache: "no-store" });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+async function refresh() {
+  const badge = document.getElementById("connection");
+  try {
+    const [status, history, peers, checkpoints] = await Promise.all(
+      ["/api/status", "/api/history", "/api/peers", "/api/checkpoints"].map(getJson));
+    renderStatus(status);
+    renderHistory(history);
+    renderPeers(peers);
+    renderCheckpoints(checkpoints);
+    badge.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    badge.className = "badge ok";
+  } catch (error) {
+    badge.textContent = `monitor unreachable (${error.message})`;
+    badge.className = "badge down";
+  } finally {
+    document.body.dataset.refreshed = String(Number(document.body.dataset.refreshed || 0) + 1);
+  }
+}
+
+document.getElementById("copy-peers").addEventListener("click", () => {
+  const input = document.getElementById("initial-peers");
+  input.select();
+  if (navigator.clipboard) navigator.clipboard.writeText(input.value).catch(() => document.execCommand("copy"));
+  else document.execCommand("copy");
+});
+document.getElementById("refresh-seconds").textContent = REFRESH_MS / 1000;
+refresh();
+setInterval(refresh, REFRESH_MS);

@@ -1,0 +1,36 @@
+"""``albert-peer`` / ``python -m peer``: join a training run and contribute until stopped (exit codes: ExitCode)."""
+
+import logging
+import sys
+
+from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
+from peer.lifecycle import ExitCode, StopRequested
+from peer.runtime import start_peer
+from peer.swarm import SwarmJoinError
+from peer.train import train
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hivemind.optim.progress_tracker").setLevel(logging.WARNING)  # it logs twice a second
+    swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig)
+    try:
+        peer = start_peer(swarm, optim, config)
+    except ValueError as error:  # includes the data package's CorpusError and TokenizerError
+        logging.critical(f"Invalid setting: {error}")
+        return ExitCode.USAGE
+    except SwarmJoinError as error:
+        logging.critical(str(error))
+        return ExitCode.SWARM_UNREACHABLE
+    except StopRequested as stop:
+        return stop.exit_code
+    try:
+        return train(peer)
+    except StopRequested as stop:
+        return stop.exit_code
+    finally:
+        peer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Local backups of the training state (model, optimizer, scheduler, epoch), written atomically, newest k kept."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import hivemind
+import torch
+
+logger = logging.getLogger(__name__)
+BACKUP_NAME = re.compile(r"^epoch-(\d+)\.pt$")
+
+
+class Backups:
+    """The backups of one peer, one file per epoch: ``<directory>/epoch-000123.pt``.
+
+    Args:
+        directory: where backups live (created on first save).
+        keep: how many of the newest backups to keep.
+        model_hash: fingerprint of the architecture; a backup of another model is never restored.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int, model_hash: str):
+        self.directory, self.keep, self.model_hash = Path(directory), keep, model_hash
+
+    def epochs(self) -> list[int]:
+        """Epochs that have a backup, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        matches = (BACKUP_NAME.match(path.name) for path in self.directory.iterdir())
+        return sorted(int(match.group(1)) for match in matches if match)
+
+    def path(self, epoch: int) -> Path:
+        return self.directory / f"epoch-{epoch:06d}.pt"
+
+    def latest_epoch(self) -> Optional[int]:
+        epochs = self.epochs()
+        return epochs[-1] if epochs else None
+
+    def save(self, model: torch.nn.Module, optimizer: hivemind.Optimizer) -> Path:
+        """Write the current state, atomically: a crash mid-write never leaves a truncated backup behind."""
+        state = dict(
+            epoch=optimizer.local_epoch,
+            model_hash=self.model_hash,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=optimizer.state_averager.scheduler.state_dict(),
+        )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.path(optimizer.local_epoch)
+        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".partial-", delete=False) as partial:
+            torch.save(state, partial)
+            partial.flush()
+            os.fsync(partial.fileno())
+        os.replace(partial.name, target)
+        for old_epoch in self.epochs()[: -self.keep]:
+            self.path(old_epoch).unlink(missing_ok=True)
+        logger.info(f"Backup of epoch {optimizer.local_epoch} written to {target}")
+        return target
+
+    def restore(self, epoch: int, model: torch.nn.Module, optimizer: hivemind.Optimizer) -> bool:
+        """Load the backup of ``epoch`` into the model and optimizer; False if it is unreadable or of another model."""
+        try:
+            state = torch.load(self.path(epoch), map_location="cpu", weights_only=True)
+        except Exception as error:  # a damaged file must not stop the peer: it can still get state from the swarm
+            logger.error(f"Backup {self.path(epoch)} is unreadable ({error!r}); ignoring it")
+            return False
+        if state.get("model_hash") != self.model_hash:
+            logger.error(f"Backup {self.path(epoch)} belongs to another model or vocabulary; ignoring it")
+            return False
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        optimizer.state_averager.scheduler.load_state_dict(state["scheduler"])
+        copy_parameters_into_optimizer(optimizer)
+        logger.info(f"Restored the training state of epoch {optimizer.local_epoch} from {self.path(epoch)}")
+        return True
+
+
+@torch.no_grad()
+def copy_parameters_into_optimizer(optimizer: hivemind.Optimizer) -> None:
+    """Copy the model's parameters into the optimizer's own copies (offloaded to host memory by hivemind).
+
+    Without this, the next optimizer step would write the stale offloaded copies back over the restored model.
+    """
+    for model_group, optimizer_group in zip(optimizer.param_groups, optimizer.opt.param_groups):
+        for model_param, optimizer_param in zip(model_group["params"], optimizer_group["params"]):
+            if optimizer_param is not model_param:
+                optimizer_param.copy_(model_param)

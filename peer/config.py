@@ -1,0 +1,303 @@
+"""Configuration of a trainer peer: one dataclass per concern, read from CLI flags and ALBERT_* environment variables.
+
+A flag wins over its environment variable (``--run-id`` over ``ALBERT_RUN_ID``), which wins over the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shlex
+import sys
+import types
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional, Sequence
+
+from transformers import HfArgumentParser
+
+ENV_PREFIX = "ALBERT_"
+COMPRESSIONS = ("none", "fp16", "scaled-fp16")
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a config field, e.g. run_id -> ALBERT_RUN_ID."""
+    return ENV_PREFIX + field_name.upper()
+
+
+@dataclass
+class SwarmConfig:
+    """How to join the swarm's DHT; shared by trainer peers and the monitor.
+
+    Args:
+        run_id: name of the training run; every DHT key of the run starts with it.
+        initial_peers: multiaddrs of peers already in the swarm (e.g. the monitor's), to bootstrap from.
+        host_maddrs: multiaddrs to listen on.
+        announce_maddrs: multiaddrs other peers should dial (public address behind NAT).
+        identity_path: file holding this peer's private key, so its peer id survives restarts.
+        client_mode: make only outgoing connections (for peers behind NAT or a firewall).
+        use_relay: let libp2p relay traffic for peers that cannot accept connections.
+        use_auto_relay: look for relays automatically when this peer is not reachable.
+    """
+
+    run_id: str = field(default="albert-swarm", metadata={"help": "Name of the training run (prefix of DHT keys)."})
+    initial_peers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Multiaddrs of peers already in the swarm, e.g. the monitor's; empty starts a new swarm."},
+    )
+    host_maddrs: list[str] = field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
+        metadata={"help": "Multiaddrs to listen on; the default accepts connections from other machines."},
+    )
+    announce_maddrs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Multiaddrs announced to other peers (your public address if behind NAT)."},
+    )
+    identity_path: Optional[str] = field(
+        default=None, metadata={"help": "Private key file (created if missing) that keeps this peer's id stable."}
+    )
+    client_mode: bool = field(
+        default=False,
+        metadata={"help": "Outgoing connections only: for peers behind NAT or a firewall (they cannot serve state)."},
+    )
+    use_relay: bool = field(default=True, metadata={"help": "Allow libp2p circuit relays (reach NATed peers)."})
+    use_auto_relay: bool = field(
+        default=False, metadata={"help": "Find relays automatically when this peer is not reachable from outside."}
+    )
+
+    def __post_init__(self):
+        if not self.run_id or any(char in self.run_id for char in ". /"):
+            raise ValueError(f"run_id must be a non-empty name without '.', '/' or spaces, got {self.run_id!r}")
+        for maddr in (*self.initial_peers, *self.host_maddrs, *self.announce_maddrs):
+            if not maddr.startswith("/"):
+                raise ValueError(f"{maddr!r} is not a multiaddr (expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...)")
+
+
+@dataclass
+class OptimConfig:
+    """How the swarm optimizes; must agree between the peers of one run (the monitor reads it too).
+
+    Args:
+        target_batch_size: samples the whole swarm accumulates per optimizer step (one epoch).
+        learning_rate: peak LAMB learning rate, reached after warm-up.
+        warmup_epochs: epochs of linear warm-up.
+        total_epochs: epochs after which the learning rate has decayed to zero.
+        weight_decay: LAMB weight decay, applied to tensors of rank >= 2 only.
+        optimizer: lamb (torch-optimizer) or lamb-8bit (bitsandbytes, CUDA only); optimizer state is shared, so
+            every peer of a run must use the same one.
+        max_grad_norm: clip the swarm-averaged gradient to this norm (0 disables).
+        matchmaking_time: seconds to wait for peers to form an averaging group.
+        averaging_timeout: seconds before an averaging round is abandoned.
+        load_state_timeout: seconds one attempt to download the training state may take.
+        average_state_every: average parameters and optimizer state every this many epochs.
+        progress_expiration: seconds a peer's hivemind progress entry lives without refresh.
+        grad_compression: wire format of gradients during all-reduce.
+        state_compression: wire format of parameters and state during averaging and download.
+        delay_optimizer_step: run the optimizer step in the background (delayed parameter updates).
+        delay_grad_averaging: average gradients in the background too (needs delay_optimizer_step).
+        offload_optimizer: keep optimizer state in host memory.
+        bandwidth: this peer's bandwidth in Mbit/s, used to balance the all-reduce load.
+    """
+
+    target_batch_size: int = field(
+        default=4096, metadata={"help": "Samples the whole swarm accumulates per optimizer step (one epoch)."}
+    )
+    learning_rate: float = field(default=0.00176, metadata={"help": "Peak LAMB learning rate (after warm-up)."})
+    warmup_epochs: int = field(default=500, metadata={"help": "Epochs of linear learning-rate warm-up."})
+    total_epochs: int = field(default=20000, metadata={"help": "Epochs after which the learning rate reaches zero."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay, on tensors of rank >= 2 only."})
+    optimizer: Literal["lamb", "lamb-8bit"] = field(
+        default="lamb",
+        metadata={"help": "lamb, or lamb-8bit (bitsandbytes, CUDA, --no-offload-optimizer); the same on every peer."},
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the swarm-averaged gradient to this L2 norm before the step; 0: off."}
+    )
+    matchmaking_time: float = field(
+        default=15.0,
+        metadata={"help": "Seconds to gather an averaging group: 3-5 on a LAN, 15-30 over the internet."},
+    )
+    averaging_timeout: float = field(
+        default=120.0,
+        metadata={"help": "Seconds before an averaging round is abandoned (about 2x a normal all-reduce)."},
+    )
+    load_state_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds one attempt to download the swarm's state may take."}
+    )
+    average_state_every: int = field(
+        default=1, metadata={"help": "Average parameters and optimizer state with peers every this many epochs."}
+    )
+    progress_expiration: float = field(
+        default=10.0,
+        metadata={"help": "Seconds a peer's progress entry lives unrefreshed: how soon survivors forget a dead peer."},
+    )
+    grad_compression: Literal["none", "fp16", "scaled-fp16"] = field(
+        default="scaled-fp16", metadata={"help": "Gradient wire format in all-reduce."}
+    )
+    state_compression: Literal["none", "fp16", "scaled-fp16"] = field(
+        default="fp16", metadata={"help": "Parameter/state wire format in state averaging and downloads."}
+    )
+    delay_optimizer_step: bool = field(
+        default=False, metadata={"help": "Apply optimizer steps in the background, one epoch stale (DPU)."}
+    )
+    delay_grad_averaging: bool = field(
+        default=False,
+        metadata={"help": "Average gradients in the background too (needs --delay-optimizer-step): max overlap."},
+    )
+    offload_optimizer: bool = field(
+        default=True, metadata={"help": "Keep optimizer state in host memory (saves GPU memory)."}
+    )
+    bandwidth: float = field(
+        default=100.0, metadata={"help": "This peer's network bandwidth in Mbit/s; balances the all-reduce load."}
+    )
+
+    def __post_init__(self):
+        _require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
+        _require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")
+        _require_positive(self, "progress_expiration")
+        _require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm")
+        if self.warmup_epochs > self.total_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds total_epochs ({self.total_epochs})")
+        for name in ("grad_compression", "state_compression"):
+            if getattr(self, name) not in COMPRESSIONS:
+                raise ValueError(f"{name} must be one of {COMPRESSIONS}, got {getattr(self, name)!r}")
+        if self.delay_grad_averaging and not self.delay_optimizer_step:
+            raise ValueError("--delay-grad-averaging needs --delay-optimizer-step")
+        if self.optimizer not in ("lamb", "lamb-8bit"):
+            raise ValueError(f"optimizer must be lamb or lamb-8bit, got {self.optimizer!r}")
+        if self.optimizer == "lamb-8bit" and self.offload_optimizer:
+            raise ValueError("--optimizer lamb-8bit keeps its state on the GPU: add --no-offload-optimizer")
+        if self.delay_optimizer_step and not self.offload_optimizer:
+            raise ValueError("--delay-optimizer-step needs --offload-optimizer")
+
+
+@dataclass
+class PeerConfig:
+    """What this trainer peer trains on and how it behaves locally.
+
+    Args:
+        model: preset name (e.g. tiny, base) or path to a config.json.
+        tokenizer: tokenizer directory; empty uses the bundled tokenizer.
+        corpus: text corpus (file or directory); empty uses the bundled corpus.
+        batch_size: samples per forward/backward pass on this device.
+        grad_accumulation: passes accumulated locally before reporting them to the swarm.
+        max_length: tokens per sample.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        device: auto, cpu, cuda, cuda:N or mps.
+        precision: auto (bf16 on capable CUDA, else fp16 on CUDA, else fp32), fp32, bf16 or fp16.
+        backup_dir: directory of local backups (model + optimizer state).
+        backup_every: write a backup every this many epochs (0: only on exit).
+        keep_backups: how many backups to keep.
+        metrics_port: serve this peer's Prometheus metrics on this port (0: off).
+        metrics_expiration: seconds this peer's signed progress record lives in the DHT.
+        seed: base seed of initialisation and data order (mixed with the peer id for data).
+        torch_threads: CPU threads for torch (0: torch's default).
+        max_epochs: stop after the swarm reaches this epoch (0: train until stopped).
+        load_state_attempts: attempts to download the swarm's state before going on without it.
+    """
+
+    model: str = field(default="tiny", metadata={"help": "Model preset (tiny, base, ...) or path to a config.json."})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "Tokenizer directory (default: bundled)."})
+    corpus: Optional[str] = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward pass on this device."})
+    grad_accumulation: int = field(
+        default=1, metadata={"help": "Passes accumulated locally before they are counted towards the swarm batch."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens per training sample."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations during backward to save memory."}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps."})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "auto: bf16 on capable CUDA, else fp16 on CUDA, fp32 elsewhere."}
+    )
+    backup_dir: str = field(default="albert-swarm-run/backups", metadata={"help": "Directory of local backups."})
+    backup_every: int = field(default=10, metadata={"help": "Write a backup every this many epochs (0: on exit)."})
+    keep_backups: int = field(default=2, metadata={"help": "Number of most recent backups to keep."})
+    metrics_port: int = field(default=0, metadata={"help": "Port of this peer's Prometheus /metrics (0: off)."})
+    metrics_expiration: float = field(
+        default=30.0, metadata={"help": "Seconds this peer's signed progress record stays in the DHT unrefreshed."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of model initialisation; data order also mixes the peer id."})
+    torch_threads: int = field(default=0, metadata={"help": "CPU threads used by torch (0: torch's default)."})
+    max_epochs: int = field(default=0, metadata={"help": "Stop once the swarm reaches this epoch (0: never)."})
+    load_state_attempts: int = field(
+        default=3, metadata={"help": "Attempts to download the swarm's state before going on without it."}
+    )
+
+    def __post_init__(self):
+        _require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "metrics_expiration")
+        _require_positive(self, "load_state_attempts")
+        _require_non_negative(self, "backup_every", "torch_threads", "max_epochs", "metrics_port")
+        if self.metrics_port > 65535:
+            raise ValueError(f"metrics_port must be below 65536, got {self.metrics_port}")
+        if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples this peer reports to the swarm per optimizer.step call."""
+        return self.batch_size * self.grad_accumulation
+
+
+def _require_positive(config, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)!r}")
+
+
+def _require_non_negative(config, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name} must be zero or positive, got {getattr(config, name)!r}")
+
+
+class EnvArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose defaults come from ALBERT_* environment variables, named in every --help line."""
+
+    def __init__(self, dataclass_types, environ: Optional[dict] = None, **kwargs):
+        self.environ = os.environ if environ is None else environ
+        super().__init__(dataclass_types, **kwargs)
+
+    def _parse_dataclass_field(self, parser, dataclass_field):
+        # a copy, so that the class's own field metadata is not rewritten each time a parser is built
+        annotated = copy.copy(dataclass_field)
+        help_text = f"{dataclass_field.metadata.get('help', '')} [env {env_var(dataclass_field.name)}]"
+        annotated.metadata = types.MappingProxyType({**dataclass_field.metadata, "help": help_text})
+        super()._parse_dataclass_field(parser, annotated)
+
+    def env_arguments(self) -> list[str]:
+        """Command-line tokens equivalent to the ALBERT_* variables that are set (placed before the real flags)."""
+        tokens = []
+        for dataclass_type in self.dataclass_types:
+            for dataclass_field in fields(dataclass_type):
+                value = self.environ.get(env_var(dataclass_field.name))
+                if value is None or value.strip() == "":
+                    continue
+                if getattr(dataclass_field.type, "__origin__", None) is list:
+                    # lists come as space- or comma-separated words, e.g. ALBERT_INITIAL_PEERS="/ip4/... /ip4/..."
+                    tokens += [f"--{dataclass_field.name}", *shlex.split(value.replace(",", " "))]
+                else:
+                    tokens.append(f"--{dataclass_field.name}={value}")
+        return tokens
+
+    def error(self, message: str):
+        in_env = [name for name in self.environ if name.startswith(ENV_PREFIX)]
+        if in_env:
+            message += f" (values may come from the environment: {', '.join(sorted(in_env))})"
+        super().error(message)
+
+
+def parse_configs(*dataclass_types: type, args: Optional[Sequence[str]] = None, environ: Optional[dict] = None):
+    """Parse the given config dataclasses from ALBERT_* variables then flags; exit with a clear message if invalid.
+
+    Returns one instance per type, in order. Validation errors from ``__post_init__`` exit with status 2 like
+    argparse's own errors, naming the offending value.
+    """
+    parser = EnvArgumentParser(dataclass_types, environ=environ)
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        return parser.parse_args_into_dataclasses(args=parser.env_arguments() + argv, look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))

@@ -1,0 +1,109 @@
+"""How a peer stops: exit codes, SIGINT/SIGTERM handling (a preempted spot instance) and a hard shutdown deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit status of ``albert-peer``; a stop by signal exits with 128 + the signal's number (130, 143)."""
+
+    OK = 0  # reached --max-epochs
+    ERROR = 1  # unexpected internal error (a traceback is logged)
+    USAGE = 2  # invalid flags, environment variables, model or tokenizer
+    SWARM_UNREACHABLE = 3  # the DHT could not start or no initial peer answered
+    DIVERGED = 4  # parameters became non-finite and neither the swarm nor a local backup could restore them
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised inside a long swarm call (an averaging round, a state download) when a stop signal arrives.
+
+    A KeyboardInterrupt subclass so that hivemind's retry loops let it through.
+
+    Args:
+        signum: the signal that asked to stop.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a stop request the training loop polls between batches.
+
+    Install it after building hivemind.Optimizer: starting its averagers sets SIGINT to "ignore".
+
+    Args:
+        shutdown_deadline: seconds after the signal by which the process exits, even if shutdown hangs.
+    """
+
+    def __init__(self, shutdown_deadline: float = 20.0):
+        self.shutdown_deadline = shutdown_deadline
+        self.signum: int | None = None
+        self._interruptible = False
+
+    def install(self) -> "StopSignal":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+        return self
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exit_code(self, default: int = ExitCode.OK) -> int:
+        return 128 + self.signum if self.requested else int(default)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Within this block a stop signal interrupts the call at once instead of waiting for the next batch."""
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def _handle(self, signum, frame):
+        first = not self.requested
+        self.signum = signum
+        if first:
+            logger.warning(f"Received {signal.Signals(signum).name}: saving a backup and leaving the swarm")
+            watchdog = threading.Timer(self.shutdown_deadline, force_exit, args=(128 + signum,))
+            watchdog.daemon = True
+            watchdog.start()
+        if self._interruptible or not first:
+            raise StopRequested(signum)
+
+
+def force_exit(code: int) -> None:
+    """Last resort when shutdown hangs: kill our child processes (DHT, averagers) and their p2pd, then exit."""
+    logger.error("Shutdown did not finish in time; killing child processes and exiting")
+    for child in multiprocessing.active_children():
+        for pid in [*descendants(child.pid), child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    os._exit(code)
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux /proc; empty elsewhere), deepest first."""
+    found = []
+    for children_file in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in children_file.read_text().split():
+                found += [*descendants(int(child)), int(child)]
+    return found

@@ -1,0 +1,132 @@
+"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_metrics``.
+
+Records are checked by a schema validator, a size limit and an RSA signature validator: only a record's owner can
+write it. Trainer peers publish them; the monitor reads them back with the same validators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from typing import Dict, Optional
+
+import pydantic.v1 as pydantic
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
+METRICS_FIELD = "metrics"
+# config entries that change nothing about the trained weights, left out of the fingerprint
+VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache", "return_dict",
+     "output_hidden_states", "output_attentions", "_attn_implementation_autoset", "auto_map"}
+)
+
+
+class PeerProgress(pydantic.BaseModel):
+    """One peer's report for one epoch (strict types: the DHT's schema validator refuses any conversion)."""
+
+    epoch: pydantic.conint(ge=0, strict=True)
+    samples_per_second: pydantic.confloat(ge=0.0, strict=True)
+    samples_accumulated: pydantic.conint(ge=0, strict=True)
+    loss_sum: pydantic.confloat(ge=0.0, strict=True)
+    mini_steps: pydantic.conint(ge=0, strict=True)
+    device: pydantic.constr(max_length=64, strict=True)
+    version: pydantic.constr(max_length=32, strict=True)
+    time: pydantic.StrictFloat
+    model_hash: pydantic.constr(max_length=64, strict=True)
+
+    @property
+    def mean_loss(self) -> Optional[float]:
+        return self.loss_sum / self.mini_steps if self.mini_steps else None
+
+
+class MetricsSchema(pydantic.BaseModel):
+    """DHT schema: the key ``{run_id}_metrics`` maps each owner's public key (the subkey) to its PeerProgress."""
+
+    metrics: Dict[BytesWithPublicKey, PeerProgress]
+
+
+class RecordSizeValidator(RecordValidatorBase):
+    """Refuses records above ``max_bytes`` under the given DHT keys, so a peer cannot flood the metrics key.
+
+    Args:
+        keys: raw DHT keys to guard.
+        max_bytes: largest accepted serialized value (signature stripped).
+    """
+
+    def __init__(self, keys: list[str], max_bytes: int = MAX_RECORD_BYTES):
+        self.key_ids = frozenset(DHTID.generate(source=key).to_bytes() for key in keys)
+        self.max_bytes = max_bytes
+
+    def validate(self, record: DHTRecord) -> bool:
+        return record.key not in self.key_ids or len(record.value) <= self.max_bytes
+
+
+def metrics_key(run_id: str) -> str:
+    """The DHT key holding every peer's progress record of a run."""
+    return f"{run_id}_{METRICS_FIELD}"
+
+
+def make_validators(run_id: str) -> list[RecordValidatorBase]:
+    """Validators for the run's metrics key: schema, size limit and signatures (this process's RSA key signs)."""
+    return [
+        SchemaValidator(MetricsSchema, prefix=run_id),
+        RecordSizeValidator([metrics_key(run_id)]),
+        RSASignatureValidator(),
+    ]
+
+
+def local_public_key() -> bytes:
+    """The subkey this process signs its records with (hivemind's process-wide RSA key, as its ProgressTracker)."""
+    return RSASignatureValidator().local_public_key
+
+
+def publish_progress(dht: DHT, run_id: str, progress: PeerProgress, expiration: float, wait: bool = True):
+    """Store this peer's record, signed, expiring ``expiration`` seconds from now.
+
+    Returns whether it was stored, or (``wait=False``) a future of that.
+    """
+    return dht.store(
+        key=metrics_key(run_id),
+        subkey=local_public_key(),
+        value=progress.dict(),
+        expiration_time=get_dht_time() + expiration,
+        return_future=not wait,
+    )
+
+
+def fetch_progress(dht: DHT, run_id: str) -> dict[bytes, PeerProgress]:
+    """All unexpired, valid records of the run, keyed by their owner's public key."""
+    found = dht.get(metrics_key(run_id), latest=True)
+    if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for owner, entry in found.value.items():
+        try:
+            records[owner] = PeerProgress.parse_obj(entry.value)
+        except (pydantic.ValidationError, AttributeError, TypeError):
+            continue  # a record that passed another peer's older schema; skip rather than fail the reader
+    return records
+
+
+def model_fingerprint(config, tokenizer=None) -> str:
+    """Short hash of the architecture (and vocabulary) so peers and the monitor can refuse a mismatching peer."""
+    architecture = {key: value for key, value in config.to_dict().items() if key not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode())
+    if tokenizer is not None:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def software_version() -> str:
+    """The installed albert-swarm version, or 'dev' when run from a source tree."""
+    try:
+        return importlib.metadata.version("albert-swarm")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"

@@ -1,0 +1,135 @@
+"""What a peer tells the world: a live progress line, its Prometheus metrics and its signed DHT progress record."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import hivemind
+import prometheus_client
+from hivemind.utils import get_dht_time
+from tqdm import tqdm
+
+from peer.progress import PeerProgress, publish_progress, software_version
+
+logger = logging.getLogger(__name__)
+
+
+class PeerMetrics:
+    """This peer's Prometheus metrics, in a registry of their own (served on --metrics-port)."""
+
+    def __init__(self):
+        self.registry = prometheus_client.CollectorRegistry()
+        gauge = lambda name, doc: prometheus_client.Gauge(name, doc, registry=self.registry)  # noqa: E731
+        counter = lambda name, doc: prometheus_client.Counter(name, doc, registry=self.registry)  # noqa: E731
+        self.epoch = gauge("albert_peer_epoch", "Swarm epoch this peer is at")
+        self.loss = gauge("albert_peer_loss", "Mean masked-LM loss of this peer over its last epoch")
+        self.samples_per_second = gauge("albert_peer_samples_per_second", "Samples/s this peer processed last epoch")
+        self.swarm_peers = gauge("albert_peer_swarm_peers", "Peers in the swarm as seen by this peer")
+        self.samples = counter("albert_peer_samples", "Samples this peer contributed to the swarm")
+        self.compute_seconds = counter("albert_peer_compute_seconds", "Seconds spent in forward and backward")
+        self.step_seconds = counter("albert_peer_step_seconds", "Seconds spent in optimizer.step (matchmaking, averaging)")
+        self.skipped_batches = counter("albert_peer_skipped_batches", "Batches skipped for a non-finite loss or gradient")
+        self.recoveries = counter("albert_peer_recoveries", "Times parameters were reloaded after becoming non-finite")
+
+    def serve(self, port: int) -> None:
+        prometheus_client.start_http_server(port, registry=self.registry)
+        logger.info(f"Prometheus metrics on http://0.0.0.0:{port}/metrics")
+
+
+class Reporter:
+    """Accumulates one epoch's statistics and publishes them: progress line, metrics, and the signed DHT record.
+
+    Args:
+        dht: the peer's DHT (records are stored through it).
+        run_id: the run's name (the record's key is ``{run_id}_metrics``).
+        optimizer: the collaborative optimizer (read for the swarm's progress).
+        device: device name written into the record.
+        model_hash: architecture fingerprint written into the record.
+        record_expiration: seconds a record lives; it is re-published every third of that.
+        metrics: this peer's Prometheus metrics.
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, optimizer: hivemind.Optimizer, device: str, model_hash: str,
+                 record_expiration: float, metrics: PeerMetrics):
+        self.dht, self.run_id, self.optimizer, self.metrics = dht, run_id, optimizer, metrics
+        self.device, self.model_hash, self.record_expiration = device[:64], model_hash, record_expiration
+        self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
+        self.record: PeerProgress | None = None
+        self.last_published, self.last_status = -float("inf"), ""
+        self._start_epoch(optimizer.local_epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.epoch_started = epoch, time.perf_counter()
+        self.loss_sum, self.mini_steps, self.samples = 0.0, 0, 0
+
+    def status(self, message: str) -> None:
+        """Show what the peer is doing right now (matchmaking, averaging, downloading state...)."""
+        if message != self.last_status:
+            self.last_status = message
+            self.line.set_description_str(f"epoch {self.epoch} | {message}", refresh=True)
+            if self.line.disable and message != "training":  # in logs, only the moments worth knowing about
+                logger.info(message)
+
+    def batch_done(self, loss: float, samples: int, compute_seconds: float, step_seconds: float) -> None:
+        """Count one contribution to the swarm (a finite loss over ``samples`` samples)."""
+        self.loss_sum, self.mini_steps, self.samples = self.loss_sum + loss, self.mini_steps + 1, self.samples + samples
+        self.metrics.samples.inc(samples)
+        self.metrics.compute_seconds.inc(compute_seconds)
+        self.metrics.step_seconds.inc(step_seconds)
+        if not self.line.disable:
+            self.line.set_description_str(self._summary(), refresh=False)
+            self.line.update(0)
+        if time.monotonic() - self.last_published > self.record_expiration / 3 and self.record is not None:
+            self._publish(self.record)  # keep the record alive between epochs
+
+    def batch_skipped(self, reason: str) -> None:
+        self.metrics.skipped_batches.inc()
+        logger.warning(f"Skipping this batch's contribution: {reason}")
+
+    def epoch_done(self, new_epoch: int) -> None:
+        """Publish the statistics of the epoch that just ended, then start counting the next one."""
+        elapsed = max(time.perf_counter() - self.epoch_started, 1e-9)
+        record = PeerProgress(
+            epoch=new_epoch,
+            samples_per_second=float(self.samples / elapsed),
+            samples_accumulated=self.samples,
+            loss_sum=float(self.loss_sum),
+            mini_steps=self.mini_steps,
+            device=self.device,
+            version=software_version(),
+            time=float(get_dht_time()),
+            model_hash=self.model_hash,
+        )
+        self.metrics.epoch.set(new_epoch)
+        self.metrics.samples_per_second.set(record.samples_per_second)
+        self.metrics.swarm_peers.set(self.optimizer.tracker.global_progress.num_peers)
+        if record.mean_loss is not None:
+            self.metrics.loss.set(record.mean_loss)
+        logger.info(self._summary() + f" -> epoch {new_epoch}")
+        self._publish(record)
+        self._start_epoch(new_epoch)
+
+    def _summary(self) -> str:
+        swarm = self.optimizer.tracker.global_progress
+        loss = f"{self.loss_sum / self.mini_steps:.3f}" if self.mini_steps else "-"
+        rate = self.samples / max(time.perf_counter() - self.epoch_started, 1e-9)
+        share = self.samples / max(swarm.samples_accumulated, self.samples, 1)
+        return (f"epoch {self.epoch} | loss {loss} | {rate:.1f} samples/s | swarm {swarm.num_peers} peers | "
+                f"mine {self.samples} samples ({share:.0%} of {swarm.samples_accumulated}/{swarm.target_batch_size})")
+
+    def _publish(self, record: PeerProgress) -> None:
+        self.record, self.last_published = record, time.monotonic()
+        try:  # in the background: reporting must never hold up or stop training
+            stored = publish_progress(self.dht, self.run_id, record, self.record_expiration, wait=False)
+            stored.add_done_callback(_warn_if_refused)
+        except Exception as error:
+            logger.warning(f"Could not publish the progress record: {error!r}")
+
+    def close(self) -> None:
+        self.line.close()
+
+
+def _warn_if_refused(stored) -> None:
+    if stored.exception() is not None or not stored.result():
+        logger.warning(f"The DHT did not store this peer's progress record ({stored.exception()!r})")

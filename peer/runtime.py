@@ -1,0 +1,149 @@
+"""Assembles a running peer from its configs (device, model, data, DHT, optimizer, reporting) and takes it down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import hivemind
+import torch
+from torch.utils.data import DataLoader
+
+from data import MLMDataset, WholeWordMaskCollator, check_tokenizer_matches, load_tokenizer, model_overrides_from_tokenizer
+from model import LeanAlbertForMaskedLM, load_config
+from peer.backup import Backups
+from peer.faults import parameters_finite
+from peer.config import OptimConfig, PeerConfig, SwarmConfig
+from peer.lifecycle import StopSignal
+from peer.progress import make_validators, model_fingerprint
+from peer.report import PeerMetrics, Reporter
+from peer.swarm import bound_state_downloads, build_dht, build_optimizer, download_state, visible_maddrs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Peer:
+    """Everything a running peer holds; ``shutdown`` releases it (optimizer first, then the DHT and its p2pd)."""
+
+    config: PeerConfig
+    dht: hivemind.DHT
+    model: torch.nn.Module
+    optimizer: Optional[hivemind.Optimizer]
+    batches: Iterator[dict]
+    device: torch.device
+    precision: torch.dtype
+    backups: Backups
+    reporter: Optional[Reporter] = None
+    stop: Optional[StopSignal] = None
+
+    def close(self) -> None:
+        """Leave the swarm, first writing a backup of the current state if it is sound."""
+        if self.optimizer is not None and parameters_finite(self.model):
+            try:
+                self.backups.save(self.model, self.optimizer)
+            except OSError as error:
+                logger.error(f"Could not write the final backup: {error!r}")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+        if self.optimizer is not None:
+            with contextlib.suppress(Exception):
+                self.optimizer.shutdown()
+        self.dht.shutdown()
+        logger.info("Left the swarm")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then CPU; an explicit device that is absent is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple MPS is not available on this machine")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on CUDA that supports it, else fp16 on CUDA (with a grad scaler); fp32 elsewhere."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if dtype != torch.float32 and device.type != "cuda":
+        raise ValueError(f"--precision {name} is supported on CUDA only (this peer uses {device})")
+    return dtype
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def build_model(peer: PeerConfig, device: torch.device):
+    """Tokenizer and model; the same seed on every peer gives the same initial weights."""
+    tokenizer = load_tokenizer(peer.tokenizer)
+    config = load_config(peer.model, **model_overrides_from_tokenizer(tokenizer))
+    check_tokenizer_matches(config, tokenizer)
+    torch.manual_seed(peer.seed)
+    model = LeanAlbertForMaskedLM(config).to(device)
+    if peer.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return tokenizer, model
+
+
+def build_batches(peer: PeerConfig, tokenizer, peer_id: str) -> Iterator[dict]:
+    dataset = MLMDataset(peer.corpus, tokenizer, max_length=peer.max_length, seed=peer.seed, peer_id=peer_id)
+    return iter(DataLoader(dataset, batch_size=peer.batch_size, collate_fn=WholeWordMaskCollator(tokenizer)))
+
+
+def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Peer:
+    """Join the swarm, build the model and optimizer, then take the newest state: the swarm's or a newer backup."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    tokenizer, model = build_model(config, device)
+    model_hash = model_fingerprint(model.config, tokenizer)
+
+    dht = build_dht(swarm, make_validators(swarm.run_id))
+    logger.info(f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}")
+    peer = Peer(config, dht, model, None, build_batches(config, tokenizer, str(dht.peer_id)), device, precision,
+                Backups(config.backup_dir, config.keep_backups, model_hash))
+    try:
+        peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)
+        peer.stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
+        bound_state_downloads(peer.optimizer, config.load_state_attempts)
+        metrics = PeerMetrics()
+        if config.metrics_port:
+            metrics.serve(config.metrics_port)
+        peer.reporter = Reporter(dht, swarm.run_id, peer.optimizer, device_name(device), model_hash,
+                                 config.metrics_expiration, metrics)
+        take_newest_state(peer)
+    except BaseException:
+        peer.shutdown()
+        raise
+    return peer
+
+
+def take_newest_state(peer: Peer) -> None:
+    """Download the swarm's state before contributing; restore the local backup instead if it is newer."""
+    peer.reporter.status("downloading the swarm's state")
+    with peer.stop.interruptible():
+        download_state(peer.optimizer)
+    backup_epoch = peer.backups.latest_epoch()
+    if backup_epoch is not None and backup_epoch > peer.optimizer.local_epoch:
+        logger.info(f"The local backup (epoch {backup_epoch}) is newer than the swarm's (epoch {peer.optimizer.local_epoch})")
+        peer.backups.restore(backup_epoch, peer.model, peer.optimizer)
+    elif peer.optimizer.local_epoch > 0 and backup_epoch != peer.optimizer.local_epoch:
+        peer.backups.save(peer.model, peer.optimizer)  # a local copy of the state this peer starts from
+    peer.reporter.epoch_done(peer.optimizer.local_epoch)
+    logger.info(f"Starting at epoch {peer.optimizer.local_epoch}")

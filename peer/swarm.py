@@ -1,0 +1,205 @@
+"""Joining the swarm: the DHT, and the deterministic optimizer/scheduler factories behind ``hivemind.Optimizer``.
+
+The monitor builds its ``TrainingStateAverager`` from the same factories, so the training state has the same layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Callable, Iterable, Optional
+
+import hivemind
+import torch
+import torch_optimizer
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
+from hivemind.dht.validation import RecordValidatorBase
+from transformers import get_linear_schedule_with_warmup
+
+from peer.config import OptimConfig, SwarmConfig
+
+logger = logging.getLogger(__name__)
+
+# 8-bit quantizations are left out on purpose: with numpy >= 2, hivemind 1.1.12 cannot decode them.
+COMPRESSION_FACTORIES: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "scaled-fp16": ScaledFloat16Compression,
+}
+
+
+class SwarmJoinError(RuntimeError):
+    """The DHT could not start or could not reach any initial peer."""
+
+
+class StateDownloadFailed(KeyboardInterrupt):
+    """Raised after too many failed attempts to download the swarm's state.
+
+    A KeyboardInterrupt subclass because hivemind's ``Optimizer.load_state_from_peers`` retries forever on any other
+    exception; this is the one exception type it lets through.
+    """
+
+
+def build_dht(swarm: SwarmConfig, record_validators: Iterable[RecordValidatorBase] = ()) -> hivemind.DHT:
+    """Start this process's DHT node (and its p2pd daemon) and join the swarm through ``swarm.initial_peers``."""
+    try:
+        return hivemind.DHT(
+            initial_peers=swarm.initial_peers,
+            start=True,
+            client_mode=swarm.client_mode,
+            host_maddrs=swarm.host_maddrs,
+            announce_maddrs=swarm.announce_maddrs or None,
+            identity_path=swarm.identity_path,
+            use_relay=swarm.use_relay,
+            use_auto_relay=swarm.use_auto_relay,
+            record_validators=list(record_validators),
+        )
+    except Exception as error:
+        peers = ", ".join(swarm.initial_peers) or "none (starting a new swarm)"
+        raise SwarmJoinError(f"could not join the swarm (initial peers: {peers}): {error!r}") from error
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Multiaddrs other peers can pass as --initial-peers to join through this one."""
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weight decay on matrices and embeddings (rank >= 2); none on biases and LayerNorm gains."""
+    parameters = [param for param in model.parameters() if param.requires_grad]
+    return [
+        dict(params=[param for param in parameters if param.dim() >= 2], weight_decay=weight_decay),
+        dict(params=[param for param in parameters if param.dim() < 2], weight_decay=0.0),
+    ]
+
+
+class ClippedLamb(torch_optimizer.Lamb):
+    """LAMB (as in sahajBERT and RuLeanALBERT) that first clips the gradient it is given to ``max_grad_norm``.
+
+    Inside hivemind.Optimizer this gradient is the swarm's averaged one, so clipping acts on the global batch.
+
+    Args:
+        params: parameters or parameter groups.
+        max_grad_norm: L2 norm to clip to; 0 disables clipping.
+        kwargs: passed to ``torch_optimizer.Lamb``.
+    """
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_grad_norm > 0:
+            grads_of = [param for group in self.param_groups for param in group["params"] if param.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads_of, self.max_grad_norm)
+        return super().step(closure)
+
+
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer factory given to hivemind: LAMB over ``params`` with the run's hyper-parameters."""
+    if optim.optimizer == "lamb-8bit":
+        return make_lamb_8bit(params, optim)
+    return ClippedLamb(
+        params,
+        max_grad_norm=optim.max_grad_norm,
+        lr=optim.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=optim.weight_decay,
+        clamp_value=10000.0,  # as sahajBERT: effectively no clamp of the weight norm in the trust ratio
+        debias=True,
+    )
+
+
+def make_lamb_8bit(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit LAMB (CUDA only), clipping the averaged gradient like ClippedLamb."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise RuntimeError("--optimizer lamb-8bit needs bitsandbytes: pip install 'albert-swarm[gpu]'") from error
+
+    class ClippedLamb8bit(bitsandbytes.optim.LAMB8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if optim.max_grad_norm > 0:
+                grads_of = [param for group in self.param_groups for param in group["params"] if param.grad is not None]
+                torch.nn.utils.clip_grad_norm_(grads_of, optim.max_grad_norm)
+            return super().step(closure)
+
+    return ClippedLamb8bit(params, lr=optim.learning_rate, betas=(0.9, 0.999), eps=1e-6, weight_decay=optim.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up then linear decay; hivemind steps it once per swarm epoch, so it follows the global epoch."""
+    return get_linear_schedule_with_warmup(optimizer, optim.warmup_epochs, optim.total_epochs)
+
+
+def build_optimizer(
+    dht: hivemind.DHT, model: torch.nn.Module, swarm: SwarmConfig, optim: OptimConfig, samples_per_step: int
+) -> hivemind.Optimizer:
+    """Build the collaborative optimizer (call in the main thread; restore signal handlers afterwards).
+
+    Every option is mapped explicitly. client_mode is read from the DHT because the Optimizer's own flag is ignored
+    by hivemind 1.1.12.
+    """
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=swarm.run_id,
+        target_batch_size=optim.target_batch_size,
+        batch_size_per_step=samples_per_step,
+        params=param_groups(model, optim.weight_decay),
+        optimizer=partial(make_optimizer, optim=optim),
+        scheduler=partial(make_scheduler, optim=optim),
+        matchmaking_time=optim.matchmaking_time,
+        averaging_timeout=optim.averaging_timeout,
+        load_state_timeout=optim.load_state_timeout,
+        offload_optimizer=optim.offload_optimizer,
+        delay_optimizer_step=optim.delay_optimizer_step,
+        delay_grad_averaging=optim.delay_grad_averaging,
+        average_state_every=optim.average_state_every,
+        client_mode=dht.client_mode,
+        grad_compression=COMPRESSION_FACTORIES[optim.grad_compression](),
+        state_averaging_compression=COMPRESSION_FACTORIES[optim.state_compression](),
+        load_state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
+        # hivemind warns (rare matchmaking deadlocks) unless requests time out faster than matchmaking
+        averager_opts=dict(bandwidth=optim.bandwidth, request_timeout=min(3.0, optim.matchmaking_time / 2)),
+        # a dead peer's progress entry keeps the survivors waiting for it until it expires: keep it short
+        tracker_opts=dict(metadata_expiration=optim.progress_expiration),
+        verbose=True,
+    )
+
+
+def bound_state_downloads(optimizer: hivemind.Optimizer, max_attempts: int) -> None:
+    """Make ``optimizer.load_state_from_peers`` give up (raising StateDownloadFailed) after ``max_attempts`` errors.
+
+    hivemind retries a failing download forever, which would hang a peer whose only source of state is unreachable.
+    """
+    state_averager = optimizer.state_averager
+    download = state_averager.load_state_from_peers
+    failures = 0
+
+    def bounded_download(**kwargs):
+        nonlocal failures
+        try:
+            result = download(**kwargs)
+        except Exception as error:
+            failures += 1
+            if failures >= max_attempts:
+                failures = 0
+                raise StateDownloadFailed(f"gave up downloading state after {max_attempts} attempts") from error
+            raise
+        failures = 0
+        return result
+
+    state_averager.load_state_from_peers = bounded_download
+
+
+def download_state(optimizer: hivemind.Optimizer) -> Optional[int]:
+    """Download parameters, optimizer state and epoch from the swarm; returns the epoch, or None if it failed."""
+    try:
+        optimizer.load_state_from_peers()
+    except StateDownloadFailed as error:
+        logger.warning(f"Could not download the swarm's state ({error}); going on with the local state")
+        return None
+    return optimizer.local_epoch

@@ -1,0 +1,173 @@
+"""Real peers as separate `python -m peer` processes on 127.0.0.1, an observer DHT, and leak checks for p2pd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import hivemind
+import pytest
+import torch
+
+from peer.progress import fetch_progress, make_validators
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_ID = "test-run"
+# Small enough for epochs of a few seconds with one thread per peer on a shared 2-core machine.
+PEER_FLAGS = [
+    "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_threads", "1", "--model", "tiny", "--batch_size", "8",
+    "--max_length", "64", "--target_batch_size", "32", "--matchmaking_time", "2", "--averaging_timeout", "15",
+    "--load_state_timeout", "15", "--learning_rate", "0.005", "--warmup_epochs", "0", "--total_epochs", "1000",
+    "--backup_every", "1", "--keep_backups", "1000", "--metrics_expiration", "10",
+]
+
+
+def wait_until(condition, timeout: float, message: str, poll: float = 0.5):
+    """Poll ``condition`` until it returns a truthy value or ``timeout`` seconds pass (then fail with ``message``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s: {message}")
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class PeerProcess:
+    """One trainer peer started through the CLI in its own process group (so it and its p2pd can be killed)."""
+
+    def __init__(self, name: str, workdir: Path, initial_peers: list[str], extra_flags=(), extra_env=None):
+        self.name, self.backup_dir, self.log_path = name, workdir / name / "backups", workdir / f"{name}.log"
+        self.backup_dir.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
+        env = {key: value for key, value in env.items() if not key.startswith("ALBERT_") or key in (extra_env or {})}
+        command = [sys.executable, "-m", "peer", "--run_id", RUN_ID, "--initial_peers", *initial_peers, *PEER_FLAGS,
+                   "--backup_dir", str(self.backup_dir), *extra_flags]
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.pgid = self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def backup_epochs(self) -> list[int]:
+        return sorted(int(path.stem.split("-")[1]) for path in self.backup_dir.glob("epoch-*.pt"))
+
+    def parameters(self, epoch: int) -> dict[str, torch.Tensor]:
+        return torch.load(self.backup_dir / f"epoch-{epoch:06d}.pt", weights_only=True)["model"]
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pgid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Like a machine dying: SIGKILL to the peer and everything it started (DHT process, averagers, p2pd)."""
+        self.signal_group(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal_group(signal.SIGKILL)  # whatever is left of the group, p2pd included
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+class Swarm:
+    """An observer DHT (the bootstrap peer, like the monitor) plus trainer peers, and the records they published."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators(RUN_ID))
+        self.initial_peers = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
+        self.peers: dict[str, PeerProcess] = {}
+        self.history: dict[bytes, dict[int, object]] = defaultdict(dict)  # owner -> epoch -> PeerProgress
+
+    def start_peer(self, name: str, extra_flags=(), extra_env=None) -> PeerProcess:
+        self.peers[name] = PeerProcess(name, self.workdir, self.initial_peers, extra_flags, extra_env)
+        return self.peers[name]
+
+    def poll(self) -> dict:
+        """Fetch the live records, remember them by (owner, epoch), return the live ones."""
+        records = fetch_progress(self.dht, RUN_ID)
+        for owner, record in records.items():
+            self.history[owner][record.epoch] = record
+        return records
+
+    def epochs(self) -> list[int]:
+        """The epoch each live peer reports (one entry per live record)."""
+        return sorted(record.epoch for record in self.poll().values())
+
+    def wait_for_epoch(self, epoch: int, peers: int, timeout: float) -> list[int]:
+        return wait_until(lambda: (lambda epochs: len(epochs) >= peers and min(epochs[-peers:]) >= epoch and epochs)(
+            self.epochs()), timeout, f"{peers} peers reporting epoch >= {epoch}; logs in {self.workdir}")
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+        self.dht.shutdown()
+
+
+def assert_no_p2pd_left(swarm: Swarm) -> None:
+    leftovers = [pid for peer in swarm.peers.values() for pid in process_group_members(peer.pgid)]
+    from peer.lifecycle import descendants
+
+    leftovers += [pid for pid in descendants(os.getpid()) if command_name(pid) == "p2pd"]
+    assert not leftovers, f"processes left behind: {[(pid, command_name(pid)) for pid in leftovers]}"
+
+
+@pytest.fixture(scope="module")
+def make_swarm(tmp_path_factory):
+    """Start observer DHTs on demand; at teardown stop every peer and check that no p2pd or peer process is left."""
+    swarms = []
+
+    def factory() -> Swarm:
+        swarms.append(Swarm(tmp_path_factory.mktemp("swarm")))
+        return swarms[-1]
+
+    yield factory
+    for swarm in swarms:
+        swarm.close()
+    for swarm in swarms:
+        wait_until(lambda: not _leftovers(swarm), 30, "peer processes and p2pd to exit")
+        assert_no_p2pd_left(swarm)
+
+
+def _leftovers(swarm: Swarm) -> bool:
+    try:
+        assert_no_p2pd_left(swarm)
+    except AssertionError:
+        return True
+    return False
