@@ -117,7 +117,7 @@ class MLMDataset(torch.utils.data.IterableDataset):
         super().__init__()
         if max_length < 4:
             raise ValueError(f"max_length={max_length} leaves no room for words between [CLS] and [SEP]")
-        if warmup_sequences < 0 or not 4 <= min_length <= max_length:
+        if warmup_sequences < 0 or (warmup_sequences > 0 and not 4 <= min_length <= max_length):
             raise ValueError(f"invalid warm-up: warmup_sequences={warmup_sequences}, min_length={min_length} "
                              f"(must lie in [4, max_length={max_length}])")
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:

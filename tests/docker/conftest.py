@@ -1,74 +1,9 @@
-"""Shared readers for the docker/ tests: the Dockerfile as instructions, the YAML files, the real config fields."""
+"""Fixtures of the docker/ tests: the parsed Dockerfile and compose file."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, fields
-from pathlib import Path
-
 import pytest
-import yaml
-
-from monitor.config import MonitorConfig
-from peer.config import OptimConfig, PeerConfig, SwarmConfig, env_var
-
-REPO = Path(__file__).resolve().parents[2]
-DOCKER = REPO / "docker"
-DOCKERFILE = DOCKER / "Dockerfile"
-
-
-@dataclass
-class Instruction:
-    """One Dockerfile instruction, continuation lines joined.
-
-    Args:
-        keyword: the instruction, upper case (FROM, RUN, ...).
-        arguments: everything after the keyword.
-        stage: name of the build stage it belongs to ("" before the first FROM).
-    """
-
-    keyword: str
-    arguments: str
-    stage: str
-
-
-def parse_dockerfile(path: Path = DOCKERFILE) -> list[Instruction]:
-    """Instructions in order; comments dropped, backslash continuations joined."""
-    text = re.sub(r"\\\n(\s*#.*\n)*", " ", path.read_text())
-    instructions, stage = [], ""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        keyword, _, arguments = line.partition(" ")
-        keyword = keyword.upper()
-        if keyword == "FROM":
-            named = re.search(r"\s+AS\s+(\S+)\s*$", arguments, flags=re.IGNORECASE)
-            stage = named.group(1) if named else ""
-        instructions.append(Instruction(keyword, arguments.strip(), stage))
-    return instructions
-
-
-def stage_instructions(instructions: list[Instruction], stage: str) -> list[Instruction]:
-    return [instruction for instruction in instructions if instruction.stage == stage]
-
-
-def env_keys(env_arguments: str) -> dict[str, str]:
-    """KEY=VALUE pairs of one ENV instruction."""
-    return dict(pair.split("=", 1) for pair in env_arguments.split())
-
-
-def load_yaml(name: str):
-    return yaml.safe_load((DOCKER / name).read_text())
-
-
-def config_env_vars(*dataclass_types: type) -> set[str]:
-    """The ALBERT_* variables the real CLIs read for these config dataclasses."""
-    return {env_var(field.name) for dataclass_type in dataclass_types for field in fields(dataclass_type)}
-
-
-PEER_ENV_VARS = config_env_vars(SwarmConfig, OptimConfig, PeerConfig)
-MONITOR_ENV_VARS = config_env_vars(SwarmConfig, OptimConfig, MonitorConfig)
+from docker_files import Instruction, load_yaml, parse_dockerfile
 
 
 @pytest.fixture(scope="session")

@@ -83,44 +83,50 @@ def test_attention_equals_a_direct_computation_with_rotary_and_mask():
     torch.nn.init.normal_(attention.qkv.bias)  # non-zero biases so they are checked too
     hidden, seq, heads, size = torch.randn(2, 5, 32), 5, 2, 16
     keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
-    cos, sin = LeanAlbertRotaryEmbedding(size, config.rotary_embedding_base)(seq, hidden.device)
-    actual = attention(hidden, cos, sin, keep[:, None, None, :])
+    rotation = LeanAlbertRotaryEmbedding(size, config.rotary_embedding_base)(seq, hidden.device)
+    actual = attention(hidden, rotation, keep[:, None, None, :])
 
     q, k, v = (hidden @ attention.qkv.weight.T + attention.qkv.bias).split(32, dim=-1)
     q, k, v = (t.view(2, seq, heads, size).transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, size]
-    positions = torch.arange(seq, dtype=torch.float32)
-    inv_freq = config.rotary_embedding_base ** (-torch.arange(0, size, 2, dtype=torch.float32) / size)
-    rotation = torch.polar(torch.ones(seq, size // 2), positions[:, None] * inv_freq)  # e^{i m theta_j}
-
-    def rotate(x):  # channel j pairs with j + size/2 as one complex number
-        z = torch.complex(x[..., : size // 2], x[..., size // 2 :]) * rotation
-        return torch.cat([z.real, z.imag], dim=-1)
-
-    scores = rotate(q) @ rotate(k).transpose(-1, -2) / math.sqrt(size)
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    scores = rotate_directly(q, config.rotary_embedding_base) @ rotate_directly(k, config.rotary_embedding_base).mT
+    scores = (scores / math.sqrt(size)).masked_fill(~keep[:, None, None, :], float("-inf"))
     context = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, seq, 32)
     expected = context @ attention.out.weight.T + attention.out.bias
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+def rotate_directly(x, base):
+    """RoFormer's definition with real 2x2 rotation matrices: pair (2i, 2i+1) at position m turns by m * base^(-2i/d)."""
+    *_, seq, size = x.shape
+    out = torch.empty_like(x)
+    for m in range(seq):
+        for i in range(size // 2):
+            angle = torch.tensor(m * base ** (-2 * i / size))
+            rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
+            out[..., m, 2 * i : 2 * i + 2] = x[..., m, 2 * i : 2 * i + 2] @ rotation.T
+    return out
+
+
+def test_rotary_equals_the_rotation_matrices_and_is_computed_in_float32():
+    rotation = LeanAlbertRotaryEmbedding(8, 10000.0)(6, torch.device("cpu"))
+    x = torch.randn(3, 6, 2, 8)  # [batch, seq, heads, head_size]
+    expected = rotate_directly(x.transpose(1, 2), 10000.0).transpose(1, 2)
+    torch.testing.assert_close(apply_rotary(x, rotation), expected, atol=1e-6, rtol=1e-5)
+    assert apply_rotary(x.bfloat16(), rotation).dtype == torch.float32
+
+
 def test_rotary_scores_depend_only_on_relative_position():
     size, seq = 16, 40
-    cos, sin = LeanAlbertRotaryEmbedding(size, 10000.0)(seq, torch.device("cpu"))
+    rotation = LeanAlbertRotaryEmbedding(size, 10000.0)(seq, torch.device("cpu"))
     query, key = torch.randn(size), torch.randn(size)
-    rotated_q = apply_rotary(query.expand(seq, size), cos, sin)  # the same vector at every position
-    rotated_k = apply_rotary(key.expand(seq, size), cos, sin)
+    rotated_q = apply_rotary(query.expand(1, seq, 1, size), rotation)[0, :, 0]  # the same vector at every position
+    rotated_k = apply_rotary(key.expand(1, seq, 1, size), rotation)[0, :, 0]
     scores = rotated_q @ rotated_k.T  # [query position, key position]
     for offset in (-7, 0, 3, 12):
         diagonal = torch.diagonal(scores, offset=offset)
         torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(torch.diagonal(scores, 0)[0], torch.diagonal(scores, 5)[0])
     torch.testing.assert_close(rotated_q.norm(dim=-1), query.norm().expand(seq))  # a rotation keeps lengths
-
-
-def test_rotary_is_computed_in_float32_under_bfloat16():
-    cos, sin = LeanAlbertRotaryEmbedding(8, 10000.0)(300, torch.device("cpu"))
-    assert cos.dtype == sin.dtype == torch.float32
-    assert apply_rotary(torch.randn(300, 8, dtype=torch.bfloat16), cos, sin).dtype == torch.float32
 
 
 def test_parameter_count_depends_on_groups_not_depth():

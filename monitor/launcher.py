@@ -1,0 +1,276 @@
+"""`albert-swarm`: a whole training run on this machine — a monitor and N trainer peers as separate processes.
+
+This is the project's embedded default: with no arguments it trains the `tiny` preset on the bundled corpus with two
+peers on 127.0.0.1, prints the dashboard URL and the `--initial-peers` string a peer on another machine would use,
+and shows one live status line. Ctrl-C (or SIGTERM) stops everything in order: peers first (each writes its
+backup), then a final checkpoint, then the monitor. Started again in the same run directory, it resumes from the
+newest verified checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from monitor.checkpoint import MANIFEST, verify_directory
+from peer.config import parse_configs
+
+logger = logging.getLogger("albert-swarm")
+
+
+@dataclass
+class LocalSwarmConfig:
+    """A local run: where it lives, what it trains, and settings tuned for a few CPU cores on one machine.
+
+    Args:
+        run_dir: directory of everything the run keeps (monitor history, checkpoints, peer backups, logs).
+        peers: number of trainer peers to start.
+        model: model preset or config.json path.
+        corpus: corpus file or directory; empty uses the bundled corpus.
+        duration: stop by itself after this many seconds (0: run until Ctrl-C).
+        http_port: port of the monitor's dashboard (0: any free port).
+        run_id: name of the run in the DHT.
+        target_batch_size: samples the swarm accumulates per optimizer step.
+        batch_size: samples per forward/backward pass of each peer.
+        learning_rate: peak learning rate.
+        warmup_epochs: epochs of learning-rate warm-up.
+        checkpoint_every: the monitor writes a checkpoint every this many epochs.
+        threads_per_peer: CPU threads each peer's torch uses.
+    """
+
+    run_dir: str = field(default="albert-swarm-run", metadata={"help": "Directory of everything the run keeps."})
+    peers: int = field(default=2, metadata={"help": "Number of trainer peers to start."})
+    model: str = field(default="tiny", metadata={"help": "Model preset or config.json path."})
+    corpus: Optional[str] = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
+    duration: float = field(default=0.0, metadata={"help": "Stop by itself after this many seconds (0: never)."})
+    http_port: int = field(default=8080, metadata={"help": "Port of the dashboard (0: any free port)."})
+    run_id: str = field(default="albert-swarm-local", metadata={"help": "Name of the run in the DHT."})
+    target_batch_size: int = field(default=64, metadata={"help": "Samples the swarm accumulates per optimizer step."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward pass of each peer."})
+    learning_rate: float = field(default=0.003, metadata={"help": "Peak learning rate."})
+    warmup_epochs: int = field(default=10, metadata={"help": "Epochs of learning-rate warm-up."})
+    checkpoint_every: int = field(default=20, metadata={"help": "Write a checkpoint every this many epochs."})
+    threads_per_peer: int = field(default=1, metadata={"help": "CPU threads of each peer's torch."})
+
+    def __post_init__(self):
+        for name in ("peers", "target_batch_size", "batch_size", "learning_rate", "checkpoint_every"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.duration < 0:
+            raise ValueError(f"duration must be zero or positive, got {self.duration}")
+
+    def optimizer_flags(self) -> list[str]:
+        """Settings every process of the run must share; matchmaking is short because all peers are local."""
+        return ["--run_id", self.run_id, "--target_batch_size", str(self.target_batch_size),
+                "--learning_rate", str(self.learning_rate), "--warmup_epochs", str(self.warmup_epochs),
+                "--matchmaking_time", "2", "--averaging_timeout", "30", "--load_state_timeout", "60"]
+
+
+class LocalSwarm:
+    """Starts, watches and stops the processes of one local run."""
+
+    def __init__(self, config: LocalSwarmConfig):
+        self.config = config
+        self.run_dir = Path(config.run_dir).resolve()
+        self.logs = self.run_dir / "logs"
+        self.admin_token = secrets.token_hex(16)  # lets this launcher ask the monitor for the final checkpoint
+        self.monitor: Optional[subprocess.Popen] = None
+        self.peers: list[subprocess.Popen] = []
+        self.url = ""
+
+    def _spawn(self, name: str, module: str, flags: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "ALBERT_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
+        log = open(self.logs / f"{name}.log", "ab")
+        # a new session, so that Ctrl-C in the terminal reaches only this launcher, which then stops them in order
+        return subprocess.Popen([sys.executable, "-m", module, *flags], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+
+    def start_monitor(self) -> list[str]:
+        cfg = self.config
+        monitor_dir = self.run_dir / "monitor"
+        peers_file = monitor_dir / "initial_peers.txt"
+        peers_file.unlink(missing_ok=True)
+        flags = [*cfg.optimizer_flags(), "--model", cfg.model, "--run_dir", str(monitor_dir),
+                 "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--http_host", "127.0.0.1", "--http_port", str(cfg.http_port),
+                 "--checkpoint_every", str(cfg.checkpoint_every), "--fetch_state_every", "5", "--refresh_period", "2"]
+        resume = latest_checkpoint(monitor_dir / "checkpoints")
+        if resume is not None:
+            print(f"Resuming from checkpoint {resume}")
+            flags += ["--resume_from", str(resume)]
+        self.monitor = self._spawn("monitor", "monitor", flags)
+        initial_peers = self._wait_for_peers_file(peers_file)
+        self.url = self._wait_for_dashboard()
+        return initial_peers
+
+    def _wait_for_peers_file(self, path: Path, timeout: float = 180.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not path.is_file():
+            self._check_alive(self.monitor, "monitor")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the monitor wrote no {path} within {timeout:.0f} s; see {self.logs / 'monitor.log'}")
+            time.sleep(0.2)
+        return path.read_text().split()
+
+    def _wait_for_dashboard(self, timeout: float = 60.0) -> str:
+        """The monitor logs its URL; with --http-port 0 that is the only way to learn the port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(self.monitor, "monitor")
+            for line in (self.logs / "monitor.log").read_text(errors="replace").splitlines()[::-1]:
+                if "Dashboard, API and /metrics on " in line:
+                    return line.rsplit(" on ", 1)[1].strip()
+            time.sleep(0.2)
+        raise RuntimeError(f"the monitor's HTTP server did not start; see {self.logs / 'monitor.log'}")
+
+    def start_peers(self, initial_peers: list[str]) -> None:
+        cfg = self.config
+        for index in range(cfg.peers):
+            peer_dir = self.run_dir / f"peer-{index}"
+            flags = [*cfg.optimizer_flags(), "--model", cfg.model, "--initial_peers", *initial_peers,
+                     "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", str(peer_dir / "identity.key"),
+                     "--backup_dir", str(peer_dir / "backups"), "--backup_every", "10",
+                     "--batch_size", str(cfg.batch_size), "--torch_threads", str(cfg.threads_per_peer),
+                     "--seed", str(index)]
+            if cfg.corpus:
+                flags += ["--corpus", cfg.corpus]
+            peer_dir.mkdir(parents=True, exist_ok=True)
+            self.peers.append(self._spawn(f"peer-{index}", "peer", flags))
+
+    def _check_alive(self, process: Optional[subprocess.Popen], name: str) -> None:
+        if process is not None and process.poll() is not None:
+            tail = "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"{name} exited with code {process.returncode}; last lines of its log:\n{tail}")
+
+    def status(self) -> Optional[dict]:
+        try:
+            with urllib.request.urlopen(self.url + "api/status", timeout=5) as response:
+                return json.load(response)
+        except (OSError, ValueError):
+            return None
+
+    def final_checkpoint(self, timeout: float = 180.0) -> Optional[dict]:
+        request = urllib.request.Request(self.url + "api/checkpoints", method="POST",
+                                         headers={"Authorization": f"Bearer {self.admin_token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            print(f"No final checkpoint: the monitor answered {error.code} {error.read().decode(errors='replace')}")
+        except (OSError, ValueError) as error:
+            print(f"No final checkpoint: {error}")
+        return None
+
+    def stop(self) -> None:
+        """Peers first (each writes its backup on SIGTERM), then the final checkpoint, then the monitor."""
+        print("\nStopping the peers (each writes a backup)...")
+        stop_processes(self.peers, timeout=60.0)
+        if self.monitor is not None and self.monitor.poll() is None and self.url:
+            print("Writing the final checkpoint...")
+            entry = self.final_checkpoint()
+            if entry:
+                print(f"Final checkpoint: epoch {entry.get('epoch')} ({entry.get('url', '')})")
+        print("Stopping the monitor...")
+        stop_processes([self.monitor] if self.monitor else [], timeout=30.0)
+        print(f"Stopped. Logs, history, checkpoints and backups are in {self.run_dir}")
+
+
+def stop_processes(processes: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM every process (and its session, p2pd included), wait, then SIGKILL what is left."""
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"process {process.pid} did not stop within {timeout:.0f} s: killing it")
+        _signal_group(process, signal.SIGKILL)  # whatever is left of its session (e.g. an orphaned p2pd)
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest checkpoint directory under `root` whose files all match its manifest."""
+    if not root.is_dir():
+        return None
+    for directory in sorted(root.glob("epoch-*"), reverse=True):
+        if (directory / MANIFEST).is_file() and verify_directory(directory) is None:
+            return directory
+    return None
+
+
+def status_line(status: Optional[dict], started: float) -> str:
+    elapsed = time.monotonic() - started
+    if not status:
+        return f"[{elapsed:6.0f}s] waiting for the monitor..."
+    loss = status.get("loss")
+    loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+    return (f"[{elapsed:6.0f}s] epoch {status.get('epoch', 0)} | loss {loss_text} | "
+            f"{status.get('samples_per_second', 0) or 0:.1f} samples/s | {status.get('alive_peers', 0)} peers")
+
+
+def watch(swarm: LocalSwarm, duration: float, stop_requested) -> None:
+    """Print one live status line until the duration is over or a stop is requested; fail if a process dies."""
+    started = time.monotonic()
+    interactive = sys.stdout.isatty()
+    last_printed = 0.0
+    while not stop_requested() and not (duration and time.monotonic() - started >= duration):
+        swarm._check_alive(swarm.monitor, "monitor")
+        for index, peer in enumerate(swarm.peers):
+            swarm._check_alive(peer, f"peer-{index}")
+        line = status_line(swarm.status(), started)
+        if interactive:
+            print("\r" + line.ljust(100), end="", flush=True)
+        elif time.monotonic() - last_printed >= 10:  # a log file gets a line every 10 s, not a carriage-return soup
+            print(line, flush=True)
+            last_printed = time.monotonic()
+        time.sleep(2)
+    print()
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (config,) = parse_configs(LocalSwarmConfig, args=args)
+    swarm = LocalSwarm(config)
+    swarm.logs.mkdir(parents=True, exist_ok=True)
+    stopping = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.append(True))
+    exit_code = 0
+    try:
+        print(f"Starting the monitor (logs in {swarm.logs})...")
+        initial_peers = swarm.start_monitor()
+        swarm.start_peers(initial_peers)
+        print(f"Dashboard: {swarm.url}")
+        print(f"A peer on another machine joins with (after replacing 127.0.0.1 by this machine's address and "
+              f"starting the monitor with --host-maddrs /ip4/0.0.0.0/tcp/PORT):\n"
+              f"  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)}")
+        print(f"{config.peers} peers training the '{config.model}' preset; Ctrl-C stops the run.")
+        watch(swarm, config.duration, lambda: bool(stopping))
+    except RuntimeError as error:
+        print(f"\nalbert-swarm: {error}", file=sys.stderr)
+        exit_code = 1
+    finally:
+        swarm.stop()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
