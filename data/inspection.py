@@ -46,13 +46,14 @@ class MaskingStats:
 
 
 def _count_split_words(targets: torch.Tensor, word_ids: torch.Tensor) -> int:
-    split = 0
-    for row in range(word_ids.shape[0]):
-        words, chosen = word_ids[row], targets[row]
-        for word in torch.unique(words[words >= 0]):
-            picked = chosen[words == word]
-            split += int(bool(picked.any()) and not bool(picked.all()))
-    return split
+    real = word_ids >= 0
+    if not real.any():
+        return 0
+    index = word_ids.clamp(min=0)
+    width = int(word_ids.max()) + 1
+    tokens = torch.zeros(word_ids.shape[0], width).scatter_add_(1, index, real.float())
+    chosen = torch.zeros(word_ids.shape[0], width).scatter_add_(1, index, (targets & real).float())
+    return int(((chosen > 0) & (chosen < tokens)).sum())
 
 
 def render_sequence(tokenizer: PreTrainedTokenizerFast, input_ids: list[int], labels: list[int],

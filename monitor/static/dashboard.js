@@ -19,6 +19,13 @@ function formatNumber(value, digits = 3) {
   return Number.isInteger(value) ? String(value) : value.toPrecision(digits);
 }
 
+function formatBytes(size) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let unit = 0;
+  while (size >= 1024 && unit < units.length - 1) { size /= 1024; unit += 1; }
+  return `${size.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+}
+
 function formatTime(seconds) {
   return new Date(seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
@@ -68,7 +75,10 @@ function renderStatus(status) {
   document.getElementById("stat-invalid").textContent =
     `${status.invalid_records_total} / ${status.refused_records_total}`;
   const peersInput = document.getElementById("initial-peers");
-  if (peersInput.value !== status.initial_peers_string) peersInput.value = status.initial_peers_string;
+  if (peersInput.value !== status.initial_peers_string) {
+    peersInput.value = status.initial_peers_string;
+    peersInput.setAttribute("value", status.initial_peers_string);  // visible in the DOM too (tests, copy)
+  }
   const model = status.model || {};
   document.getElementById("model-info").textContent =
     `model ${model.name || "?"} · fingerprint ${model.hash || "?"} · monitor holds the state of epoch ${status.state_epoch}`;
@@ -113,7 +123,7 @@ function renderCheckpoints(checkpoints) {
     cell(row, new Date(ckpt.created_at * 1000).toLocaleString());
     cell(row, formatNumber(ckpt.loss, 4), "num");
     cell(row, formatNumber(ckpt.samples_total), "num");
-    cell(row, `${(ckpt.size / 2 ** 20).toFixed(1)} MiB`, "num");
+    cell(row, formatBytes(ckpt.size), "num");
     cell(row, ckpt.sha256.slice(0, 16) + "…").title = ckpt.sha256;
     const link = document.createElement("a");
     link.href = new URL(ckpt.url).pathname;  // relative, so it works behind a proxy too

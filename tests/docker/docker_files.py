@@ -32,19 +32,22 @@ class Instruction:
 
 
 def parse_dockerfile(path: Path = DOCKERFILE) -> list[Instruction]:
-    """Instructions in order; comments dropped, backslash continuations joined."""
-    text = re.sub(r"\\\n(\s*#.*\n)*", " ", path.read_text())
-    instructions, stage = [], ""
-    for line in text.splitlines():
+    """Instructions in order; comment lines dropped (also inside a continued instruction), continuations joined."""
+    instructions, stage, pending = [], "", ""
+    for line in path.read_text().splitlines():
         line = line.strip()
-        if not line or line.startswith("#"):
+        if line.startswith("#") or not line:
             continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
         keyword, _, arguments = line.partition(" ")
         keyword = keyword.upper()
         if keyword == "FROM":
             named = re.search(r"\s+AS\s+(\S+)\s*$", arguments, flags=re.IGNORECASE)
             stage = named.group(1) if named else ""
-        instructions.append(Instruction(keyword, arguments.strip(), stage))
+        instructions.append(Instruction(keyword, " ".join(arguments.split()), stage))
     return instructions
 
 
