@@ -99,7 +99,7 @@ class _HelpPageText(HTMLParser):
             self._current.append(data)
 
     def _flush(self) -> None:
-        line = _SPACES.sub(" ", " ".join(self._current).replace("\n", " ")).strip()
+        line = _SPACES.sub(" ", "".join(self._current).replace("\n", " ")).strip()
         if line:
             self.lines.append(line)
         self._current = []

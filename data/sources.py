@@ -62,6 +62,7 @@ def resolve_corpus(spec: str | None, text_column: str = "text") -> CorpusSource:
         files = sorted(p for p in path.rglob("*") if p.is_file() and _builder_for(p) and not _is_hidden(p, path))
         if not files:
             raise CorpusError(f"corpus directory {spec} holds no readable files ({_supported_suffixes()})")
+        files = _dominant_format(spec, files)
     elif glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
@@ -84,6 +85,20 @@ def _local_source(spec: str, files: list[Path], text_column: str) -> CorpusSourc
         raise CorpusError(f"corpus {spec} is empty ({len(files)} empty file(s))")
     builder = builders.pop()
     return CorpusSource(spec, builder, tuple(str(p) for p in files), "text" if builder == "text" else text_column)
+
+
+def _dominant_format(spec: str, files: list[Path]) -> list[Path]:
+    """In a directory that mixes formats (texts beside an info.csv), keep the format holding the most bytes."""
+    size_by_builder: dict[str, int] = {}
+    for path in files:
+        size_by_builder[_builder_for(path)] = size_by_builder.get(_builder_for(path), 0) + path.stat().st_size
+    chosen = max(size_by_builder, key=size_by_builder.get)
+    kept = [p for p in files if _builder_for(p) == chosen]
+    if len(kept) < len(files):
+        ignored = [p for p in files if _builder_for(p) != chosen]
+        logger.warning("corpus directory %s: reading its %d %s file(s), ignoring %d other file(s) such as %s",
+                       spec, len(kept), chosen, len(ignored), ignored[0])
+    return kept
 
 
 def _builder_for(path: Path) -> str | None:

@@ -36,8 +36,13 @@ setup_podman() {
     mkdir -p "$CACHE"
     if [ -z "${CONTAINERS_CONF:-}" ]; then
         export CONTAINERS_CONF=$CACHE/containers.conf
-        printf '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n\n[engine]\nruntime = "runc"\n' \
-            > "$CONTAINERS_CONF"
+        cat >"$CONTAINERS_CONF" <<'EOF'
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+EOF
     fi
     export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 }
@@ -64,7 +69,8 @@ ensure_base_image() {
 ensure_wheelhouse() {
     local wheels=$CACHE/wheels requirements=$CACHE/requirements.txt constraints=$CACHE/constraints.txt
     mkdir -p "$wheels"
-    "$PYTHON" -c "import sys, tomllib; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))" \
+    "$PYTHON" -c "import sys, tomllib
+print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))" \
         "$CONTEXT/pyproject.toml" >"$requirements.new"
     # The host's torch (CPU build on a machine without GPU) stands in for the CUDA base's torch.
     "$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >>"$requirements.new" 2>/dev/null || true
@@ -187,13 +193,18 @@ check_containers() {
     log "SIGTERM stopped ${PEERS[1]} in $((SECONDS - before)) s with exit code $code"
 }
 
-trap cleanup EXIT
-setup_podman
-ensure_base_image
-ensure_wheelhouse
-build_images
-log "images built"
-start_swarm
-wait_for_training
-check_containers
-log "PASS in $((SECONDS - STARTED)) s"
+# One function, so bash has read the whole script before it starts (editing it mid-run cannot derail it).
+main() {
+    trap cleanup EXIT
+    setup_podman
+    ensure_base_image
+    ensure_wheelhouse
+    build_images
+    log "images built"
+    start_swarm
+    wait_for_training
+    check_containers
+    log "PASS in $((SECONDS - STARTED)) s"
+}
+
+main "$@"

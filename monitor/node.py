@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 from hivemind.utils import get_dht_time
 
-from monitor.aggregate import aggregate
+from monitor.aggregate import SwarmSnapshot, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
 from monitor.history import CheckpointEntry, History
@@ -115,7 +115,7 @@ class Monitor:
                              stale_after=self.config.stale_after)
         self.history.record(snapshot)
         self.live.update(snapshot, read.invalid, read.refused)
-        self._keep_state(snapshot.epoch)
+        self._keep_state(snapshot)
 
     def _publish_run_record(self) -> None:
         record = RunRecord(model_hash=self.run_model.fingerprint, model=self.config.model,
@@ -123,14 +123,16 @@ class Monitor:
                            dashboard=self.dashboard_url[:256], time=get_dht_time())
         publish_run_record(self.dht, self.swarm.run_id, record, RUN_RECORD_EXPIRATION)
 
-    def _keep_state(self, swarm_epoch: int) -> None:
+    def _keep_state(self, snapshot: SwarmSnapshot) -> None:
         """Download the state when it is `fetch_state_every` epochs old; checkpoint every `checkpoint_every` epochs."""
-        cfg, held = self.config, self.keeper.epoch
-        fetch_due = cfg.fetch_state_every and swarm_epoch >= held + cfg.fetch_state_every
+        cfg, held, swarm_epoch = self.config, self.keeper.epoch, snapshot.epoch
+        # the first trained state is taken at once, so a run whose trainers all leave early can still resume
+        stale = held < 0 or (cfg.fetch_state_every and swarm_epoch - held >= cfg.fetch_state_every)
         newest = self.store.list()
         last_checkpoint = newest[0].epoch if newest else 0
         checkpoint_due = cfg.checkpoint_every and swarm_epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every
-        if fetch_due or (checkpoint_due and held < swarm_epoch):
+        # only trainers hold a newer state than the monitor's: with none alive, there is nothing to download
+        if snapshot.alive_peers and swarm_epoch > max(held, 0) and (stale or checkpoint_due):
             self._fetch()
         if checkpoint_due and self.keeper.epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
             self.checkpoint()

@@ -1,6 +1,7 @@
 """``albert-peer`` / ``python -m peer``: join a training run and contribute until stopped (exit codes: ExitCode)."""
 
 import logging
+import os
 import sys
 
 from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
@@ -10,7 +11,7 @@ from peer.swarm import SwarmJoinError
 from peer.train import train
 
 
-def main() -> int:
+def run() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("hivemind.optim.progress_tracker").setLevel(logging.WARNING)  # it logs twice a second
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig)
@@ -32,5 +33,13 @@ def main() -> int:
         peer.close()
 
 
+def main() -> None:
+    code = run()
+    logging.shutdown()
+    sys.stdout.flush(), sys.stderr.flush()
+    # Everything is shut down and saved by now; hivemind's leftovers would hold up interpreter teardown ~10 s.
+    os._exit(int(code))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -51,7 +51,7 @@ class StopSignal:
         shutdown_deadline: seconds after the signal by which the process exits, even if shutdown hangs.
     """
 
-    def __init__(self, shutdown_deadline: float = 20.0):
+    def __init__(self, shutdown_deadline: float = 12.0):
         self.shutdown_deadline = shutdown_deadline
         self.signum: int | None = None
         self._interruptible = False

@@ -18,6 +18,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 METRICS_FIELD = "metrics"
@@ -73,28 +74,33 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_{METRICS_FIELD}"
 
 
-def make_validators(run_id: str) -> list[RecordValidatorBase]:
-    """Validators for the run's metrics key: schema, size limit and signatures (this process's RSA key signs)."""
+def make_validators(run_id: str, private_key: Optional[RSAPrivateKey] = None) -> list[RecordValidatorBase]:
+    """Validators for the run's metrics key: schema, size limit and signatures.
+
+    Records are signed with ``private_key``, by default this process's RSA key (the one hivemind's ProgressTracker
+    signs with too: a DHT keeps a single signature validator, the first one given).
+    """
     return [
         SchemaValidator(MetricsSchema, prefix=run_id),
         RecordSizeValidator([metrics_key(run_id)]),
-        RSASignatureValidator(),
+        RSASignatureValidator(private_key),
     ]
 
 
-def local_public_key() -> bytes:
-    """The subkey this process signs its records with (hivemind's process-wide RSA key, as its ProgressTracker)."""
-    return RSASignatureValidator().local_public_key
+def local_public_key(private_key: Optional[RSAPrivateKey] = None) -> bytes:
+    """The subkey a record signed by ``private_key`` (default: this process's key) is stored under."""
+    return RSASignatureValidator(private_key).local_public_key
 
 
-def publish_progress(dht: DHT, run_id: str, progress: PeerProgress, expiration: float, wait: bool = True):
+def publish_progress(dht: DHT, run_id: str, progress: PeerProgress, expiration: float, wait: bool = True,
+                     private_key: Optional[RSAPrivateKey] = None):
     """Store this peer's record, signed, expiring ``expiration`` seconds from now.
 
     Returns whether it was stored, or (``wait=False``) a future of that.
     """
     return dht.store(
         key=metrics_key(run_id),
-        subkey=local_public_key(),
+        subkey=local_public_key(private_key),
         value=progress.dict(),
         expiration_time=get_dht_time() + expiration,
         return_future=not wait,

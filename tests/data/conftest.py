@@ -11,8 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from data import load_tokenizer  # noqa: E402
 
-RUSLIT = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "ruslit"
-
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -45,6 +45,14 @@ def test_directory_glob_and_compressed_files(tmp_path, write_text):
     assert sorted(documents_of(str(tmp_path / "dir" / "**" / "*.txt"))[0]) == ["alpha", "beta", "gamma"]
 
 
+def test_a_directory_reads_its_dominant_format_and_warns_about_the_rest(tmp_path, write_text, caplog):
+    write_text("books/author/book.txt", "a long book line\n" * 20)
+    write_text("books/author/info.csv", "title,year\nbook,1850\n")
+    source = resolve_corpus(str(tmp_path / "books"))
+    assert source.builder == "text" and [p.endswith("book.txt") for p in source.data_files] == [True]
+    assert "ignoring 1 other file(s)" in caplog.text
+
+
 def test_jsonl_with_a_named_text_column(write_text):
     rows = [{"body": "one document", "id": 1}, {"body": "another one", "id": 2}, {"body": "", "id": 3}]
     path = write_text("c.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -89,7 +97,7 @@ def test_empty_file_unknown_format_and_mixed_formats_are_errors(tmp_path, write_
     write_text("mixed/a.txt", "x\n")
     write_text("mixed/b.jsonl", '{"text": "y"}\n')
     with pytest.raises(CorpusError, match="mixes formats"):
-        resolve_corpus(str(tmp_path / "mixed"))
+        resolve_corpus(str(tmp_path / "mixed" / "*"))
     (tmp_path / "nothing").mkdir()
     with pytest.raises(CorpusError, match="no readable files"):
         resolve_corpus(str(tmp_path / "nothing"))

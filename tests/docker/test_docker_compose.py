@@ -20,6 +20,9 @@ def test_services_and_build_targets(compose, dockerfile):
         build = compose["services"][name]["build"]
         assert build["target"] in stages, f"{name} builds target {build['target']!r}, absent from the Dockerfile"
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
+    dockerfile_base = next(i.arguments for i in dockerfile if i.keyword == "ARG" and i.arguments.startswith("BASE="))
+    peer_base = compose["services"]["peer"]["build"]["args"]["BASE"]
+    assert peer_base == "${PEER_BASE:-%s}" % dockerfile_base.split("=", 1)[1], "compose and Dockerfile disagree"
     for name in ("prometheus", "grafana"):
         image = compose["services"][name]["image"]
         assert re.search(r":v?\d+\.\d+\.\d+$", image) or "@sha256:" in image, f"{image} is not pinned"

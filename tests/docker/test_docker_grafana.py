@@ -27,10 +27,11 @@ PROMQL_WORDS = {"rate", "increase", "deriv", "time", "sum", "by", "avg", "max", 
 
 
 def exported_names(registry) -> set[str]:
-    """Family and sample names as a Prometheus server sees them (counters gain _total, and so on)."""
+    """Series names as a Prometheus server stores them (a counter only as NAME_total, never as its family name)."""
     names = set()
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        names.add(family.name)
+        if family.type in ("gauge", "unknown"):
+            names.add(family.name)  # labelled gauges may have no sample yet (no peer alive)
         names.update(sample.name for sample in family.samples)
     return names
 

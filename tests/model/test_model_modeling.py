@@ -201,6 +201,24 @@ def test_mlm_loss_ignores_unlabelled_positions():
     torch.testing.assert_close(model(ids, labels=other_labels).loss, output.loss)
 
 
+def test_sparse_prediction_gives_the_same_loss_and_gradients():
+    dense = LeanAlbertForMaskedLM(small_config()).train()
+    sparse = LeanAlbertForMaskedLM(small_config(sparse_prediction=True)).train()
+    sparse.load_state_dict(dense.state_dict())
+    ids = torch.randint(5, VOCAB, (3, 10))
+    labels = torch.where(torch.rand(3, 10) < 0.3, ids, -100)
+    labels[2, 9] = ids[2, 9]
+    dense_output, sparse_output = dense(ids, labels=labels), sparse(ids, labels=labels)
+    assert sparse_output.logits.shape == (int((labels != -100).sum()), VOCAB)
+    torch.testing.assert_close(sparse_output.logits, dense_output.logits[labels != -100])
+    torch.testing.assert_close(sparse_output.loss, dense_output.loss)
+    dense_output.loss.backward()
+    sparse_output.loss.backward()
+    for (name, dense_parameter), sparse_parameter in zip(dense.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(sparse_parameter.grad, dense_parameter.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert sparse(ids).logits.shape == (3, 10, VOCAB)  # without labels every position is decoded
+
+
 def test_classification_losses_and_pooling():
     config = small_config(num_labels=3)
     ids, mask = torch.randint(5, VOCAB, (2, 5)), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -251,12 +269,15 @@ class _no_warning_check:
         return False
 
 
-def test_bfloat16_autocast_trains_on_cpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_trains_on_cpu(dtype):
     model = LeanAlbertForMaskedLM(small_config()).train()
     ids = torch.randint(5, VOCAB, (2, 8))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model(ids, attention_mask=torch.ones_like(ids), labels=ids)
-    assert output.logits.dtype == torch.bfloat16
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.autocast("cpu", dtype=dtype):
+        output = model(ids, attention_mask=mask, labels=ids)
+    assert output.logits.dtype == dtype
     output.loss.backward()
     assert torch.isfinite(output.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -22,7 +22,7 @@ RUN_ID = "test-run"
 PEER_FLAGS = [
     "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_threads", "1", "--model", "tiny", "--batch_size", "8",
     "--max_length", "64", "--target_batch_size", "32", "--matchmaking_time", "2", "--averaging_timeout", "15",
-    "--load_state_timeout", "15", "--learning_rate", "0.005", "--warmup_epochs", "0", "--total_epochs", "1000",
+    "--load_state_timeout", "15", "--learning_rate", "0.05", "--warmup_epochs", "0", "--total_epochs", "1000",
     "--backup_every", "1", "--keep_backups", "1000", "--metrics_expiration", "10",
 ]
 
@@ -75,6 +75,10 @@ class PeerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def epoch_times(self) -> dict[int, float]:
+        """When this peer reached each epoch (the modification time of the backup it writes at each epoch)."""
+        return {int(path.stem.split("-")[1]): path.stat().st_mtime for path in self.backup_dir.glob("epoch-*.pt")}
 
     def backup_epochs(self) -> list[int]:
         return sorted(int(path.stem.split("-")[1]) for path in self.backup_dir.glob("epoch-*.pt"))

@@ -1,0 +1,224 @@
+"""The monitor with a real two-peer tiny swarm (all processes through their CLIs, on 127.0.0.1).
+
+One module-scoped run serves every test, in file order: status and metrics while training, refusal of a foreign
+model, checkpoints (download, damage), a monitor restart, then every trainer killed and a newcomer resuming from the
+monitor's state, which must equal the checkpoint loaded with transformers alone; finally --resume-from and `pull`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import hivemind
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
+
+from monitor.records import check_model_matches, monitor_validators
+from peer.progress import PeerProgress, publish_progress
+from tests.monitor.conftest import REPO, MonitorProcess, PeerProcess, child_env, wait_until
+
+pytestmark = [pytest.mark.slow]
+RUN_ID = "monitor-test"
+TOKEN = "test-admin-token-0123456789"
+MONITOR_FLAGS = ["--checkpoint_every", "2", "--fetch_state_every", "1", "--keep", "3", "--stale_after", "12",
+                 "--admin_token", TOKEN]
+
+
+@pytest.fixture(scope="module")
+def run(processes, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    monitor = MonitorProcess(workdir / "monitor", RUN_ID, MONITOR_FLAGS)
+    processes.append(monitor)
+    initial_peers = monitor.wait_ready()
+    peers = {name: PeerProcess(workdir, name, RUN_ID, initial_peers) for name in ("a", "b")}
+    processes.extend(peers.values())
+    wait_until(lambda: (monitor.get("/api/status") or {}).get("alive_peers") == 2, 240, "2 alive peers")
+
+    class Run:
+        pass
+
+    state = Run()
+    state.workdir, state.monitor, state.peers, state.processes = workdir, monitor, peers, processes
+    return state
+
+
+@pytest.mark.timeout(400)
+def test_status_shows_two_alive_peers_and_the_epoch_advancing(run):
+    first = run.monitor.get("/api/status")
+    assert first["run_id"] == RUN_ID and first["alive_peers"] == 2
+    assert first["initial_peers"] == run.monitor.initial_peers()
+    advanced = wait_until(lambda: (lambda s: s["epoch"] >= first["epoch"] + 2 and s)(run.monitor.get("/api/status")),
+                          180, "the global epoch to advance by 2")
+    assert advanced["alive_peers"] == 2 and advanced["samples_total"] > first["samples_total"] >= 0
+    assert advanced["loss"] is not None and advanced["loss"] > 0 and advanced["samples_per_second"] > 0
+    rows = run.monitor.get("/api/peers")
+    assert sum(row["alive"] for row in rows) == 2 and all(row["device"] for row in rows if row["alive"])
+
+
+@pytest.mark.timeout(120)
+def test_metrics_parse_and_agree_with_the_status(run):
+    body = run.monitor.get("/metrics").decode()
+    samples = {s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples if not s.labels}
+    status = run.monitor.get("/api/status")
+    assert samples["albert_swarm_alive_peers"] == 2
+    assert abs(samples["albert_swarm_epoch"] - status["epoch"]) <= 1
+    assert samples["albert_swarm_samples_total"] > 0 and samples["albert_swarm_samples_per_second"] > 0
+    labelled = [s for family in text_string_to_metric_families(body) for s in family.samples
+                if s.name == "albert_peer_samples_per_second"]
+    assert len(labelled) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_with_another_model_is_refused(run):
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=run.monitor.initial_peers(),
+                       record_validators=monitor_validators(RUN_ID))
+    try:
+        foreign = PeerProgress(epoch=1, samples_per_second=1.0, samples_accumulated=8, loss_sum=9.0, mini_steps=1,
+                               device="cpu", version="dev", time=get_dht_time(), model_hash="f" * 16)
+        assert publish_progress(dht, RUN_ID, foreign, expiration=30)
+        refused = wait_until(lambda: run.monitor.get("/api/status")["refused_peers"], 30, "the foreign record")
+        assert "fingerprint ffffffffffffffff differs" in next(iter(refused.values()))
+        assert run.monitor.get("/api/status")["alive_peers"] == 2  # not counted as a peer of the run
+        message = check_model_matches(dht, RUN_ID, "f" * 16)  # what a peer checks before it trains
+        assert message and "does not match run 'monitor-test'" in message and "--model" in message
+        assert check_model_matches(dht, RUN_ID, run.monitor.get("/api/status")["model"]["hash"]) is None
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_appears_and_downloads_with_a_matching_sha256(run, tmp_path):
+    listing = wait_until(lambda: run.monitor.get("/api/checkpoints"), 180, "a checkpoint")
+    newest = listing[0]
+    assert newest["epoch"] >= 2 and newest["url"].endswith(f"/checkpoints/{newest['epoch']}")
+    with urllib.request.urlopen(run.monitor.url + f"/checkpoints/{newest['epoch']}", timeout=60) as response:
+        archive = response.read()
+        assert response.headers["X-Checkpoint-SHA256"] == newest["sha256"] == hashlib.sha256(archive).hexdigest()
+    out = tmp_path / "downloaded"
+    result = subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", run.monitor.url,
+                             "--epoch", str(newest["epoch"]), "--out", str(out)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["epoch"] == newest["epoch"] and {"config.json", "model.safetensors", "training_state.pt",
+                                                     "modeling.py", "configuration.py"} <= set(manifest["files"])
+    assert "auto_map" in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.timeout(120)
+def test_a_truncated_checkpoint_is_detected_and_never_served(run):
+    newest = run.monitor.get("/api/checkpoints")[0]
+    weights = run.monitor.workdir / "checkpoints" / f"epoch-{newest['epoch']:06d}" / "model.safetensors"
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+    assert newest["epoch"] not in [c["epoch"] for c in run.monitor.get("/api/checkpoints")]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(run.monitor.url + f"/checkpoints/{newest['epoch']}", timeout=30)
+    assert refused.value.code == 404
+    assert b"albert_monitor_corrupted_checkpoints_total 1.0" in run.monitor.get("/metrics")
+
+
+@pytest.mark.timeout(400)
+def test_restarted_monitor_keeps_its_history_and_checkpoints(run):
+    before_history = run.monitor.get("/api/history")
+    before_checkpoints = [c["epoch"] for c in run.monitor.get("/api/checkpoints")]
+    before_status = run.monitor.get("/api/status")
+    assert run.monitor.stop() == 0  # SIGTERM: a clean exit
+    # same ports and identity: the same multiaddr, so the peers' --initial-peers stays valid
+    restarted = MonitorProcess(run.monitor.workdir, RUN_ID, [*MONITOR_FLAGS, "--initial_peers",
+                                                             *run.peers["a"].maddrs()[:1]],
+                               dht_port=run.monitor.dht_port, http_port=run.monitor.http_port, name="monitor-2")
+    run.processes.append(restarted)
+    assert restarted.wait_ready() == run.monitor.initial_peers() or restarted.initial_peers()
+    after_history = restarted.get("/api/history")
+    assert len(after_history["series"]) >= len(before_history["series"])
+    assert after_history["series"][: len(before_history["series"])] == before_history["series"]
+    assert set(before_checkpoints) <= {c["epoch"] for c in restarted.get("/api/checkpoints")}
+    assert restarted.get("/api/status")["samples_total"] >= before_status["samples_total"]
+    wait_until(lambda: restarted.get("/api/status")["alive_peers"] == 2, 120, "the peers to be seen again")
+    run.monitor = restarted
+
+
+@pytest.mark.timeout(600)
+def test_a_new_peer_resumes_at_the_monitors_epoch_with_the_checkpoints_weights(run, tmp_path):
+    wait_until(lambda: run.monitor.get("/api/status")["state_epoch"] >= 2, 120, "the monitor to hold a state")
+    for name in ("a", "b"):
+        run.peers[name].kill()
+    wait_until(lambda: run.monitor.get("/api/status")["alive_peers"] == 0, 90, "the killed peers to expire")
+    status, entry = run.monitor.post("/api/checkpoints", TOKEN)
+    held = run.monitor.get("/api/status")["state_epoch"]
+    assert status == 201 and entry["epoch"] == held >= 2
+
+    newcomer = PeerProcess(run.workdir, "c", RUN_ID, run.monitor.initial_peers())
+    run.processes.append(newcomer)
+    started_at = wait_until(newcomer.backup_epochs, 240, "the newcomer to back up the state it downloaded")[0]
+    assert started_at == held, f"the newcomer started at epoch {started_at}, the monitor held {held}"
+    wait_until(lambda: any(row["alive"] and row["epoch"] >= held for row in run.monitor.get("/api/peers")), 120,
+               "the newcomer to report an epoch >= the monitor's")
+
+    out = tmp_path / "checkpoint"
+    subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", run.monitor.url, "--epoch",
+                    str(held), "--out", str(out)], cwd=REPO, env=child_env(), check=True, timeout=120)
+    input_ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    standalone_logits = logits_with_transformers_alone(out, tmp_path)
+    from model import LeanAlbertForMaskedLM
+
+    peer_model = LeanAlbertForMaskedLM.from_pretrained(out)  # architecture only: the weights come next
+    peer_state = torch.load(newcomer.backup_dir / f"epoch-{held:06d}.pt", weights_only=True)["model"]
+    peer_model.load_state_dict(peer_state)
+    with torch.no_grad():
+        peer_logits = peer_model.eval()(input_ids=input_ids).logits
+    torch.testing.assert_close(standalone_logits, peer_logits, rtol=1e-5, atol=1e-5)
+    run.held_epoch, run.checkpoint_dir = held, out
+
+
+# Loads the checkpoint in a fresh interpreter where the project's packages cannot be imported at all (even if the
+# project is pip-installed), so only the code saved inside the checkpoint is used.
+STANDALONE = """
+import importlib.abc, sys, torch
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('model', 'data', 'peer', 'monitor'):
+            raise ImportError(f'{name} must not be needed to load a checkpoint')
+sys.meta_path.insert(0, NoProject())
+from transformers import AutoModelForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
+    env = dict(child_env(), HF_HOME=str(tmp_path / "hf-home"))
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-I", "-c", STANDALONE, str(checkpoint), str(tmp_path / "input_ids.pt"),
+                    str(tmp_path / "logits.pt")], cwd=tmp_path, env=env, check=True, timeout=180)
+    return torch.load(tmp_path / "logits.pt", weights_only=True)
+
+
+@pytest.mark.timeout(400)
+def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(run, processes, tmp_path):
+    if not hasattr(run, "held_epoch"):
+        pytest.skip("needs the checkpoint of the previous test")
+    resumed = MonitorProcess(tmp_path / "resumed", "resumed-run", ["--resume_from", str(run.checkpoint_dir)],
+                             name="monitor-resumed")
+    processes.append(resumed)
+    maddrs = resumed.wait_ready()
+    assert resumed.get("/api/status")["state_epoch"] == run.held_epoch
+    out = tmp_path / "pulled"
+    result = subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "pull", "--initial-peers", *maddrs,
+                             "--run-id", "resumed-run", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--out", str(out)],
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["epoch"] == run.held_epoch
+    pulled, saved = load_file(out / "model.safetensors"), load_file(run.checkpoint_dir / "model.safetensors")
+    assert pulled.keys() == saved.keys() and all(torch.equal(pulled[name], saved[name]) for name in saved)
