@@ -68,8 +68,8 @@ def _clean_markup(fragment: str) -> str:
 class _HelpPageText(HTMLParser):
     """Collects the visible text of a LibreOffice help page's `DisplayArea`, one block element per line."""
 
-    _BLOCKS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "td", "th", "div", "tr", "br", "pre"}
-    _HIDDEN = {"script", "style", "noscript"}
+    _BLOCKS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "li", "td", "th", "div", "tr", "br", "pre"})
+    _HIDDEN = frozenset({"script", "style", "noscript"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -120,11 +120,18 @@ def build_corpus(out_dir: Path, seed: int = 0) -> list[Path]:
     """Write the shuffled, deduplicated documents of both languages as `NUM_SHARDS` jsonl.gz shards."""
     ensure_debian_packages()
     english = [doc for doc in bible_chapters() if len(doc) >= MIN_DOCUMENT_CHARS]
-    russian = _cap_chars(_unique(doc for doc in help_pages() if len(doc) >= MIN_DOCUMENT_CHARS), RUSSIAN_MAX_CHARS, seed)
+    russian = _cap_chars(
+        _unique(doc for doc in help_pages() if len(doc) >= MIN_DOCUMENT_CHARS), RUSSIAN_MAX_CHARS, seed
+    )
     documents = [{"text": doc, "lang": "en"} for doc in english] + [{"text": doc, "lang": "ru"} for doc in russian]
     random.Random(seed).shuffle(documents)  # interleave the languages so any prefix of a shard holds both
-    logger.info("English: %d chapters, %d chars; Russian: %d pages, %d chars", len(english),
-                sum(map(len, english)), len(russian), sum(map(len, russian)))
+    logger.info(
+        "English: %d chapters, %d chars; Russian: %d pages, %d chars",
+        len(english),
+        sum(map(len, english)),
+        len(russian),
+        sum(map(len, russian)),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.jsonl.gz"):
         stale.unlink()

@@ -17,9 +17,12 @@ logger = logging.getLogger("albert-data")
 
 
 def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", default=None,
-                        help="text/json/jsonl/parquet/csv file (optionally .gz), directory, glob, or a datasets hub "
-                             "name; default: the bundled English + Russian corpus")
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="text/json/jsonl/parquet/csv file (optionally .gz), directory, glob, or a datasets hub "
+        "name; default: the bundled English + Russian corpus",
+    )
     parser.add_argument("--text-column", default="text", help="column holding the text (json/parquet/csv/hub)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
 
@@ -33,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_arguments(tokenizer)
     tokenizer.add_argument("--vocab-size", type=int, default=32000, help="rounded up to a multiple of 64")
     tokenizer.add_argument("--out", required=True, type=Path, help="directory to write the tokenizer to")
-    tokenizer.add_argument("--max-chars", type=int, default=200_000_000,
-                           help="train on at most this many characters of the (shuffled) corpus")
+    tokenizer.add_argument(
+        "--max-chars",
+        type=int,
+        default=200_000_000,
+        help="train on at most this many characters of the (shuffled) corpus",
+    )
     tokenizer.add_argument("--model-max-length", type=int, default=512, help="recorded in tokenizer_config.json")
 
     inspect = commands.add_parser("inspect", help="print masked sequences and the measured mask rate")
@@ -59,8 +66,10 @@ def run_tokenizer(args: argparse.Namespace) -> None:
     stats = DocumentStats()
     documents = _limit_chars(iter_documents(source, load_stream(source, args.seed), stats), args.max_chars)
     tokenizer = train_tokenizer(documents, args.vocab_size, args.out, model_max_length=args.model_max_length)
-    print(f"trained on {stats.documents} documents ({stats.empty} empty, {stats.duplicates} duplicate skipped); "
-          f"{len(tokenizer)} tokens; saved to {args.out}")
+    print(
+        f"trained on {stats.documents} documents ({stats.empty} empty, {stats.duplicates} duplicate skipped); "
+        f"{len(tokenizer)} tokens; saved to {args.out}"
+    )
 
 
 def _limit_chars(documents, max_chars: int):
@@ -76,13 +85,22 @@ def run_inspect(args: argparse.Namespace) -> None:
     from .inspection import LEGEND, inspect
 
     tokenizer = load_tokenizer(args.tokenizer)
-    dataset = MLMDataset(args.corpus, tokenizer, max_length=args.max_length, seed=args.seed, peer_id=args.peer_id,
-                         text_column=args.text_column)
-    collator = WholeWordMaskCollator(tokenizer, mlm_probability=args.mlm_probability,
-                                     seed=stream_seed(args.seed, args.peer_id))
+    dataset = MLMDataset(
+        args.corpus,
+        tokenizer,
+        max_length=args.max_length,
+        seed=args.seed,
+        peer_id=args.peer_id,
+        text_column=args.text_column,
+    )
+    collator = WholeWordMaskCollator(
+        tokenizer, mlm_probability=args.mlm_probability, seed=stream_seed(args.seed, args.peer_id)
+    )
     shown, stats = inspect(dataset, collator, show=args.show, batches=args.batches, batch_size=args.batch_size)
-    print(f"corpus {dataset.source.spec} ({len(dataset.source.data_files) or 'hub'} files), tokenizer "
-          f"{args.tokenizer or BUNDLED_TOKENIZER} ({len(tokenizer)} tokens), max_length {args.max_length}")
+    print(
+        f"corpus {dataset.source.spec} ({len(dataset.source.data_files) or 'hub'} files), tokenizer "
+        f"{args.tokenizer or BUNDLED_TOKENIZER} ({len(tokenizer)} tokens), max_length {args.max_length}"
+    )
     print(LEGEND)
     for number, text in enumerate(shown, 1):
         print(f"\n--- sequence {number} ---\n{text}")
@@ -98,8 +116,10 @@ def run_build_corpus(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     commands = {"tokenizer": run_tokenizer, "inspect": run_inspect, "build-corpus": run_build_corpus}
     try:
         commands[args.command](args)

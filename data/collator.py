@@ -23,8 +23,13 @@ class WholeWordMaskCollator:
         seed: seeds a private generator for reproducible masks; None uses torch's global generator.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, mlm_probability: float = 0.15,
-                 pad_to_multiple_of: int | None = 8, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        mlm_probability: float = 0.15,
+        pad_to_multiple_of: int | None = 8,
+        seed: int | None = None,
+    ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={mlm_probability} must lie strictly between 0 and 1")
         if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
@@ -58,8 +63,9 @@ class WholeWordMaskCollator:
         word_ids = torch.full((len(examples), width), -1, dtype=torch.long)
         for row, example in enumerate(examples):
             if len(example["word_ids"]) != len(example["input_ids"]):
-                raise ValueError(f"example {row} has {len(example['input_ids'])} input_ids but "
-                                 f"{len(example['word_ids'])} word_ids")
+                raise ValueError(
+                    f"example {row} has {len(example['input_ids'])} input_ids but {len(example['word_ids'])} word_ids"
+                )
             input_ids[row, : lengths[row]] = torch.tensor(example["input_ids"], dtype=torch.long)
             word_ids[row, : lengths[row]] = torch.tensor(example["word_ids"], dtype=torch.long)
         return input_ids, word_ids, lengths

@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 _TOKENIZE_BATCH = 64  # documents per call to the Rust tokenizer, which parallelises within a batch
 
 
-def stream_seed(seed: int, peer_id: str) -> int:
-    """A 32-bit seed mixing the run seed and the peer identity, stable across Python processes."""
-    digest = hashlib.blake2b(f"{seed}:{peer_id}".encode("utf-8"), digest_size=4).digest()
+def stream_seed(seed: int, peer_id: str, start_epoch: int = 0) -> int:
+    """A 32-bit seed mixing the run seed, the peer identity and the joining epoch, stable across processes."""
+    digest = hashlib.blake2b(f"{seed}:{peer_id}:{start_epoch}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -96,8 +96,9 @@ def _word_layout(word_ids: list[int | None]) -> tuple[np.ndarray, list[int]]:
 class MLMDataset(torch.utils.data.IterableDataset):
     """An endless stream of packed whole-word sequences from a corpus, shuffled per peer.
 
-    The order is a pure function of (`seed`, `peer_id`): the same peer identity sees the same stream, another one
-    sees a different shard order and document order. Each pass over the corpus reshuffles (datasets' epoch seed).
+    The order is a pure function of (`seed`, `peer_id`, `start_epoch`): the same peer identity sees the same stream,
+    another one sees a different file order and document order, and a peer that restarts at a later swarm epoch
+    continues in a fresh order instead of replaying its first batches. Each pass over the corpus reshuffles.
     Give large corpora as many files: the file order is what differs most between peers.
 
     Args:
@@ -106,24 +107,38 @@ class MLMDataset(torch.utils.data.IterableDataset):
         max_length: tokens per sequence, [CLS] and [SEP] included.
         seed: the run seed.
         peer_id: this peer's identity; mixed into the shuffle seed.
+        start_epoch: the swarm epoch at which the peer (re)joins; mixed into the shuffle seed.
         text_column: the column holding text in json/parquet/csv/hub corpora.
         warmup_sequences: over this many sequences the length grows linearly from `min_length` to `max_length`
             (short sequences first, as RuLeanALBERT trained); 0 disables the warm-up.
         min_length: the sequence length at the start of the warm-up.
     """
 
-    def __init__(self, corpus: str | None, tokenizer: PreTrainedTokenizerFast, max_length: int = 128, seed: int = 0,
-                 peer_id: str = "", text_column: str = "text", warmup_sequences: int = 0, min_length: int = 32) -> None:
+    def __init__(
+        self,
+        corpus: str | None,
+        tokenizer: PreTrainedTokenizerFast,
+        max_length: int = 128,
+        seed: int = 0,
+        peer_id: str = "",
+        start_epoch: int = 0,
+        text_column: str = "text",
+        warmup_sequences: int = 0,
+        min_length: int = 32,
+    ) -> None:
         super().__init__()
         if max_length < 4:
             raise ValueError(f"max_length={max_length} leaves no room for words between [CLS] and [SEP]")
         if warmup_sequences < 0 or (warmup_sequences > 0 and not 4 <= min_length <= max_length):
-            raise ValueError(f"invalid warm-up: warmup_sequences={warmup_sequences}, min_length={min_length} "
-                             f"(must lie in [4, max_length={max_length}])")
+            raise ValueError(
+                f"invalid warm-up: warmup_sequences={warmup_sequences}, min_length={min_length} "
+                f"(must lie in [4, max_length={max_length}])"
+            )
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError("the tokenizer has no [CLS] or [SEP] token")
         self.source = resolve_corpus(corpus, text_column)
         self.tokenizer, self.max_length, self.seed, self.peer_id = tokenizer, max_length, seed, peer_id
+        self.start_epoch = start_epoch
         self.warmup_sequences, self.min_length = warmup_sequences, min_length
         self.stats = DocumentStats()
         self.skipped_words = 0
@@ -136,13 +151,13 @@ class MLMDataset(torch.utils.data.IterableDataset):
         return min(self.max_length, int(grown) // 8 * 8 or self.min_length)
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        stream = load_stream(self.source, stream_seed(self.seed, self.peer_id))
+        stream = load_stream(self.source, stream_seed(self.seed, self.peer_id, self.start_epoch))
         self._check_workers(stream)
         encoder = _plain_encoder(self.tokenizer)
         packer = SequencePacker(self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.length_at(0))
-        emitted, epoch = 0, 0
+        emitted, corpus_pass = 0, 0
         while True:
-            stream.set_epoch(epoch)
+            stream.set_epoch(corpus_pass)  # datasets' name for the pass number, which reseeds its shuffle
             self.stats = DocumentStats()
             for batch in _batched(iter_documents(self.source, stream, self.stats), _TOKENIZE_BATCH):
                 for encoding in encoder.encode_batch(batch, add_special_tokens=False):
@@ -151,26 +166,39 @@ class MLMDataset(torch.utils.data.IterableDataset):
                         emitted += 1
                         packer.max_length = self.length_at(emitted)
                 self.skipped_words = packer.skipped_words
-            self._end_of_pass(epoch, emitted, packer)
-            epoch += 1
+            self._end_of_pass(corpus_pass, emitted, packer)
+            corpus_pass += 1
 
-    def _end_of_pass(self, epoch: int, emitted: int, packer: SequencePacker) -> None:
+    def _end_of_pass(self, corpus_pass: int, emitted: int, packer: SequencePacker) -> None:
         stats = self.stats
-        logger.info("corpus %s pass %d: %d documents, %d empty and %d duplicate skipped, %d over-long words skipped",
-                    self.source.spec, epoch, stats.documents, stats.empty, stats.duplicates, self.skipped_words)
+        logger.info(
+            "corpus %s pass %d: %d documents, %d empty and %d duplicate skipped, %d over-long words skipped",
+            self.source.spec,
+            corpus_pass,
+            stats.documents,
+            stats.empty,
+            stats.duplicates,
+            self.skipped_words,
+        )
         if stats.documents == 0:
-            raise CorpusError(f"corpus {self.source.spec} has no non-empty documents "
-                              f"({stats.empty} empty, {stats.duplicates} duplicate)")
+            raise CorpusError(
+                f"corpus {self.source.spec} has no non-empty documents "
+                f"({stats.empty} empty, {stats.duplicates} duplicate)"
+            )
         if emitted == 0 and packer.is_empty:
-            raise CorpusError(f"corpus {self.source.spec} yields no sequence: every word is longer than "
-                              f"max_length={self.max_length} tokens ({self.skipped_words} skipped)")
+            raise CorpusError(
+                f"corpus {self.source.spec} yields no sequence: every word is longer than "
+                f"max_length={self.max_length} tokens ({self.skipped_words} skipped)"
+            )
 
     def _check_workers(self, stream) -> None:
         worker = torch.utils.data.get_worker_info()
         if worker is not None and worker.num_workers > stream.num_shards:
             # datasets gives each DataLoader worker whole files; a worker without one would wait forever.
-            raise CorpusError(f"corpus {self.source.spec} has {stream.num_shards} file(s) but the DataLoader has "
-                              f"{worker.num_workers} workers: use at most {stream.num_shards} workers")
+            raise CorpusError(
+                f"corpus {self.source.spec} has {stream.num_shards} file(s) but the DataLoader has "
+                f"{worker.num_workers} workers: use at most {stream.num_shards} workers"
+            )
 
 
 def _plain_encoder(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:

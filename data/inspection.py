@@ -26,8 +26,9 @@ class MaskingStats:
     unchanged: int = 0
     split_words: int = 0  # words whose tokens were not all targets or all non-targets (must stay 0)
 
-    def add(self, batch: dict[str, torch.Tensor], original: torch.Tensor, word_ids: torch.Tensor,
-            mask_id: int) -> None:
+    def add(
+        self, batch: dict[str, torch.Tensor], original: torch.Tensor, word_ids: torch.Tensor, mask_id: int
+    ) -> None:
         targets = batch["labels"] != IGNORE_INDEX
         self.real_tokens += int((word_ids >= 0).sum())
         self.targets += int(targets.sum())
@@ -37,12 +38,14 @@ class MaskingStats:
         self.split_words += _count_split_words(targets, word_ids)
 
     def report(self) -> str:
-        share = lambda part: 100.0 * part / max(self.targets, 1)  # noqa: E731
-        return (f"real tokens {self.real_tokens}, targets {self.targets} "
-                f"({100.0 * self.targets / max(self.real_tokens, 1):.2f}%, aim 15%)\n"
-                f"of the targets: [MASK] {share(self.masked):.1f}%, random {share(self.randomized):.1f}%, "
-                f"unchanged {share(self.unchanged):.1f}% (aim 80/10/10; a random pick equal to the original "
-                f"counts as unchanged)\nwords split between target and non-target: {self.split_words}")
+        share = lambda part: 100.0 * part / max(self.targets, 1)
+        return (
+            f"real tokens {self.real_tokens}, targets {self.targets} "
+            f"({100.0 * self.targets / max(self.real_tokens, 1):.2f}%, aim 15%)\n"
+            f"of the targets: [MASK] {share(self.masked):.1f}%, random {share(self.randomized):.1f}%, "
+            f"unchanged {share(self.unchanged):.1f}% (aim 80/10/10; a random pick equal to the original "
+            f"counts as unchanged)\nwords split between target and non-target: {self.split_words}"
+        )
 
 
 def _count_split_words(targets: torch.Tensor, word_ids: torch.Tensor) -> int:
@@ -56,8 +59,9 @@ def _count_split_words(targets: torch.Tensor, word_ids: torch.Tensor) -> int:
     return int(((chosen > 0) & (chosen < tokens)).sum())
 
 
-def render_sequence(tokenizer: PreTrainedTokenizerFast, input_ids: list[int], labels: list[int],
-                    original: list[int]) -> str:
+def render_sequence(
+    tokenizer: PreTrainedTokenizerFast, input_ids: list[int], labels: list[int], original: list[int]
+) -> str:
     """The sequence as the model sees it, with each target shown next to its original token."""
     pieces = []
     for shown, label, orig in zip(input_ids, labels, original):
@@ -76,8 +80,9 @@ def render_sequence(tokenizer: PreTrainedTokenizerFast, input_ids: list[int], la
     return "".join(pieces).replace("▁", " ").strip()
 
 
-def inspect(dataset: MLMDataset, collator: WholeWordMaskCollator, show: int = 3, batches: int = 50,
-            batch_size: int = 16) -> tuple[list[str], MaskingStats]:
+def inspect(
+    dataset: MLMDataset, collator: WholeWordMaskCollator, show: int = 3, batches: int = 50, batch_size: int = 16
+) -> tuple[list[str], MaskingStats]:
     """Collate `batches` batches; render the first `show` sequences and count what the masking did."""
     tokenizer, stats, shown = dataset.tokenizer, MaskingStats(), []
     examples = iter(dataset)
@@ -88,6 +93,12 @@ def inspect(dataset: MLMDataset, collator: WholeWordMaskCollator, show: int = 3,
         stats.add(batch, original, word_ids, tokenizer.mask_token_id)
         for row in range(len(chunk)):
             if len(shown) < show:
-                shown.append(render_sequence(tokenizer, batch["input_ids"][row].tolist(),
-                                             batch["labels"][row].tolist(), original[row].tolist()))
+                shown.append(
+                    render_sequence(
+                        tokenizer,
+                        batch["input_ids"][row].tolist(),
+                        batch["labels"][row].tolist(),
+                        original[row].tolist(),
+                    )
+                )
     return shown, stats

@@ -18,9 +18,13 @@ logger = logging.getLogger(__name__)
 BUNDLED_CORPUS = str(Path(__file__).resolve().parent / "corpus")
 
 _BUILDER_BY_SUFFIX = {
-    ".txt": "text", ".text": "text",
-    ".json": "json", ".jsonl": "json", ".ndjson": "json",
-    ".parquet": "parquet", ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
 }
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -54,7 +58,7 @@ class CorpusSource:
 
 def resolve_corpus(spec: str | None, text_column: str = "text") -> CorpusSource:
     """Find the files behind `spec` (None means the bundled corpus) and the builder that reads them."""
-    spec = BUNDLED_CORPUS if spec is None else str(spec)
+    spec = str(spec) if spec else BUNDLED_CORPUS  # "" from an unset config field means the default too
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
@@ -96,8 +100,14 @@ def _dominant_format(spec: str, files: list[Path]) -> list[Path]:
     kept = [p for p in files if _builder_for(p) == chosen]
     if len(kept) < len(files):
         ignored = [p for p in files if _builder_for(p) != chosen]
-        logger.warning("corpus directory %s: reading its %d %s file(s), ignoring %d other file(s) such as %s",
-                       spec, len(kept), chosen, len(ignored), ignored[0])
+        logger.warning(
+            "corpus directory %s: reading its %d %s file(s), ignoring %d other file(s) such as %s",
+            spec,
+            len(kept),
+            chosen,
+            len(ignored),
+            ignored[0],
+        )
     return kept
 
 
@@ -120,15 +130,18 @@ def load_stream(source: CorpusSource, seed: int) -> datasets.IterableDataset:
     """A streaming dataset of the source, its file order and a buffer of documents shuffled by `seed`."""
     try:
         if source.is_local:
-            stream = datasets.load_dataset(source.builder, data_files=list(source.data_files), split="train",
-                                           streaming=True)
+            stream = datasets.load_dataset(
+                source.builder, data_files=list(source.data_files), split="train", streaming=True
+            )
         else:
             stream = datasets.load_dataset(source.builder, split="train", streaming=True)
     except Exception as error:  # datasets raises many types (FileNotFound, ConnectionError, DatasetNotFound...)
         raise CorpusError(f"cannot open corpus {source.spec}: {error}") from error
     if stream.column_names is not None and source.text_column not in stream.column_names:
-        raise CorpusError(f"corpus {source.spec} has no column {source.text_column!r} "
-                          f"(columns: {', '.join(stream.column_names)}); pass text_column=/--text-column")
+        raise CorpusError(
+            f"corpus {source.spec} has no column {source.text_column!r} "
+            f"(columns: {', '.join(stream.column_names)}); pass text_column=/--text-column"
+        )
     return stream.shuffle(seed=seed, buffer_size=_SHUFFLE_BUFFER)
 
 
@@ -154,7 +167,12 @@ def iter_documents(source: CorpusSource, stream: datasets.IterableDataset, stats
             raise CorpusError(_describe_bad_utf8(source, error)) from error
         except Exception as error:  # a broken json/parquet file surfaces here as a pyarrow or datasets error
             raise CorpusError(f"cannot read corpus {source.spec}: {type(error).__name__}: {error}") from error
-        text = row.get(source.text_column)
+        if source.text_column not in row:
+            raise CorpusError(
+                f"corpus {source.spec} has no column {source.text_column!r} "
+                f"(columns: {', '.join(row)}); pass text_column=/--text-column"
+            )
+        text = row[source.text_column]
         text = text.strip() if isinstance(text, str) else ""
         if not text:
             stats.empty += 1

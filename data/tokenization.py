@@ -10,14 +10,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_TOKENIZER = str(Path(__file__).resolve().parent / "tokenizer")
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"}
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
 VOCAB_MULTIPLE = 64  # embedding and output matmuls are fastest when the vocabulary is a multiple of 64
 TOKENIZER_FILE = "tokenizer.json"
 # Always in the vocabulary, even when the training corpus lacks them, so no Latin or Cyrillic text becomes [UNK].
@@ -38,8 +43,9 @@ def round_vocab_size(size: int) -> int:
     return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None,
-                    model_max_length: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None, model_max_length: int = 512
+) -> PreTrainedTokenizerFast:
     """Train a Unigram tokenizer with a Metaspace ("▁") pre-tokenizer on `texts`; save it when `out_dir` is given.
 
     The requested `vocab_size` is rounded up to a multiple of 64; a small corpus may yield fewer pieces.
@@ -53,12 +59,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     specials = list(SPECIAL_TOKENS.values())
     tokenizer = Tokenizer(models.Unigram())
     # NFKC as in ALBERT's SentencePiece models; case is kept (Russian and English names matter).
-    tokenizer.normalizer = normalizers.NFKC()
+    # Newlines and tabs become spaces, so they split words and no piece contains them (SentencePiece's nmt_nfkc).
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=round_vocab_size(vocab_size), special_tokens=specials,
-                                      unk_token=SPECIAL_TOKENS["unk_token"], initial_alphabet=INITIAL_ALPHABET,
-                                      show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=round_vocab_size(vocab_size),
+        special_tokens=specials,
+        unk_token=SPECIAL_TOKENS["unk_token"],
+        initial_alphabet=INITIAL_ALPHABET,
+        show_progress=False,
+    )
     counter = _CountingIterator(itertools.chain([first], texts))
     try:
         tokenizer.train_from_iterator(counter, trainer=trainer)
@@ -66,7 +79,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
         raise TokenizerError(f"tokenizer training failed with vocab size {vocab_size}: {error}") from error
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
     logger.info("trained a Unigram tokenizer with %d tokens on %d documents", len(fast), counter.count)
@@ -103,8 +118,10 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
         raise TokenizerError(f"tokenizer directory {directory} does not exist")
     if not (directory / TOKENIZER_FILE).is_file():
         present = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-        raise TokenizerError(f"tokenizer directory {directory} has no {TOKENIZER_FILE} (it holds {present}); "
-                             f"train one with `albert-data tokenizer --out {directory}`")
+        raise TokenizerError(
+            f"tokenizer directory {directory} has no {TOKENIZER_FILE} (it holds {present}); "
+            f"train one with `albert-data tokenizer --out {directory}`"
+        )
     try:
         json.loads((directory / TOKENIZER_FILE).read_text(encoding="utf-8"))
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
@@ -112,8 +129,10 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerFast:
         raise TokenizerError(f"cannot load the tokenizer in {directory}: {type(error).__name__}: {error}") from error
     missing = [name for name, token in SPECIAL_TOKENS.items() if getattr(tokenizer, name, None) != token]
     if missing or tokenizer.convert_tokens_to_ids("[PAD]") != 0:
-        raise TokenizerError(f"tokenizer in {directory} lacks ALBERT's special tokens "
-                             f"({', '.join(missing) or '[PAD] is not id 0'}); retrain it with `albert-data tokenizer`")
+        raise TokenizerError(
+            f"tokenizer in {directory} lacks ALBERT's special tokens "
+            f"({', '.join(missing) or '[PAD] is not id 0'}); retrain it with `albert-data tokenizer`"
+        )
     return tokenizer
 
 

@@ -10,6 +10,8 @@
 #   ALBERT_TEST_TIMEOUT  seconds to wait for the swarm to train (default 600)
 #   ALBERT_TEST_EPOCHS   epochs the swarm must advance with both peers alive (default 2)
 #   ALBERT_KEEP_IMAGES   1 keeps the built images (default; later runs reuse their layers), 0 removes them
+#   ALBERT_TEST_COMPOSE  1 also runs docker/compose.yaml's monitor and 2 peers through docker-compose on podman's
+#                        API socket (local images; Prometheus/Grafana left out: their images cannot be pulled offline)
 #   PYTHON               Python with pip used to fill the wheelhouse (default python3)
 set -euo pipefail
 
@@ -20,7 +22,7 @@ BASE=${ALBERT_BASE_IMAGE:-localhost/bookworm-py:base}
 TIMEOUT=${ALBERT_TEST_TIMEOUT:-600}
 EPOCHS=${ALBERT_TEST_EPOCHS:-2}
 PYTHON=${PYTHON:-python3}
-TAG=test
+TAG="test"
 PREFIX=albert-test-$$
 NETWORK=$PREFIX-net
 MONITOR=$PREFIX-monitor
@@ -76,7 +78,7 @@ print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']
     "$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >>"$requirements.new" 2>/dev/null || true
     printf 'setuptools>=68\nwheel\n' >>"$requirements.new"
     if cmp -s "$requirements.new" "$requirements" && [ -n "$(ls -A "$wheels")" ]; then
-        log "wheelhouse $wheels up to date ($(ls "$wheels" | wc -l) wheels)"
+        log "wheelhouse $wheels up to date ($(find "$wheels" -name "*.whl" | wc -l) wheels)"
         rm "$requirements.new"
         return
     fi
@@ -110,6 +112,10 @@ cleanup() {
     fi
     podman rm -f -v -t 5 "$MONITOR" "${PEERS[@]}" >/dev/null 2>&1 || true
     podman network rm -f "$NETWORK" >/dev/null 2>&1 || true
+    if [ -n "${COMPOSE_FILE_USED:-}" ]; then
+        docker-compose -p "$PROJECT" -f "$COMPOSE_FILE_USED" down -v -t 5 >/dev/null 2>&1 || true
+    fi
+    [ -z "${SERVICE_PID:-}" ] || kill "$SERVICE_PID" 2>/dev/null || true
     if [ "${ALBERT_KEEP_IMAGES:-1}" = 0 ]; then
         podman rmi -f "localhost/albert-swarm-monitor:$TAG" "localhost/albert-swarm-peer:$TAG" >/dev/null 2>&1 || true
     fi
@@ -193,6 +199,63 @@ check_containers() {
     log "SIGTERM stopped ${PEERS[1]} in $((SECONDS - before)) s with exit code $code"
 }
 
+# compose.yaml as shipped, minus what cannot run offline: local images instead of builds, no published ports (this
+# host is shared), no Prometheus/Grafana, and service_started instead of service_healthy (podman runs no health
+# timers without systemd). The peers' entrypoint, the shared peers file and the ALBERT_* wiring stay as shipped.
+write_offline_compose() {
+    "$PYTHON" - "$REPO/docker/compose.yaml" "$1" "$TAG" <<'EOF'
+import sys
+import yaml
+
+compose = yaml.safe_load(open(sys.argv[1]))
+for name in ("prometheus", "grafana"):
+    del compose["services"][name]
+    del compose["volumes"][f"{name}-data"]
+for name in ("monitor", "peer"):
+    service = compose["services"][name]
+    del service["build"]
+    service.pop("ports", None)
+    service.pop("healthcheck", None)
+    service["image"] = f"localhost/albert-swarm-{name}:{sys.argv[3]}"
+    service["environment"].update(ALBERT_RUN_ID="compose-test", ALBERT_TARGET_BATCH_SIZE="64",
+                                  ALBERT_MATCHMAKING_TIME="3", ALBERT_TORCH_THREADS="1")
+compose["services"]["monitor"]["environment"]["ALBERT_CHECKPOINT_EVERY"] = "0"
+compose["services"]["peer"]["depends_on"] = {"monitor": {"condition": "service_started"}}
+yaml.safe_dump(compose, open(sys.argv[2], "w"), sort_keys=False)
+EOF
+}
+
+compose_check() {
+    command -v docker-compose >/dev/null || fail "ALBERT_TEST_COMPOSE=1 needs docker-compose (apt: docker-compose)"
+    local dir=$CACHE/compose-test
+    mkdir -p "$dir"
+    PROJECT=albertcompose$$
+    COMPOSE_FILE_USED=$dir/compose.yaml
+    write_offline_compose "$COMPOSE_FILE_USED"
+    rm -f "$dir/podman.sock"
+    podman system service --time=0 "unix://$dir/podman.sock" >"$dir/service.log" 2>&1 &
+    SERVICE_PID=$!
+    export DOCKER_HOST=unix://$dir/podman.sock
+    local deadline=$((SECONDS + 30))
+    until [ -S "$dir/podman.sock" ]; do
+        [ $SECONDS -lt $deadline ] || fail "podman's API socket did not appear"
+        sleep 1
+    done
+    docker-compose -p "$PROJECT" -f "$COMPOSE_FILE_USED" up -d --scale peer=2 >"$dir/up.log" 2>&1 \
+        || { cat "$dir/up.log"; fail "docker-compose up failed"; }
+    MONITOR=${PROJECT}_monitor_1
+    PEERS=("${PROJECT}_peer_1" "${PROJECT}_peer_2")
+    log "compose: monitor and 2 peers up through docker-compose"
+    wait_for_training
+    docker-compose -p "$PROJECT" -f "$COMPOSE_FILE_USED" stop >/dev/null 2>&1
+    local name code
+    for name in "${PEERS[@]}" "$MONITOR"; do
+        code=$(podman inspect -f '{{.State.ExitCode}}' "$name")
+        [ "$code" != 137 ] || fail "$name was killed: it did not stop within compose's stop_grace_period"
+    done
+    log "compose: docker-compose stop ended every service before its grace period"
+}
+
 # One function, so bash has read the whole script before it starts (editing it mid-run cannot derail it).
 main() {
     trap cleanup EXIT
@@ -204,6 +267,9 @@ main() {
     start_swarm
     wait_for_training
     check_containers
+    if [ "${ALBERT_TEST_COMPOSE:-0}" = 1 ]; then
+        compose_check
+    fi
     log "PASS in $((SECONDS - STARTED)) s"
 }
 

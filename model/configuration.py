@@ -139,7 +139,8 @@ class LeanAlbertConfig(PretrainedConfig):
             raise ValueError(f"classifier_pooling must be one of {_POOLINGS}, got {self.classifier_pooling!r}")
         if self.num_hidden_groups > self.num_hidden_layers:
             raise ValueError(
-                f"num_hidden_groups ({self.num_hidden_groups}) cannot exceed num_hidden_layers ({self.num_hidden_layers})"
+                f"num_hidden_groups ({self.num_hidden_groups}) cannot exceed "
+                f"num_hidden_layers ({self.num_hidden_layers})"
             )
         head_size, remainder = divmod(self.hidden_size, self.num_attention_heads)
         if remainder or head_size % 2:

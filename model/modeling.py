@@ -157,8 +157,9 @@ class LeanAlbertEncoder(nn.Module):
         super().__init__()
         self.num_layers = config.num_hidden_layers
         self.groups = nn.ModuleList(LeanAlbertLayer(config) for _ in range(config.num_hidden_groups))
-        self.rotary = LeanAlbertRotaryEmbedding(config.hidden_size // config.num_attention_heads,
-                                                config.rotary_embedding_base)
+        self.rotary = LeanAlbertRotaryEmbedding(
+            config.hidden_size // config.num_attention_heads, config.rotary_embedding_base
+        )
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -218,7 +219,7 @@ class LeanAlbertPreTrainedModel(PreTrainedModel):
 
 
 def _attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[batch, seq] of 1 (token) / 0 (padding) -> boolean [batch, 1, 1, seq] for SDPA, or None when nothing is masked."""
+    """[batch, seq] of 1 (token) / 0 (padding) -> boolean [batch, 1, 1, seq] for SDPA; None if nothing is masked."""
     if attention_mask is None or bool(attention_mask.all()):
         return None  # lets SDPA pick its fastest kernel
     keep = attention_mask.bool()

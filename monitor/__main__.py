@@ -1,4 +1,4 @@
-"""`albert-monitor` / `python -m monitor`: bootstrap a run, aggregate progress, serve the dashboard, keep checkpoints."""
+"""`albert-monitor` / `python -m monitor`: bootstrap a run, aggregate progress, serve a dashboard, keep checkpoints."""
 
 import logging
 import signal

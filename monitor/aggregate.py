@@ -7,8 +7,8 @@ snapshot (which carries the per-peer contribution ledger) and the current time.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Optional
 
 LAGGING_EPOCHS = 2  # a peer this many epochs behind the swarm is shown as recovering (it reloads state)
 
@@ -47,7 +47,7 @@ class PeerRow:
     peer_id: str
     epoch: int
     samples_per_second: float
-    loss: Optional[float]
+    loss: float | None
     device: str
     version: str
     last_seen: float
@@ -62,7 +62,7 @@ class SwarmSnapshot:
 
     time: float
     epoch: int
-    loss: Optional[float]
+    loss: float | None
     samples_per_second: float
     alive_peers: int
     samples_total: int
@@ -150,7 +150,7 @@ def aggregate(
     )
 
 
-def _new_samples(report: PeerReport, counted: Optional[tuple[int, int]]) -> Optional[int]:
+def _new_samples(report: PeerReport, counted: tuple[int, int] | None) -> int | None:
     """Samples of this report not yet counted, or None if the report is older than what was counted."""
     if counted is None or report.epoch > counted[0]:
         return report.samples_accumulated

@@ -16,8 +16,8 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from monitor.history import CheckpointEntry, History
 
@@ -63,7 +63,7 @@ def write_manifest(directory: Path, **fields) -> dict:
     return manifest
 
 
-def verify_directory(directory: Path) -> Optional[str]:
+def verify_directory(directory: Path) -> str | None:
     """None if every file listed in the manifest is present with its recorded size and sha256, else the problem."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -115,7 +115,7 @@ class CheckpointStore:
         self.root, self.history, self.keep, self.keep_every = Path(root), history, keep, keep_every
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
-        self._verified: dict[int, Optional[tuple]] = {}  # epoch -> signature that last verified, None if damaged
+        self._verified: dict[int, tuple | None] = {}  # epoch -> signature that last verified, None if damaged
         self.corrupted = 0  # checkpoints found damaged since start (exported as a metric)
 
     def write(self, epoch: int, fill: Callable[[Path], None], **manifest_fields) -> CheckpointEntry:
@@ -146,8 +146,13 @@ class CheckpointStore:
         archive = self.root / f"{directory.name}.tar"
         os.replace(tmp_archive, archive)
         entry = CheckpointEntry(
-            epoch=epoch, name=directory.name, archive_sha256=sha256, archive_size=archive.stat().st_size,
-            created_at=created_at, loss=fields.get("loss"), samples_total=int(fields.get("samples_total") or 0),
+            epoch=epoch,
+            name=directory.name,
+            archive_sha256=sha256,
+            archive_size=archive.stat().st_size,
+            created_at=created_at,
+            loss=fields.get("loss"),
+            samples_total=int(fields.get("samples_total") or 0),
         )
         self.history.add_checkpoint(entry)
         self._verified[epoch] = self._signature(entry)
@@ -168,7 +173,7 @@ class CheckpointStore:
             self._discard(epoch)
 
     def reconcile(self) -> None:
-        """On start: drop leftovers of interrupted writes, forget vanished checkpoints, index complete unindexed ones."""
+        """On start, drop leftovers of interrupted writes, forget vanished checkpoints, index complete new ones."""
         with self._write_lock:
             for leftover in self.root.glob(".tmp-*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
@@ -209,12 +214,14 @@ class CheckpointStore:
         self._verified[entry.epoch] = signature
         return True
 
-    def _find_problem(self, entry: CheckpointEntry) -> Optional[str]:
+    def _find_problem(self, entry: CheckpointEntry) -> str | None:
         problem = verify_directory(self.root / entry.name)
         archive = self.root / f"{entry.name}.tar"
         if problem is None and not archive.is_file():
             problem = f"{archive} is missing"
-        if problem is None and (archive.stat().st_size != entry.archive_size or sha256_of(archive) != entry.archive_sha256):
+        if problem is None and (
+            archive.stat().st_size != entry.archive_size or sha256_of(archive) != entry.archive_sha256
+        ):
             problem = f"{archive} does not match its recorded size and sha256"
         return problem
 
@@ -222,12 +229,14 @@ class CheckpointStore:
         """Verified checkpoints, newest first."""
         return [entry for entry in self.history.checkpoints() if self.is_valid(entry)]
 
-    def get(self, epoch: Optional[int] = None) -> tuple[CheckpointEntry, Path]:
+    def get(self, epoch: int | None = None) -> tuple[CheckpointEntry, Path]:
         """The verified checkpoint of `epoch` (newest if None) and its archive path, or CheckpointNotFound."""
         for entry in self.list():
             if epoch is None or entry.epoch == epoch:
                 return entry, self.root / f"{entry.name}.tar"
-        raise CheckpointNotFound(f"no verified checkpoint for epoch {epoch}" if epoch is not None else "no checkpoint yet")
+        raise CheckpointNotFound(
+            f"no verified checkpoint for epoch {epoch}" if epoch is not None else "no checkpoint yet"
+        )
 
     def directory(self, entry: CheckpointEntry) -> Path:
         return self.root / entry.name

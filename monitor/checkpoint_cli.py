@@ -1,7 +1,7 @@
-"""`albert-checkpoint`: get a checkpoint that `AutoModelForMaskedLM.from_pretrained(DIR, trust_remote_code=True)` loads.
+"""`albert-checkpoint`: fetch a checkpoint directory that transformers loads without this project installed.
 
-    albert-checkpoint download --from http://HOST:PORT [--epoch N] --out DIR   # from a monitor, sha256-verified
-    albert-checkpoint pull --initial-peers MADDR... --run-id RUN --out DIR     # straight from the swarm
+albert-checkpoint download --from http://HOST:PORT [--epoch N] --out DIR   # from a monitor, sha256-verified
+albert-checkpoint pull --initial-peers MADDR... --run-id RUN --out DIR     # straight from the swarm
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from monitor.checkpoint import MANIFEST, verify_directory, write_manifest
 
@@ -29,7 +29,7 @@ class CheckpointError(RuntimeError):
     """The checkpoint could not be fetched or failed verification."""
 
 
-def download(base_url: str, out: Path, epoch: Optional[int] = None, timeout: float = 60.0) -> dict:
+def download(base_url: str, out: Path, epoch: int | None = None, timeout: float = 60.0) -> dict:
     """Fetch a checkpoint archive from a monitor, check its sha256 (header and listing), unpack it, verify files."""
     url = f"{base_url.rstrip('/')}/checkpoints/{'latest' if epoch is None else epoch}"
     listing = {entry["epoch"]: entry for entry in _get_json(f"{base_url.rstrip('/')}/api/checkpoints", timeout)}
@@ -91,16 +91,17 @@ def pull(args: argparse.Namespace) -> dict:
     """Join the swarm as a client, download the averaged state with the peers' layout, write a checkpoint dir."""
     import hivemind  # noqa: F401  (heavy imports only for this subcommand)
 
-    from monitor.records import check_model_matches
+    from monitor.records import check_model_matches, monitor_validators
     from monitor.state import StateKeeper, build_run_model
     from peer.config import OptimConfig, SwarmConfig
     from peer.swarm import build_dht
 
-    swarm = SwarmConfig(run_id=args.run_id, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
-                        client_mode=True)
+    swarm = SwarmConfig(
+        run_id=args.run_id, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True
+    )
     optim = OptimConfig(optimizer=args.optimizer)
     run_model = build_run_model(args.model, args.tokenizer)
-    dht = build_dht(swarm, [])
+    dht = build_dht(swarm, monitor_validators(args.run_id))  # also strips the signatures of the records it reads
     keeper = None
     try:
         mismatch = check_model_matches(dht, args.run_id, run_model.fingerprint)
@@ -113,8 +114,13 @@ def pull(args: argparse.Namespace) -> dict:
             directory = Path(tmp) / "checkpoint"
             directory.mkdir()
             keeper.write(directory)
-            write_manifest(directory, epoch=keeper.epoch, run_id=args.run_id, source="swarm",
-                           model_fingerprint=run_model.fingerprint)
+            write_manifest(
+                directory,
+                epoch=keeper.epoch,
+                run_id=args.run_id,
+                source="swarm",
+                model_fingerprint=run_model.fingerprint,
+            )
             return _install(directory, args.out)
     finally:
         if keeper is not None:
@@ -122,7 +128,7 @@ def pull(args: argparse.Namespace) -> dict:
         dht.shutdown()
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="albert-checkpoint", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="Download a verified checkpoint from a monitor.")
@@ -136,19 +142,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     swarm.add_argument("--out", type=Path, required=True, help="New directory to write the checkpoint to.")
     swarm.add_argument("--model", default="tiny", help="The run's model preset or config.json path.")
     swarm.add_argument("--tokenizer", default=None, help="The run's tokenizer directory (default: bundled).")
-    swarm.add_argument("--optimizer", default="lamb", choices=["lamb", "lamb-8bit"],
-                       help="The run's optimizer (its state layout must match the peers').")
+    swarm.add_argument(
+        "--optimizer",
+        default="lamb",
+        choices=["lamb", "lamb-8bit"],
+        help="The run's optimizer (its state layout must match the peers').",
+    )
     swarm.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="Multiaddrs to listen on.")
     swarm.add_argument("--timeout", type=float, default=120.0, help="Seconds the state download may take.")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
         manifest = download(args.url, args.out, args.epoch, args.timeout) if args.command == "download" else pull(args)
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, ValueError, RuntimeError) as error:  # RuntimeError: also SwarmJoinError
         logger.error(str(error))
         return 1
     print(f"checkpoint of epoch {manifest['epoch']} written to {args.out} ({len(manifest['files'])} files verified)")

@@ -6,9 +6,9 @@ the same layout as the peers') are the peer's own dataclasses; `MonitorConfig` h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from peer.config import OptimConfig, SwarmConfig, parse_configs
 
@@ -37,32 +37,34 @@ class MonitorConfig:
     """
 
     model: str = field(default="tiny", metadata={"help": "The run's model preset or config.json path."})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "The run's tokenizer directory (default: bundled)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "The run's tokenizer directory (default: bundled)."})
     run_dir: str = field(default="albert-swarm-run/monitor", metadata={"help": "Directory of the monitor's files."})
     http_host: str = field(default="0.0.0.0", metadata={"help": "Address of the dashboard/API/metrics server."})
     http_port: int = field(default=8080, metadata={"help": "Port of the dashboard/API/metrics server (0: any free)."})
     refresh_period: float = field(default=5.0, metadata={"help": "Seconds between reads of the progress records."})
     stale_after: float = field(default=30.0, metadata={"help": "Seconds after which a silent peer is not alive."})
-    db: Optional[str] = field(default=None, metadata={"help": "SQLite history file (default: RUN_DIR/history.sqlite)."})
-    checkpoint_dir: Optional[str] = field(
+    db: str | None = field(default=None, metadata={"help": "SQLite history file (default: RUN_DIR/history.sqlite)."})
+    checkpoint_dir: str | None = field(
         default=None, metadata={"help": "Checkpoint directory (default: RUN_DIR/checkpoints)."}
     )
     checkpoint_every: int = field(
         default=50, metadata={"help": "Write a checkpoint every this many global epochs (0: only on request)."}
     )
     keep: int = field(default=3, metadata={"help": "Number of newest checkpoints to keep."})
-    keep_every: int = field(default=0, metadata={"help": "Also keep checkpoints of epochs divisible by this (0: off)."})
+    keep_every: int = field(
+        default=0, metadata={"help": "Also keep checkpoints of epochs divisible by this (0: off)."}
+    )
     fetch_state_every: int = field(
         default=10,
         metadata={"help": "Download the swarm's state every this many epochs, so the monitor can share a fresh one."},
     )
-    admin_token: Optional[str] = field(
+    admin_token: str | None = field(
         default=None, metadata={"help": "Token enabling POST /api/checkpoints (send 'Authorization: Bearer TOKEN')."}
     )
-    resume_from: Optional[str] = field(
+    resume_from: str | None = field(
         default=None, metadata={"help": "Checkpoint directory to start a fresh swarm from (peers join at its epoch)."}
     )
-    peers_file: Optional[str] = field(
+    peers_file: str | None = field(
         default=None, metadata={"help": "Write this monitor's multiaddrs here (default: RUN_DIR/initial_peers.txt)."}
     )
 
@@ -96,6 +98,6 @@ class MonitorConfig:
         return Path(swarm.identity_path) if swarm.identity_path else Path(self.run_dir) / "identity.key"
 
 
-def parse_monitor_args(args: Optional[Sequence[str]] = None) -> tuple[SwarmConfig, OptimConfig, MonitorConfig]:
+def parse_monitor_args(args: Sequence[str] | None = None) -> tuple[SwarmConfig, OptimConfig, MonitorConfig]:
     """Parse the monitor's three config groups from flags and ALBERT_* variables (exit 2 with a message if bad)."""
     return tuple(parse_configs(SwarmConfig, OptimConfig, MonitorConfig, args=args))

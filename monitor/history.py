@@ -10,7 +10,6 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from monitor.aggregate import EMPTY_SNAPSHOT, PeerRow, SwarmSnapshot
 
@@ -40,7 +39,7 @@ class CheckpointEntry:
     archive_sha256: str
     archive_size: int
     created_at: float
-    loss: Optional[float]
+    loss: float | None
     samples_total: int
 
 
@@ -72,16 +71,33 @@ class History:
             self._db.execute("BEGIN")
             self._db.execute(
                 "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (snapshot.time, snapshot.epoch, snapshot.loss, snapshot.samples_per_second, snapshot.alive_peers,
-                 snapshot.samples_total, snapshot.invalid_records),
+                (
+                    snapshot.time,
+                    snapshot.epoch,
+                    snapshot.loss,
+                    snapshot.samples_per_second,
+                    snapshot.alive_peers,
+                    snapshot.samples_total,
+                    snapshot.invalid_records,
+                ),
             )
             self._db.execute("DELETE FROM peers")
             for row in snapshot.peers:
                 counted_epoch, counted_samples = snapshot.counted.get(row.peer_id, (-1, 0))
                 self._db.execute(
                     "INSERT INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row.peer_id, row.epoch, row.samples_per_second, row.loss, row.device, row.version,
-                     row.last_seen, row.contribution, counted_epoch, counted_samples),
+                    (
+                        row.peer_id,
+                        row.epoch,
+                        row.samples_per_second,
+                        row.loss,
+                        row.device,
+                        row.version,
+                        row.last_seen,
+                        row.contribution,
+                        counted_epoch,
+                        counted_samples,
+                    ),
                 )
 
     def last_snapshot(self) -> SwarmSnapshot:
@@ -92,14 +108,29 @@ class History:
         if last is None:
             return EMPTY_SNAPSHOT
         rows = tuple(
-            PeerRow(peer_id=p["peer_id"], epoch=p["epoch"], samples_per_second=p["samples_per_second"],
-                    loss=p["loss"], device=p["device"], version=p["version"], last_seen=p["last_seen"],
-                    contribution=p["contribution"], alive=False, status="gone")
+            PeerRow(
+                peer_id=p["peer_id"],
+                epoch=p["epoch"],
+                samples_per_second=p["samples_per_second"],
+                loss=p["loss"],
+                device=p["device"],
+                version=p["version"],
+                last_seen=p["last_seen"],
+                contribution=p["contribution"],
+                alive=False,
+                status="gone",
+            )
             for p in peers
         )
         return SwarmSnapshot(
-            time=last["time"], epoch=last["epoch"], loss=last["loss"], samples_per_second=0.0, alive_peers=0,
-            samples_total=last["samples_total"], invalid_records=0, peers=rows,
+            time=last["time"],
+            epoch=last["epoch"],
+            loss=last["loss"],
+            samples_per_second=0.0,
+            alive_peers=0,
+            samples_total=last["samples_total"],
+            invalid_records=0,
+            peers=rows,
             counted={p["peer_id"]: (p["counted_epoch"], p["counted_samples"]) for p in peers},
         )
 
@@ -129,8 +160,15 @@ class History:
         with self._lock, self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (entry.epoch, entry.name, entry.archive_sha256, entry.archive_size, entry.created_at, entry.loss,
-                 entry.samples_total),
+                (
+                    entry.epoch,
+                    entry.name,
+                    entry.archive_sha256,
+                    entry.archive_size,
+                    entry.created_at,
+                    entry.loss,
+                    entry.samples_total,
+                ),
             )
 
     def remove_checkpoint(self, epoch: int) -> None:

@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from monitor.checkpoint import MANIFEST, verify_directory
 from peer.config import parse_configs
@@ -52,7 +51,7 @@ class LocalSwarmConfig:
     run_dir: str = field(default="albert-swarm-run", metadata={"help": "Directory of everything the run keeps."})
     peers: int = field(default=2, metadata={"help": "Number of trainer peers to start."})
     model: str = field(default="tiny", metadata={"help": "Model preset or config.json path."})
-    corpus: Optional[str] = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
+    corpus: str | None = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
     duration: float = field(default=0.0, metadata={"help": "Stop by itself after this many seconds (0: never)."})
     http_port: int = field(default=8080, metadata={"help": "Port of the dashboard (0: any free port)."})
     run_id: str = field(default="albert-swarm-local", metadata={"help": "Name of the run in the DHT."})
@@ -72,9 +71,22 @@ class LocalSwarmConfig:
 
     def optimizer_flags(self) -> list[str]:
         """Settings every process of the run must share; matchmaking is short because all peers are local."""
-        return ["--run_id", self.run_id, "--target_batch_size", str(self.target_batch_size),
-                "--learning_rate", str(self.learning_rate), "--warmup_epochs", str(self.warmup_epochs),
-                "--matchmaking_time", "2", "--averaging_timeout", "30", "--load_state_timeout", "60"]
+        return [
+            "--run_id",
+            self.run_id,
+            "--target_batch_size",
+            str(self.target_batch_size),
+            "--learning_rate",
+            str(self.learning_rate),
+            "--warmup_epochs",
+            str(self.warmup_epochs),
+            "--matchmaking_time",
+            "2",
+            "--averaging_timeout",
+            "30",
+            "--load_state_timeout",
+            "60",
+        ]
 
 
 class LocalSwarm:
@@ -85,7 +97,7 @@ class LocalSwarm:
         self.run_dir = Path(config.run_dir).resolve()
         self.logs = self.run_dir / "logs"
         self.admin_token = secrets.token_hex(16)  # lets this launcher ask the monitor for the final checkpoint
-        self.monitor: Optional[subprocess.Popen] = None
+        self.monitor: subprocess.Popen | None = None
         self.peers: list[subprocess.Popen] = []
         self.url = ""
 
@@ -93,17 +105,38 @@ class LocalSwarm:
         env = {**os.environ, "ALBERT_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
         log = open(self.logs / f"{name}.log", "ab")
         # a new session, so that Ctrl-C in the terminal reaches only this launcher, which then stops them in order
-        return subprocess.Popen([sys.executable, "-m", module, *flags], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *flags],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
     def start_monitor(self) -> list[str]:
         cfg = self.config
         monitor_dir = self.run_dir / "monitor"
         peers_file = monitor_dir / "initial_peers.txt"
         peers_file.unlink(missing_ok=True)
-        flags = [*cfg.optimizer_flags(), "--model", cfg.model, "--run_dir", str(monitor_dir),
-                 "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--http_host", "127.0.0.1", "--http_port", str(cfg.http_port),
-                 "--checkpoint_every", str(cfg.checkpoint_every), "--fetch_state_every", "5", "--refresh_period", "2"]
+        flags = [
+            *cfg.optimizer_flags(),
+            "--model",
+            cfg.model,
+            "--run_dir",
+            str(monitor_dir),
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http_host",
+            "127.0.0.1",
+            "--http_port",
+            str(cfg.http_port),
+            "--checkpoint_every",
+            str(cfg.checkpoint_every),
+            "--fetch_state_every",
+            "5",
+            "--refresh_period",
+            "2",
+        ]
         resume = latest_checkpoint(monitor_dir / "checkpoints")
         if resume is not None:
             print(f"Resuming from checkpoint {resume}")
@@ -118,7 +151,9 @@ class LocalSwarm:
         while not path.is_file():
             self._check_alive(self.monitor, "monitor")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the monitor wrote no {path} within {timeout:.0f} s; see {self.logs / 'monitor.log'}")
+                raise RuntimeError(
+                    f"the monitor wrote no {path} within {timeout:.0f} s; see {self.logs / 'monitor.log'}"
+                )
             time.sleep(0.2)
         return path.read_text().split()
 
@@ -137,31 +172,48 @@ class LocalSwarm:
         cfg = self.config
         for index in range(cfg.peers):
             peer_dir = self.run_dir / f"peer-{index}"
-            flags = [*cfg.optimizer_flags(), "--model", cfg.model, "--initial_peers", *initial_peers,
-                     "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", str(peer_dir / "identity.key"),
-                     "--backup_dir", str(peer_dir / "backups"), "--backup_every", "10",
-                     "--batch_size", str(cfg.batch_size), "--torch_threads", str(cfg.threads_per_peer),
-                     "--seed", str(index)]
+            flags = [
+                *cfg.optimizer_flags(),
+                "--model",
+                cfg.model,
+                "--initial_peers",
+                *initial_peers,
+                "--host_maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--identity_path",
+                str(peer_dir / "identity.key"),
+                "--backup_dir",
+                str(peer_dir / "backups"),
+                "--backup_every",
+                "10",
+                "--batch_size",
+                str(cfg.batch_size),
+                "--torch_threads",
+                str(cfg.threads_per_peer),
+                "--seed",
+                str(index),
+            ]
             if cfg.corpus:
                 flags += ["--corpus", cfg.corpus]
             peer_dir.mkdir(parents=True, exist_ok=True)
             self.peers.append(self._spawn(f"peer-{index}", "peer", flags))
 
-    def _check_alive(self, process: Optional[subprocess.Popen], name: str) -> None:
+    def _check_alive(self, process: subprocess.Popen | None, name: str) -> None:
         if process is not None and process.poll() is not None:
             tail = "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:])
             raise RuntimeError(f"{name} exited with code {process.returncode}; last lines of its log:\n{tail}")
 
-    def status(self) -> Optional[dict]:
+    def status(self) -> dict | None:
         try:
             with urllib.request.urlopen(self.url + "api/status", timeout=5) as response:
                 return json.load(response)
         except (OSError, ValueError):
             return None
 
-    def final_checkpoint(self, timeout: float = 180.0) -> Optional[dict]:
-        request = urllib.request.Request(self.url + "api/checkpoints", method="POST",
-                                         headers={"Authorization": f"Bearer {self.admin_token}"})
+    def final_checkpoint(self, timeout: float = 180.0) -> dict | None:
+        request = urllib.request.Request(
+            self.url + "api/checkpoints", method="POST", headers={"Authorization": f"Bearer {self.admin_token}"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.load(response)
@@ -206,7 +258,7 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
+def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint directory under `root` whose files all match its manifest."""
     if not root.is_dir():
         return None
@@ -216,14 +268,16 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return None
 
 
-def status_line(status: Optional[dict], started: float) -> str:
+def status_line(status: dict | None, started: float) -> str:
     elapsed = time.monotonic() - started
     if not status:
         return f"[{elapsed:6.0f}s] waiting for the monitor..."
     loss = status.get("loss")
     loss_text = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
-    return (f"[{elapsed:6.0f}s] epoch {status.get('epoch', 0)} | loss {loss_text} | "
-            f"{status.get('samples_per_second', 0) or 0:.1f} samples/s | {status.get('alive_peers', 0)} peers")
+    return (
+        f"[{elapsed:6.0f}s] epoch {status.get('epoch', 0)} | loss {loss_text} | "
+        f"{status.get('samples_per_second', 0) or 0:.1f} samples/s | {status.get('alive_peers', 0)} peers"
+    )
 
 
 def watch(swarm: LocalSwarm, duration: float, stop_requested) -> None:
@@ -245,7 +299,7 @@ def watch(swarm: LocalSwarm, duration: float, stop_requested) -> None:
     print()
 
 
-def main(args: Optional[list[str]] = None) -> int:
+def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (config,) = parse_configs(LocalSwarmConfig, args=args)
     swarm = LocalSwarm(config)
@@ -259,9 +313,11 @@ def main(args: Optional[list[str]] = None) -> int:
         initial_peers = swarm.start_monitor()
         swarm.start_peers(initial_peers)
         print(f"Dashboard: {swarm.url}")
-        print(f"A peer on another machine joins with (after replacing 127.0.0.1 by this machine's address and "
-              f"starting the monitor with --host-maddrs /ip4/0.0.0.0/tcp/PORT):\n"
-              f"  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)}")
+        print(
+            f"A peer on another machine joins with (after replacing 127.0.0.1 by this machine's address and "
+            f"starting the monitor with --host-maddrs /ip4/0.0.0.0/tcp/PORT):\n"
+            f"  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)}"
+        )
         print(f"{config.peers} peers training the '{config.model}' preset; Ctrl-C stops the run.")
         watch(swarm, config.duration, lambda: bool(stopping))
     except RuntimeError as error:

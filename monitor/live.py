@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from monitor.aggregate import EMPTY_SNAPSHOT, SwarmSnapshot
 

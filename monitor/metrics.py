@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,19 +30,28 @@ class SwarmCollector(Collector):
         yield _gauge("albert_swarm_epoch", "Global epoch of the swarm (optimizer steps made together).", snap.epoch)
         loss = snap.loss if snap.loss is not None else math.nan
         yield _gauge("albert_swarm_loss", "Swarm MLM loss: sum of peers' losses over sum of their mini-steps.", loss)
-        yield _gauge("albert_swarm_samples_per_second", "Samples per second of all alive peers together.",
-                     snap.samples_per_second)
+        yield _gauge(
+            "albert_swarm_samples_per_second",
+            "Samples per second of all alive peers together.",
+            snap.samples_per_second,
+        )
         yield _gauge("albert_swarm_alive_peers", "Peers whose progress record is fresh.", snap.alive_peers)
         yield _counter("albert_swarm_samples", "Samples processed by the swarm over the run.", snap.samples_total)
-        yield _counter("albert_monitor_invalid_records", "Progress records that failed validation.",
-                       live.invalid_records_total)
-        yield _counter("albert_monitor_refused_records", "Valid records from peers whose model does not match.",
-                       live.refused_records_total)
+        yield _counter(
+            "albert_monitor_invalid_records", "Progress records that failed validation.", live.invalid_records_total
+        )
+        yield _counter(
+            "albert_monitor_refused_records",
+            "Valid records from peers whose model does not match.",
+            live.refused_records_total,
+        )
         yield _counter("albert_monitor_refresh_errors", "Refreshes that failed to read the DHT.", live.refresh_errors)
-        yield _gauge("albert_monitor_state_epoch", "Epoch of the training state the monitor holds (-1: none).",
-                     live.state_epoch)
-        yield _gauge("albert_monitor_last_refresh_timestamp_seconds", "Unix time of the last refresh.",
-                     live.last_refresh)
+        yield _gauge(
+            "albert_monitor_state_epoch", "Epoch of the training state the monitor holds (-1: none).", live.state_epoch
+        )
+        yield _gauge(
+            "albert_monitor_last_refresh_timestamp_seconds", "Unix time of the last refresh.", live.last_refresh
+        )
         yield from self._checkpoint_metrics()
         yield from self._peer_metrics()
 
@@ -51,15 +60,20 @@ class SwarmCollector(Collector):
         newest = entries[0] if entries else None
         age = time.time() - newest.created_at if newest else math.nan
         yield _gauge("albert_swarm_checkpoint_age_seconds", "Age of the newest verified checkpoint.", age)
-        yield _gauge("albert_swarm_checkpoint_epoch", "Epoch of the newest verified checkpoint (-1: none).",
-                     newest.epoch if newest else -1)
+        yield _gauge(
+            "albert_swarm_checkpoint_epoch",
+            "Epoch of the newest verified checkpoint (-1: none).",
+            newest.epoch if newest else -1,
+        )
         yield _gauge("albert_swarm_checkpoints", "Verified checkpoints available for download.", len(entries))
-        yield _counter("albert_monitor_corrupted_checkpoints", "Checkpoints found damaged and withheld.",
-                       self.store.corrupted)
+        yield _counter(
+            "albert_monitor_corrupted_checkpoints", "Checkpoints found damaged and withheld.", self.store.corrupted
+        )
 
     def _peer_metrics(self) -> Iterator[Metric]:
-        speed = GaugeMetricFamily("albert_peer_samples_per_second", "Samples per second of one alive peer.",
-                                  labels=["peer_id", "device"])
+        speed = GaugeMetricFamily(
+            "albert_peer_samples_per_second", "Samples per second of one alive peer.", labels=["peer_id", "device"]
+        )
         epoch = GaugeMetricFamily("albert_peer_epoch", "Local epoch of one alive peer.", labels=["peer_id"])
         for row in self.live.snapshot.peers:
             if row.alive:

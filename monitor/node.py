@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 
 from hivemind.utils import get_dht_time
 
@@ -28,6 +29,7 @@ from peer.swarm import build_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
 RUN_RECORD_EXPIRATION = 60.0  # seconds; refreshed every refresh period, so a dead monitor's record soon vanishes
+FETCH_BACKOFF = 15.0  # seconds between scheduled downloads after one found nothing newer (e.g. peers just died)
 
 
 class Monitor:
@@ -45,6 +47,7 @@ class Monitor:
         self._requests: queue.Queue[Future] = queue.Queue()
         self.dht = self.keeper = self.server = None
         self._refused_logged: set[str] = set()
+        self._next_fetch = 0.0  # monotonic time before which scheduled downloads are skipped
 
     def start(self) -> None:
         """Load or build the model, join the DHT, announce the multiaddrs, open history and checkpoints, serve HTTP."""
@@ -62,11 +65,29 @@ class Monitor:
         self.history = History(cfg.db_path())
         self.store = CheckpointStore(cfg.checkpoint_path(), self.history, keep=cfg.keep, keep_every=cfg.keep_every)
         self.store.reconcile()
-        model_info = {"name": cfg.model, "tokenizer": self.run_model.tokenizer_name, "hash": self.run_model.fingerprint}
-        self.live = LiveState(run_id=self.swarm.run_id, initial_peers=self.initial_peers, model=model_info,
-                              snapshot=self.history.last_snapshot(), state_epoch=self.keeper.epoch)
-        app = create_app(self.live, self.history, self.store, make_registry(self.live, self.store),
-                         admin_token=cfg.admin_token, request_checkpoint=self.request_checkpoint)
+        model_info = {
+            "name": cfg.model,
+            "tokenizer": self.run_model.tokenizer_name,
+            "hash": self.run_model.fingerprint,
+        }
+        snapshot = self.history.last_snapshot()
+        if self.keeper.epoch > snapshot.epoch:  # resumed: the run is at the checkpoint's epoch before any peer joins
+            snapshot = replace(snapshot, epoch=self.keeper.epoch)
+        self.live = LiveState(
+            run_id=self.swarm.run_id,
+            initial_peers=self.initial_peers,
+            model=model_info,
+            snapshot=snapshot,
+            state_epoch=self.keeper.epoch,
+        )
+        app = create_app(
+            self.live,
+            self.history,
+            self.store,
+            make_registry(self.live, self.store),
+            admin_token=cfg.admin_token,
+            request_checkpoint=self.request_checkpoint,
+        )
         self.server = ServerThread(app, cfg.http_host, cfg.http_port)
         self.server.start()
         self.dashboard_url = f"http://{cfg.http_host}:{self.server.port}/"
@@ -111,16 +132,26 @@ class Monitor:
         for label in read.refused.keys() - self._refused_logged:
             logger.warning(f"Refusing the records of peer {label}: {read.refused[label]}")
         self._refused_logged |= read.refused.keys()
-        snapshot = aggregate(read.reports, now=get_dht_time(), previous=self.live.snapshot, invalid_records=read.invalid,
-                             stale_after=self.config.stale_after)
+        snapshot = aggregate(
+            read.reports,
+            now=get_dht_time(),
+            previous=self.live.snapshot,
+            invalid_records=read.invalid,
+            stale_after=self.config.stale_after,
+        )
         self.history.record(snapshot)
         self.live.update(snapshot, read.invalid, read.refused)
         self._keep_state(snapshot)
 
     def _publish_run_record(self) -> None:
-        record = RunRecord(model_hash=self.run_model.fingerprint, model=self.config.model,
-                           tokenizer=self.run_model.tokenizer_name, state_epoch=self.keeper.epoch,
-                           dashboard=self.dashboard_url[:256], time=get_dht_time())
+        record = RunRecord(
+            model_hash=self.run_model.fingerprint,
+            model=self.config.model,
+            tokenizer=self.run_model.tokenizer_name,
+            state_epoch=self.keeper.epoch,
+            dashboard=self.dashboard_url[:256],
+            time=get_dht_time(),
+        )
         publish_run_record(self.dht, self.swarm.run_id, record, RUN_RECORD_EXPIRATION)
 
     def _keep_state(self, snapshot: SwarmSnapshot) -> None:
@@ -130,10 +161,13 @@ class Monitor:
         stale = held < 0 or (cfg.fetch_state_every and swarm_epoch - held >= cfg.fetch_state_every)
         newest = self.store.list()
         last_checkpoint = newest[0].epoch if newest else 0
-        checkpoint_due = cfg.checkpoint_every and swarm_epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every
+        checkpoint_due = (
+            cfg.checkpoint_every and swarm_epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every
+        )
         # only trainers hold a newer state than the monitor's: with none alive, there is nothing to download
         if snapshot.alive_peers and swarm_epoch > max(held, 0) and (stale or checkpoint_due):
-            self._fetch()
+            if time.monotonic() >= self._next_fetch and not self._fetch():
+                self._next_fetch = time.monotonic() + FETCH_BACKOFF
         if checkpoint_due and self.keeper.epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
             self.checkpoint()
 
@@ -151,9 +185,14 @@ class Monitor:
         if not self.keeper.has_state:
             raise RuntimeError("the monitor holds no training state yet (no peer has shared one)")
         snapshot = self.live.snapshot
-        return self.store.write(self.keeper.epoch, self.keeper.write, run_id=self.swarm.run_id,
-                                loss=snapshot.loss, samples_total=snapshot.samples_total,
-                                model_fingerprint=self.run_model.fingerprint)
+        return self.store.write(
+            self.keeper.epoch,
+            self.keeper.write,
+            run_id=self.swarm.run_id,
+            loss=snapshot.loss,
+            samples_total=snapshot.samples_total,
+            model_fingerprint=self.run_model.fingerprint,
+        )
 
     def request_checkpoint(self, timeout: float = 600.0) -> CheckpointEntry:
         """From another thread (HTTP): fetch the newest state and checkpoint it in the main loop; wait for it."""

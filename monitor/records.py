@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -36,7 +35,7 @@ class RunRecord(pydantic.BaseModel):
 
 
 class RunSchema(pydantic.BaseModel):
-    run: Dict[BytesWithPublicKey, RunRecord]
+    run: dict[BytesWithPublicKey, RunRecord]
 
 
 def run_key(run_id: str) -> str:
@@ -50,8 +49,9 @@ def monitor_validators(run_id: str) -> list[RecordValidatorBase]:
 
 def publish_run_record(dht: DHT, run_id: str, record: RunRecord, expiration: float) -> bool:
     """Store this monitor's run record, signed with its key, so no one else can overwrite it."""
-    stored = dht.store(run_key(run_id), subkey=local_public_key(), value=record.dict(),
-                       expiration_time=get_dht_time() + expiration)
+    stored = dht.store(
+        run_key(run_id), subkey=local_public_key(), value=record.dict(), expiration_time=get_dht_time() + expiration
+    )
     return bool(stored)
 
 
@@ -69,17 +69,19 @@ def fetch_run_records(dht: DHT, run_id: str) -> list[RunRecord]:
     return records
 
 
-def check_model_matches(dht: DHT, run_id: str, model_hash: str) -> Optional[str]:
+def check_model_matches(dht: DHT, run_id: str, model_hash: str) -> str | None:
     """For peers and `albert-checkpoint pull`: None if the run accepts this model (or announces none), else why not."""
     records = fetch_run_records(dht, run_id)
     if not records or any(record.model_hash == model_hash for record in records):
         return None
     run = records[0]
-    return (f"this model (fingerprint {model_hash}) does not match run {run_id!r}, which trains model {run.model!r} "
-            f"with tokenizer {run.tokenizer!r} (fingerprint {run.model_hash}): use the same --model and --tokenizer")
+    return (
+        f"this model (fingerprint {model_hash}) does not match run {run_id!r}, which trains model {run.model!r} "
+        f"with tokenizer {run.tokenizer!r} (fingerprint {run.model_hash}): use the same --model and --tokenizer"
+    )
 
 
-def peer_label(owner: bytes, progress: Optional[PeerProgress] = None) -> str:
+def peer_label(owner: bytes, progress: PeerProgress | None = None) -> str:
     """A short stable name for a record's owner (its signing key), or the peer id if the record carries one."""
     peer_id = getattr(progress, "peer_id", None)
     return str(peer_id) if peer_id else "key-" + hashlib.sha256(owner).hexdigest()[:12]
@@ -108,12 +110,22 @@ def read_progress(dht: DHT, run_id: str, model_hash: str) -> ProgressRead:
             continue
         label = peer_label(owner, progress)
         if progress.model_hash != model_hash:
-            result.refused[label] = (f"model fingerprint {progress.model_hash} differs from the run's {model_hash}"
-                                     " (wrong --model or --tokenizer)")
+            result.refused[label] = (
+                f"model fingerprint {progress.model_hash} differs from the run's {model_hash}"
+                " (wrong --model or --tokenizer)"
+            )
             continue
-        result.reports.append(PeerReport(
-            peer_id=label, epoch=progress.epoch, samples_per_second=progress.samples_per_second,
-            samples_accumulated=progress.samples_accumulated, loss_sum=progress.loss_sum,
-            mini_steps=progress.mini_steps, time=progress.time, device=progress.device, version=progress.version,
-        ))
+        result.reports.append(
+            PeerReport(
+                peer_id=label,
+                epoch=progress.epoch,
+                samples_per_second=progress.samples_per_second,
+                samples_accumulated=progress.samples_accumulated,
+                loss_sum=progress.loss_sum,
+                mini_steps=progress.mini_steps,
+                time=progress.time,
+                device=progress.device,
+                version=progress.version,
+            )
+        )
     return result

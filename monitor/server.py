@@ -10,9 +10,9 @@ from __future__ import annotations
 import hmac
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
 
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Query, Request
@@ -33,8 +33,8 @@ def create_app(
     history: History,
     store: CheckpointStore,
     registry: CollectorRegistry,
-    admin_token: Optional[str] = None,
-    request_checkpoint: Optional[CheckpointRequest] = None,
+    admin_token: str | None = None,
+    request_checkpoint: CheckpointRequest | None = None,
 ) -> FastAPI:
     """Build the app; `request_checkpoint` (blocking, returns the new entry) backs POST /api/checkpoints."""
     app = FastAPI(title="albert-swarm monitor", version="1", docs_url="/docs", redoc_url=None)
@@ -46,8 +46,12 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "run_id": live.run_id, "uptime_seconds": time.time() - live.started_at,
-                "last_refresh": live.last_refresh}
+        return {
+            "status": "ok",
+            "run_id": live.run_id,
+            "uptime_seconds": time.time() - live.started_at,
+            "last_refresh": live.last_refresh,
+        }
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
@@ -58,13 +62,22 @@ def create_app(
         snap = live.snapshot
         entries = store.list()
         return {
-            "run_id": live.run_id, "epoch": snap.epoch, "alive_peers": snap.alive_peers, "loss": snap.loss,
-            "samples_per_second": snap.samples_per_second, "samples_total": snap.samples_total,
-            "time": snap.time, "last_refresh": live.last_refresh, "state_epoch": live.state_epoch,
+            "run_id": live.run_id,
+            "epoch": snap.epoch,
+            "alive_peers": snap.alive_peers,
+            "loss": snap.loss,
+            "samples_per_second": snap.samples_per_second,
+            "samples_total": snap.samples_total,
+            "time": snap.time,
+            "last_refresh": live.last_refresh,
+            "state_epoch": live.state_epoch,
             "invalid_records_total": live.invalid_records_total,
-            "refused_records_total": live.refused_records_total, "refused_peers": live.refused_peers,
-            "initial_peers": list(live.initial_peers), "initial_peers_string": live.initial_peers_string,
-            "model": live.model, "latest_checkpoint": entries[0].epoch if entries else None,
+            "refused_records_total": live.refused_records_total,
+            "refused_peers": live.refused_peers,
+            "initial_peers": list(live.initial_peers),
+            "initial_peers_string": live.initial_peers_string,
+            "model": live.model,
+            "latest_checkpoint": entries[0].epoch if entries else None,
             "admin_enabled": bool(admin_token and request_checkpoint),
         }
 
@@ -81,7 +94,7 @@ def create_app(
         return [_describe(entry, request) for entry in store.list()]
 
     @app.post("/api/checkpoints", status_code=201)
-    def make_checkpoint(request: Request, authorization: Optional[str] = Header(None)) -> dict:
+    def make_checkpoint(request: Request, authorization: str | None = Header(None)) -> dict:
         if not admin_token or request_checkpoint is None:
             raise HTTPException(403, "checkpoints on demand are disabled: start the monitor with --admin-token")
         offered = (authorization or "").removeprefix("Bearer ").strip()
@@ -89,7 +102,7 @@ def create_app(
             raise HTTPException(401, "missing or wrong admin token (send 'Authorization: Bearer TOKEN')")
         try:
             entry = request_checkpoint()
-        except RuntimeError as error:
+        except (RuntimeError, TimeoutError) as error:
             raise HTTPException(503, f"could not make a checkpoint: {error}") from error
         return _describe(entry, request)
 
@@ -109,12 +122,18 @@ def create_app(
 
 
 def _describe(entry: CheckpointEntry, request: Request) -> dict:
-    return {"epoch": entry.epoch, "sha256": entry.archive_sha256, "size": entry.archive_size,
-            "created_at": entry.created_at, "loss": entry.loss, "samples_total": entry.samples_total,
-            "url": str(request.url_for("checkpoint", epoch=entry.epoch))}
+    return {
+        "epoch": entry.epoch,
+        "sha256": entry.archive_sha256,
+        "size": entry.archive_size,
+        "created_at": entry.created_at,
+        "loss": entry.loss,
+        "samples_total": entry.samples_total,
+        "url": str(request.url_for("checkpoint", epoch=entry.epoch)),
+    }
 
 
-def _download(store: CheckpointStore, epoch: Optional[int]) -> FileResponse:
+def _download(store: CheckpointStore, epoch: int | None) -> FileResponse:
     entry, archive = store.get(epoch)
     headers = {"X-Checkpoint-SHA256": entry.archive_sha256, "X-Checkpoint-Epoch": str(entry.epoch)}
     return FileResponse(archive, media_type="application/x-tar", filename=archive.name, headers=headers)
@@ -139,7 +158,9 @@ class ServerThread:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"HTTP server failed to start on {self.server.config.host}:{self.server.config.port}")
+                raise RuntimeError(
+                    f"HTTP server failed to start on {self.server.config.host}:{self.server.config.port}"
+                )
             time.sleep(0.05)
 
     @property

@@ -11,7 +11,6 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import hivemind
 import torch
@@ -43,8 +42,8 @@ class RunModel:
     tokenizer_name: str
 
 
-def build_run_model(model: str, tokenizer: Optional[str], weights_from: Optional[str] = None) -> RunModel:
-    """Build the model like a peer does (config from the preset, sizes from the tokenizer), or load checkpoint weights."""
+def build_run_model(model: str, tokenizer: str | None, weights_from: str | None = None) -> RunModel:
+    """Build the model as a peer does (preset config, sizes from the tokenizer), or load a checkpoint's weights."""
     loaded_tokenizer = load_tokenizer(tokenizer)
     config = load_config(model, **model_overrides_from_tokenizer(loaded_tokenizer))
     if weights_from is None:
@@ -53,8 +52,10 @@ def build_run_model(model: str, tokenizer: Optional[str], weights_from: Optional
     else:
         network = LeanAlbertForMaskedLM.from_pretrained(weights_from)
         if model_fingerprint(network.config, loaded_tokenizer) != model_fingerprint(config, loaded_tokenizer):
-            raise ModelMismatch(f"checkpoint {weights_from} holds another model than --model {model!r} "
-                                f"with --tokenizer {tokenizer or 'bundled'}")
+            raise ModelMismatch(
+                f"checkpoint {weights_from} holds another model than --model {model!r} "
+                f"with --tokenizer {tokenizer or 'bundled'}"
+            )
     network.eval()
     fingerprint = model_fingerprint(network.config, loaded_tokenizer)  # as a peer computes it, from model.config
     return RunModel(network, loaded_tokenizer, fingerprint, model, tokenizer or "bundled")
@@ -75,8 +76,9 @@ class StateKeeper:
         client_mode: True for a keeper that only downloads (albert-checkpoint pull).
     """
 
-    def __init__(self, dht: hivemind.DHT, swarm: SwarmConfig, optim: OptimConfig, run_model: RunModel,
-                 client_mode: bool = False):
+    def __init__(
+        self, dht: hivemind.DHT, swarm: SwarmConfig, optim: OptimConfig, run_model: RunModel, client_mode: bool = False
+    ):
         self.optim, self.run_model = optim, run_model
         self.averager = TrainingStateAverager(
             dht=dht,
@@ -90,7 +92,7 @@ class StateKeeper:
             allow_state_sharing=False,  # enabled once the keeper holds a real state, never a random initialisation
             start=True,
         )
-        self.has_state = False
+        self.has_state, self.client_mode = False, client_mode
 
     @property
     def epoch(self) -> int:
@@ -116,8 +118,9 @@ class StateKeeper:
 
     def _now_holds_state(self) -> None:
         self.has_state = True
-        self.averager.allow_state_sharing = True
-        self.averager.state_sharing_priority = self.averager.local_epoch - 0.5
+        if not self.client_mode:  # a client cannot accept connections, so it cannot share
+            self.averager.allow_state_sharing = True
+            self.averager.state_sharing_priority = self.averager.local_epoch - 0.5
 
     def resume(self, directory: str | Path) -> int:
         """Take model weights (already loaded into run_model), optimizer and scheduler state from a checkpoint."""

@@ -135,6 +135,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torc
     return get_linear_schedule_with_warmup(optimizer, optim.warmup_epochs, optim.total_epochs)
 
 
+def averaged_statistics(optim: OptimConfig) -> tuple[str, ...]:
+    """Optimizer statistics averaged along with the parameters.
+
+    LAMB's moments must be averaged too: a peer that once stepped with its local gradients (no partner that epoch)
+    would otherwise keep different moments, and so make different updates, forever. 8-bit states cannot be averaged.
+    """
+    return ("exp_avg", "exp_avg_sq") if optim.optimizer == "lamb" else ()
+
+
 def build_optimizer(
     dht: hivemind.DHT, model: torch.nn.Module, swarm: SwarmConfig, optim: OptimConfig, samples_per_step: int
 ) -> hivemind.Optimizer:
@@ -158,6 +167,7 @@ def build_optimizer(
         delay_optimizer_step=optim.delay_optimizer_step,
         delay_grad_averaging=optim.delay_grad_averaging,
         average_state_every=optim.average_state_every,
+        average_opt_statistics=averaged_statistics(optim),
         client_mode=dht.client_mode,
         grad_compression=COMPRESSION_FACTORIES[optim.grad_compression](),
         state_averaging_compression=COMPRESSION_FACTORIES[optim.state_compression](),

@@ -16,9 +16,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from data import MLMDataset, WholeWordMaskCollator, load_tokenizer, model_overrides_from_tokenizer  # noqa: E402
+from data import MLMDataset, WholeWordMaskCollator, load_tokenizer, model_overrides_from_tokenizer
 
 RUSLIT = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "ruslit"
 
@@ -43,8 +43,13 @@ def model_rate(tokenizer, preset: str, seconds: float, batch_size: int, max_leng
 
     model = LeanAlbertForMaskedLM(load_config(preset, **model_overrides_from_tokenizer(tokenizer)))
     batch = WholeWordMaskCollator(tokenizer)(
-        next(iter(torch.utils.data.DataLoader(MLMDataset(None, tokenizer, max_length=max_length), batch_size=batch_size,
-                                              collate_fn=list)))
+        next(
+            iter(
+                torch.utils.data.DataLoader(
+                    MLMDataset(None, tokenizer, max_length=max_length), batch_size=batch_size, collate_fn=list
+                )
+            )
+        )
     )
     model(**batch).loss.backward()  # warm-up: allocations, first-call overheads
     steps, begin = 0, time.perf_counter()
@@ -58,7 +63,9 @@ def model_rate(tokenizer, preset: str, seconds: float, batch_size: int, max_leng
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure")
-    parser.add_argument("--corpus", default=None, help="extra corpus to measure (default: ../shared ruslit if present)")
+    parser.add_argument(
+        "--corpus", default=None, help="extra corpus to measure (default: ../shared ruslit if present)"
+    )
     parser.add_argument("--preset", default="base", help="model preset whose consumption rate is the reference")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
@@ -74,9 +81,11 @@ def main() -> None:
     print(f"model '{args.preset}' forward+backward, 1 core: {consumed:,.0f} tokens/s (batch 8 x {args.max_length})")
     for name, corpus in corpora.items():
         result = pipeline_rate(corpus, tokenizer, args.seconds, args.batch_size, args.max_length)
-        print(f"pipeline on {name}, 1 core: {result['tokens_per_s']:,.0f} tokens/s "
-              f"= {result['tokens_per_s'] / consumed:,.0f}x the model (target >= 20x); "
-              f"first batch after {result['first_batch_s']:.1f} s")
+        print(
+            f"pipeline on {name}, 1 core: {result['tokens_per_s']:,.0f} tokens/s "
+            f"= {result['tokens_per_s'] / consumed:,.0f}x the model (target >= 20x); "
+            f"first batch after {result['first_batch_s']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

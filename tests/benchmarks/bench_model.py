@@ -41,19 +41,29 @@ def parse_args() -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """The reference and LeanAlbert at (a) equal intermediate size and (b) equal feed-forward parameters."""
-    shape = dict(vocab_size=args.vocab, embedding_size=args.embedding, hidden_size=args.hidden,
-                 num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=args.seq)
+    shape = dict(
+        vocab_size=args.vocab,
+        embedding_size=args.embedding,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=args.seq,
+    )
     equal_params = round(args.intermediate * 2 / 3)  # GEGLU's H -> 2I input projection holds 1.5x the weights
     builders = {
         "albert": lambda: AlbertForMaskedLM(AlbertConfig(intermediate_size=args.intermediate, **shape)),
-        "lean (a) equal I": lambda: LeanAlbertForMaskedLM(load_config("tiny", intermediate_size=args.intermediate,
-                                                                      **shape)),
-        "lean (b) equal FF params": lambda: LeanAlbertForMaskedLM(load_config("tiny", intermediate_size=equal_params,
-                                                                              **shape)),
-        "lean (a) sparse_prediction": lambda: LeanAlbertForMaskedLM(load_config(
-            "tiny", intermediate_size=args.intermediate, sparse_prediction=True, **shape)),
-        "lean (b) sparse_prediction": lambda: LeanAlbertForMaskedLM(load_config(
-            "tiny", intermediate_size=equal_params, sparse_prediction=True, **shape)),
+        "lean (a) equal I": lambda: LeanAlbertForMaskedLM(
+            load_config("tiny", intermediate_size=args.intermediate, **shape)
+        ),
+        "lean (b) equal FF params": lambda: LeanAlbertForMaskedLM(
+            load_config("tiny", intermediate_size=equal_params, **shape)
+        ),
+        "lean (a) sparse_prediction": lambda: LeanAlbertForMaskedLM(
+            load_config("tiny", intermediate_size=args.intermediate, sparse_prediction=True, **shape)
+        ),
+        "lean (b) sparse_prediction": lambda: LeanAlbertForMaskedLM(
+            load_config("tiny", intermediate_size=equal_params, sparse_prediction=True, **shape)
+        ),
     }
     if args.memory_of:
         return {args.memory_of: builders[args.memory_of]()}
@@ -148,20 +158,26 @@ def main() -> None:
         for name, model in models.items():
             times[name].append(elapsed(model, ids, labels, args.device))
     tokens = args.batch * args.seq
-    print(f"device {args.device}, threads {args.threads}, H {args.hidden}, layers {args.layers}, heads {args.heads}, "
-          f"I {args.intermediate}, E {args.embedding}, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, "
-          f"{args.rounds} alternating rounds, median step time ({'CPU time' if args.device == 'cpu' else 'wall'})")
-    print(f"{'model':28s} {'params':>8s} {'ms/step':>9s} {'tokens/s':>9s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} "
-          f"{'x tok/s':>8s} {'x FLOP/s':>8s} {'peak MiB':>9s}" + ("  MFU" if args.peak_tflops else ""))
+    print(
+        f"device {args.device}, threads {args.threads}, H {args.hidden}, layers {args.layers}, heads {args.heads}, "
+        f"I {args.intermediate}, E {args.embedding}, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, "
+        f"{args.rounds} alternating rounds, median step time ({'CPU time' if args.device == 'cpu' else 'wall'})"
+    )
+    print(
+        f"{'model':28s} {'params':>8s} {'ms/step':>9s} {'tokens/s':>9s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} "
+        f"{'x tok/s':>8s} {'x FLOP/s':>8s} {'peak MiB':>9s}" + ("  MFU" if args.peak_tflops else "")
+    )
     reference = statistics.median(times["albert"])
     for name, model in models.items():
         step = statistics.median(times[name])
         achieved = flops[name] / step
         ratio_flops = achieved / (flops["albert"] / reference)
         mfu = f"  {achieved / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else ""
-        print(f"{name:28s} {model.num_parameters() / 1e6:7.1f}M {step * 1e3:9.0f} {tokens / step:9.0f} "
-              f"{flops[name] / 1e9:11.1f} {achieved / 1e9:8.1f} {reference / step:8.2f} {ratio_flops:8.2f} "
-              f"{peak_memory_mib(name, model, args):9.0f}{mfu}")
+        print(
+            f"{name:28s} {model.num_parameters() / 1e6:7.1f}M {step * 1e3:9.0f} {tokens / step:9.0f} "
+            f"{flops[name] / 1e9:11.1f} {achieved / 1e9:8.1f} {reference / step:8.2f} {ratio_flops:8.2f} "
+            f"{peak_memory_mib(name, model, args):9.0f}{mfu}"
+        )
     print("(a) compares achieved FLOP/s at equal intermediate size (GEGLU does 1.5x the feed-forward work);")
     print("(b) compares tokens/s at equal feed-forward parameters. sparse_prediction decodes only labelled positions.")
     print_presets()

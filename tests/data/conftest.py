@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from data import load_tokenizer  # noqa: E402
+from data import load_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data import BUNDLED_CORPUS, MLMDataset, load_tokenizer
-from data.build_corpus import _clean_markup, _HelpPageText, _NOTE
+from data.build_corpus import _NOTE, _clean_markup, _HelpPageText
 from data.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,8 +19,15 @@ RUSLIT = REPO.parent / "shared" / "corpora" / "ruslit"  # read in place, never c
 
 def run_cli(*args):
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "data", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -43,13 +50,16 @@ def test_a_non_utf8_corpus_ends_the_process_with_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["inspect", "--corpus", "{tmp}/missing.txt"], "does not exist"),
-    (["inspect", "--tokenizer", "{tmp}"], "has no tokenizer.json"),
-    (["inspect", "--corpus", "{tmp}/empty.txt"], "is empty"),
-    (["inspect", "--max-length", "2"], "max_length=2"),
-    (["tokenizer", "--corpus", "{tmp}/blank.txt", "--out", "{tmp}/tok", "--vocab-size", "256"], "empty corpus"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "--corpus", "{tmp}/missing.txt"], "does not exist"),
+        (["inspect", "--tokenizer", "{tmp}"], "has no tokenizer.json"),
+        (["inspect", "--corpus", "{tmp}/empty.txt"], "is empty"),
+        (["inspect", "--max-length", "2"], "max_length=2"),
+        (["tokenizer", "--corpus", "{tmp}/blank.txt", "--out", "{tmp}/tok", "--vocab-size", "256"], "empty corpus"),
+    ],
+)
 def test_user_errors_exit_with_status_2_and_a_message(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "blank.txt").write_text("\n\n", encoding="utf-8")
@@ -62,8 +72,19 @@ def test_tokenizer_command_trains_a_loadable_tokenizer(tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     lines = [{"content": f"Документ {i} about the topic number {i % 7}. Ещё немного текста."} for i in range(200)]
     corpus.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    status = main(["tokenizer", "--corpus", str(corpus), "--text-column", "content", "--vocab-size", "300",
-                   "--out", str(tmp_path / "tok")])
+    status = main(
+        [
+            "tokenizer",
+            "--corpus",
+            str(corpus),
+            "--text-column",
+            "content",
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "tok"),
+        ]
+    )
     assert status == 0
     assert "trained on 200 documents" in capsys.readouterr().out
     tokenizer = load_tokenizer(tmp_path / "tok")
@@ -80,17 +101,21 @@ def test_tokenizer_command_refuses_a_directory_of_other_files(tmp_path, capsys):
 
 
 def test_bible_markup_is_stripped_to_plain_text():
-    verse = ('<w lemma="strong:H0430">In</w> <w lemma="strong:H0853">the</w> <w>beginning</w>, <w>God</w>'
-             '<note placement="foot"><reference type="annotateRef">1:1 </reference>The Hebrew word.</note>'
-             '<w>created</w> <w>the</w> <w>earth</w>.<div eID="gen25" type="x-p"/>')
+    verse = (
+        '<w lemma="strong:H0430">In</w> <w lemma="strong:H0853">the</w> <w>beginning</w>, <w>God</w>'
+        '<note placement="foot"><reference type="annotateRef">1:1 </reference>The Hebrew word.</note>'
+        '<w>created</w> <w>the</w> <w>earth</w>.<div eID="gen25" type="x-p"/>'
+    )
     assert _clean_markup(_NOTE.sub(" ", verse)) == "In the beginning, God created the earth."
 
 
 def test_help_page_text_keeps_the_display_area_only():
     parser = _HelpPageText()
-    parser.feed('<html><body><header><p>Справка LibreOffice</p></header><div id="DisplayArea">'
-                '<h1>Стандартный фильтр</h1><p class="paragraph">Выберите <span>поле</span>.</p>'
-                '<script>var x = 1;</script><div><p>Вложенный абзац</p></div></div><p>footer</p></body></html>')
+    parser.feed(
+        '<html><body><header><p>Справка LibreOffice</p></header><div id="DisplayArea">'
+        '<h1>Стандартный фильтр</h1><p class="paragraph">Выберите <span>поле</span>.</p>'
+        "<script>var x = 1;</script><div><p>Вложенный абзац</p></div></div><p>footer</p></body></html>"
+    )
     parser.close()
     assert parser.lines == ["Стандартный фильтр", "Выберите поле.", "Вложенный абзац"]
 

@@ -20,14 +20,20 @@ def example_from_text(tokenizer, text):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=st.lists(st.lists(st.text(ALPHABET, min_size=1, max_size=15), min_size=1, max_size=40).map(" ".join),
-                      min_size=1, max_size=6),
-       seed=st.integers(0, 2**31), probability=st.floats(0.05, 0.6))
+@given(
+    texts=st.lists(
+        st.lists(st.text(ALPHABET, min_size=1, max_size=15), min_size=1, max_size=40).map(" ".join),
+        min_size=1,
+        max_size=6,
+    ),
+    seed=st.integers(0, 2**31),
+    probability=st.floats(0.05, 0.6),
+)
 def test_whole_words_are_always_masked_together(tokenizer, texts, seed, probability):
     examples = [example_from_text(tokenizer, text) for text in texts]
     collator = WholeWordMaskCollator(tokenizer, mlm_probability=probability, seed=seed)
     batch = collator(examples)
-    original, word_ids, lengths = collator.pad(examples)
+    original, word_ids, _ = collator.pad(examples)
     targets = batch["labels"] != IGNORE_INDEX
     assert not targets[word_ids < 0].any()  # never [CLS], [SEP] or padding
     for row in range(len(examples)):

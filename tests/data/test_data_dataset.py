@@ -1,6 +1,7 @@
 """MLMDataset and its packer: no token lost, no word split, per-peer deterministic streams, warm-up, bad input."""
 
 import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -45,8 +46,9 @@ def test_packing_loses_no_token_and_never_splits_a_word(documents, max_length):
     for sequence in sequences:
         check_sequence(sequence, max_length)
         tokens = dict(enumerate(sequence["input_ids"]))
-        for _, positions in itertools.groupby((p for p, w in enumerate(sequence["word_ids"]) if w >= 0),
-                                              key=lambda p: sequence["word_ids"][p]):
+        for _, positions in itertools.groupby(
+            (p for p, w in enumerate(sequence["word_ids"]) if w >= 0), key=lambda p: sequence["word_ids"][p]
+        ):
             packed_words.append([tokens[p] for p in positions])
     fitting = [word for document in documents for word in document if len(word) <= max_length - 2]
     assert packed_words == fitting
@@ -70,11 +72,20 @@ def test_stream_is_deterministic_per_peer_and_differs_between_peers(tokenizer):
     other = take(MLMDataset(None, tokenizer, max_length=64, seed=1, peer_id="QmPeerB"), 60)
     reseeded = take(MLMDataset(None, tokenizer, max_length=64, seed=2, peer_id="QmPeerA"), 60)
     assert first == again
-    as_set = lambda sequences: {tuple(s["input_ids"]) for s in sequences}  # noqa: E731
+    as_set = lambda sequences: {tuple(s["input_ids"]) for s in sequences}
     assert len(as_set(first) & as_set(other)) <= 3
     assert len(as_set(first) & as_set(reseeded)) <= 3
     for sequence in first:
         check_sequence(sequence, 64)
+
+
+def test_a_peer_restarting_at_a_later_epoch_gets_a_fresh_deterministic_order(tokenizer):
+    def stream(start_epoch):
+        return take(MLMDataset(None, tokenizer, max_length=64, peer_id="QmPeerA", start_epoch=start_epoch), 30)
+
+    first, restarted = stream(0), stream(120)
+    assert restarted == stream(120)
+    assert len({tuple(s["input_ids"]) for s in first} & {tuple(s["input_ids"]) for s in restarted}) <= 3
 
 
 def test_sequences_are_nearly_full(tokenizer):
@@ -107,7 +118,7 @@ def test_documents_are_reshuffled_each_pass(tokenizer, write_text):
     first_pass, second_pass = numbers[:30], numbers[30:60]
     assert sorted(first_pass) == sorted(second_pass) == sorted(str(i) for i in range(30))
     assert first_pass != second_pass
-    assert words[:3 * 60] == [w for n in numbers[:60] for w in ("document", "number", n)]
+    assert words[: 3 * 60] == [w for n in numbers[:60] for w in ("document", "number", n)]
 
 
 def test_over_long_words_are_skipped_and_counted(tokenizer, write_text):

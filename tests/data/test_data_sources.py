@@ -79,11 +79,14 @@ def test_hub_names_are_recognised_without_touching_the_network():
     assert not source.is_local and source.builder == "someone/some-dataset" and source.text_column == "content"
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("/no/such/corpus.txt", "does not exist"),
-    ("./missing-dir/", "does not exist"),
-    ("/no/such/dir/*.txt", "matches no file"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/no/such/corpus.txt", "does not exist"),
+        ("./missing-dir/", "does not exist"),
+        ("/no/such/dir/*.txt", "matches no file"),
+    ],
+)
 def test_missing_corpus_is_an_error(spec, message):
     with pytest.raises(CorpusError, match=message):
         resolve_corpus(spec)

@@ -43,10 +43,13 @@ def test_bundled_tokenizer_loads_with_auto_tokenizer():
     assert tokenizer.mask_token == "[MASK]" and tokenizer.pad_token_id == 0
 
 
-@pytest.mark.parametrize("text", [
-    "In the beginning, God created the heavens and the earth.",
-    "Стандартный фильтр: выберите поле «Имя» и нажмите OK.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "In the beginning, God created the heavens and the earth.",
+        "Стандартный фильтр: выберите поле «Имя» и нажмите OK.",
+    ],
+)
 def test_round_trip_of_corpus_text(tokenizer, text):
     assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
@@ -87,8 +90,13 @@ def test_training_on_an_empty_corpus_is_an_error(tmp_path):
 
 def test_overrides_name_transformers_config_fields(tokenizer):
     overrides = model_overrides_from_tokenizer(tokenizer)
-    assert overrides == {"vocab_size": len(tokenizer), "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
-                         "mask_token_id": 4}
+    assert overrides == {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "mask_token_id": 4,
+    }
 
 
 def test_check_tokenizer_matches_names_both_numbers(tokenizer):

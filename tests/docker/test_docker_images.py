@@ -39,3 +39,13 @@ def test_monitor_and_two_peer_containers_train_together():
     print(result.stdout[-6000:], result.stderr[-3000:])
     assert result.returncode == 0, f"docker/test_images.sh failed:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
     assert "alive_peers 2" in result.stdout and "PASS" in result.stdout
+
+
+def test_test_script_passes_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    script = DOCKER / "test_images.sh"
+    assert os.access(script, os.X_OK), "docker/test_images.sh must be executable"
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout

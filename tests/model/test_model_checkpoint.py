@@ -1,4 +1,4 @@
-"""Saved checkpoints: safetensors + code + auto_map, reloaded with identical logits, also where the project is absent."""
+"""Saved checkpoints: safetensors + code + auto_map, reloaded with identical logits, also without the project."""
 
 import json
 import os
@@ -20,8 +20,15 @@ HEADS = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassificatio
 def checkpoint(tmp_path_factory):
     """A small trained-looking masked-LM checkpoint (random, non-zero biases) and fixed inputs with padding."""
     torch.manual_seed(0)
-    config = load_config("tiny", vocab_size=500, num_hidden_layers=3, num_hidden_groups=2, hidden_size=64,
-                         intermediate_size=96, embedding_size=32)
+    config = load_config(
+        "tiny",
+        vocab_size=500,
+        num_hidden_layers=3,
+        num_hidden_groups=2,
+        hidden_size=64,
+        intermediate_size=96,
+        embedding_size=32,
+    )
     model = LeanAlbertForMaskedLM(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -107,9 +114,21 @@ def test_trust_remote_code_loads_every_head_without_the_project(checkpoint, tmp_
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     environment.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     completed = subprocess.run(
-        [sys.executable, "-I", "-S", str(tmp_path / "load.py"), str(directory), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "outputs.pt"), *{sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=110,
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            str(tmp_path / "load.py"),
+            str(directory),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+            *{sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]},
+        ],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = torch.load(tmp_path / "outputs.pt")

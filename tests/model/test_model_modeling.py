@@ -20,8 +20,14 @@ VOCAB = 300
 
 
 def small_config(**overrides):
-    values = dict(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=48)
+    values = dict(
+        vocab_size=VOCAB,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+    )
     return load_config("tiny", **{**values, **overrides})
 
 
@@ -96,7 +102,7 @@ def test_attention_equals_a_direct_computation_with_rotary_and_mask():
 
 
 def rotate_directly(x, base):
-    """RoFormer's definition with real 2x2 rotation matrices: pair (2i, 2i+1) at position m turns by m * base^(-2i/d)."""
+    """RoFormer's definition with 2x2 rotation matrices: pair (2i, 2i+1) at position m turns by m * base^(-2i/d)."""
     *_, seq, size = x.shape
     out = torch.empty_like(x)
     for m in range(seq):
@@ -164,8 +170,14 @@ def test_weight_decay_is_decidable_by_rank():
 
 def test_small_init_statistics():
     hidden, layers = 256, 8
-    config = small_config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=512,
-                          embedding_size=64, vocab_size=4000)
+    config = small_config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=512,
+        embedding_size=64,
+        vocab_size=4000,
+    )
     model = LeanAlbertForMaskedLM(config)
     small, wang = math.sqrt(2 / (5 * hidden)), 2 / (layers * math.sqrt(hidden))
     layer = model.lean_albert.encoder.groups[0]
@@ -214,7 +226,7 @@ def test_sparse_prediction_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(sparse_output.loss, dense_output.loss)
     dense_output.loss.backward()
     sparse_output.loss.backward()
-    for (name, dense_parameter), sparse_parameter in zip(dense.named_parameters(), sparse.parameters()):
+    for (name, dense_parameter), sparse_parameter in zip(dense.named_parameters(), sparse.parameters(), strict=True):
         torch.testing.assert_close(sparse_parameter.grad, dense_parameter.grad, atol=1e-6, rtol=1e-5, msg=name)
     assert sparse(ids).logits.shape == (3, 10, VOCAB)  # without labels every position is decoded
 
@@ -304,12 +316,12 @@ def test_every_preset_instantiates_and_reports_its_parameter_count(name):
     config = load_config(name)
     with torch.device("meta"):
         model = LeanAlbertForMaskedLM(config)
-    H, E, V, I, L = (config.hidden_size, config.embedding_size, config.vocab_size, config.intermediate_size,
-                     config.num_hidden_layers)
-    embeddings = V * E + config.type_vocab_size * E + 2 * E + E * H + H
-    layer = 4 * H + (3 * H * H + 3 * H) + (H * H + H) + (2 * I * H + 2 * I) + (I * H + H)
-    head = H * E + E + 2 * E + V  # transform, LayerNorm, decoder bias (decoder weight is tied)
-    unique = embeddings + config.num_hidden_groups * layer + 2 * H + head
+    h, e, v, inner = config.hidden_size, config.embedding_size, config.vocab_size, config.intermediate_size
+    embeddings = v * e + config.type_vocab_size * e + 2 * e + e * h + h
+    layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (2 * inner * h + 2 * inner) + (inner * h + h)
+    head = h * e + e + 2 * e + v  # transform, LayerNorm, decoder bias (the decoder weight is tied)
+    unique = embeddings + config.num_hidden_groups * layer + 2 * h + head
     assert model.num_parameters() == unique
-    assert model.num_unrolled_parameters() == unique + (L - config.num_hidden_groups) * layer
+    unrolled = unique + (config.num_hidden_layers - config.num_hidden_groups) * layer
+    assert model.num_unrolled_parameters() == unrolled
     print(f"{name}: {unique / 1e6:.1f}M unique parameters, {model.num_unrolled_parameters() / 1e6:.1f}M unrolled")

@@ -19,12 +19,41 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 MAX_LENGTH = 64
 # The run's optimizer settings, given to peers and monitor alike; small enough for epochs of a few seconds.
-OPTIM_FLAGS = ["--target_batch_size", "32", "--matchmaking_time", "2", "--averaging_timeout", "15",
-               "--load_state_timeout", "15", "--learning_rate", "0.005", "--warmup_epochs", "0",
-               "--total_epochs", "1000"]
-PEER_FLAGS = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_threads", "1", "--model", "tiny", "--batch_size", "8",
-              "--max_length", str(MAX_LENGTH), "--backup_every", "1", "--keep_backups", "1000",
-              "--metrics_expiration", "10", *OPTIM_FLAGS]
+OPTIM_FLAGS = [
+    "--target_batch_size",
+    "32",
+    "--matchmaking_time",
+    "2",
+    "--averaging_timeout",
+    "15",
+    "--load_state_timeout",
+    "15",
+    "--learning_rate",
+    "0.005",
+    "--warmup_epochs",
+    "0",
+    "--total_epochs",
+    "1000",
+]
+PEER_FLAGS = [
+    "--host_maddrs",
+    "/ip4/127.0.0.1/tcp/0",
+    "--torch_threads",
+    "1",
+    "--model",
+    "tiny",
+    "--batch_size",
+    "8",
+    "--max_length",
+    str(MAX_LENGTH),
+    "--backup_every",
+    "1",
+    "--keep_backups",
+    "1000",
+    "--metrics_expiration",
+    "10",
+    *OPTIM_FLAGS,
+]
 MAXADDR = re.compile(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+")
 
 
@@ -56,8 +85,9 @@ class Process:
     def __init__(self, name: str, command: list[str], log_path: Path):
         self.name, self.log_path = name, log_path
         self.log = open(log_path, "a")
-        self.process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=self.log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -104,9 +134,25 @@ class MonitorProcess(Process):
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.peers_file = workdir / "initial_peers.txt"
         self.peers_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "monitor", "--run_id", run_id, "--run_dir", str(workdir),
-                   "--host_maddrs", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--http_host", "127.0.0.1",
-                   "--http_port", str(self.http_port), "--refresh_period", "1", *OPTIM_FLAGS, *extra_flags]
+        command = [
+            sys.executable,
+            "-m",
+            "monitor",
+            "--run_id",
+            run_id,
+            "--run_dir",
+            str(workdir),
+            "--host_maddrs",
+            f"/ip4/127.0.0.1/tcp/{self.dht_port}",
+            "--http_host",
+            "127.0.0.1",
+            "--http_port",
+            str(self.http_port),
+            "--refresh_period",
+            "1",
+            *OPTIM_FLAGS,
+            *extra_flags,
+        ]
         super().__init__(name, command, workdir.parent / f"{name}.log")
 
     def wait_ready(self, timeout: float = 120.0) -> list[str]:
@@ -114,6 +160,7 @@ class MonitorProcess(Process):
             if self.process.poll() is not None:
                 pytest.fail(f"monitor exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
             return self.peers_file.is_file() and self.get("/healthz")
+
         wait_until(ready, timeout, f"the monitor at {self.url}")
         return self.initial_peers()
 
@@ -140,8 +187,19 @@ class PeerProcess(Process):
     def __init__(self, workdir: Path, name: str, run_id: str, initial_peers: list[str], extra_flags=()):
         self.backup_dir = workdir / name / "backups"
         self.backup_dir.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "peer", "--run_id", run_id, "--initial_peers", *initial_peers, *PEER_FLAGS,
-                   "--backup_dir", str(self.backup_dir), *extra_flags]
+        command = [
+            sys.executable,
+            "-m",
+            "peer",
+            "--run_id",
+            run_id,
+            "--initial_peers",
+            *initial_peers,
+            *PEER_FLAGS,
+            "--backup_dir",
+            str(self.backup_dir),
+            *extra_flags,
+        ]
         super().__init__(name, command, workdir / f"{name}.log")
 
     def backup_epochs(self) -> list[int]:
@@ -160,3 +218,28 @@ def processes():
         if process.process.poll() is None or process.group_alive():
             process.stop(timeout=20)
     wait_until(lambda: not any(process.group_alive() for process in started), 30, "test processes to exit")
+
+
+def run_cli(args: list[str], timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command to completion in its own process group; on timeout kill the whole group (hivemind children)."""
+    process = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env or child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(args[:4])} ... timed out after {timeout} s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)

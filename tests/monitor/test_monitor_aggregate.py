@@ -6,13 +6,27 @@ from monitor.aggregate import EMPTY_SNAPSHOT, PeerReport, aggregate
 
 
 def report(peer="A", epoch=3, sps=10.0, samples=64, loss_sum=8.0, steps=4, t=100.0, **kw):
-    return PeerReport(peer_id=peer, epoch=epoch, samples_per_second=sps, samples_accumulated=samples,
-                      loss_sum=loss_sum, mini_steps=steps, time=t, **kw)
+    return PeerReport(
+        peer_id=peer,
+        epoch=epoch,
+        samples_per_second=sps,
+        samples_accumulated=samples,
+        loss_sum=loss_sum,
+        mini_steps=steps,
+        time=t,
+        **kw,
+    )
 
 
 def test_empty_swarm_keeps_previous_epoch_and_has_no_loss():
     snap = aggregate([], now=100.0)
-    assert (snap.epoch, snap.alive_peers, snap.samples_per_second, snap.loss, snap.samples_total) == (0, 0, 0.0, None, 0)
+    assert (snap.epoch, snap.alive_peers, snap.samples_per_second, snap.loss, snap.samples_total) == (
+        0,
+        0,
+        0.0,
+        None,
+        0,
+    )
     later = aggregate([], now=200.0, previous=aggregate([report(epoch=7)], now=100.0))
     assert later.epoch == 7 and later.alive_peers == 0 and later.loss is None
 

@@ -14,6 +14,7 @@ def fill_with(payload: bytes):
         (directory / "model.safetensors").write_bytes(payload)
         (directory / "tokenizer").mkdir()
         (directory / "tokenizer" / "tokenizer.json").write_text('{"vocab": 1}')
+
     return fill
 
 
@@ -32,9 +33,12 @@ def test_write_produces_verified_directory_archive_and_manifest(store):
     listed, archive = store.get()
     assert listed == entry and sha256_of(archive) == entry.archive_sha256
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["epoch-000004/manifest.json",
-                                          "epoch-000004/model.safetensors", "epoch-000004/tokenizer",
-                                          "epoch-000004/tokenizer/tokenizer.json"]
+        assert sorted(tar.getnames()) == [
+            "epoch-000004/manifest.json",
+            "epoch-000004/model.safetensors",
+            "epoch-000004/tokenizer",
+            "epoch-000004/tokenizer/tokenizer.json",
+        ]
     assert not list(store.root.glob(".tmp-*"))
 
 
@@ -58,7 +62,13 @@ def test_store_prunes_after_each_write(store):
         store.write(epoch, fill_with(bytes([epoch]) * 10))
     assert [entry.epoch for entry in store.list()] == [13, 12, 10]
     assert sorted(path.name for path in store.root.iterdir()) == [
-        "epoch-000010", "epoch-000010.tar", "epoch-000012", "epoch-000012.tar", "epoch-000013", "epoch-000013.tar"]
+        "epoch-000010",
+        "epoch-000010.tar",
+        "epoch-000012",
+        "epoch-000012.tar",
+        "epoch-000013",
+        "epoch-000013.tar",
+    ]
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "archive", "manifest.json"])

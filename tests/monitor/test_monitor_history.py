@@ -5,8 +5,16 @@ from monitor.history import CheckpointEntry, History
 
 
 def snapshot_at(t, epoch, previous=None):
-    rep = PeerReport(peer_id="A", epoch=epoch, samples_per_second=5.0, samples_accumulated=32, loss_sum=4.0,
-                     mini_steps=2, time=t, device="cpu")
+    rep = PeerReport(
+        peer_id="A",
+        epoch=epoch,
+        samples_per_second=5.0,
+        samples_accumulated=32,
+        loss_sum=4.0,
+        mini_steps=2,
+        time=t,
+        device="cpu",
+    )
     return aggregate([rep], now=t, **({"previous": previous} if previous else {}))
 
 

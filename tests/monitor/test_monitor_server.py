@@ -33,9 +33,19 @@ def fill(directory):
 def populated(history: History) -> LiveState:
     snapshot = None
     for step in range(6):
-        reports = [PeerReport(f"peer-{name}", epoch=step, samples_per_second=10.0 + i, samples_accumulated=32,
-                              loss_sum=(8.0 - step) * 4, mini_steps=4, time=1000.0 + step, device="cpu")
-                   for i, name in enumerate("ab")]
+        reports = [
+            PeerReport(
+                f"peer-{name}",
+                epoch=step,
+                samples_per_second=10.0 + i,
+                samples_accumulated=32,
+                loss_sum=(8.0 - step) * 4,
+                mini_steps=4,
+                time=1000.0 + step,
+                device="cpu",
+            )
+            for i, name in enumerate("ab")
+        ]
         snapshot = aggregate(reports, now=1000.0 + step, **({"previous": snapshot} if snapshot else {}))
         history.record(snapshot)
     live = LiveState(run_id="unit-run", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmTest"], model={"name": "tiny"})
@@ -97,8 +107,12 @@ def test_status_peers_history_and_health(server):
 def test_metrics_parse_with_prometheus_parser(server):
     status, headers, body = get(server.url + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    samples = {s.name: s.value for family in text_string_to_metric_families(body.decode()) for s in family.samples
-               if not s.labels}
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if not s.labels
+    }
     assert samples["albert_swarm_alive_peers"] == 2 and samples["albert_swarm_epoch"] == 5
     assert samples["albert_swarm_samples_total"] == 384 and samples["albert_monitor_invalid_records_total"] == 1
     assert samples["albert_swarm_checkpoint_epoch"] >= 4 and samples["albert_swarm_checkpoint_age_seconds"] >= 0
@@ -115,14 +129,36 @@ def test_checkpoint_download_carries_sha256_and_cli_verifies(server, tmp_path):
     assert manifest["epoch"] == 4 and (tmp_path / "got" / "model.safetensors").stat().st_size == 2048
     with pytest.raises(CheckpointError, match="not empty"):
         download(server.url, tmp_path / "got", epoch=4)
-    result = subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", server.url,
-                             "--out", str(tmp_path / "cli")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monitor.checkpoint_cli",
+            "download",
+            "--from",
+            server.url,
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "files verified" in result.stdout
 
 
-@pytest.mark.parametrize("path", ["/checkpoints/..%2F..%2Fetc%2Fpasswd", "/checkpoints/-1", "/checkpoints/99",
-                                  "/static/..%2Fserver.py", "/checkpoints/4%2F..%2F..%2Fhistory.sqlite"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/checkpoints/..%2F..%2Fetc%2Fpasswd",
+        "/checkpoints/-1",
+        "/checkpoints/99",
+        "/static/..%2Fserver.py",
+        "/checkpoints/4%2F..%2F..%2Fhistory.sqlite",
+    ],
+)
 def test_paths_never_escape_the_checkpoint_dir(server, path):
     status, _, body = get(server.url + path)
     assert status in (404, 422) and b"import" not in body and b"SQLite" not in body
@@ -146,22 +182,38 @@ def test_truncated_checkpoint_is_not_served_over_http(server, tmp_path):
     assert get(server.url + "/checkpoints/latest")[1]["X-Checkpoint-Epoch"] != "7"
     with pytest.raises(CheckpointError, match="404"):
         download(server.url, tmp_path / "bad", epoch=7)
-    samples = {s.name: s.value for family in text_string_to_metric_families(get(server.url + "/metrics")[2].decode())
-               for s in family.samples}
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(get(server.url + "/metrics")[2].decode())
+        for s in family.samples
+    }
     assert samples["albert_monitor_corrupted_checkpoints_total"] >= 1
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a root, offline, display-less machine: no sandbox, no GPU, and no background calls to Google's hosts.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=8000", "--window-size=1280,1600"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=8000",
+    "--window-size=1280,1600",
+]
 
 
 def chromium(url: str, tmp_path: Path, *flags: str) -> str:
     profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
-    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 

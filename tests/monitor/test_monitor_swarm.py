@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -23,13 +22,23 @@ from safetensors.torch import load_file
 
 from monitor.records import check_model_matches, monitor_validators
 from peer.progress import PeerProgress, publish_progress
-from tests.monitor.conftest import REPO, MonitorProcess, PeerProcess, child_env, wait_until
+from tests.monitor.conftest import MonitorProcess, PeerProcess, child_env, run_cli, wait_until
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
 TOKEN = "test-admin-token-0123456789"
-MONITOR_FLAGS = ["--checkpoint_every", "2", "--fetch_state_every", "1", "--keep", "3", "--stale_after", "12",
-                 "--admin_token", TOKEN]
+MONITOR_FLAGS = [
+    "--checkpoint_every",
+    "2",
+    "--fetch_state_every",
+    "1",
+    "--keep",
+    "3",
+    "--stale_after",
+    "12",
+    "--admin_token",
+    TOKEN,
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +64,11 @@ def test_status_shows_two_alive_peers_and_the_epoch_advancing(run):
     first = run.monitor.get("/api/status")
     assert first["run_id"] == RUN_ID and first["alive_peers"] == 2
     assert first["initial_peers"] == run.monitor.initial_peers()
-    advanced = wait_until(lambda: (lambda s: s["epoch"] >= first["epoch"] + 2 and s)(run.monitor.get("/api/status")),
-                          180, "the global epoch to advance by 2")
+    advanced = wait_until(
+        lambda: (lambda s: s["epoch"] >= first["epoch"] + 2 and s)(run.monitor.get("/api/status")),
+        180,
+        "the global epoch to advance by 2",
+    )
     assert advanced["alive_peers"] == 2 and advanced["samples_total"] > first["samples_total"] >= 0
     assert advanced["loss"] is not None and advanced["loss"] > 0 and advanced["samples_per_second"] > 0
     rows = run.monitor.get("/api/peers")
@@ -66,23 +78,42 @@ def test_status_shows_two_alive_peers_and_the_epoch_advancing(run):
 @pytest.mark.timeout(120)
 def test_metrics_parse_and_agree_with_the_status(run):
     body = run.monitor.get("/metrics").decode()
-    samples = {s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples if not s.labels}
+    samples = {
+        s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples if not s.labels
+    }
     status = run.monitor.get("/api/status")
     assert samples["albert_swarm_alive_peers"] == 2
     assert abs(samples["albert_swarm_epoch"] - status["epoch"]) <= 1
     assert samples["albert_swarm_samples_total"] > 0 and samples["albert_swarm_samples_per_second"] > 0
-    labelled = [s for family in text_string_to_metric_families(body) for s in family.samples
-                if s.name == "albert_peer_samples_per_second"]
+    labelled = [
+        s
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name == "albert_peer_samples_per_second"
+    ]
     assert len(labelled) == 2
 
 
 @pytest.mark.timeout(120)
 def test_a_peer_with_another_model_is_refused(run):
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=run.monitor.initial_peers(),
-                       record_validators=monitor_validators(RUN_ID))
+    dht = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=run.monitor.initial_peers(),
+        record_validators=monitor_validators(RUN_ID),
+    )
     try:
-        foreign = PeerProgress(epoch=1, samples_per_second=1.0, samples_accumulated=8, loss_sum=9.0, mini_steps=1,
-                               device="cpu", version="dev", time=get_dht_time(), model_hash="f" * 16)
+        foreign = PeerProgress(
+            epoch=1,
+            samples_per_second=1.0,
+            samples_accumulated=8,
+            loss_sum=9.0,
+            mini_steps=1,
+            device="cpu",
+            version="dev",
+            time=get_dht_time(),
+            model_hash="f" * 16,
+        )
         assert publish_progress(dht, RUN_ID, foreign, expiration=30)
         refused = wait_until(lambda: run.monitor.get("/api/status")["refused_peers"], 30, "the foreign record")
         assert "fingerprint ffffffffffffffff differs" in next(iter(refused.values()))
@@ -103,13 +134,30 @@ def test_checkpoint_appears_and_downloads_with_a_matching_sha256(run, tmp_path):
         archive = response.read()
         assert response.headers["X-Checkpoint-SHA256"] == newest["sha256"] == hashlib.sha256(archive).hexdigest()
     out = tmp_path / "downloaded"
-    result = subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", run.monitor.url,
-                             "--epoch", str(newest["epoch"]), "--out", str(out)], cwd=REPO, env=child_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "monitor.checkpoint_cli",
+            "download",
+            "--from",
+            run.monitor.url,
+            "--epoch",
+            str(newest["epoch"]),
+            "--out",
+            str(out),
+        ],
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["epoch"] == newest["epoch"] and {"config.json", "model.safetensors", "training_state.pt",
-                                                     "modeling.py", "configuration.py"} <= set(manifest["files"])
+    assert manifest["epoch"] == newest["epoch"] and {
+        "config.json",
+        "model.safetensors",
+        "training_state.pt",
+        "modeling.py",
+        "configuration.py",
+    } <= set(manifest["files"])
     assert "auto_map" in json.loads((out / "config.json").read_text())
 
 
@@ -133,9 +181,14 @@ def test_restarted_monitor_keeps_its_history_and_checkpoints(run):
     before_status = run.monitor.get("/api/status")
     assert run.monitor.stop() == 0  # SIGTERM: a clean exit
     # same ports and identity: the same multiaddr, so the peers' --initial-peers stays valid
-    restarted = MonitorProcess(run.monitor.workdir, RUN_ID, [*MONITOR_FLAGS, "--initial_peers",
-                                                             *run.peers["a"].maddrs()[:1]],
-                               dht_port=run.monitor.dht_port, http_port=run.monitor.http_port, name="monitor-2")
+    restarted = MonitorProcess(
+        run.monitor.workdir,
+        RUN_ID,
+        [*MONITOR_FLAGS, "--initial_peers", *run.peers["a"].maddrs()[:1]],
+        dht_port=run.monitor.dht_port,
+        http_port=run.monitor.http_port,
+        name="monitor-2",
+    )
     run.processes.append(restarted)
     assert restarted.wait_ready() == run.monitor.initial_peers() or restarted.initial_peers()
     after_history = restarted.get("/api/history")
@@ -161,12 +214,29 @@ def test_a_new_peer_resumes_at_the_monitors_epoch_with_the_checkpoints_weights(r
     run.processes.append(newcomer)
     started_at = wait_until(newcomer.backup_epochs, 240, "the newcomer to back up the state it downloaded")[0]
     assert started_at == held, f"the newcomer started at epoch {started_at}, the monitor held {held}"
-    wait_until(lambda: any(row["alive"] and row["epoch"] >= held for row in run.monitor.get("/api/peers")), 120,
-               "the newcomer to report an epoch >= the monitor's")
+    wait_until(
+        lambda: any(row["alive"] and row["epoch"] >= held for row in run.monitor.get("/api/peers")),
+        120,
+        "the newcomer to report an epoch >= the monitor's",
+    )
 
     out = tmp_path / "checkpoint"
-    subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", run.monitor.url, "--epoch",
-                    str(held), "--out", str(out)], cwd=REPO, env=child_env(), check=True, timeout=120)
+    downloaded = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "monitor.checkpoint_cli",
+            "download",
+            "--from",
+            run.monitor.url,
+            "--epoch",
+            str(held),
+            "--out",
+            str(out),
+        ],
+        timeout=120,
+    )
+    assert downloaded.returncode == 0, downloaded.stderr
     input_ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.save(input_ids, tmp_path / "input_ids.pt")
     standalone_logits = logits_with_transformers_alone(out, tmp_path)
@@ -200,8 +270,21 @@ with torch.no_grad():
 def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
     env = dict(child_env(), HF_HOME=str(tmp_path / "hf-home"))
     env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-I", "-c", STANDALONE, str(checkpoint), str(tmp_path / "input_ids.pt"),
-                    str(tmp_path / "logits.pt")], cwd=tmp_path, env=env, check=True, timeout=180)
+    result = run_cli(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            STANDALONE,
+            str(checkpoint),
+            str(tmp_path / "input_ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt", weights_only=True)
 
 
@@ -209,15 +292,30 @@ def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
 def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(run, processes, tmp_path):
     if not hasattr(run, "held_epoch"):
         pytest.skip("needs the checkpoint of the previous test")
-    resumed = MonitorProcess(tmp_path / "resumed", "resumed-run", ["--resume_from", str(run.checkpoint_dir)],
-                             name="monitor-resumed")
+    resumed = MonitorProcess(
+        tmp_path / "resumed", "resumed-run", ["--resume_from", str(run.checkpoint_dir)], name="monitor-resumed"
+    )
     processes.append(resumed)
     maddrs = resumed.wait_ready()
     assert resumed.get("/api/status")["state_epoch"] == run.held_epoch
     out = tmp_path / "pulled"
-    result = subprocess.run([sys.executable, "-m", "monitor.checkpoint_cli", "pull", "--initial-peers", *maddrs,
-                             "--run-id", "resumed-run", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--out", str(out)],
-                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    result = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "monitor.checkpoint_cli",
+            "pull",
+            "--initial-peers",
+            *maddrs,
+            "--run-id",
+            "resumed-run",
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--out",
+            str(out),
+        ],
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["epoch"] == run.held_epoch
     pulled, saved = load_file(out / "model.safetensors"), load_file(run.checkpoint_dir / "model.safetensors")
