@@ -5,6 +5,7 @@ User errors (missing corpus, bad tokenizer directory, non-UTF-8 files) end with 
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def _add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="albert-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="albert-data", description=__doc__.splitlines()[0].replace("`", ""))
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and skipped documents")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"tokenizer": run_tokenizer, "inspect": run_inspect, "build-corpus": run_build_corpus}
     try:
         commands[args.command](args)
-    except (CorpusError, TokenizerError, ValueError, OSError) as error:
+    except (CorpusError, TokenizerError, ValueError, OSError, RuntimeError, subprocess.SubprocessError) as error:
+        if args.verbose:  # the one-line message is for users; -v keeps the traceback for bug reports
+            logger.exception("albert-data %s failed", args.command)
         print(f"albert-data {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

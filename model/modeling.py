@@ -318,19 +318,17 @@ class LeanAlbertForMaskedLM(LeanAlbertPreTrainedModel):
         to the loss (e.g. `num_items_in_batch` from the transformers Trainer).
         """
         hidden = self.lean_albert(input_ids, attention_mask, token_type_ids).last_hidden_state
+        sparse = labels is not None and self.config.sparse_prediction
+        logits = None if sparse else self.mlm_head(hidden)  # [batch, seq, vocab]
         if labels is None:
-            return MaskedLMOutput(logits=self.mlm_head(hidden))
-        # The loss reads the labelled rows only: a log-softmax over every position would cost as much as the
-        # decoder itself (vocab-wide) and be thrown away for the ~85% of positions labelled -100.
+            return MaskedLMOutput(logits=logits)
+        # The loss decodes the labelled rows (~15%) again instead of indexing `logits`: the backward pass then runs
+        # only those rows through the vocabulary-wide decoder, not a mostly-zero [batch, seq, vocab] gradient, and a
+        # log-softmax over every position is never computed. Same loss, same gradients, `logits` untouched.
         labelled = labels != -100  # [batch, seq]
-        if self.config.sparse_prediction:
-            logits = self.mlm_head(hidden[labelled])  # [num_labelled, vocab]
-            loss_logits = logits
-        else:
-            logits = self.mlm_head(hidden)  # [batch, seq, vocab]
-            loss_logits = logits[labelled]
-        loss = self.loss_function(loss_logits, labels[labelled], vocab_size=self.config.vocab_size, **kwargs)
-        return MaskedLMOutput(loss=loss, logits=logits)
+        labelled_logits = self.mlm_head(hidden[labelled])  # [num_labelled, vocab]
+        loss = self.loss_function(labelled_logits, labels[labelled], vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=labelled_logits if sparse else logits)
 
 
 class LeanAlbertForSequenceClassification(LeanAlbertPreTrainedModel):

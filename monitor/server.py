@@ -158,9 +158,8 @@ class ServerThread:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"HTTP server failed to start on {self.server.config.host}:{self.server.config.port}"
-                )
+                config = self.server.config
+                raise OSError(f"the HTTP server could not listen on {config.host}:{config.port} (port in use?)")
             time.sleep(0.05)
 
     @property

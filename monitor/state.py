@@ -123,8 +123,12 @@ class StateKeeper:
             self.averager.state_sharing_priority = self.averager.local_epoch - 0.5
 
     def resume(self, directory: str | Path) -> int:
-        """Take model weights (already loaded into run_model), optimizer and scheduler state from a checkpoint."""
+        """Take model weights, optimizer and scheduler state and the epoch from a checkpoint directory."""
         state = torch.load(Path(directory) / TRAINING_STATE, map_location="cpu", weights_only=True)
+        # hivemind ran one zero-gradient optimizer step to initialise the optimizer, and LAMB's weight decay moved
+        # the weights: load them again
+        saved = LeanAlbertForMaskedLM.from_pretrained(directory)
+        self.run_model.model.load_state_dict(saved.state_dict())
         with torch.no_grad():
             self.averager.optimizer.load_state_dict(state["optimizer"])
             if self.averager.scheduler is not None and state.get("scheduler") is not None:

@@ -22,7 +22,7 @@ def test_services_and_build_targets(compose, dockerfile):
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
     dockerfile_base = next(i.arguments for i in dockerfile if i.keyword == "ARG" and i.arguments.startswith("BASE="))
     peer_base = compose["services"]["peer"]["build"]["args"]["BASE"]
-    assert peer_base == "${PEER_BASE:-%s}" % dockerfile_base.split("=", 1)[1], "compose and Dockerfile disagree"
+    assert peer_base == f"${{PEER_BASE:-{dockerfile_base.split('=', 1)[1]}}}", "compose and Dockerfile disagree"
     for name in ("prometheus", "grafana"):
         image = compose["services"][name]["image"]
         assert re.search(r":v?\d+\.\d+\.\d+$", image) or "@sha256:" in image, f"{image} is not pinned"
@@ -83,7 +83,7 @@ def test_docker_compose_accepts_the_files():
     env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}  # proves no engine is contacted
     for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
         args = [binary] + [arg for name in files for arg in ("-f", str(DOCKER / name))] + ["config", "-q"]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, f"{files}: {result.stderr}"
 
 
@@ -91,6 +91,11 @@ def test_promtool_accepts_prometheus_yml():
     binary = shutil.which("promtool")
     if binary is None:
         pytest.skip("promtool is not installed (apt-get install prometheus)")
-    result = subprocess.run([binary, "check", "config", "--syntax-only", str(DOCKER / "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "check", "config", "--syntax-only", str(DOCKER / "prometheus.yml")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

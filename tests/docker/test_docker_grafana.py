@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
+import yaml
 from docker_files import DOCKER, load_yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,8 +24,13 @@ from peer.report import PeerMetrics
 
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "albert-swarm.json"
 # What the issue asks the swarm's dashboards to show, at the least.
-CORE_METRICS = {"albert_swarm_epoch", "albert_swarm_loss", "albert_swarm_samples_per_second",
-                "albert_swarm_alive_peers", "albert_swarm_samples_total"}
+CORE_METRICS = {
+    "albert_swarm_epoch",
+    "albert_swarm_loss",
+    "albert_swarm_samples_per_second",
+    "albert_swarm_alive_peers",
+    "albert_swarm_samples_total",
+}
 PROMQL_WORDS = {"rate", "increase", "deriv", "time", "sum", "by", "avg", "max", "min", "on", "without"}
 
 
@@ -41,7 +49,9 @@ def exported(tmp_path_factory) -> dict[str, set[str]]:
     root = tmp_path_factory.mktemp("monitor")
     history = History(root / "history.sqlite")
     try:
-        monitor = exported_names(make_registry(LiveState(run_id="dashboard-test"), CheckpointStore(root / "ck", history)))
+        monitor = exported_names(
+            make_registry(LiveState(run_id="dashboard-test"), CheckpointStore(root / "ck", history))
+        )
     finally:
         history.close()
     return {"albert-monitor": monitor, "albert-peer": exported_names(PeerMetrics().registry)}
@@ -73,7 +83,9 @@ def test_dashboard_identity_and_layout(dashboard):
     for panel in panels_of(dashboard):
         grid = panel["gridPos"]
         assert grid["w"] > 0 and grid["h"] > 0 and 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        cells = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & occupied, f"panel {panel['title']!r} overlaps another"
         occupied |= cells
     assert all(panel["type"] in {"row", "stat", "timeseries"} for panel in panels_of(dashboard))
@@ -118,3 +130,19 @@ def test_dashboard_provider_points_at_the_mounted_folder(compose):
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+def test_queries_are_valid_promql(dashboard, tmp_path):
+    """promtool parses every expression (as a recording rule), the way Prometheus itself will."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    rules = [
+        {"record": f"dashboard:query_{index}", "expr": expr} for index, (_, expr) in enumerate(queries(dashboard))
+    ]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -23,7 +23,7 @@ PEER_FLAGS = [
     "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_threads", "1", "--model", "tiny", "--batch_size", "8",
     "--max_length", "64", "--target_batch_size", "32", "--matchmaking_time", "2", "--averaging_timeout", "15",
     "--load_state_timeout", "15", "--learning_rate", "0.05", "--warmup_epochs", "0", "--total_epochs", "1000",
-    "--backup_every", "1", "--keep_backups", "1000", "--metrics_expiration", "10", "--grad_compression", "none", "--state_compression", "none",
+    "--backup_every", "1", "--keep_backups", "1000", "--metrics_expiration", "10",
 ]
 
 
