@@ -98,6 +98,8 @@ class MonitorConfig:
         return Path(swarm.identity_path) if swarm.identity_path else Path(self.run_dir) / "identity.key"
 
 
-def parse_monitor_args(args: Sequence[str] | None = None) -> tuple[SwarmConfig, OptimConfig, MonitorConfig]:
+def parse_monitor_args(
+    args: Sequence[str] | None = None, environ: dict | None = None
+) -> tuple[SwarmConfig, OptimConfig, MonitorConfig]:
     """Parse the monitor's three config groups from flags and ALBERT_* variables (exit 2 with a message if bad)."""
-    return tuple(parse_configs(SwarmConfig, OptimConfig, MonitorConfig, args=args))
+    return tuple(parse_configs(SwarmConfig, OptimConfig, MonitorConfig, args=args, environ=environ))

@@ -7,7 +7,6 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import hivemind
 import torch
@@ -38,7 +37,7 @@ class Backups:
     def path(self, epoch: int) -> Path:
         return self.directory / f"epoch-{epoch:06d}.pt"
 
-    def latest_epoch(self) -> Optional[int]:
+    def latest_epoch(self) -> int | None:
         epochs = self.epochs()
         return epochs[-1] if epochs else None
 

@@ -10,8 +10,9 @@ import os
 import shlex
 import sys
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from transformers import HfArgumentParser
 
@@ -52,7 +53,7 @@ class SwarmConfig:
         default_factory=list,
         metadata={"help": "Multiaddrs announced to other peers (your public address if behind NAT)."},
     )
-    identity_path: Optional[str] = field(
+    identity_path: str | None = field(
         default=None, metadata={"help": "Private key file (created if missing) that keeps this peer's id stable."}
     )
     client_mode: bool = field(
@@ -196,8 +197,8 @@ class PeerConfig:
     """
 
     model: str = field(default="tiny", metadata={"help": "Model preset (tiny, base, ...) or path to a config.json."})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "Tokenizer directory (default: bundled)."})
-    corpus: Optional[str] = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: bundled)."})
+    corpus: str | None = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
     batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward pass on this device."})
     grad_accumulation: int = field(
         default=1, metadata={"help": "Passes accumulated locally before they are counted towards the swarm batch."}
@@ -256,7 +257,7 @@ def _require_non_negative(config, *names: str) -> None:
 class EnvArgumentParser(HfArgumentParser):
     """HfArgumentParser whose defaults come from ALBERT_* environment variables, named in every --help line."""
 
-    def __init__(self, dataclass_types, environ: Optional[dict] = None, **kwargs):
+    def __init__(self, dataclass_types, environ: dict | None = None, **kwargs):
         self.environ = os.environ if environ is None else environ
         super().__init__(dataclass_types, **kwargs)
 
@@ -289,7 +290,7 @@ class EnvArgumentParser(HfArgumentParser):
         super().error(message)
 
 
-def parse_configs(*dataclass_types: type, args: Optional[Sequence[str]] = None, environ: Optional[dict] = None):
+def parse_configs(*dataclass_types: type, args: Sequence[str] | None = None, environ: dict | None = None):
     """Parse the given config dataclasses from ALBERT_* variables then flags; exit with a clear message if invalid.
 
     Returns one instance per type, in order. Validation errors from ``__post_init__`` exit with status 2 like

@@ -56,7 +56,7 @@ class StopSignal:
         self.signum: int | None = None
         self._interruptible = False
 
-    def install(self) -> "StopSignal":
+    def install(self) -> StopSignal:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._handle)
         return self

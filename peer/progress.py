@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -24,8 +23,19 @@ MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 METRICS_FIELD = "metrics"
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache", "return_dict",
-     "output_hidden_states", "output_attentions", "_attn_implementation_autoset", "auto_map"}
+    {
+        "transformers_version",
+        "_name_or_path",
+        "architectures",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "_attn_implementation_autoset",
+        "auto_map",
+    }
 )
 
 
@@ -43,14 +53,14 @@ class PeerProgress(pydantic.BaseModel):
     model_hash: pydantic.constr(max_length=64, strict=True)
 
     @property
-    def mean_loss(self) -> Optional[float]:
+    def mean_loss(self) -> float | None:
         return self.loss_sum / self.mini_steps if self.mini_steps else None
 
 
 class MetricsSchema(pydantic.BaseModel):
     """DHT schema: the key ``{run_id}_metrics`` maps each owner's public key (the subkey) to its PeerProgress."""
 
-    metrics: Dict[BytesWithPublicKey, PeerProgress]
+    metrics: dict[BytesWithPublicKey, PeerProgress]
 
 
 class RecordSizeValidator(RecordValidatorBase):
@@ -74,7 +84,7 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_{METRICS_FIELD}"
 
 
-def make_validators(run_id: str, private_key: Optional[RSAPrivateKey] = None) -> list[RecordValidatorBase]:
+def make_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> list[RecordValidatorBase]:
     """Validators for the run's metrics key: schema, size limit and signatures.
 
     Records are signed with ``private_key``, by default this process's RSA key (the one hivemind's ProgressTracker
@@ -87,13 +97,19 @@ def make_validators(run_id: str, private_key: Optional[RSAPrivateKey] = None) ->
     ]
 
 
-def local_public_key(private_key: Optional[RSAPrivateKey] = None) -> bytes:
+def local_public_key(private_key: RSAPrivateKey | None = None) -> bytes:
     """The subkey a record signed by ``private_key`` (default: this process's key) is stored under."""
     return RSASignatureValidator(private_key).local_public_key
 
 
-def publish_progress(dht: DHT, run_id: str, progress: PeerProgress, expiration: float, wait: bool = True,
-                     private_key: Optional[RSAPrivateKey] = None):
+def publish_progress(
+    dht: DHT,
+    run_id: str,
+    progress: PeerProgress,
+    expiration: float,
+    wait: bool = True,
+    private_key: RSAPrivateKey | None = None,
+):
     """Store this peer's record, signed, expiring ``expiration`` seconds from now.
 
     Returns whether it was stored, or (``wait=False``) a future of that.

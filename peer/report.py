@@ -20,16 +20,20 @@ class PeerMetrics:
 
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
-        gauge = lambda name, doc: prometheus_client.Gauge(name, doc, registry=self.registry)  # noqa: E731
-        counter = lambda name, doc: prometheus_client.Counter(name, doc, registry=self.registry)  # noqa: E731
+        gauge = lambda name, doc: prometheus_client.Gauge(name, doc, registry=self.registry)
+        counter = lambda name, doc: prometheus_client.Counter(name, doc, registry=self.registry)
         self.epoch = gauge("albert_peer_epoch", "Swarm epoch this peer is at")
         self.loss = gauge("albert_peer_loss", "Mean masked-LM loss of this peer over its last epoch")
         self.samples_per_second = gauge("albert_peer_samples_per_second", "Samples/s this peer processed last epoch")
         self.swarm_peers = gauge("albert_peer_swarm_peers", "Peers in the swarm as seen by this peer")
         self.samples = counter("albert_peer_samples", "Samples this peer contributed to the swarm")
         self.compute_seconds = counter("albert_peer_compute_seconds", "Seconds spent in forward and backward")
-        self.step_seconds = counter("albert_peer_step_seconds", "Seconds spent in optimizer.step (matchmaking, averaging)")
-        self.skipped_batches = counter("albert_peer_skipped_batches", "Batches skipped for a non-finite loss or gradient")
+        self.step_seconds = counter(
+            "albert_peer_step_seconds", "Seconds spent in optimizer.step (matchmaking, averaging)"
+        )
+        self.skipped_batches = counter(
+            "albert_peer_skipped_batches", "Batches skipped for a non-finite loss or gradient"
+        )
         self.recoveries = counter("albert_peer_recoveries", "Times parameters were reloaded after becoming non-finite")
 
     def serve(self, port: int) -> None:
@@ -50,8 +54,16 @@ class Reporter:
         metrics: this peer's Prometheus metrics.
     """
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, optimizer: hivemind.Optimizer, device: str, model_hash: str,
-                 record_expiration: float, metrics: PeerMetrics):
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        optimizer: hivemind.Optimizer,
+        device: str,
+        model_hash: str,
+        record_expiration: float,
+        metrics: PeerMetrics,
+    ):
         self.dht, self.run_id, self.optimizer, self.metrics = dht, run_id, optimizer, metrics
         self.device, self.model_hash, self.record_expiration = device[:64], model_hash, record_expiration
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
@@ -73,7 +85,11 @@ class Reporter:
 
     def batch_done(self, loss: float, samples: int, compute_seconds: float, step_seconds: float) -> None:
         """Count one contribution to the swarm (a finite loss over ``samples`` samples)."""
-        self.loss_sum, self.mini_steps, self.samples = self.loss_sum + loss, self.mini_steps + 1, self.samples + samples
+        self.loss_sum, self.mini_steps, self.samples = (
+            self.loss_sum + loss,
+            self.mini_steps + 1,
+            self.samples + samples,
+        )
         self.metrics.samples.inc(samples)
         self.metrics.compute_seconds.inc(compute_seconds)
         self.metrics.step_seconds.inc(step_seconds)
@@ -115,8 +131,10 @@ class Reporter:
         loss = f"{self.loss_sum / self.mini_steps:.3f}" if self.mini_steps else "-"
         rate = self.samples / max(time.perf_counter() - self.epoch_started, 1e-9)
         share = self.samples / max(swarm.samples_accumulated, self.samples, 1)
-        return (f"epoch {self.epoch} | loss {loss} | {rate:.1f} samples/s | swarm {swarm.num_peers} peers | "
-                f"mine {self.samples} samples ({share:.0%} of {swarm.samples_accumulated}/{swarm.target_batch_size})")
+        return (
+            f"epoch {self.epoch} | loss {loss} | {rate:.1f} samples/s | swarm {swarm.num_peers} peers | "
+            f"mine {self.samples} samples ({share:.0%} of {swarm.samples_accumulated}/{swarm.target_batch_size})"
+        )
 
     def _publish(self, record: PeerProgress) -> None:
         self.record, self.last_published = record, time.monotonic()

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import hivemind
 import torch
 from torch.utils.data import DataLoader
 
-from data import MLMDataset, WholeWordMaskCollator, check_tokenizer_matches, load_tokenizer, model_overrides_from_tokenizer
+from data import (
+    MLMDataset,
+    WholeWordMaskCollator,
+    check_tokenizer_matches,
+    load_tokenizer,
+    model_overrides_from_tokenizer,
+)
 from model import LeanAlbertForMaskedLM, load_config
 from peer.backup import Backups
-from peer.faults import parameters_finite
 from peer.config import OptimConfig, PeerConfig, SwarmConfig
+from peer.faults import parameters_finite
 from peer.lifecycle import StopSignal
 from peer.progress import make_validators, model_fingerprint
 from peer.report import PeerMetrics, Reporter
@@ -31,13 +37,13 @@ class Peer:
     config: PeerConfig
     dht: hivemind.DHT
     model: torch.nn.Module
-    optimizer: Optional[hivemind.Optimizer]
+    optimizer: hivemind.Optimizer | None
     batches: Iterator[dict]
     device: torch.device
     precision: torch.dtype
     backups: Backups
-    reporter: Optional[Reporter] = None
-    stop: Optional[StopSignal] = None
+    reporter: Reporter | None = None
+    stop: StopSignal | None = None
 
     def close(self) -> None:
         """Leave the swarm, first writing a backup of the current state if it is sound."""
@@ -116,8 +122,16 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
 
     dht = build_dht(swarm, make_validators(swarm.run_id))
     logger.info(f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}")
-    peer = Peer(config, dht, model, None, build_batches(config, tokenizer, str(dht.peer_id)), device, precision,
-                Backups(config.backup_dir, config.keep_backups, model_hash))
+    peer = Peer(
+        config,
+        dht,
+        model,
+        None,
+        build_batches(config, tokenizer, str(dht.peer_id)),
+        device,
+        precision,
+        Backups(config.backup_dir, config.keep_backups, model_hash),
+    )
     try:
         peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)
         peer.stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
@@ -125,8 +139,9 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         metrics = PeerMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port)
-        peer.reporter = Reporter(dht, swarm.run_id, peer.optimizer, device_name(device), model_hash,
-                                 config.metrics_expiration, metrics)
+        peer.reporter = Reporter(
+            dht, swarm.run_id, peer.optimizer, device_name(device), model_hash, config.metrics_expiration, metrics
+        )
         take_newest_state(peer)
     except BaseException:
         peer.shutdown()
@@ -141,7 +156,9 @@ def take_newest_state(peer: Peer) -> None:
         download_state(peer.optimizer)
     backup_epoch = peer.backups.latest_epoch()
     if backup_epoch is not None and backup_epoch > peer.optimizer.local_epoch:
-        logger.info(f"The local backup (epoch {backup_epoch}) is newer than the swarm's (epoch {peer.optimizer.local_epoch})")
+        logger.info(
+            f"The local backup (epoch {backup_epoch}) is newer than the swarm's (epoch {peer.optimizer.local_epoch})"
+        )
         peer.backups.restore(backup_epoch, peer.model, peer.optimizer)
     elif peer.optimizer.local_epoch > 0 and backup_epoch != peer.optimizer.local_epoch:
         peer.backups.save(peer.model, peer.optimizer)  # a local copy of the state this peer starts from

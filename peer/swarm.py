@@ -6,8 +6,8 @@ The monitor builds its ``TrainingStateAverager`` from the same factories, so the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Callable, Iterable, Optional
 
 import hivemind
 import torch
@@ -123,11 +123,15 @@ def make_lamb_8bit(params, optim: OptimConfig) -> torch.optim.Optimizer:
         @torch.no_grad()
         def step(self, closure=None):
             if optim.max_grad_norm > 0:
-                grads_of = [param for group in self.param_groups for param in group["params"] if param.grad is not None]
+                grads_of = [
+                    param for group in self.param_groups for param in group["params"] if param.grad is not None
+                ]
                 torch.nn.utils.clip_grad_norm_(grads_of, optim.max_grad_norm)
             return super().step(closure)
 
-    return ClippedLamb8bit(params, lr=optim.learning_rate, betas=(0.9, 0.999), eps=1e-6, weight_decay=optim.weight_decay)
+    return ClippedLamb8bit(
+        params, lr=optim.learning_rate, betas=(0.9, 0.999), eps=1e-6, weight_decay=optim.weight_decay
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -205,7 +209,7 @@ def bound_state_downloads(optimizer: hivemind.Optimizer, max_attempts: int) -> N
     state_averager.load_state_from_peers = bounded_download
 
 
-def download_state(optimizer: hivemind.Optimizer) -> Optional[int]:
+def download_state(optimizer: hivemind.Optimizer) -> int | None:
     """Download parameters, optimizer state and epoch from the swarm; returns the epoch, or None if it failed."""
     try:
         optimizer.load_state_from_peers()

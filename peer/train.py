@@ -39,7 +39,9 @@ def train(peer: Peer) -> int:
             reporter.status("averaging with the swarm" if optimizer.tracker.ready_to_update_epoch else "training")
             with contextlib.suppress(StopRequested), peer.stop.interruptible():
                 step(optimizer, scaler, config.samples_per_step)
-            reporter.batch_done(loss.item(), config.samples_per_step, computed - started, time.perf_counter() - computed)
+            reporter.batch_done(
+                loss.item(), config.samples_per_step, computed - started, time.perf_counter() - computed
+            )
         optimizer.zero_grad(set_to_none=True)
 
         if optimizer.local_epoch != epoch:

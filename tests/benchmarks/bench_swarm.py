@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.peer.conftest import process_group_members  # noqa: E402
+from tests.peer.conftest import process_group_members
 
 WIRE_BYTES = {"none": 4, "fp16": 2, "scaled-fp16": 2}
 
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {name: float(value) for name, value in re.findall(r"^(albert_peer_\w+) ([0-9.e+-]+)$", text, re.M)}
+    return {name: float(value) for name, value in re.findall(r"^(albert_peer_\w+) ([0-9.e+-]+)$", text, re.MULTILINE)}
 
 
 def bytes_sent(pgid: int) -> int:
@@ -56,18 +56,39 @@ def bytes_sent(pgid: int) -> int:
 class BenchPeer:
     def __init__(self, name: str, workdir: Path, initial_peers: list[str], flags: list[str]):
         self.port, self.log_path = free_port(), workdir / f"{name}.log"
-        command = [sys.executable, "-m", "peer", "--run_id", "bench", "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-                   "--torch_threads", "1", "--metrics_port", str(self.port), "--backup_dir", str(workdir / name),
-                   "--backup_every", "0", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "peer",
+            "--run_id",
+            "bench",
+            "--host_maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--torch_threads",
+            "1",
+            "--metrics_port",
+            str(self.port),
+            "--backup_dir",
+            str(workdir / name),
+            "--backup_every",
+            "0",
+            *flags,
+        ]
         if initial_peers:
             command += ["--initial_peers", *initial_peers]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=open(self.log_path, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
 
     def maddrs(self, timeout: float = 300) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(r"others can join via: (.*)$", self.log_path.read_text(), re.M)
+            found = re.search(r"others can join via: (.*)$", self.log_path.read_text(), re.MULTILINE)
             if found:
                 return found.group(1).split()
             time.sleep(0.5)
@@ -112,11 +133,13 @@ def measure(preset: str, num_peers: int, seconds: float, flags: list[str], param
             delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
             rounds = max(delta.get("albert_peer_epoch", 0), 1)
             sent = (bytes_sent(peer.process.pid) - sent_before) / rounds
-            print(f"{preset:5s} peers={num_peers} {peer.log_path.stem}: "
-                  f"{delta['albert_peer_samples_total'] / wall:7.2f} samples/s | "
-                  f"computing {delta['albert_peer_compute_seconds_total'] / wall:6.1%} of wall time | "
-                  f"{delta.get('albert_peer_epoch', 0):.0f} epochs | sent {sent / 1e6:8.2f} MB/round "
-                  f"(2*P*b = {2 * parameters * wire_bytes / 1e6:.2f} MB)")
+            print(
+                f"{preset:5s} peers={num_peers} {peer.log_path.stem}: "
+                f"{delta['albert_peer_samples_total'] / wall:7.2f} samples/s | "
+                f"computing {delta['albert_peer_compute_seconds_total'] / wall:6.1%} of wall time | "
+                f"{delta.get('albert_peer_epoch', 0):.0f} epochs | sent {sent / 1e6:8.2f} MB/round "
+                f"(2*P*b = {2 * parameters * wire_bytes / 1e6:.2f} MB)"
+            )
     finally:
         for peer in peers:
             peer.stop()
@@ -138,8 +161,18 @@ def main() -> None:
     parser.add_argument("--no-delay", action="store_true", help="measure without delayed averaging")
     args = parser.parse_args()
     for preset, target in zip(args.presets, args.target_batch_size * len(args.presets)):
-        flags = ["--model", preset, "--target_batch_size", str(target), "--matchmaking_time", "5",
-                 "--batch_size", "8", "--max_length", "128"]
+        flags = [
+            "--model",
+            preset,
+            "--target_batch_size",
+            str(target),
+            "--matchmaking_time",
+            "5",
+            "--batch_size",
+            "8",
+            "--max_length",
+            "128",
+        ]
         if not args.no_delay:
             flags += ["--delay_optimizer_step", "--delay_grad_averaging"]
         parameters = count_parameters(preset)

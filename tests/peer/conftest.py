@@ -20,10 +20,36 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "test-run"
 # Small enough for epochs of a few seconds with one thread per peer on a shared 2-core machine.
 PEER_FLAGS = [
-    "--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_threads", "1", "--model", "tiny", "--batch_size", "8",
-    "--max_length", "64", "--target_batch_size", "32", "--matchmaking_time", "2", "--averaging_timeout", "15",
-    "--load_state_timeout", "15", "--learning_rate", "0.05", "--warmup_epochs", "0", "--total_epochs", "1000",
-    "--backup_every", "1", "--keep_backups", "1000", "--metrics_expiration", "10",
+    "--host_maddrs",
+    "/ip4/127.0.0.1/tcp/0",
+    "--torch_threads",
+    "1",
+    "--model",
+    "tiny",
+    "--batch_size",
+    "8",
+    "--max_length",
+    "64",
+    "--target_batch_size",
+    "32",
+    "--matchmaking_time",
+    "2",
+    "--averaging_timeout",
+    "15",
+    "--load_state_timeout",
+    "15",
+    "--learning_rate",
+    "0.05",
+    "--warmup_epochs",
+    "0",
+    "--total_epochs",
+    "1000",
+    "--backup_every",
+    "1",
+    "--keep_backups",
+    "1000",
+    "--metrics_expiration",
+    "10",
 ]
 
 
@@ -66,11 +92,23 @@ class PeerProcess:
         self.backup_dir.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
         env = {key: value for key, value in env.items() if not key.startswith("ALBERT_") or key in (extra_env or {})}
-        command = [sys.executable, "-m", "peer", "--run_id", RUN_ID, "--initial_peers", *initial_peers, *PEER_FLAGS,
-                   "--backup_dir", str(self.backup_dir), *extra_flags]
+        command = [
+            sys.executable,
+            "-m",
+            "peer",
+            "--run_id",
+            RUN_ID,
+            "--initial_peers",
+            *initial_peers,
+            *PEER_FLAGS,
+            "--backup_dir",
+            str(self.backup_dir),
+            *extra_flags,
+        ]
         self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.pgid = self.process.pid
 
     def log_text(self) -> str:
@@ -114,7 +152,9 @@ class Swarm:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators(RUN_ID))
+        self.dht = hivemind.DHT(
+            start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators(RUN_ID)
+        )
         self.initial_peers = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
         self.peers: dict[str, PeerProcess] = {}
         self.history: dict[bytes, dict[int, object]] = defaultdict(dict)  # owner -> epoch -> PeerProgress
@@ -135,8 +175,11 @@ class Swarm:
         return sorted(record.epoch for record in self.poll().values())
 
     def wait_for_epoch(self, epoch: int, peers: int, timeout: float) -> list[int]:
-        return wait_until(lambda: (lambda epochs: len(epochs) >= peers and min(epochs[-peers:]) >= epoch and epochs)(
-            self.epochs()), timeout, f"{peers} peers reporting epoch >= {epoch}; logs in {self.workdir}")
+        return wait_until(
+            lambda: (lambda epochs: len(epochs) >= peers and min(epochs[-peers:]) >= epoch and epochs)(self.epochs()),
+            timeout,
+            f"{peers} peers reporting epoch >= {epoch}; logs in {self.workdir}",
+        )
 
     def close(self) -> None:
         for peer in self.peers.values():

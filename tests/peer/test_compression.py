@@ -20,15 +20,25 @@ def test_every_offered_compression_has_a_factory():
 @pytest.mark.parametrize("name", COMPRESSIONS)
 def test_compression_round_trips_through_an_averaging_round(name):
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                          initial_peers=[str(maddr) for maddr in first.get_visible_maddrs()])
+    second = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=[str(maddr) for maddr in first.get_visible_maddrs()],
+    )
     generator = torch.Generator().manual_seed(0)
     tensors = [[torch.randn(1000, 64, generator=generator), torch.randn(7, generator=generator)] for _ in range(2)]
     expected = [(left + right) / 2 for left, right in zip(*tensors)]
     averagers = [
-        DecentralizedAverager([tensor.clone() for tensor in local], dht, prefix=f"compression-{name}", start=True,
-                              compression=COMPRESSION_FACTORIES[name](), min_matchmaking_time=2.0,
-                              request_timeout=1.0, target_group_size=2)
+        DecentralizedAverager(
+            [tensor.clone() for tensor in local],
+            dht,
+            prefix=f"compression-{name}",
+            start=True,
+            compression=COMPRESSION_FACTORIES[name](),
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            target_group_size=2,
+        )
         for local, dht in zip(tensors, (first, second))
     ]
     try:

@@ -18,8 +18,12 @@ def test_defaults_listen_on_all_interfaces():
 
 
 def test_flag_beats_environment_beats_default():
-    environ = {"ALBERT_RUN_ID": "from-env", "ALBERT_TARGET_BATCH_SIZE": "64", "ALBERT_CLIENT_MODE": "true",
-               "ALBERT_INITIAL_PEERS": "/ip4/10.0.0.1/tcp/1/p2p/A, /ip4/10.0.0.2/tcp/2/p2p/B"}
+    environ = {
+        "ALBERT_RUN_ID": "from-env",
+        "ALBERT_TARGET_BATCH_SIZE": "64",
+        "ALBERT_CLIENT_MODE": "true",
+        "ALBERT_INITIAL_PEERS": "/ip4/10.0.0.1/tcp/1/p2p/A, /ip4/10.0.0.2/tcp/2/p2p/B",
+    }
     swarm, optim, _ = parse_configs(*ALL, args=["--run-id", "from-flag"], environ=environ)
     assert swarm.run_id == "from-flag"
     assert optim.target_batch_size == 64 and swarm.client_mode is True
@@ -33,14 +37,17 @@ def test_every_field_is_documented():
             assert "[env" not in field.metadata["help"]  # the env hint is added to --help, not to the class
 
 
-@pytest.mark.parametrize("args, environ, problem", [
-    (["--target_batch_size", "0"], {}, "target_batch_size must be positive"),
-    ([], {"ALBERT_LEARNING_RATE": "fast"}, "ALBERT_LEARNING_RATE"),
-    (["--grad_compression", "8bit"], {}, "invalid choice"),
-    (["--delay_grad_averaging"], {}, "needs --delay-optimizer-step"),
-    (["--initial_peers", "localhost:1234"], {}, "is not a multiaddr"),
-    (["--run_id", "a.b"], {}, "run_id must be"),
-])
+@pytest.mark.parametrize(
+    "args, environ, problem",
+    [
+        (["--target_batch_size", "0"], {}, "target_batch_size must be positive"),
+        ([], {"ALBERT_LEARNING_RATE": "fast"}, "ALBERT_LEARNING_RATE"),
+        (["--grad_compression", "8bit"], {}, "invalid choice"),
+        (["--delay_grad_averaging"], {}, "needs --delay-optimizer-step"),
+        (["--initial_peers", "localhost:1234"], {}, "is not a multiaddr"),
+        (["--run_id", "a.b"], {}, "run_id must be"),
+    ],
+)
 def test_bad_values_exit_with_a_clear_message(args, environ, problem, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_configs(*ALL, args=args, environ=environ)

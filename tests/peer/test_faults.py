@@ -61,8 +61,10 @@ def test_survivors_keep_stepping_after_kill_9(swarm):
     # each survivor must make 4 more optimizer steps (epochs) without the dead peer
     for name in ("a", "faulty"):
         wait_until(lambda: swarm.peers[name].backup_epochs()[-1] >= before[name] + 4, 120, f"{name} to keep stepping")
-    print(f"survivors made 4 epochs in {time.monotonic() - killed_at:.1f} s after kill -9; "
-          f"back to full speed {seconds_to_full_speed(swarm.peers['a'], time.time() - (time.monotonic() - killed_at))}")
+    print(
+        f"survivors made 4 epochs in {time.monotonic() - killed_at:.1f} s after kill -9; "
+        f"back to full speed {seconds_to_full_speed(swarm.peers['a'], time.time() - (time.monotonic() - killed_at))}"
+    )
     assert not process_group_members(swarm.peers["b"].pgid)
 
 

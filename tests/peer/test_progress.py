@@ -22,8 +22,17 @@ RUN_ID = "progress-test"
 
 
 def record(epoch: int = 3, **changes) -> PeerProgress:
-    values = dict(epoch=epoch, samples_per_second=12.5, samples_accumulated=64, loss_sum=18.0, mini_steps=2,
-                  device="cpu", version="dev", time=float(get_dht_time()), model_hash="0123456789abcdef")
+    values = dict(
+        epoch=epoch,
+        samples_per_second=12.5,
+        samples_accumulated=64,
+        loss_sum=18.0,
+        mini_steps=2,
+        device="cpu",
+        version="dev",
+        time=float(get_dht_time()),
+        model_hash="0123456789abcdef",
+    )
     return PeerProgress(**{**values, **changes})
 
 
@@ -32,9 +41,12 @@ def dhts():
     """Two peers with different signing keys: an honest one and one trying to write over the honest one's record."""
     honest = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators(RUN_ID))
     attacker_key = RSAPrivateKey()
-    attacker = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                            initial_peers=[str(maddr) for maddr in honest.get_visible_maddrs()],
-                            record_validators=make_validators(RUN_ID, attacker_key))
+    attacker = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=[str(maddr) for maddr in honest.get_visible_maddrs()],
+        record_validators=make_validators(RUN_ID, attacker_key),
+    )
     yield honest, attacker, attacker_key
     attacker.shutdown()
     honest.shutdown()
@@ -53,21 +65,29 @@ def test_records_are_signed_and_readable_by_other_peers(dhts):
 def test_nobody_overwrites_another_peers_record(dhts):
     honest, attacker, _ = dhts
     assert publish_progress(honest, RUN_ID, record(epoch=4), expiration=30)
-    forged = attacker.store(metrics_key(RUN_ID), subkey=local_public_key(), value=record(epoch=99).dict(),
-                            expiration_time=get_dht_time() + 60)
+    forged = attacker.store(
+        metrics_key(RUN_ID),
+        subkey=local_public_key(),
+        value=record(epoch=99).dict(),
+        expiration_time=get_dht_time() + 60,
+    )
     assert not forged
     assert fetch_progress(honest, RUN_ID)[local_public_key()].epoch == 4
 
 
-@pytest.mark.parametrize("bad_value", [
-    dict(record().dict(), epoch=1.5),  # strict types: no conversion accepted
-    dict(record().dict(), extra_field=1),
-    dict(record().dict(), device="x" * 5000),  # over the size limit
-])
+@pytest.mark.parametrize(
+    "bad_value",
+    [
+        dict(record().dict(), epoch=1.5),  # strict types: no conversion accepted
+        dict(record().dict(), extra_field=1),
+        dict(record().dict(), device="x" * 5000),  # over the size limit
+    ],
+)
 def test_malformed_or_oversized_records_are_refused(dhts, bad_value):
     honest, _, _ = dhts
-    assert not honest.store(metrics_key(RUN_ID), subkey=local_public_key(), value=bad_value,
-                            expiration_time=get_dht_time() + 30)
+    assert not honest.store(
+        metrics_key(RUN_ID), subkey=local_public_key(), value=bad_value, expiration_time=get_dht_time() + 30
+    )
 
 
 def test_records_expire(dhts):

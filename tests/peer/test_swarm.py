@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.peer.conftest import wait_until
 
@@ -43,8 +42,10 @@ def test_two_peers_advance_the_swarm_epoch_together(swarm):
 def test_parameters_agree_after_an_epoch(swarm):
     common = sorted(set(swarm.peers["a"].backup_epochs()) & set(swarm.peers["b"].backup_epochs()) - {0})
     assert len(common) >= 2, f"too few common backups: {common}"
-    differences = {epoch: max_difference(swarm.peers["a"].parameters(epoch), swarm.peers["b"].parameters(epoch))
-                   for epoch in common[1:]}
+    differences = {
+        epoch: max_difference(swarm.peers["a"].parameters(epoch), swarm.peers["b"].parameters(epoch))
+        for epoch in common[1:]
+    }
     agreeing = [epoch for epoch, difference in differences.items() if difference < PARAMETER_TOLERANCE]
     # every epoch but a rare one where averaging timed out on this loaded machine; state averaging re-aligns them
     assert len(agreeing) >= max(1, len(differences) - 1), differences
