@@ -48,8 +48,8 @@ class LeanAlbertConfig(PretrainedConfig):
         attention_probs_dropout_prob (`float`): dropout on the attention probabilities.
         classifier_dropout_prob (`float`): dropout before the classification heads.
         sparse_prediction (`bool`): when the masked-LM head gets labels, decode only the labelled positions (logits
-            become [num_labelled, vocab]). Same loss and gradients, far less work: the vocabulary-wide decoder is
-            the most expensive layer of a small model and ~85% of positions carry no label. For training.
+            become [num_labelled, vocab]). Same loss and gradients; it saves the decoder's forward pass over the ~85%
+            of positions that carry no label (the loss never needs them). For training.
         classifier_pooling (`str`): how sequence classification pools tokens: "mean" (over the attention mask)
             or "cls" (the first token). Mean suits a model pre-trained by masked LM alone.
         rotary_embedding_base (`float`): base of the rotary frequencies.
@@ -160,8 +160,8 @@ def _check_number(name: str, value: Any, kind: type, low: float, high: float | N
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
 
 
-# Named architectures. Each is a complete set of overrides on top of LeanAlbertConfig's defaults. intermediate_size is
-# the gated width: a GEGLU of width I has the parameters of a plain feed-forward of width 1.5 I.
+# Named architectures, applied on top of LeanAlbertConfig's defaults (a name wins over a directory of the same name).
+# intermediate_size is the gated width: a GEGLU of width I has the parameters of a plain feed-forward of width 1.5 I.
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the local CPU demo: a forward+backward of 8 x 128 tokens well under a second on one core.
     "tiny": dict(

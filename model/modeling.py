@@ -47,10 +47,10 @@ class LeanAlbertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         embeddings = self.word_embeddings(input_ids)  # [batch, seq, E]
-        if self.token_type_embeddings is not None:
-            # No token_type_ids means every token has type 0: add that one row instead of gathering it B*T times.
-            types = self.token_type_embeddings.weight[0] if token_type_ids is None else None
-            embeddings = embeddings + (types if types is not None else self.token_type_embeddings(token_type_ids))
+        if self.token_type_embeddings is not None and token_type_ids is None:
+            embeddings = embeddings + self.token_type_embeddings.weight[0]  # all type 0: one row, no gather
+        elif self.token_type_embeddings is not None:
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         return self.projection(self.dropout(self.layer_norm(embeddings)))  # [batch, seq, H]
 
 
@@ -75,7 +75,7 @@ class LeanAlbertRotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate `x` [batch, seq, heads, head_size] by position, in float32; `rotation` [seq, head_size / 2].
 
-    One complex multiplication: on CPU as fast as not rotating at all, unlike the usual cat-based rotate_half.
+    One complex multiplication: measured on CPU about as cheap as no rotation, unlike the cat-based rotate_half.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [batch, seq, heads, head_size / 2]
     return torch.view_as_real(pairs * rotation[:, None]).flatten(-2)

@@ -10,6 +10,8 @@ from peer.runtime import start_peer
 from peer.swarm import SwarmJoinError
 from peer.train import train
 
+logger = logging.getLogger("peer")
+
 
 def run() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -18,10 +20,10 @@ def run() -> int:
     try:
         peer = start_peer(swarm, optim, config)
     except ValueError as error:  # includes the data package's CorpusError and TokenizerError
-        logging.critical(f"Invalid setting: {error}")
+        logger.critical(f"Invalid setting: {error}")
         return ExitCode.USAGE
     except SwarmJoinError as error:
-        logging.critical(str(error))
+        logger.critical(str(error))
         return ExitCode.SWARM_UNREACHABLE
     except StopRequested as stop:
         return stop.exit_code

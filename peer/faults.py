@@ -36,7 +36,7 @@ def parameters_finite(model: torch.nn.Module) -> bool:
 
 
 def recover_parameters(model: torch.nn.Module, optimizer: hivemind.Optimizer, backups: Backups) -> bool:
-    """After non-finite parameters: reload state from peers, else from the newest local backup. True if finite again."""
+    """After non-finite parameters: reload state from peers, else from the newest backup. True if finite again."""
     logger.error(f"Parameters became non-finite at epoch {optimizer.local_epoch}: reloading state from peers")
     download_state(optimizer)
     if parameters_finite(model):

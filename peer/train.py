@@ -1,4 +1,4 @@
-"""The training loop: batch -> forward -> finite-loss guard -> backward -> optimizer.step() -> report on a new epoch."""
+"""The training loop: batch -> forward -> finite-loss guard -> backward -> optimizer.step() -> report each epoch."""
 
 from __future__ import annotations
 

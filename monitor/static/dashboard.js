@@ -36,7 +36,8 @@ function drawChart(container, points, formatX) {
   const usable = points.filter((p) => p.y !== null && Number.isFinite(p.y));
   svg.dataset.points = String(usable.length);
   if (usable.length === 0) {
-    svg.appendChild(svgElement("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
+    const attrs = { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" };
+    svg.appendChild(svgElement("text", attrs, "no data yet"));
     container.replaceChildren(svg);
     return;
   }
@@ -54,7 +55,9 @@ function drawChart(container, points, formatX) {
   svg.appendChild(svgElement("text", { x: W - PAD.right, y: H - 4, "text-anchor": "end" }, formatX(x1)));
   const path = usable.map((p, i) => `${i ? "L" : "M"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ");
   svg.appendChild(svgElement("path", { d: path, class: "series" }));
-  if (usable.length === 1) svg.appendChild(svgElement("circle", { cx: sx(xs[0]), cy: sy(ys[0]), r: 3, class: "series" }));
+  if (usable.length === 1) {
+    svg.appendChild(svgElement("circle", { cx: sx(xs[0]), cy: sy(ys[0]), r: 3, class: "series" }));
+  }
   container.replaceChildren(svg);
 }
 
@@ -81,7 +84,8 @@ function renderStatus(status) {
   }
   const model = status.model || {};
   document.getElementById("model-info").textContent =
-    `model ${model.name || "?"} · fingerprint ${model.hash || "?"} · monitor holds the state of epoch ${status.state_epoch}`;
+    `model ${model.name || "?"} · fingerprint ${model.hash || "?"} · ` +
+    `monitor holds the state of epoch ${status.state_epoch}`;
 }
 
 function renderHistory(history) {

@@ -213,22 +213,26 @@ def test_mlm_loss_ignores_unlabelled_positions():
     torch.testing.assert_close(model(ids, labels=other_labels).loss, output.loss)
 
 
-def test_sparse_prediction_gives_the_same_loss_and_gradients():
-    dense = LeanAlbertForMaskedLM(small_config()).train()
-    sparse = LeanAlbertForMaskedLM(small_config(sparse_prediction=True)).train()
-    sparse.load_state_dict(dense.state_dict())
+@pytest.mark.parametrize("sparse_prediction", [False, True])
+def test_mlm_loss_and_gradients_equal_cross_entropy_over_all_logits(sparse_prediction):
+    reference = LeanAlbertForMaskedLM(small_config()).train()
+    model = LeanAlbertForMaskedLM(small_config(sparse_prediction=sparse_prediction)).train()
+    model.load_state_dict(reference.state_dict())
     ids = torch.randint(5, VOCAB, (3, 10))
     labels = torch.where(torch.rand(3, 10) < 0.3, ids, -100)
     labels[2, 9] = ids[2, 9]
-    dense_output, sparse_output = dense(ids, labels=labels), sparse(ids, labels=labels)
-    assert sparse_output.logits.shape == (int((labels != -100).sum()), VOCAB)
-    torch.testing.assert_close(sparse_output.logits, dense_output.logits[labels != -100])
-    torch.testing.assert_close(sparse_output.loss, dense_output.loss)
-    dense_output.loss.backward()
-    sparse_output.loss.backward()
-    for (name, dense_parameter), sparse_parameter in zip(dense.named_parameters(), sparse.parameters(), strict=True):
-        torch.testing.assert_close(sparse_parameter.grad, dense_parameter.grad, atol=1e-6, rtol=1e-5, msg=name)
-    assert sparse(ids).logits.shape == (3, 10, VOCAB)  # without labels every position is decoded
+    all_logits = reference(ids).logits  # no labels: every position decoded, plain cross-entropy below
+    expected_loss = F.cross_entropy(all_logits.view(-1, VOCAB), labels.view(-1), ignore_index=-100)
+    expected_loss.backward()
+    output = model(ids, labels=labels)
+    output.loss.backward()
+    torch.testing.assert_close(output.loss, expected_loss)
+    for (name, expected), parameter in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(parameter.grad, expected.grad, atol=1e-6, rtol=1e-5, msg=name)
+    if sparse_prediction:  # only the labelled positions are decoded, in row-major order
+        torch.testing.assert_close(output.logits, all_logits[labels != -100])
+    else:
+        torch.testing.assert_close(output.logits, all_logits)
 
 
 def test_classification_losses_and_pooling():

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -20,6 +19,7 @@ from monitor.history import History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
+from tests.monitor.conftest import CHROMIUM, chromium
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-admin-token-0123"
@@ -188,34 +188,6 @@ def test_truncated_checkpoint_is_not_served_over_http(server, tmp_path):
         for s in family.samples
     }
     assert samples["albert_monitor_corrupted_checkpoints_total"] >= 1
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags for a root, offline, display-less machine: no sandbox, no GPU, and no background calls to Google's hosts.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--virtual-time-budget=8000",
-    "--window-size=1280,1600",
-]
-
-
-def chromium(url: str, tmp_path: Path, *flags: str) -> str:
-    profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
-    result = subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed (apt-get install chromium)")

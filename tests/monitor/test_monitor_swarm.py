@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from monitor.records import check_model_matches, monitor_validators
 from peer.progress import PeerProgress, publish_progress
-from tests.monitor.conftest import MonitorProcess, PeerProcess, child_env, run_cli, wait_until
+from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, child_env, chromium, run_cli, wait_until
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
@@ -92,6 +93,21 @@ def test_metrics_parse_and_agree_with_the_status(run):
         if s.name == "albert_peer_samples_per_second"
     ]
     assert len(labelled) == 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed (apt-get install chromium)")
+@pytest.mark.timeout(240)
+def test_live_dashboard_shows_both_peers_and_drawn_charts_in_chromium(run, tmp_path):
+    dom = chromium(run.monitor.url + "/", tmp_path, "--dump-dom")
+    peers_table = dom.split('id="peers-table"')[1].split("</table>")[0]
+    assert peers_table.count('<tr class="training"') + peers_table.count('<tr class="recovering"') == 2
+    for chart in ("loss", "speed", "peers"):
+        drawn = re.search(rf'id="chart-{chart}-time"><svg[^>]*data-points="(\d+)"', dom)
+        assert drawn and int(drawn.group(1)) >= 2, f"chart {chart} over time not drawn"
+    assert f'value="{" ".join(run.monitor.initial_peers())}"' in dom
+    screenshot = tmp_path / "live-dashboard.png"
+    chromium(run.monitor.url + "/", tmp_path, f"--screenshot={screenshot}")
+    assert screenshot.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.timeout(120)

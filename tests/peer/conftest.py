@@ -175,8 +175,12 @@ class Swarm:
         return sorted(record.epoch for record in self.poll().values())
 
     def wait_for_epoch(self, epoch: int, peers: int, timeout: float) -> list[int]:
+        def reached():
+            epochs = self.epochs()
+            return len(epochs) >= peers and min(epochs[-peers:]) >= epoch and epochs
+
         return wait_until(
-            lambda: (lambda epochs: len(epochs) >= peers and min(epochs[-peers:]) >= epoch and epochs)(self.epochs()),
+            reached,
             timeout,
             f"{peers} peers reporting epoch >= {epoch}; logs in {self.workdir}",
         )

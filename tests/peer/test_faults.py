@@ -59,8 +59,9 @@ def test_survivors_keep_stepping_after_kill_9(swarm):
     killed_at = time.monotonic()
     swarm.peers["b"].kill()
     # each survivor must make 4 more optimizer steps (epochs) without the dead peer
-    for name in ("a", "faulty"):
-        wait_until(lambda: swarm.peers[name].backup_epochs()[-1] >= before[name] + 4, 120, f"{name} to keep stepping")
+    for name, survivor in (("a", swarm.peers["a"]), ("faulty", swarm.peers["faulty"])):
+        target = before[name] + 4
+        wait_until(lambda: survivor.backup_epochs()[-1] >= target, 120, f"{name} to keep stepping")  # noqa: B023
     print(
         f"survivors made 4 epochs in {time.monotonic() - killed_at:.1f} s after kill -9; "
         f"back to full speed {seconds_to_full_speed(swarm.peers['a'], time.time() - (time.monotonic() - killed_at))}"

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.peer.conftest import wait_until
 
 pytestmark = [pytest.mark.slow]
 
-# Uncompressed all-reduce: peers that average the same gradients from the same state take the same LAMB step, so
-# their parameters agree to float32 rounding (measured: exactly equal). A peer that missed a round differs by a
-# whole update, ~lr * |p| ~ 1e-2 here. (With fp16 wire formats each peer receives the average with its own rounding,
-# and LAMB's normalisation turns that into up to one update of difference on near-zero-gradient elements of the
-# LayerNorm gains; state averaging every epoch keeps that bounded. The fault tests run with those defaults.)
-PARAMETER_TOLERANCE = 1e-5
+# Peers average the same gradients each epoch, but each receives the average with its own float rounding, and LAMB's
+# per-element normalisation amplifies that on near-zero-gradient elements; state averaging every epoch keeps the gap
+# bounded. Measured on loopback: ||a - b|| is 0 to 25% of one epoch's update ||a_e - a_(e-1)|| uncompressed, up to
+# ~100% with fp16 wire formats. A peer that missed a step differs by a whole update, and peers training apart drift by
+# many, so "less than half an update" tells agreement from its absence. Uncompressed here; the fault tests use fp16.
+AGREEMENT = 0.5
 EXACT = ["--grad_compression", "none", "--state_compression", "none"]
 
 
@@ -26,8 +27,15 @@ def swarm(make_swarm):
     return swarm
 
 
-def max_difference(first: dict, second: dict) -> float:
-    return max((first[name] - second[name]).abs().max().item() for name in first)
+def flat(parameters: dict) -> torch.Tensor:
+    return torch.cat([tensor.flatten().float() for tensor in parameters.values()])
+
+
+def gap_in_updates(peer, other, epoch: int) -> float:
+    """||peer - other|| at ``epoch`` as a fraction of ``peer``'s own update over the previous epoch."""
+    here = flat(peer.parameters(epoch))
+    update = (here - flat(peer.parameters(epoch - 1))).norm()
+    return ((here - flat(other.parameters(epoch))).norm() / update).item()
 
 
 @pytest.mark.timeout(300)
@@ -40,15 +48,12 @@ def test_two_peers_advance_the_swarm_epoch_together(swarm):
 
 @pytest.mark.timeout(300)
 def test_parameters_agree_after_an_epoch(swarm):
-    common = sorted(set(swarm.peers["a"].backup_epochs()) & set(swarm.peers["b"].backup_epochs()) - {0})
-    assert len(common) >= 2, f"too few common backups: {common}"
-    differences = {
-        epoch: max_difference(swarm.peers["a"].parameters(epoch), swarm.peers["b"].parameters(epoch))
-        for epoch in common[1:]
-    }
-    agreeing = [epoch for epoch, difference in differences.items() if difference < PARAMETER_TOLERANCE]
-    # every epoch but a rare one where averaging timed out on this loaded machine; state averaging re-aligns them
-    assert len(agreeing) >= max(1, len(differences) - 1), differences
+    first, second = swarm.peers["a"], swarm.peers["b"]
+    common = sorted(set(first.backup_epochs()) & set(second.backup_epochs()) & {e + 1 for e in first.backup_epochs()})
+    assert len(common) >= 3, f"too few common backups: {common}"
+    gaps = {epoch: gap_in_updates(first, second, epoch) for epoch in common[1:]}
+    # every epoch but a rare one where averaging timed out on this loaded machine
+    assert sum(gap < AGREEMENT for gap in gaps.values()) >= len(gaps) - 1, gaps
 
 
 @pytest.mark.timeout(300)
@@ -57,10 +62,13 @@ def test_late_peer_starts_from_the_swarm_state(swarm):
     joined = wait_until(lambda: late.backup_epochs(), 120, "the late peer to back up the state it downloaded")
     epoch = joined[0]
     assert epoch >= 4
-    assert "Downloading parameters from peer" in late.log_text() or "Finished downloading state" in late.log_text()
-    reference = swarm.peers["a"].parameters(epoch) if epoch in swarm.peers["a"].backup_epochs() else None
-    reference = reference or swarm.peers["b"].parameters(epoch)
-    assert max_difference(late.parameters(epoch), reference) < PARAMETER_TOLERANCE
+    assert "Finished downloading state" in late.log_text()
+    reference = next(
+        peer for peer in (swarm.peers["a"], swarm.peers["b"]) if {epoch - 1, epoch} <= set(peer.backup_epochs())
+    )
+    here = flat(late.parameters(epoch))
+    update = (flat(reference.parameters(epoch)) - flat(reference.parameters(epoch - 1))).norm()
+    assert ((here - flat(reference.parameters(epoch))).norm() / update).item() < AGREEMENT
     swarm.wait_for_epoch(epoch + 2, peers=3, timeout=120)
 
 
