@@ -53,7 +53,7 @@ def flags_table(config_class: type) -> str:
 def flags_markdown() -> str:
     parts = [BEGIN]
     for config_class, title, commands in SECTIONS:
-        parts += [f"#### {title} ({commands})", "", flags_table(config_class), ""]
+        parts += [f"### {title} ({commands})", "", flags_table(config_class), ""]
     parts.append(END)
     return "\n".join(parts)
 
