@@ -57,8 +57,9 @@ class LocalSwarmConfig:
     run_id: str = field(default="albert-swarm-local", metadata={"help": "Name of the run in the DHT."})
     target_batch_size: int = field(default=64, metadata={"help": "Samples the swarm accumulates per optimizer step."})
     batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward pass of each peer."})
-    learning_rate: float = field(default=0.003, metadata={"help": "Peak learning rate."})
-    warmup_epochs: int = field(default=10, metadata={"help": "Epochs of learning-rate warm-up."})
+    # high for LAMB: the tiny demo model should learn visibly within minutes on a laptop
+    learning_rate: float = field(default=0.02, metadata={"help": "Peak learning rate."})
+    warmup_epochs: int = field(default=5, metadata={"help": "Epochs of learning-rate warm-up."})
     checkpoint_every: int = field(default=20, metadata={"help": "Write a checkpoint every this many epochs."})
     threads_per_peer: int = field(default=1, metadata={"help": "CPU threads of each peer's torch."})
 
