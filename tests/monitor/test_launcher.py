@@ -1,0 +1,134 @@
+"""`albert-swarm`, the embedded default: a monitor and two peers as real processes, stopped in order, resumed.
+
+One module-scoped pair of runs in the same run directory: the first stops by itself after --duration, the second is
+stopped with SIGINT (Ctrl-C). The assertions read what a user would see: exit codes, the monitor's SQLite history
+and checkpoint directory, and the process table.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from monitor.history import History
+from monitor.launcher import latest_checkpoint
+
+from conftest import REPO, child_env, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+DURATION = 75
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention `text` (the run directory is on every child's command line)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:160]}")
+    return found
+
+
+def p2pd_pids() -> set[int]:
+    return {int(line.split()[0]) for line in processes_mentioning("hivemind_cli/p2pd") if line.split(":")[0].isdigit()
+            for line in [line.replace(":", " ", 1)]}
+
+
+def launch(run_dir: Path, *flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "monitor.launcher", "--run_dir", str(run_dir), "--http_port", str(free_port()),
+               "--target_batch_size", "32", *flags]
+    return subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("albert-swarm-run")
+    p2pd_before = p2pd_pids()
+    first = launch(run_dir, "--duration", str(DURATION))
+    try:
+        first_output, _ = first.communicate(timeout=DURATION + 300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    first_checkpoint = latest_checkpoint(run_dir / "monitor" / "checkpoints")
+    leftovers_after_first = processes_mentioning(str(run_dir))
+
+    second_started = time.time()
+    second = launch(run_dir)
+    try:
+        # wait until its peers train (the monitor's history gains rows from this run), then press Ctrl-C
+        wait_until(lambda: _rows_since(run_dir, second_started) >= 3 or second.poll() is not None, 240,
+                   "the second run to record progress")
+        os.kill(second.pid, signal.SIGINT)
+        second_output, _ = second.communicate(timeout=180)
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    time.sleep(1)  # let the kernel reap the last children before looking at the process table
+    yield {
+        "run_dir": run_dir, "first": first, "first_output": first_output, "first_checkpoint": first_checkpoint,
+        "leftovers_after_first": leftovers_after_first, "second": second, "second_output": second_output,
+        "second_started": second_started, "new_p2pd": p2pd_pids() - p2pd_before,
+        "leftovers": processes_mentioning(str(run_dir)),
+    }
+
+
+def _rows_since(run_dir: Path, since: float) -> int:
+    history = History(run_dir / "monitor" / "history.sqlite")
+    try:
+        return sum(1 for row in history.series(since=since) if row["alive_peers"] > 0)
+    finally:
+        history.close()
+
+
+def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
+    assert two_runs["first"].returncode == 0, two_runs["first_output"]
+    assert "Dashboard: http://127.0.0.1:" in two_runs["first_output"]
+    assert "--initial-peers /ip4/127.0.0.1/tcp/" in two_runs["first_output"]
+    assert two_runs["first_checkpoint"] is not None, two_runs["first_output"]
+    assert not two_runs["leftovers_after_first"], two_runs["leftovers_after_first"]
+
+
+def test_the_swarm_loss_falls(two_runs):
+    history = History(two_runs["run_dir"] / "monitor" / "history.sqlite")
+    try:
+        epochs = [row for row in history.by_epoch() if row["loss"] is not None and row["time"] < two_runs["second_started"]]
+    finally:
+        history.close()
+    assert len(epochs) >= 4, f"too few epochs to judge the loss: {epochs}"
+    early = sum(row["loss"] for row in epochs[:2]) / 2
+    late = sum(row["loss"] for row in epochs[-2:]) / 2
+    assert late < early - 0.05, f"loss did not fall: first epochs {early:.3f}, last epochs {late:.3f}"
+
+
+def test_second_run_resumes_from_the_checkpoint_instead_of_starting_over(two_runs):
+    resumed_epoch = int(two_runs["first_checkpoint"].name.split("-")[1])
+    assert f"Resuming from checkpoint {two_runs['first_checkpoint']}" in two_runs["second_output"]
+    history = History(two_runs["run_dir"] / "monitor" / "history.sqlite")
+    try:
+        rows = [row for row in history.series(since=two_runs["second_started"]) if row["alive_peers"] > 0]
+    finally:
+        history.close()
+    assert rows, two_runs["second_output"]
+    assert min(row["epoch"] for row in rows) >= resumed_epoch, (resumed_epoch, rows[:3])
+
+
+def test_ctrl_c_stops_everything_in_order_and_leaves_no_process(two_runs):
+    output = two_runs["second_output"]
+    assert two_runs["second"].returncode == 0, output
+    order = [output.index(text) for text in ("Stopping the peers", "Writing the final checkpoint", "Stopping the monitor")]
+    assert order == sorted(order), output
+    assert not two_runs["leftovers"], two_runs["leftovers"]
+    assert not two_runs["new_p2pd"], f"p2pd daemons left running: {two_runs['new_p2pd']}"
