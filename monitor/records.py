@@ -12,73 +12,20 @@ from dataclasses import dataclass, field
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.dht.validation import RecordValidatorBase
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils import ValueWithExpiration
 
 from monitor.aggregate import PeerReport
-from peer.progress import PeerProgress, local_public_key, make_validators, metrics_key
+from peer.progress import PeerProgress, metrics_key
+from peer.run_record import (  # noqa: F401  (re-exported: the monitor's view of the run record)
+    RunRecord,
+    check_model_matches,
+    fetch_run_records,
+    publish_run_record,
+    run_key,
+    run_validators as monitor_validators,
+)
 
 logger = logging.getLogger(__name__)
-RUN_FIELD = "run"
-
-
-class RunRecord(pydantic.BaseModel):
-    """What a monitor announces about its run: the model every peer must train and the state it can share."""
-
-    model_hash: pydantic.constr(max_length=64, strict=True)
-    model: pydantic.constr(max_length=256, strict=True)
-    tokenizer: pydantic.constr(max_length=256, strict=True)
-    state_epoch: pydantic.conint(ge=-1, strict=True)
-    dashboard: pydantic.constr(max_length=256, strict=True)
-    time: pydantic.StrictFloat
-
-
-class RunSchema(pydantic.BaseModel):
-    run: dict[BytesWithPublicKey, RunRecord]
-
-
-def run_key(run_id: str) -> str:
-    return f"{run_id}_{RUN_FIELD}"
-
-
-def monitor_validators(run_id: str) -> list[RecordValidatorBase]:
-    """The peers' validators (progress schema, size limit, signatures) plus the run record's schema."""
-    return [*make_validators(run_id), SchemaValidator(RunSchema, prefix=run_id)]
-
-
-def publish_run_record(dht: DHT, run_id: str, record: RunRecord, expiration: float) -> bool:
-    """Store this monitor's run record, signed with its key, so no one else can overwrite it."""
-    stored = dht.store(
-        run_key(run_id), subkey=local_public_key(), value=record.dict(), expiration_time=get_dht_time() + expiration
-    )
-    return bool(stored)
-
-
-def fetch_run_records(dht: DHT, run_id: str) -> list[RunRecord]:
-    """Every monitor's valid run record (empty if no monitor serves this run)."""
-    found = dht.get(run_key(run_id), latest=True)
-    if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
-        return []
-    records = []
-    for entry in found.value.values():
-        try:
-            records.append(RunRecord.parse_obj(entry.value))
-        except (pydantic.ValidationError, AttributeError, TypeError):
-            continue
-    return records
-
-
-def check_model_matches(dht: DHT, run_id: str, model_hash: str) -> str | None:
-    """For peers and `albert-checkpoint pull`: None if the run accepts this model (or announces none), else why not."""
-    records = fetch_run_records(dht, run_id)
-    if not records or any(record.model_hash == model_hash for record in records):
-        return None
-    run = records[0]
-    return (
-        f"this model (fingerprint {model_hash}) does not match run {run_id!r}, which trains model {run.model!r} "
-        f"with tokenizer {run.tokenizer!r} (fingerprint {run.model_hash}): use the same --model and --tokenizer"
-    )
 
 
 def peer_label(owner: bytes, progress: PeerProgress | None = None) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import hivemind
+from hivemind.utils import get_dht_time
 import torch
 from torch.utils.data import DataLoader
 
@@ -23,8 +24,9 @@ from peer.backup import Backups
 from peer.config import OptimConfig, PeerConfig, SwarmConfig
 from peer.faults import parameters_finite
 from peer.lifecycle import StopSignal
-from peer.progress import make_validators, model_fingerprint
+from peer.progress import PeerProgress, model_fingerprint, publish_progress, software_version
 from peer.report import PeerMetrics, Reporter
+from peer.run_record import check_model_matches, run_validators
 from peer.swarm import bound_state_downloads, build_dht, build_optimizer, download_state, visible_maddrs
 
 logger = logging.getLogger(__name__)
@@ -120,8 +122,9 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
     tokenizer, model = build_model(config, device)
     model_hash = model_fingerprint(model.config, tokenizer)
 
-    dht = build_dht(swarm, make_validators(swarm.run_id))
+    dht = build_dht(swarm, run_validators(swarm.run_id))
     logger.info(f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}")
+    refuse_if_model_differs(dht, swarm.run_id, model_hash, device_name(device))
     peer = Peer(
         config,
         dht,
@@ -147,6 +150,19 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         peer.shutdown()
         raise
     return peer
+
+
+def refuse_if_model_differs(dht: hivemind.DHT, run_id: str, model_hash: str, device: str) -> None:
+    """Leave (ValueError) if the run's monitor announces another model; tell the monitor first, so both sides log it."""
+    refusal = check_model_matches(dht, run_id, model_hash)
+    if refusal is None:
+        return
+    announcement = PeerProgress(epoch=0, samples_per_second=0.0, samples_accumulated=0, loss_sum=0.0, mini_steps=0,
+                                device=device, version=software_version(), time=float(get_dht_time()),
+                                model_hash=model_hash)
+    publish_progress(dht, run_id, announcement, expiration=60.0)
+    dht.shutdown()
+    raise ValueError(refusal)
 
 
 def take_newest_state(peer: Peer) -> None:

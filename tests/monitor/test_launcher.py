@@ -19,7 +19,7 @@ import pytest
 from monitor.history import History
 from monitor.launcher import latest_checkpoint
 
-from conftest import REPO, child_env, free_port, wait_until
+from tests.monitor.conftest import REPO, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 DURATION = 75

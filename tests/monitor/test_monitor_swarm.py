@@ -110,6 +110,24 @@ def test_live_dashboard_shows_both_peers_and_drawn_charts_in_chromium(run, tmp_p
     assert screenshot.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.timeout(180)
+def test_a_peer_started_with_another_model_refuses_to_join_and_the_monitor_says_why(run):
+    refused_before = set(run.monitor.get("/api/status")["refused_peers"])
+    foreign = PeerProcess(run.workdir, "foreign", RUN_ID, run.monitor.initial_peers(), extra_flags=["--model", "base"])
+    run.processes.append(foreign)
+    code = wait_until(lambda: foreign.process.poll(), 150, "the foreign-model peer to give up")
+    assert code == 2, foreign.log_text()[-2000:]
+    assert "does not match run 'monitor-test'" in foreign.log_text()
+    new_refusals = wait_until(
+        lambda: {k: v for k, v in run.monitor.get("/api/status")["refused_peers"].items() if k not in refused_before},
+        30,
+        "the monitor to log the refusal",
+    )
+    assert all("differs from the run's" in reason for reason in new_refusals.values())
+    assert wait_until(lambda: "Refusing the records of peer" in run.monitor.log_text(), 15, "the monitor's log line")
+    assert run.monitor.get("/api/status")["alive_peers"] == 2
+
+
 @pytest.mark.timeout(120)
 def test_a_peer_with_another_model_is_refused(run):
     dht = hivemind.DHT(
