@@ -63,8 +63,14 @@ def test_late_peer_starts_from_the_swarm_state(swarm):
     epoch = joined[0]
     assert epoch >= 4
     assert "Finished downloading state" in late.log_text()
-    reference = next(
-        peer for peer in (swarm.peers["a"], swarm.peers["b"]) if {epoch - 1, epoch} <= set(peer.backup_epochs())
+    # the trainers back up the same epochs a moment later than the newcomer: wait for them, do not race them
+    reference = wait_until(
+        lambda: next(
+            (peer for peer in (swarm.peers["a"], swarm.peers["b"]) if {epoch - 1, epoch} <= set(peer.backup_epochs())),
+            None,
+        ),
+        60,
+        f"a trainer's backups of epochs {epoch - 1} and {epoch}",
     )
     here = flat(late.parameters(epoch))
     update = (flat(reference.parameters(epoch)) - flat(reference.parameters(epoch - 1))).norm()
