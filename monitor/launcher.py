@@ -46,6 +46,7 @@ class LocalSwarmConfig:
         warmup_epochs: epochs of learning-rate warm-up.
         checkpoint_every: the monitor writes a checkpoint every this many epochs.
         threads_per_peer: CPU threads each peer's torch uses.
+        host: address every process of the run listens on; 0.0.0.0 lets peers on other machines join.
     """
 
     run_dir: str = field(default="albert-swarm-run", metadata={"help": "Directory of everything the run keeps."})
@@ -62,11 +63,19 @@ class LocalSwarmConfig:
     warmup_epochs: int = field(default=5, metadata={"help": "Epochs of learning-rate warm-up."})
     checkpoint_every: int = field(default=20, metadata={"help": "Write a checkpoint every this many epochs."})
     threads_per_peer: int = field(default=1, metadata={"help": "CPU threads of each peer's torch."})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address the run listens on; 0.0.0.0 lets peers on other machines join."},
+    )
 
     def __post_init__(self):
         for name in ("peers", "target_batch_size", "batch_size", "learning_rate", "checkpoint_every"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.host not in ("127.0.0.1", "0.0.0.0"):
+            raise ValueError(
+                f"host must be 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces), got {self.host}"
+            )
         if self.duration < 0:
             raise ValueError(f"duration must be zero or positive, got {self.duration}")
 
@@ -104,15 +113,16 @@ class LocalSwarm:
 
     def _spawn(self, name: str, module: str, flags: list[str]) -> subprocess.Popen:
         env = {**os.environ, "ALBERT_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
-        log = open(self.logs / f"{name}.log", "ab")
-        # a new session, so that Ctrl-C in the terminal reaches only this launcher, which then stops them in order
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *flags],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        # a new session, so that Ctrl-C in the terminal reaches only this launcher, which then stops them in order;
+        # the child keeps its own copy of the log's file descriptor, so ours is closed right away
+        with open(self.logs / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", module, *flags],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     def start_monitor(self) -> list[str]:
         cfg = self.config
@@ -126,9 +136,9 @@ class LocalSwarm:
             "--run_dir",
             str(monitor_dir),
             "--host_maddrs",
-            "/ip4/127.0.0.1/tcp/0",
+            f"/ip4/{cfg.host}/tcp/0",
             "--http_host",
-            "127.0.0.1",
+            cfg.host,
             "--http_port",
             str(cfg.http_port),
             "--checkpoint_every",
@@ -180,7 +190,7 @@ class LocalSwarm:
                 "--initial_peers",
                 *initial_peers,
                 "--host_maddrs",
-                "/ip4/127.0.0.1/tcp/0",
+                f"/ip4/{cfg.host}/tcp/0",
                 "--identity_path",
                 str(peer_dir / "identity.key"),
                 "--backup_dir",
@@ -269,6 +279,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def print_join_command(config: LocalSwarmConfig, initial_peers: list[str]) -> None:
+    """The line a peer on another machine pastes; only the monitor's non-loopback addresses are of use there."""
+    remote = [maddr for maddr in initial_peers if not maddr.startswith("/ip4/127.")]
+    if config.host == "0.0.0.0" and remote:
+        print(
+            f"A peer on another machine joins with:\n  albert-peer --run-id {config.run_id} --initial-peers {' '.join(remote)}"
+        )
+        return
+    print(f"Peers join with:\n  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)}")
+    print("(this run listens on 127.0.0.1 only: start albert-swarm with --host 0.0.0.0 to let other machines join)")
+
+
 def status_line(status: dict | None, started: float) -> str:
     elapsed = time.monotonic() - started
     if not status:
@@ -314,11 +336,7 @@ def main(args: list[str] | None = None) -> int:
         initial_peers = swarm.start_monitor()
         swarm.start_peers(initial_peers)
         print(f"Dashboard: {swarm.url}")
-        print(
-            f"A peer on another machine joins with (after replacing 127.0.0.1 by this machine's address and "
-            f"starting the monitor with --host-maddrs /ip4/0.0.0.0/tcp/PORT):\n"
-            f"  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)}"
-        )
+        print_join_command(config, initial_peers)
         print(f"{config.peers} peers training the '{config.model}' preset; Ctrl-C stops the run.")
         watch(swarm, config.duration, lambda: bool(stopping))
     except RuntimeError as error:

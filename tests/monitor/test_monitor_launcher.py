@@ -96,7 +96,7 @@ def _rows_since(run_dir: Path, since: float) -> int:
 def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
     assert two_runs["first"].returncode == 0, two_runs["first_output"]
     assert "Dashboard: http://127.0.0.1:" in two_runs["first_output"]
-    assert "--initial-peers /ip4/127.0.0.1/tcp/" in two_runs["first_output"]
+    assert "albert-peer --run-id albert-swarm-local --initial-peers /ip4/127.0.0.1/tcp/" in two_runs["first_output"]
     assert two_runs["first_checkpoint"] is not None, two_runs["first_output"]
     assert not two_runs["leftovers_after_first"], two_runs["leftovers_after_first"]
 
