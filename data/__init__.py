@@ -1,7 +1,7 @@
 """Corpus, tokenizer and whole-word masked-LM batches for albert-swarm (imports nothing from the project)."""
 
 from .collator import WholeWordMaskCollator
-from .dataset import MLMDataset
+from .dataset import MLMDataset, held_out_sequences
 from .sources import BUNDLED_CORPUS, CorpusError
 from .tokenization import (
     BUNDLED_TOKENIZER,
@@ -20,6 +20,7 @@ __all__ = [
     "TokenizerError",
     "WholeWordMaskCollator",
     "check_tokenizer_matches",
+    "held_out_sequences",
     "load_tokenizer",
     "model_overrides_from_tokenizer",
     "train_tokenizer",

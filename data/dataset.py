@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from .sources import CorpusError, DocumentStats, iter_documents, load_stream, resolve_corpus
+from .sources import CorpusError, DocumentStats, check_split, iter_documents, load_stream, resolve_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ class MLMDataset(torch.utils.data.IterableDataset):
         warmup_sequences: over this many sequences the length grows linearly from `min_length` to `max_length`
             (short sequences first, as RuLeanALBERT trained); 0 disables the warm-up.
         min_length: the sequence length at the start of the warm-up.
+        split: "all" documents, "train" (all but the held-out slice, what peers train on) or "held_out" (only the
+            slice reserved for evaluation, one document in `sources.HELD_OUT_EVERY` chosen by a hash of its text).
     """
 
     def __init__(
@@ -125,8 +127,10 @@ class MLMDataset(torch.utils.data.IterableDataset):
         text_column: str = "text",
         warmup_sequences: int = 0,
         min_length: int = 32,
+        split: str = "all",
     ) -> None:
         super().__init__()
+        check_split(split)
         if max_length < 4:
             raise ValueError(f"max_length={max_length} leaves no room for words between [CLS] and [SEP]")
         if warmup_sequences < 0 or (warmup_sequences > 0 and not 4 <= min_length <= max_length):
@@ -140,6 +144,7 @@ class MLMDataset(torch.utils.data.IterableDataset):
         self.tokenizer, self.max_length, self.seed, self.peer_id = tokenizer, max_length, seed, peer_id
         self.start_epoch = start_epoch
         self.warmup_sequences, self.min_length = warmup_sequences, min_length
+        self.split = split
         self.stats = DocumentStats()
         self.skipped_words = 0
 
@@ -159,7 +164,7 @@ class MLMDataset(torch.utils.data.IterableDataset):
         while True:
             stream.set_epoch(corpus_pass)  # datasets' name for the pass number, which reseeds its shuffle
             self.stats = DocumentStats()
-            for batch in _batched(iter_documents(self.source, stream, self.stats), _TOKENIZE_BATCH):
+            for batch in _batched(iter_documents(self.source, stream, self.stats, self.split), _TOKENIZE_BATCH):
                 for encoding in encoder.encode_batch(batch, add_special_tokens=False):
                     for example in packer.add_document(encoding.ids, encoding.word_ids):
                         yield example
@@ -182,8 +187,8 @@ class MLMDataset(torch.utils.data.IterableDataset):
         )
         if stats.documents == 0:
             raise CorpusError(
-                f"corpus {self.source.spec} has no non-empty documents "
-                f"({stats.empty} empty, {stats.duplicates} duplicate)"
+                f"corpus {self.source.spec} has no non-empty documents in split {self.split!r} "
+                f"({stats.empty} empty, {stats.duplicates} duplicate, {stats.other_split} in the other split)"
             )
         if emitted == 0 and packer.is_empty:
             raise CorpusError(
@@ -199,6 +204,40 @@ class MLMDataset(torch.utils.data.IterableDataset):
                 f"corpus {self.source.spec} has {stream.num_shards} file(s) but the DataLoader has "
                 f"{worker.num_workers} workers: use at most {stream.num_shards} workers"
             )
+
+
+EVALUATION_STREAM_SEED = 0  # the held-out order is fixed, so every evaluation scores the same token set
+
+
+def held_out_sequences(
+    corpus: str | None,
+    tokenizer: PreTrainedTokenizerFast,
+    max_length: int = 128,
+    max_sequences: int = 256,
+    text_column: str = "text",
+) -> list[dict[str, list[int]]]:
+    """The first `max_sequences` packed sequences of one pass over the corpus's held-out slice, in a fixed order.
+
+    Fewer come back when the slice is smaller; a corpus whose slice yields none is a CorpusError.
+    """
+    source = resolve_corpus(corpus, text_column)
+    stream = load_stream(source, EVALUATION_STREAM_SEED)
+    packer = SequencePacker(tokenizer.cls_token_id, tokenizer.sep_token_id, max_length)
+    stats, sequences = DocumentStats(), []
+    encoder = _plain_encoder(tokenizer)
+    for batch in _batched(iter_documents(source, stream, stats, "held_out"), _TOKENIZE_BATCH):
+        for encoding in encoder.encode_batch(batch, add_special_tokens=False):
+            sequences.extend(packer.add_document(encoding.ids, encoding.word_ids))
+            if len(sequences) >= max_sequences:
+                return sequences[:max_sequences]
+    if not packer.is_empty:
+        sequences.append(packer._emit())  # the last, partly filled one
+    if not sequences:
+        raise CorpusError(
+            f"corpus {source.spec} has no held-out text ({stats.documents} held-out of "
+            f"{stats.documents + stats.other_split} documents): give a larger corpus"
+        )
+    return sequences
 
 
 def _plain_encoder(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:

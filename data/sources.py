@@ -29,6 +29,8 @@ _BUILDER_BY_SUFFIX = {
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SHUFFLE_BUFFER = 10_000  # documents; holds the whole bundled corpus, so its per-peer order is a full permutation
+HELD_OUT_EVERY = 100  # one document in this many (chosen by a hash of its text) is reserved for evaluation
+SPLITS = ("all", "train", "held_out")
 
 
 class CorpusError(ValueError):
@@ -152,10 +154,30 @@ class DocumentStats:
         self.documents = 0
         self.empty = 0
         self.duplicates = 0
+        self.other_split = 0
 
 
-def iter_documents(source: CorpusSource, stream: datasets.IterableDataset, stats: DocumentStats) -> Iterator[str]:
-    """One pass over `stream`: stripped, non-empty documents, each distinct text yielded once."""
+def is_held_out(digest: bytes) -> bool:
+    """Whether a document (by the blake2b digest of its text) belongs to the held-out evaluation slice.
+
+    A pure function of the text, so every peer, every pass and every evaluation agree on the slice.
+    """
+    return int.from_bytes(digest[:4], "little") % HELD_OUT_EVERY == 0
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+
+
+def iter_documents(
+    source: CorpusSource, stream: datasets.IterableDataset, stats: DocumentStats, split: str = "all"
+) -> Iterator[str]:
+    """One pass over `stream`: stripped, non-empty documents, each distinct text yielded once.
+
+    `split` keeps every document ("all"), all but the held-out slice ("train"), or only that slice ("held_out").
+    """
+    check_split(split)
     seen: set[bytes] = set()
     rows = iter(stream)
     while True:
@@ -182,6 +204,9 @@ def iter_documents(source: CorpusSource, stream: datasets.IterableDataset, stats
             stats.duplicates += 1
             continue
         seen.add(digest)
+        if split != "all" and is_held_out(digest) != (split == "held_out"):
+            stats.other_split += 1
+            continue
         stats.documents += 1
         yield text
 

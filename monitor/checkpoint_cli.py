@@ -2,6 +2,7 @@
 
 albert-checkpoint download --from http://HOST:PORT [--epoch N] --out DIR   # from a monitor, sha256-verified
 albert-checkpoint pull --initial-peers MADDR... --run-id RUN --out DIR     # straight from the swarm
+albert-checkpoint eval DIR --corpus CORPUS [--max-sequences N] [--seed S]  # held-out masked-LM loss and accuracy
 """
 
 from __future__ import annotations
@@ -150,13 +151,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     swarm.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="Multiaddrs to listen on.")
     swarm.add_argument("--timeout", type=float, default=120.0, help="Seconds the state download may take.")
+    score = commands.add_parser("eval", help="Held-out masked-LM loss and accuracy of a checkpoint directory.")
+    score.add_argument("directory", type=Path, help="A checkpoint directory (save_pretrained layout).")
+    score.add_argument(
+        "--corpus", default=None, help="The run's corpus: file, directory or glob (default: the bundled corpus)."
+    )
+    score.add_argument("--tokenizer", default=None, help="Tokenizer directory (default: the checkpoint's own).")
+    score.add_argument("--max-sequences", type=int, default=256, help="Held-out sequences to score.")
+    score.add_argument("--max-length", type=int, default=128, help="Tokens per sequence (the run's --max-length).")
+    score.add_argument("--seed", type=int, default=0, help="Seed of the whole-word masks.")
     return parser.parse_args(argv)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Print the held-out figures of one checkpoint; the same checkpoint and flags always print the same."""
+    from monitor.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.directory, args.corpus, args.tokenizer, args.max_sequences, args.seed, args.max_length
+    )
+    print(
+        f"{args.directory}: held-out masked-LM loss {result.loss:.4f} accuracy {result.accuracy:.4f} "
+        f"({result.targets} masked tokens in {result.sequences} sequences, seed {args.seed})"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
+        if args.command == "eval":
+            return evaluate(args)
         manifest = download(args.url, args.out, args.epoch, args.timeout) if args.command == "download" else pull(args)
     except (CheckpointError, ValueError, RuntimeError) as error:  # RuntimeError: also SwarmJoinError
         logger.error(str(error))

@@ -73,6 +73,8 @@ class StopSignal:
         """Within this block a stop signal interrupts the call at once instead of waiting for the next batch."""
         self._interruptible = True
         try:
+            if self.requested:  # the signal came while we computed: do not start a swarm call that may take minutes
+                raise StopRequested(self.signum)
             yield
         finally:
             self._interruptible = False

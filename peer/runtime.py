@@ -109,7 +109,10 @@ def build_model(peer: PeerConfig, device: torch.device):
 
 
 def build_batches(peer: PeerConfig, tokenizer, peer_id: str) -> Iterator[dict]:
-    dataset = MLMDataset(peer.corpus, tokenizer, max_length=peer.max_length, seed=peer.seed, peer_id=peer_id)
+    # split="train": the held-out slice stays unseen, so `albert-checkpoint eval` scores text no peer trained on.
+    dataset = MLMDataset(
+        peer.corpus, tokenizer, max_length=peer.max_length, seed=peer.seed, peer_id=peer_id, split="train"
+    )
     return iter(DataLoader(dataset, batch_size=peer.batch_size, collate_fn=WholeWordMaskCollator(tokenizer)))
 
 

@@ -101,6 +101,14 @@ def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
     assert not two_runs["leftovers_after_first"], two_runs["leftovers_after_first"]
 
 
+def test_every_peer_writes_a_backup_when_stopped(two_runs):
+    """Peers stop first and back up their state, so none is older than the final checkpoint taken after them."""
+    final_epoch = int(two_runs["first_checkpoint"].name.split("-")[1])
+    for peer_dir in sorted(two_runs["run_dir"].glob("peer-*")):
+        epochs = [int(path.stem.split("-")[1]) for path in (peer_dir / "backups").glob("epoch-*.pt")]
+        assert epochs and max(epochs) >= final_epoch, (peer_dir.name, epochs, final_epoch)
+
+
 def test_the_swarm_loss_falls(two_runs):
     history = History(two_runs["run_dir"] / "monitor" / "history.sqlite")
     try:

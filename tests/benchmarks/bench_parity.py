@@ -1,0 +1,295 @@
+"""Parity: does a swarm learn as well as one process on the same samples? Run by hand, never by CI.
+
+Runs (same preset, tokenizer, corpus, effective batch, LAMB + linear schedule, total samples):
+  reference  one process, a plain loop with peer.swarm's optimizer and scheduler, no hivemind
+  swarm-2    2 peers on loopback (a monitor bootstraps them)
+  swarm-4    4 peers
+  churn-4    4 peers, one SIGKILLed and a fresh one started every --churn-every epochs
+Every run is scored every --eval-every epochs on the same held-out token set (monitor.evaluation); swarm runs are
+scored from the peers' backups (every live peer holds the same averaged weights). Prints a table, saves a PNG.
+
+    nice -n 10 python tests/benchmarks/bench_parity.py --samples 1536 --max-length 64 --out parity.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from data import MLMDataset, WholeWordMaskCollator, load_tokenizer, model_overrides_from_tokenizer  # noqa: E402
+from model import LeanAlbertForMaskedLM, load_config  # noqa: E402
+from monitor.evaluation import HeldOutSet  # noqa: E402
+from peer.config import OptimConfig  # noqa: E402
+from peer.swarm import make_optimizer, make_scheduler, param_groups  # noqa: E402
+
+
+@dataclass
+class Run:
+    name: str
+    points: list[tuple[int, float, float]] = field(default_factory=list)  # (samples, loss, accuracy)
+    seconds: float = 0.0
+    note: str = ""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default=str(REPO.parent / "shared/corpora/ruslit"))
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--samples", type=int, default=8192, help="Training samples per run (the budget).")
+    parser.add_argument("--target-batch-size", type=int, default=64, help="Effective batch = swarm epoch size.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Per forward/backward pass.")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=0.005)
+    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=4, help="Epochs between evaluations.")
+    parser.add_argument("--eval-sequences", type=int, default=128)
+    parser.add_argument("--churn-every", type=int, default=4, help="Epochs between churn events.")
+    parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-parity"))
+    parser.add_argument("--out", type=Path, default=Path("parity.png"))
+    parser.add_argument("--timeout", type=float, default=1800, help="Seconds a swarm run may take.")
+    return parser.parse_args()
+
+
+def optim_config(args, epochs: int) -> OptimConfig:
+    return OptimConfig(
+        target_batch_size=args.target_batch_size,
+        learning_rate=args.learning_rate,
+        warmup_epochs=args.warmup_epochs,
+        total_epochs=epochs,
+        matchmaking_time=2.0,
+        averaging_timeout=30.0,
+        load_state_timeout=30.0,
+    )
+
+
+def fresh_model(args, tokenizer) -> LeanAlbertForMaskedLM:
+    """The peers' initial weights: peer.runtime.build_model seeds with --seed 0 before building."""
+    torch.manual_seed(0)
+    return LeanAlbertForMaskedLM(load_config(args.model, **model_overrides_from_tokenizer(tokenizer)))
+
+
+def run_reference(args, tokenizer, held_out: HeldOutSet, epochs: int) -> Run:
+    """A plain loop: `target_batch_size` samples of accumulated gradients per LAMB step, scheduler per step."""
+    run, started = Run("reference"), time.time()
+    model, optim = fresh_model(args, tokenizer), optim_config(args, epochs)
+    optimizer = make_optimizer(param_groups(model, optim.weight_decay), optim)
+    scheduler = make_scheduler(optimizer, optim)
+    dataset = MLMDataset(args.corpus, tokenizer, max_length=args.max_length, peer_id="reference", split="train")
+    batches = iter(torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=WholeWordMaskCollator(tokenizer)))
+    steps_per_epoch = args.target_batch_size // args.batch_size
+    run.points.append((0, *astuple(held_out.score(model))))
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for _ in range(steps_per_epoch):
+            (model(**next(batches)).loss / steps_per_epoch).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if epoch % args.eval_every == 0 or epoch == epochs:
+            run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
+            print(f"  reference epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
+    run.seconds = time.time() - started
+    return run
+
+
+def astuple(result) -> tuple[float, float]:
+    return result.loss, result.accuracy
+
+
+def child_env() -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ALBERT_")}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def optim_flags(args, epochs: int) -> list[str]:
+    optim = optim_config(args, epochs)
+    return [
+        *("--target_batch_size", str(optim.target_batch_size), "--learning_rate", str(optim.learning_rate)),
+        *("--warmup_epochs", str(optim.warmup_epochs), "--total_epochs", str(optim.total_epochs)),
+        *("--matchmaking_time", str(optim.matchmaking_time), "--averaging_timeout", str(optim.averaging_timeout)),
+        *("--load_state_timeout", str(optim.load_state_timeout)),
+    ]
+
+
+def spawn(command: list[str], log: Path) -> subprocess.Popen:
+    handle = open(log, "a")
+    return subprocess.Popen(
+        ["nice", "-n", "10", sys.executable, *command],
+        cwd=REPO,
+        env=child_env(),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group: the kill reaches p2pd and hivemind's children too
+    )
+
+
+def kill_group(process: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def swarm_epoch(http_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/status", timeout=5) as response:
+            return int(json.load(response).get("epoch") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Run, Path]:
+    """Monitor + `peers` trainers until --max-epochs; returns the run and the directory holding the backups."""
+    workdir = args.workdir / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, run = 18000 + random.randint(0, 999), Run(name)
+    monitor = spawn(
+        [
+            *("-m", "monitor", "--run_id", name, "--run_dir", str(workdir / "monitor")),
+            *("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--http_host", "127.0.0.1", "--http_port", str(http_port)),
+            *("--refresh_period", "2", "--model", args.model, "--checkpoint_every", "0"),
+            *optim_flags(args, epochs),
+        ],
+        workdir / "monitor.log",
+    )
+    processes, started = [monitor], time.time()
+    try:
+        peers_file = workdir / "monitor" / "initial_peers.txt"
+        wait_for(lambda: peers_file.is_file(), 180, "the monitor's initial_peers.txt", monitor)
+        initial = peers_file.read_text().split()
+
+        def start_peer(index: int) -> subprocess.Popen:
+            process = spawn(
+                [
+                    *("-m", "peer", "--run_id", name, "--initial_peers", *initial),
+                    *("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--torch_threads", "1", "--model", args.model),
+                    *("--corpus", args.corpus, "--batch_size", str(args.batch_size)),
+                    *("--max_length", str(args.max_length), "--max_epochs", str(epochs)),
+                    *("--backup_dir", str(workdir / "backups" / f"peer-{index}"), "--keep_backups", "100000"),
+                    *("--backup_every", str(args.eval_every), "--metrics_expiration", "15"),
+                    *optim_flags(args, epochs),
+                ],
+                workdir / f"peer-{index}.log",
+            )
+            processes.append(process)
+            return process
+
+        trainers = [start_peer(index) for index in range(peers)]
+        next_index, next_churn = peers, args.churn_every
+        deadline = time.monotonic() + args.timeout
+        while any(p.poll() is None for p in trainers) and time.monotonic() < deadline:
+            time.sleep(2)
+            if churn and swarm_epoch(http_port) >= next_churn and next_churn < epochs - 1:
+                victim = random.choice([p for p in trainers if p.poll() is None])
+                kill_group(victim)  # a machine dying: no backup, no goodbye
+                victim.wait()
+                trainers.remove(victim)
+                trainers.append(start_peer(next_index))
+                run.note += f"e{next_churn}: killed one, started peer-{next_index}; "
+                next_index, next_churn = next_index + 1, next_churn + args.churn_every
+        if time.monotonic() >= deadline:
+            run.note += f"TIMED OUT at swarm epoch {swarm_epoch(http_port)}; "
+    finally:
+        for process in reversed(processes):
+            kill_group(process, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_group(process)
+    run.seconds = time.time() - started
+    return run, workdir / "backups"
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {process.returncode}")
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def score_backups(args, run: Run, backups: Path, tokenizer, held_out: HeldOutSet, epochs: int) -> None:
+    """Score, per evaluation epoch, one peer's backup of it (all peers hold the same averaged weights)."""
+    by_epoch: dict[int, Path] = {}
+    for path in sorted(backups.glob("peer-*/epoch-*.pt")):
+        by_epoch.setdefault(int(path.stem.split("-")[1]), path)
+    model = fresh_model(args, tokenizer)
+    run.points.append((0, *astuple(held_out.score(model))))
+    for epoch in sorted(e for e in by_epoch if 0 < e <= epochs):
+        model.load_state_dict(torch.load(by_epoch[epoch], map_location="cpu", weights_only=False)["model"])
+        run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
+        print(f"  {run.name} epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
+
+
+def plot(runs: list[Run], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        axis.plot([p[0] for p in run.points], [p[1] for p in run.points], marker="o", label=run.name)
+    axis.set_xlabel("training samples seen")
+    axis.set_ylabel("held-out masked-LM loss")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    epochs = args.samples // args.target_batch_size
+    tokenizer = load_tokenizer()
+    held_out = HeldOutSet(args.corpus, tokenizer, args.eval_sequences, seed=0, max_length=args.max_length)
+    print(f"{epochs} epochs of {args.target_batch_size} samples; held-out: {held_out.sequences} sequences", flush=True)
+    runs = []
+    for name in args.runs.split(","):
+        print(f"run {name} ...", flush=True)
+        if name == "reference":
+            runs.append(run_reference(args, tokenizer, held_out, epochs))
+            continue
+        peers, churn = int(name.split("-")[1]), name.startswith("churn")
+        run, backups = run_swarm(args, name, peers, churn, epochs)
+        score_backups(args, run, backups, tokenizer, held_out, epochs)
+        runs.append(run)
+    report(runs, args, epochs)
+
+
+def report(runs: list[Run], args, epochs: int) -> None:
+    reference = next((run for run in runs if run.name == "reference" and run.points), None)
+    print(f"\n{'run':<10} {'samples':>8} {'loss':>8} {'acc':>7} {'vs ref':>8} {'wall s':>7}  note")
+    for run in runs:
+        samples, loss, accuracy = run.points[-1] if run.points else (0, float("nan"), float("nan"))
+        gap = f"{100 * (loss / reference.points[-1][1] - 1):+.2f}%" if reference else "-"
+        print(f"{run.name:<10} {samples:>8} {loss:>8.4f} {accuracy:>7.4f} {gap:>8} {run.seconds:>7.0f}  {run.note}")
+    title = f"{args.model}, {epochs} x {args.target_batch_size} samples, max_length {args.max_length}"
+    plot(runs, args.out, title)
+    print(f"plot: {args.out.resolve()}")
+
+
+if __name__ == "__main__":
+    main()
