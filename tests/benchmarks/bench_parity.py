@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -28,19 +29,21 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+MINE = re.compile(r"\| mine (\d+) samples")  # a peer's per-epoch log line: the samples it computed that epoch
 sys.path.insert(0, str(REPO))
 
-from data import MLMDataset, WholeWordMaskCollator, load_tokenizer, model_overrides_from_tokenizer  # noqa: E402
-from model import LeanAlbertForMaskedLM, load_config  # noqa: E402
-from monitor.evaluation import HeldOutSet  # noqa: E402
-from peer.config import OptimConfig  # noqa: E402
-from peer.swarm import make_optimizer, make_scheduler, param_groups  # noqa: E402
+from data import MLMDataset, WholeWordMaskCollator, load_tokenizer, model_overrides_from_tokenizer
+from model import LeanAlbertForMaskedLM, load_config
+from monitor.evaluation import HeldOutSet
+from peer.config import OptimConfig
+from peer.swarm import make_optimizer, make_scheduler, param_groups
 
 
 @dataclass
 class Run:
     name: str
     points: list[tuple[int, float, float]] = field(default_factory=list)  # (samples, loss, accuracy)
+    used: int = 0  # samples whose gradients went into a step (a swarm overshoots its target while matchmaking)
     seconds: float = 0.0
     note: str = ""
 
@@ -61,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-parity"))
     parser.add_argument("--out", type=Path, default=Path("parity.png"))
+    parser.add_argument("--save-reference", type=Path, default=None, help="Save the reference model here.")
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds a swarm run may take.")
     return parser.parse_args()
 
@@ -100,10 +104,14 @@ def run_reference(args, tokenizer, held_out: HeldOutSet, epochs: int) -> Run:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        run.used += args.target_batch_size
         if epoch % args.eval_every == 0 or epoch == epochs:
             run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
             print(f"  reference epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
     run.seconds = time.time() - started
+    if args.save_reference:  # e.g. for bench_downstream.py --checkpoint
+        model.save_pretrained(args.save_reference)
+        tokenizer.save_pretrained(args.save_reference)
     return run
 
 
@@ -127,15 +135,15 @@ def optim_flags(args, epochs: int) -> list[str]:
 
 
 def spawn(command: list[str], log: Path) -> subprocess.Popen:
-    handle = open(log, "a")
-    return subprocess.Popen(
-        ["nice", "-n", "10", sys.executable, *command],
-        cwd=REPO,
-        env=child_env(),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own group: the kill reaches p2pd and hivemind's children too
-    )
+    with open(log, "a") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            ["nice", "-n", "10", sys.executable, *command],
+            cwd=REPO,
+            env=child_env(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: the kill reaches p2pd and hivemind's children too
+        )
 
 
 def kill_group(process: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
@@ -214,6 +222,7 @@ def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Ru
                 pass
             kill_group(process)
     run.seconds = time.time() - started
+    run.used = sum(int(n) for log in workdir.glob("peer-*.log") for n in MINE.findall(log.read_text(errors="replace")))
     return run, workdir / "backups"
 
 
@@ -261,6 +270,7 @@ def plot(runs: list[Run], out: Path, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the swarm's processes
     torch.set_num_threads(1)
     epochs = args.samples // args.target_batch_size
     tokenizer = load_tokenizer()
@@ -281,11 +291,14 @@ def main() -> None:
 
 def report(runs: list[Run], args, epochs: int) -> None:
     reference = next((run for run in runs if run.name == "reference" and run.points), None)
-    print(f"\n{'run':<10} {'samples':>8} {'loss':>8} {'acc':>7} {'vs ref':>8} {'wall s':>7}  note")
+    print(f"\n{'run':<10} {'samples':>8} {'used':>6} {'loss':>8} {'acc':>7} {'vs ref':>8} {'wall s':>7}  note")
     for run in runs:
         samples, loss, accuracy = run.points[-1] if run.points else (0, float("nan"), float("nan"))
         gap = f"{100 * (loss / reference.points[-1][1] - 1):+.2f}%" if reference else "-"
-        print(f"{run.name:<10} {samples:>8} {loss:>8.4f} {accuracy:>7.4f} {gap:>8} {run.seconds:>7.0f}  {run.note}")
+        print(
+            f"{run.name:<10} {samples:>8} {run.used:>6} {loss:>8.4f} {accuracy:>7.4f} {gap:>8} {run.seconds:>7.0f}  "
+            f"{run.note}"
+        )
     title = f"{args.model}, {epochs} x {args.target_batch_size} samples, max_length {args.max_length}"
     plot(runs, args.out, title)
     print(f"plot: {args.out.resolve()}")

@@ -18,7 +18,6 @@ import pytest
 
 from monitor.history import History
 from monitor.launcher import latest_checkpoint
-
 from tests.monitor.conftest import REPO, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -40,22 +39,77 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def p2pd_pids() -> set[int]:
-    return {int(line.split()[0]) for line in processes_mentioning("hivemind_cli/p2pd") if line.split(":")[0].isdigit()
-            for line in [line.replace(":", " ", 1)]}
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (hivemind's DHT processes and their p2pd daemons included)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)}
+
+
+def _wait_for_exit(pids: set[int], timeout: float) -> dict[int, str]:
+    """Processes of `pids` still alive after `timeout` seconds, with their command lines (a real leak, not a race)."""
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return {pid: _cmdline(pid) for pid in alive(pids)}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}") / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}") / "status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
 
 
 def launch(run_dir: Path, *flags: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "monitor.launcher", "--run_dir", str(run_dir), "--http_port", str(free_port()),
-               "--target_batch_size", "32", *flags]
-    return subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "monitor.launcher",
+        "--run_dir",
+        str(run_dir),
+        "--http_port",
+        str(free_port()),
+        "--target_batch_size",
+        "32",
+        *flags,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("albert-swarm-run")
-    p2pd_before = p2pd_pids()
     first = launch(run_dir, "--duration", str(DURATION))
     try:
         first_output, _ = first.communicate(timeout=DURATION + 300)
@@ -64,13 +118,21 @@ def two_runs(tmp_path_factory):
             os.killpg(first.pid, signal.SIGKILL)
     first_checkpoint = latest_checkpoint(run_dir / "monitor" / "checkpoints")
     leftovers_after_first = processes_mentioning(str(run_dir))
+    backups_after_first = {
+        peer_dir.name: [int(path.stem.split("-")[1]) for path in (peer_dir / "backups").glob("epoch-*.pt")]
+        for peer_dir in sorted(run_dir.glob("peer-*"))
+    }
 
     second_started = time.time()
     second = launch(run_dir)
     try:
         # wait until its peers train (the monitor's history gains rows from this run), then press Ctrl-C
-        wait_until(lambda: _rows_since(run_dir, second_started) >= 3 or second.poll() is not None, 240,
-                   "the second run to record progress")
+        wait_until(
+            lambda: _rows_since(run_dir, second_started) >= 3 or second.poll() is not None,
+            240,
+            "the second run to record progress",
+        )
+        running = descendants(second.pid)  # the monitor, the peers, their DHT processes and p2pd daemons
         os.kill(second.pid, signal.SIGINT)
         second_output, _ = second.communicate(timeout=180)
     finally:
@@ -78,9 +140,17 @@ def two_runs(tmp_path_factory):
             os.killpg(second.pid, signal.SIGKILL)
     time.sleep(1)  # let the kernel reap the last children before looking at the process table
     yield {
-        "run_dir": run_dir, "first": first, "first_output": first_output, "first_checkpoint": first_checkpoint,
-        "leftovers_after_first": leftovers_after_first, "second": second, "second_output": second_output,
-        "second_started": second_started, "new_p2pd": p2pd_pids() - p2pd_before,
+        "run_dir": run_dir,
+        "first": first,
+        "first_output": first_output,
+        "first_checkpoint": first_checkpoint,
+        "leftovers_after_first": leftovers_after_first,
+        "backups_after_first": backups_after_first,
+        "second": second,
+        "second_output": second_output,
+        "second_started": second_started,
+        "survivors": _wait_for_exit(running, timeout=15),
+        "children_seen": running,
         "leftovers": processes_mentioning(str(run_dir)),
     }
 
@@ -104,15 +174,17 @@ def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
 def test_every_peer_writes_a_backup_when_stopped(two_runs):
     """Peers stop first and back up their state, so none is older than the final checkpoint taken after them."""
     final_epoch = int(two_runs["first_checkpoint"].name.split("-")[1])
-    for peer_dir in sorted(two_runs["run_dir"].glob("peer-*")):
-        epochs = [int(path.stem.split("-")[1]) for path in (peer_dir / "backups").glob("epoch-*.pt")]
-        assert epochs and max(epochs) >= final_epoch, (peer_dir.name, epochs, final_epoch)
+    assert len(two_runs["backups_after_first"]) == 2
+    for peer_name, epochs in two_runs["backups_after_first"].items():
+        assert epochs and max(epochs) >= final_epoch, (peer_name, epochs, final_epoch)
 
 
 def test_the_swarm_loss_falls(two_runs):
     history = History(two_runs["run_dir"] / "monitor" / "history.sqlite")
     try:
-        epochs = [row for row in history.by_epoch() if row["loss"] is not None and row["time"] < two_runs["second_started"]]
+        epochs = [
+            row for row in history.by_epoch() if row["loss"] is not None and row["time"] < two_runs["second_started"]
+        ]
     finally:
         history.close()
     assert len(epochs) >= 4, f"too few epochs to judge the loss: {epochs}"
@@ -136,7 +208,10 @@ def test_second_run_resumes_from_the_checkpoint_instead_of_starting_over(two_run
 def test_ctrl_c_stops_everything_in_order_and_leaves_no_process(two_runs):
     output = two_runs["second_output"]
     assert two_runs["second"].returncode == 0, output
-    order = [output.index(text) for text in ("Stopping the peers", "Writing the final checkpoint", "Stopping the monitor")]
+    order = [
+        output.index(text) for text in ("Stopping the peers", "Writing the final checkpoint", "Stopping the monitor")
+    ]
     assert order == sorted(order), output
     assert not two_runs["leftovers"], two_runs["leftovers"]
-    assert not two_runs["new_p2pd"], f"p2pd daemons left running: {two_runs['new_p2pd']}"
+    assert len(two_runs["children_seen"]) >= 6, two_runs["children_seen"]  # monitor + 2 peers, each with a p2pd
+    assert not two_runs["survivors"], f"processes of the run left running: {two_runs['survivors']}"
