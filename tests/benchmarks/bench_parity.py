@@ -248,6 +248,8 @@ def score_backups(args, run: Run, backups: Path, tokenizer, held_out: HeldOutSet
         model.load_state_dict(torch.load(by_epoch[epoch], map_location="cpu", weights_only=False)["model"])
         run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
         print(f"  {run.name} epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
+    if len(run.points) == 1:
+        run.note += "FAILED: no backup past epoch 0, see the peers' logs; "
 
 
 def plot(runs: list[Run], out: Path, title: str) -> None:
@@ -259,7 +261,7 @@ def plot(runs: list[Run], out: Path, title: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         axis.plot([p[0] for p in run.points], [p[1] for p in run.points], marker="o", label=run.name)
-    axis.set_xlabel("training samples seen")
+    axis.set_xlabel("samples seen (optimizer steps x target batch size)")
     axis.set_ylabel("held-out masked-LM loss")
     axis.set_title(title)
     axis.grid(alpha=0.3)
