@@ -236,7 +236,11 @@ def test_restarted_monitor_keeps_its_history_and_checkpoints(run):
     after_history = restarted.get("/api/history")
     assert len(after_history["series"]) >= len(before_history["series"])
     assert after_history["series"][: len(before_history["series"])] == before_history["series"]
-    assert set(before_checkpoints) <= {c["epoch"] for c in restarted.get("/api/checkpoints")}
+    # the swarm trains on, so the restarted monitor may already have written newer checkpoints and, keeping the
+    # newest --keep, retired the oldest: every earlier checkpoint at least as new as the oldest kept one is still there
+    kept = {c["epoch"] for c in restarted.get("/api/checkpoints")}
+    assert kept and max(kept) >= max(before_checkpoints)
+    assert {epoch for epoch in before_checkpoints if epoch >= min(kept)} <= kept
     assert restarted.get("/api/status")["samples_total"] >= before_status["samples_total"]
     wait_until(lambda: restarted.get("/api/status")["alive_peers"] == 2, 120, "the peers to be seen again")
     run.monitor = restarted
@@ -361,6 +365,6 @@ def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(ru
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["epoch"] == run.held_epoch
     pulled, saved = load_file(out / "model.safetensors"), load_file(run.checkpoint_dir / "model.safetensors")
-    # the state travels in the run's wire format (fp16 by default): the pulled weights are the saved ones in fp16
+    # the state travels in the run's wire format, uncompressed by default: the pulled weights are the saved ones
     assert pulled.keys() == saved.keys()
-    assert all(torch.equal(pulled[name], saved[name].half().float()) for name in saved)
+    assert all(torch.equal(pulled[name], saved[name]) for name in saved)
