@@ -49,9 +49,14 @@ def test_two_peers_advance_the_swarm_epoch_together(swarm):
 @pytest.mark.timeout(300)
 def test_parameters_agree_after_an_epoch(swarm):
     first, second = swarm.peers["a"], swarm.peers["b"]
-    common = sorted(set(first.backup_epochs()) & set(second.backup_epochs()) & {e + 1 for e in first.backup_epochs()})
-    assert len(common) >= 3, f"too few common backups: {common}"
-    gaps = {epoch: gap_in_updates(first, second, epoch) for epoch in common[1:]}
+
+    def common_epochs():
+        both = set(first.backup_epochs()) & set(second.backup_epochs()) & {e + 1 for e in first.backup_epochs()}
+        return sorted(both) if len(both) >= 5 else None
+
+    common = wait_until(common_epochs, 180, "five epochs backed up by both peers")
+    # the last epochs only: peers that started at different moments first re-sync through state averaging
+    gaps = {epoch: gap_in_updates(first, second, epoch) for epoch in common[-3:]}
     # every epoch but a rare one where averaging timed out on this loaded machine
     assert sum(gap < AGREEMENT for gap in gaps.values()) >= len(gaps) - 1, gaps
 
