@@ -130,10 +130,11 @@ class Reporter:
         swarm = self.optimizer.tracker.global_progress
         loss = f"{self.loss_sum / self.mini_steps:.3f}" if self.mini_steps else "-"
         rate = self.samples / max(time.perf_counter() - self.epoch_started, 1e-9)
-        share = self.samples / max(swarm.samples_accumulated, self.samples, 1)
+        # The swarm's own counter is already reset when a new epoch begins: compare with the target instead.
+        share = self.samples / max(swarm.target_batch_size, 1)
         return (
             f"epoch {self.epoch} | loss {loss} | {rate:.1f} samples/s | swarm {swarm.num_peers} peers | "
-            f"mine {self.samples} samples ({share:.0%} of {swarm.samples_accumulated}/{swarm.target_batch_size})"
+            f"mine {self.samples} samples ({share:.0%} of the {swarm.target_batch_size}-sample target)"
         )
 
     def _publish(self, record: PeerProgress) -> None:

@@ -98,7 +98,7 @@ def fine_tune(model, train, test, tokenizer, args, seed: int) -> float:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
     train, test = build_task(args)
     print(f"{len(AUTHORS)} authors, {len(train)} train / {len(test)} test passages (disjoint works)", flush=True)
     names = ("pretrained", "random init")

@@ -8,7 +8,8 @@ Runs (same preset, tokenizer, corpus, effective batch, LAMB + linear schedule, t
 Every run is scored every --eval-every epochs on the same held-out token set (monitor.evaluation); swarm runs are
 scored from the peers' backups (every live peer holds the same averaged weights). Prints a table, saves a PNG.
 
-    nice -n 10 python tests/benchmarks/bench_parity.py --samples 1536 --max-length 64 --out parity.png
+    nice -n 10 python tests/benchmarks/bench_parity.py --samples 16384 --max-length 64 --learning-rate 0.01 \
+        --warmup-epochs 16 --eval-every 16 --churn-every 16 --save-models models --out parity.png
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-parity"))
     parser.add_argument("--out", type=Path, default=Path("parity.png"))
-    parser.add_argument("--save-reference", type=Path, default=None, help="Save the reference model here.")
+    parser.add_argument(
+        "--save-models", type=Path, default=None, help="Save each run's final model in DIR/<run> (save_pretrained)."
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds a swarm run may take.")
     return parser.parse_args()
 
@@ -109,10 +112,15 @@ def run_reference(args, tokenizer, held_out: HeldOutSet, epochs: int) -> Run:
             run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
             print(f"  reference epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
     run.seconds = time.time() - started
-    if args.save_reference:  # e.g. for bench_downstream.py --checkpoint
-        model.save_pretrained(args.save_reference)
-        tokenizer.save_pretrained(args.save_reference)
+    save_model(args, run, model, tokenizer)
     return run
+
+
+def save_model(args, run: Run, model, tokenizer) -> None:
+    """Keep a run's final weights loadable by transformers, e.g. for bench_downstream.py --checkpoint."""
+    if args.save_models:
+        model.save_pretrained(args.save_models / run.name)
+        tokenizer.save_pretrained(args.save_models / run.name)
 
 
 def astuple(result) -> tuple[float, float]:
@@ -250,6 +258,8 @@ def score_backups(args, run: Run, backups: Path, tokenizer, held_out: HeldOutSet
         print(f"  {run.name} epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
     if len(run.points) == 1:
         run.note += "FAILED: no backup past epoch 0, see the peers' logs; "
+    else:
+        save_model(args, run, model, tokenizer)  # the last scored epoch's weights
 
 
 def plot(runs: list[Run], out: Path, title: str) -> None:
