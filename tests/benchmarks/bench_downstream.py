@@ -34,6 +34,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--mode",
+        choices=("fine-tune", "probe", "both"),
+        default="both",
+        help="fine-tune: train the whole model; probe: a linear classifier on frozen mean-pooled features.",
+    )
     return parser.parse_args()
 
 
@@ -95,33 +101,70 @@ def fine_tune(model, train, test, tokenizer, args, seed: int) -> float:
     return correct / len(test)
 
 
+@torch.no_grad()
+def features(model, pairs, tokenizer, args) -> torch.Tensor:
+    """Mean-pooled final hidden states of a frozen encoder, one row per passage."""
+    model.eval()
+    rows = []
+    for encoded, _ in batches(pairs, tokenizer, args):
+        hidden = model.lean_albert(encoded["input_ids"], encoded["attention_mask"]).last_hidden_state
+        weights = encoded["attention_mask"].unsqueeze(-1).float()
+        rows.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+    return torch.cat(rows)
+
+
+def linear_probe(model, train, test, tokenizer, args, seed: int) -> float:
+    """Logistic regression on frozen features: what the encoder knows, without fine-tuning's own learning."""
+    x_train, x_test = features(model, train, tokenizer, args), features(model, test, tokenizer, args)
+    mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)  # standardise: the two encoders' scales differ
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    y_train, y_test = torch.tensor([y for _, y in train]), torch.tensor([y for _, y in test])
+    torch.manual_seed(seed)
+    classifier = torch.nn.Linear(x_train.shape[1], len(AUTHORS))
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(300):  # full batch: a few thousand rows of a few hundred features
+        loss = torch.nn.functional.cross_entropy(classifier(x_train), y_train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float((classifier(x_test).argmax(-1) == y_test).float().mean())
+
+
+def load(name: str, args):
+    if name == "pretrained":
+        return AutoModelForSequenceClassification.from_pretrained(
+            args.checkpoint, trust_remote_code=True, num_labels=len(AUTHORS)
+        )
+    config = AutoConfig.from_pretrained(args.checkpoint, trust_remote_code=True, num_labels=len(AUTHORS))
+    return AutoModelForSequenceClassification.from_config(config, trust_remote_code=True)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
     train, test = build_task(args)
     print(f"{len(AUTHORS)} authors, {len(train)} train / {len(test)} test passages (disjoint works)", flush=True)
-    names = ("pretrained", "random init")
-    results = {name: [] for name in names}
+    methods = {"probe": linear_probe, "fine-tune": fine_tune}
+    if args.mode != "both":
+        methods = {args.mode: methods[args.mode]}
+    results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name in names:
-            started = time.time()
-            torch.manual_seed(seed)  # the same classifier-head init for both
-            if name == "pretrained":
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    args.checkpoint, trust_remote_code=True, num_labels=len(AUTHORS)
+        for method, evaluate in methods.items():
+            for name in ("pretrained", "random init"):
+                started = time.time()
+                torch.manual_seed(seed)  # the same encoder (random init) and classifier-head init for both
+                accuracy = evaluate(load(name, args), train, test, tokenizer, args, seed)
+                results.setdefault((method, name), []).append(accuracy)
+                print(
+                    f"  seed {seed} {method:<9} {name:<12} accuracy {accuracy:.3f} ({time.time() - started:.0f} s)",
+                    flush=True,
                 )
-            else:
-                config = AutoConfig.from_pretrained(args.checkpoint, trust_remote_code=True, num_labels=len(AUTHORS))
-                model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=True)
-            results[name].append(fine_tune(model, train, test, tokenizer, args, seed))
-            print(
-                f"  seed {seed} {name:<12} accuracy {results[name][-1]:.3f} ({time.time() - started:.0f} s)",
-                flush=True,
-            )
-    print(f"\n{'model':<12} {'mean acc':>8}  per seed   (chance {1 / len(AUTHORS):.2f})")
-    for name, accuracies in results.items():
-        print(f"{name:<12} {statistics.mean(accuracies):>8.3f}  {' '.join(f'{a:.3f}' for a in accuracies)}")
+    print(f"\n{'method':<9} {'model':<12} {'mean acc':>8}  per seed   (chance {1 / len(AUTHORS):.2f})")
+    for (method, name), accuracies in results.items():
+        print(
+            f"{method:<9} {name:<12} {statistics.mean(accuracies):>8.3f}  {' '.join(f'{a:.3f}' for a in accuracies)}"
+        )
 
 
 if __name__ == "__main__":

@@ -111,8 +111,8 @@ def run_reference(args, tokenizer, held_out: HeldOutSet, epochs: int) -> Run:
         if epoch % args.eval_every == 0 or epoch == epochs:
             run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
             print(f"  reference epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
+            save_model(args, run, model, tokenizer)  # at every evaluation: a long run stopped early still leaves one
     run.seconds = time.time() - started
-    save_model(args, run, model, tokenizer)
     return run
 
 
