@@ -34,6 +34,9 @@ class MonitorConfig:
         admin_token: enables POST /api/checkpoints for requests carrying 'Authorization: Bearer TOKEN'.
         resume_from: checkpoint directory to start a fresh swarm from (peers then join at its epoch).
         peers_file: file to write this monitor's multiaddrs to (default: RUN_DIR/initial_peers.txt).
+        run_secret_file: closes the run: peers proving one of this file's secrets (one a line) get access tokens.
+        allowlist_file: closes the run: peers signing with a join key listed here (one public key a line) get tokens.
+        token_ttl: seconds an access token of a closed run is valid (peers renew it when half is left).
     """
 
     model: str = field(default="tiny", metadata={"help": "The run's model preset or config.json path."})
@@ -67,6 +70,15 @@ class MonitorConfig:
     peers_file: str | None = field(
         default=None, metadata={"help": "Write this monitor's multiaddrs here (default: RUN_DIR/initial_peers.txt)."}
     )
+    run_secret_file: str | None = field(
+        default=None, metadata={"help": "Close the run: admit peers knowing a secret of this file (one a line)."}
+    )
+    allowlist_file: str | None = field(
+        default=None, metadata={"help": "Close the run: admit peers whose join key's public key is listed here."}
+    )
+    token_ttl: float = field(
+        default=1800.0, metadata={"help": "Closed runs: seconds an access token lives (renewed when half is left)."}
+    )
 
     def __post_init__(self):
         for name in ("refresh_period", "stale_after"):
@@ -81,8 +93,22 @@ class MonitorConfig:
             raise ValueError(f"http_port must be in 0..65535, got {self.http_port}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters long (it guards checkpoint creation)")
+        if not self.token_ttl >= 10:
+            raise ValueError(f"token_ttl must be at least 10 seconds, got {self.token_ttl!r}")
+        for name in ("run_secret_file", "allowlist_file"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not a file")
         if self.resume_from is not None and not (Path(self.resume_from) / "config.json").is_file():
             raise ValueError(f"--resume-from {self.resume_from!r} is not a checkpoint directory (no config.json)")
+
+    @property
+    def closed_run(self) -> bool:
+        """True if only peers with an access token may take part (a secret or an allowlist is given)."""
+        return bool(self.run_secret_file or self.allowlist_file)
+
+    def authority_key_path(self) -> Path:
+        """The run authority's private key: kept in the run dir so tokens stay valid across monitor restarts."""
+        return Path(self.run_dir) / "authority.key"
 
     def db_path(self) -> Path:
         return Path(self.db) if self.db else Path(self.run_dir) / "history.sqlite"

@@ -12,9 +12,11 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 
 from hivemind.utils import get_dht_time
 
+from monitor.access import Authority, monitor_access
 from monitor.aggregate import SwarmSnapshot, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
@@ -24,6 +26,8 @@ from monitor.metrics import make_registry
 from monitor.records import RunRecord, monitor_validators, publish_run_record, read_progress
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, StateKeeper, build_run_model
+from peer.access import RunAccess
+from peer.averager_guard import MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
 from peer.swarm import build_dht, visible_maddrs
 
@@ -46,6 +50,8 @@ class Monitor:
         self._stop = threading.Event()
         self._requests: queue.Queue[Future] = queue.Queue()
         self.dht = self.keeper = self.server = None
+        self.authority: Authority | None = None
+        self.access: RunAccess | None = None
         self._refused_logged: set[str] = set()
         self._next_fetch = 0.0  # monotonic time before which scheduled downloads are skipped
 
@@ -56,10 +62,16 @@ class Monitor:
         identity = cfg.identity_path(self.swarm)
         identity.parent.mkdir(parents=True, exist_ok=True)
         self.swarm.identity_path = str(identity)
-        self.dht = build_dht(self.swarm, monitor_validators(self.swarm.run_id))
+        self._open_access(identity)
+        self.dht = build_dht(
+            self.swarm, monitor_validators(self.swarm.run_id), self.access.authorizer() if self.access else None
+        )
+        if self.access is not None:
+            self.access.publish_membership(self.dht)
         self.initial_peers = visible_maddrs(self.dht)
         self._write_peers_file(self.initial_peers)
-        self.keeper = StateKeeper(self.dht, self.swarm, self.optim, self.run_model)
+        membership = MembershipCheck(self.dht, self.swarm.run_id, self.authority.public_key) if self.access else None
+        self.keeper = StateKeeper(self.dht, self.swarm, self.optim, self.run_model, membership=membership)
         if cfg.resume_from:
             self.keeper.resume(cfg.resume_from)
         self.history = History(cfg.db_path())
@@ -87,12 +99,23 @@ class Monitor:
             make_registry(self.live, self.store),
             admin_token=cfg.admin_token,
             request_checkpoint=self.request_checkpoint,
+            authority=self.authority,
         )
         self.server = ServerThread(app, cfg.http_host, cfg.http_port)
         self.server.start()
         self.dashboard_url = f"http://{cfg.http_host}:{self.server.port}/"
         logger.info(f"Dashboard, API and /metrics on {self.dashboard_url}")
         print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
+
+    def _open_access(self, identity: Path) -> None:
+        """A closed run: load (or create) the authority key, read the secret / allowlist, issue our own token."""
+        cfg = self.config
+        if not cfg.closed_run:
+            return
+        self.authority = Authority(cfg.authority_key_path(), cfg.token_ttl, cfg.run_secret_file, cfg.allowlist_file)
+        self.access = monitor_access(self.authority, self.swarm.run_id, identity)
+        files = [path for path in (cfg.run_secret_file, cfg.allowlist_file) if path]
+        logger.info(f"Closed run {self.swarm.run_id!r}: peers join via POST /api/join with a credential of {files}")
 
     def _write_peers_file(self, maddrs: list[str]) -> None:
         path = self.config.peers_file_path()
@@ -216,7 +239,8 @@ class Monitor:
             pending = self._requests.get_nowait()
             if pending is not None and pending.set_running_or_notify_cancel():
                 pending.set_exception(RuntimeError("the monitor is shutting down"))
-        for part, close in ((self.server, "stop"), (self.keeper, "shutdown"), (self.dht, "shutdown")):
+        parts = ((self.server, "stop"), (self.keeper, "shutdown"), (self.access, "close"), (self.dht, "shutdown"))
+        for part, close in parts:
             if part is not None:
                 try:
                     getattr(part, close)()

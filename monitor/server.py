@@ -8,6 +8,7 @@ at /openapi.json that API clients and fuzzers (schemathesis) use directly.
 from __future__ import annotations
 
 import hmac
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
 
+from monitor.access import AdmissionRefused, Authority
 from monitor.checkpoint import CheckpointNotFound, CheckpointStore
 from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
@@ -35,8 +38,12 @@ def create_app(
     registry: CollectorRegistry,
     admin_token: str | None = None,
     request_checkpoint: CheckpointRequest | None = None,
+    authority: Authority | None = None,
 ) -> FastAPI:
-    """Build the app; `request_checkpoint` (blocking, returns the new entry) backs POST /api/checkpoints."""
+    """Build the app; `request_checkpoint` (blocking, returns the new entry) backs POST /api/checkpoints.
+
+    With an `authority` (a closed run), POST /api/join gives access tokens to peers that prove a credential.
+    """
     app = FastAPI(title="albert-swarm monitor", version="1", docs_url="/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -79,6 +86,7 @@ def create_app(
             "model": live.model,
             "latest_checkpoint": entries[0].epoch if entries else None,
             "admin_enabled": bool(admin_token and request_checkpoint),
+            "closed_run": authority is not None,
         }
 
     @app.get("/api/history")
@@ -105,6 +113,20 @@ def create_app(
         except (RuntimeError, TimeoutError) as error:
             raise HTTPException(503, f"could not make a checkpoint: {error}") from error
         return _describe(entry, request)
+
+    @app.post("/api/join")
+    async def join(request: Request) -> dict:
+        """A peer of a closed run asks for an access token; 403 with the reason if its credential is not valid."""
+        if authority is None:
+            raise HTTPException(404, "this run is open: peers join without --join-url or a credential")
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            raise HTTPException(403, f"a join request is a JSON object ({error})") from error
+        try:
+            return await run_in_threadpool(authority.join, body)  # RSA work: keep the event loop free
+        except AdmissionRefused as error:
+            raise HTTPException(403, str(error)) from error
 
     @app.get("/checkpoints/latest", response_class=FileResponse)
     def latest_checkpoint() -> FileResponse:

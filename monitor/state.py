@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from monitor.checkpoint import TRAINING_STATE
+from peer.averager_guard import GuardedTrainingStateAverager, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
 from peer.progress import model_fingerprint
 from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
@@ -74,13 +75,23 @@ class StateKeeper:
         optim: the run's optimizer settings (the same factories as the peers', so the state layout matches).
         run_model: the model whose parameters hold the state.
         client_mode: True for a keeper that only downloads (albert-checkpoint pull).
+        membership: in a closed run, the check that lets only run members download from or average with the keeper.
     """
 
     def __init__(
-        self, dht: hivemind.DHT, swarm: SwarmConfig, optim: OptimConfig, run_model: RunModel, client_mode: bool = False
+        self,
+        dht: hivemind.DHT,
+        swarm: SwarmConfig,
+        optim: OptimConfig,
+        run_model: RunModel,
+        client_mode: bool = False,
+        membership: MembershipCheck | None = None,
     ):
         self.optim, self.run_model = optim, run_model
-        self.averager = TrainingStateAverager(
+        averager_class = TrainingStateAverager
+        if membership is not None:
+            averager_class = partial(GuardedTrainingStateAverager, membership=membership)
+        self.averager = averager_class(
             dht=dht,
             prefix=f"{swarm.run_id}_state_averager",
             params=param_groups(run_model.model, optim.weight_decay),

@@ -197,6 +197,9 @@ class PeerConfig:
         torch_threads: CPU threads for torch (0: torch's default).
         max_epochs: stop after the swarm reaches this epoch (0: train until stopped).
         load_state_attempts: attempts to download the swarm's state before going on without it.
+        join_url: the monitor's HTTP address (http://host:port) to ask for access tokens of a closed run.
+        run_secret_file: file holding the closed run's shared secret (its first line is used; re-read at each renewal).
+        join_key_file: join key (``python -m peer.access new-join-key PATH``) whose public key the monitor allowlists.
     """
 
     model: str = field(default="tiny", metadata={"help": "Model preset (tiny, base, ...) or path to a config.json."})
@@ -227,6 +230,16 @@ class PeerConfig:
     load_state_attempts: int = field(
         default=3, metadata={"help": "Attempts to download the swarm's state before going on without it."}
     )
+    join_url: str | None = field(
+        default=None, metadata={"help": "Closed runs: the monitor's http://host:port that issues access tokens."}
+    )
+    run_secret_file: str | None = field(
+        default=None, metadata={"help": "Closed runs: file holding the run's shared secret (needs --join-url)."}
+    )
+    join_key_file: str | None = field(
+        default=None,
+        metadata={"help": "Closed runs: join key whose public key the monitor allowlists (needs --join-url)."},
+    )
 
     def __post_init__(self):
         _require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "metrics_expiration")
@@ -238,6 +251,27 @@ class PeerConfig:
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        self._check_access()
+
+    def _check_access(self) -> None:
+        credentials = [name for name in ("run_secret_file", "join_key_file") if getattr(self, name)]
+        flags = [f"--{name.replace('_', '-')}" for name in credentials]
+        if credentials and not self.join_url:
+            raise ValueError(f"{flags[0]} needs --join-url (the monitor's http://host:port that admits peers)")
+        if self.join_url and not credentials:
+            raise ValueError("--join-url needs a credential: --run-secret-file or --join-key-file")
+        if len(credentials) > 1:
+            raise ValueError("give one credential: --run-secret-file or --join-key-file, not both")
+        if self.join_url and not self.join_url.startswith(("http://", "https://")):
+            raise ValueError(f"--join-url must be the monitor's http://host:port, got {self.join_url!r}")
+        for name, flag in zip(credentials, flags):
+            if not os.path.isfile(getattr(self, name)):
+                raise ValueError(f"{flag} {getattr(self, name)!r} is not a file")
+
+    @property
+    def closed_run(self) -> bool:
+        """True if this peer joins a closed run (it asks the monitor for an access token first)."""
+        return bool(self.join_url)
 
     @property
     def samples_per_step(self) -> int:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import hivemind
-from hivemind.utils import get_dht_time
 import torch
+from hivemind.utils import get_dht_time
 from torch.utils.data import DataLoader
 
 from data import (
@@ -20,14 +23,24 @@ from data import (
     model_overrides_from_tokenizer,
 )
 from model import LeanAlbertForMaskedLM, load_config
+from peer.access import RunAccess, admit_peer, leave_when_token_expired
+from peer.averager_guard import MembershipCheck
 from peer.backup import Backups
 from peer.config import OptimConfig, PeerConfig, SwarmConfig
 from peer.faults import parameters_finite
+from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.lifecycle import StopSignal
 from peer.progress import PeerProgress, model_fingerprint, publish_progress, software_version
 from peer.report import PeerMetrics, Reporter
 from peer.run_record import check_model_matches, run_validators
-from peer.swarm import bound_state_downloads, build_dht, build_optimizer, download_state, visible_maddrs
+from peer.swarm import (
+    SwarmJoinError,
+    bound_state_downloads,
+    build_dht,
+    build_optimizer,
+    download_state,
+    visible_maddrs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +59,7 @@ class Peer:
     backups: Backups
     reporter: Reporter | None = None
     stop: StopSignal | None = None
+    access: RunAccess | None = None
 
     def close(self) -> None:
         """Leave the swarm, first writing a backup of the current state if it is sound."""
@@ -62,6 +76,8 @@ class Peer:
         if self.optimizer is not None:
             with contextlib.suppress(Exception):
                 self.optimizer.shutdown()
+        if self.access is not None:
+            self.access.close()
         self.dht.shutdown()
         logger.info("Left the swarm")
 
@@ -122,12 +138,15 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
+    access = join_closed_run(swarm, config)  # first: a refused peer learns it at once
     tokenizer, model = build_model(config, device)
     model_hash = model_fingerprint(model.config, tokenizer)
 
-    dht = build_dht(swarm, run_validators(swarm.run_id))
+    dht = build_access_dht(swarm, access)
     logger.info(f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}")
-    refuse_if_model_differs(dht, swarm.run_id, model_hash, device_name(device))
+    if access is not None:
+        access.publish_membership(dht, on_expired=leave_when_token_expired)
+    refuse_if_model_differs(dht, swarm.run_id, model_hash, device_name(device), access)
     peer = Peer(
         config,
         dht,
@@ -137,9 +156,11 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         device,
         precision,
         Backups(config.backup_dir, config.keep_backups, model_hash),
+        access=access,
     )
     try:
-        peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)
+        membership = MembershipCheck(dht, swarm.run_id, access.authority_key) if access else None
+        peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
         peer.stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
         bound_state_downloads(peer.optimizer, config.load_state_attempts)
         metrics = PeerMetrics()
@@ -155,15 +176,59 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
     return peer
 
 
-def refuse_if_model_differs(dht: hivemind.DHT, run_id: str, model_hash: str, device: str) -> None:
+def join_closed_run(swarm: SwarmConfig, config: PeerConfig) -> RunAccess | None:
+    """In a closed run, get admitted by the monitor before touching the DHT (None for an open run).
+
+    A refusal is a ValueError (exit code 2), an unreachable monitor a SwarmJoinError (exit code 3).
+    """
+    if not config.closed_run:
+        return None
+    identity = swarm.identity_path or str(Path(tempfile.mkdtemp(prefix="albert-peer-")) / "identity.key")
+    credential = JoinCredential(config.run_secret_file, config.join_key_file)
+    try:
+        return admit_peer(swarm.run_id, config.join_url, credential, identity)
+    except JoinRefused as error:
+        logger.error(f"The monitor refused to admit this peer: {error}")
+        raise ValueError(f"the monitor at {config.join_url} refused to admit this peer: {error}") from error
+    except JoinUnavailable as error:
+        raise SwarmJoinError(f"could not join closed run {swarm.run_id!r}: {error}") from error
+
+
+def build_access_dht(swarm: SwarmConfig, access: RunAccess | None) -> hivemind.DHT:
+    """The peer's DHT; in a closed run with the run's authorizer and the identity its access token names."""
+    if access is None:
+        return build_dht(swarm, run_validators(swarm.run_id))
+    fresh_identity = None if swarm.identity_path else access.identity_path
+    try:
+        dht = build_dht(swarm, run_validators(swarm.run_id), access.authorizer(), identity_path=fresh_identity)
+    finally:
+        if fresh_identity is not None:  # p2pd has read it; a fresh peer id per start, as without --identity-path
+            shutil.rmtree(Path(fresh_identity).parent, ignore_errors=True)
+    access.check_identity(dht)
+    return dht
+
+
+def refuse_if_model_differs(
+    dht: hivemind.DHT, run_id: str, model_hash: str, device: str, access: RunAccess | None = None
+) -> None:
     """Leave (ValueError) if the run's monitor announces another model; tell the monitor first, so both sides log it."""
     refusal = check_model_matches(dht, run_id, model_hash)
     if refusal is None:
         return
-    announcement = PeerProgress(epoch=0, samples_per_second=0.0, samples_accumulated=0, loss_sum=0.0, mini_steps=0,
-                                device=device, version=software_version(), time=float(get_dht_time()),
-                                model_hash=model_hash)
+    announcement = PeerProgress(
+        epoch=0,
+        samples_per_second=0.0,
+        samples_accumulated=0,
+        loss_sum=0.0,
+        mini_steps=0,
+        device=device,
+        version=software_version(),
+        time=float(get_dht_time()),
+        model_hash=model_hash,
+    )
     publish_progress(dht, run_id, announcement, expiration=60.0)
+    if access is not None:
+        access.close()
     dht.shutdown()
     raise ValueError(refusal)
 

@@ -14,8 +14,10 @@ import torch
 import torch_optimizer
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils.auth import AuthorizerBase
 from transformers import get_linear_schedule_with_warmup
 
+from peer.averager_guard import GuardedOptimizer, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,21 @@ class StateDownloadFailed(KeyboardInterrupt):
     """
 
 
-def build_dht(swarm: SwarmConfig, record_validators: Iterable[RecordValidatorBase] = ()) -> hivemind.DHT:
-    """Start this process's DHT node (and its p2pd daemon) and join the swarm through ``swarm.initial_peers``."""
+def build_dht(
+    swarm: SwarmConfig,
+    record_validators: Iterable[RecordValidatorBase] = (),
+    authorizer: AuthorizerBase | None = None,
+    identity_path: str | None = None,
+) -> hivemind.DHT:
+    """Start this process's DHT node (and its p2pd daemon) and join the swarm through ``swarm.initial_peers``.
+
+    A closed run passes its ``authorizer`` and an ``identity_path`` made just before (so the peer id the access
+    token names is known before the DHT starts); hivemind's check that such an identity is unused is then skipped.
+    """
+    if identity_path is None:
+        identity = {"identity_path": swarm.identity_path}
+    else:
+        identity = {"identity_path": identity_path, "check_if_identity_free": False}
     try:
         return hivemind.DHT(
             initial_peers=swarm.initial_peers,
@@ -49,10 +64,11 @@ def build_dht(swarm: SwarmConfig, record_validators: Iterable[RecordValidatorBas
             client_mode=swarm.client_mode,
             host_maddrs=swarm.host_maddrs,
             announce_maddrs=swarm.announce_maddrs or None,
-            identity_path=swarm.identity_path,
             use_relay=swarm.use_relay,
             use_auto_relay=swarm.use_auto_relay,
             record_validators=list(record_validators),
+            authorizer=authorizer,
+            **identity,
         )
     except Exception as error:
         peers = ", ".join(swarm.initial_peers) or "none (starting a new swarm)"
@@ -149,14 +165,20 @@ def averaged_statistics(optim: OptimConfig) -> tuple[str, ...]:
 
 
 def build_optimizer(
-    dht: hivemind.DHT, model: torch.nn.Module, swarm: SwarmConfig, optim: OptimConfig, samples_per_step: int
+    dht: hivemind.DHT,
+    model: torch.nn.Module,
+    swarm: SwarmConfig,
+    optim: OptimConfig,
+    samples_per_step: int,
+    membership: MembershipCheck | None = None,
 ) -> hivemind.Optimizer:
     """Build the collaborative optimizer (call in the main thread; restore signal handlers afterwards).
 
     Every option is mapped explicitly. client_mode is read from the DHT because the Optimizer's own flag is ignored
-    by hivemind 1.1.12.
+    by hivemind 1.1.12. In a closed run (``membership`` given) its averagers serve run members only.
     """
-    return hivemind.Optimizer(
+    optimizer_class = hivemind.Optimizer if membership is None else partial(GuardedOptimizer, membership=membership)
+    return optimizer_class(
         dht=dht,
         run_id=swarm.run_id,
         target_batch_size=optim.target_batch_size,

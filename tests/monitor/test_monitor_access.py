@@ -1,0 +1,245 @@
+"""Closed runs: the monitor's authority and POST /api/join for real, then a closed swarm that an intruder attacks."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from monitor.access import Authority
+from monitor.checkpoint import CheckpointStore
+from monitor.config import MonitorConfig
+from monitor.history import History
+from monitor.live import LiveState
+from monitor.metrics import make_registry
+from monitor.server import ServerThread, create_app
+from peer.access_tokens import join_message, read_private_key, verify_token
+from peer.join_client import JoinClient, JoinCredential, JoinRefused
+from tests.monitor.conftest import MonitorProcess, PeerProcess, Process, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+
+def write_secret(path: Path, *secrets: str) -> Path:
+    path.write_text("".join(secret + "\n" for secret in secrets))
+    return path
+
+
+@pytest.fixture
+def closed_monitor(tmp_path):
+    """The monitor's HTTP server with an authority admitting a run secret and an allowlisted join key."""
+    secret_file = write_secret(tmp_path / "run.secret", "old-secret-0123456789")
+    join_key = RSAPrivateKey()
+    (tmp_path / "join.key").write_bytes(join_key.to_bytes())
+    allowlist = tmp_path / "allowlist"
+    allowlist.write_text("# Alice's GPU box\n" + join_key.get_public_key().to_bytes().decode() + " alice\n")
+    authority = Authority(tmp_path / "run" / "authority.key", 60.0, str(secret_file), str(allowlist))
+    history = History(tmp_path / "history.sqlite")
+    store = CheckpointStore(tmp_path / "checkpoints", history, keep=2)
+    live = LiveState(run_id="closed", initial_peers=[], model={"name": "tiny"})
+    app = create_app(live, history, store, make_registry(live, store), authority=authority)
+    server = ServerThread(app, "127.0.0.1", 0)
+    server.start()
+    server.url, server.authority, server.dir = f"http://127.0.0.1:{server.port}", authority, tmp_path
+    yield server
+    server.stop()
+    history.close()
+
+
+def client(url: str, **credential) -> JoinClient:
+    return JoinClient(url, JoinCredential(**credential), PeerID.from_base58(PEER_ID), private_key=RSAPrivateKey())
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/api/join", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_run_secret_admits_and_a_wrong_one_is_refused_with_a_reason(closed_monitor, caplog):
+    joiner = client(closed_monitor.url, secret_file=str(closed_monitor.dir / "run.secret"))
+    token = joiner()
+    assert token.username == PEER_ID and joiner.ttl == 60.0
+    assert verify_token(token, closed_monitor.authority.public_key)
+    wrong = write_secret(closed_monitor.dir / "wrong.secret", "wrong-secret-0123456789")
+    refusal = pytest.raises(JoinRefused, match=r"wrong run secret \(HTTP 403\)")
+    with caplog.at_level(logging.WARNING, logger="monitor.access"), refusal:
+        client(closed_monitor.url, secret_file=str(wrong))()
+    assert f"Refused a join request from peer {PEER_ID}: wrong run secret" in caplog.text
+
+
+def test_allowlisted_join_key_admits_and_an_unlisted_one_is_refused(closed_monitor, tmp_path):
+    assert client(closed_monitor.url, join_key_file=str(closed_monitor.dir / "join.key"))().username == PEER_ID
+    (tmp_path / "other.key").write_bytes(RSAPrivateKey().to_bytes())
+    with pytest.raises(JoinRefused, match="not in the run's allowlist"):
+        client(closed_monitor.url, join_key_file=str(tmp_path / "other.key"))()
+
+
+def test_garbage_and_forged_join_requests_get_403_not_500(closed_monitor):
+    listed = read_private_key(closed_monitor.dir / "join.key")
+    public_key = RSAPrivateKey().get_public_key().to_bytes().decode()
+    now = int(get_dht_time())
+    stale_proof = hmac.new(b"old-secret-0123456789", join_message(public_key.encode(), PEER_ID, now - 600), "sha256")
+    garbage = [
+        b"not json",
+        b"[1, 2]",
+        b"{}",
+        json.dumps({"peer_id": PEER_ID, "public_key": public_key, "timestamp": "now", "hmac": "00"}).encode(),
+        json.dumps({"peer_id": PEER_ID, "public_key": "x" * 10**5, "timestamp": now, "hmac": "00"}).encode(),
+        json.dumps({"peer_id": "not-a-peer-id", "public_key": public_key, "timestamp": now, "hmac": "00"}).encode(),
+        json.dumps({"peer_id": PEER_ID, "public_key": "ssh-rsa !!", "timestamp": now, "hmac": "00"}).encode(),
+        json.dumps({"peer_id": PEER_ID, "public_key": public_key, "timestamp": now}).encode(),
+        json.dumps({"peer_id": PEER_ID, "public_key": public_key, "timestamp": now - 600, "hmac": stale_proof.hexdigest()}).encode(),
+        json.dumps({"peer_id": PEER_ID, "public_key": public_key, "timestamp": now,
+                    "join_key": listed.get_public_key().to_bytes().decode(), "signature": "Zm9yZ2Vk"}).encode(),
+    ]  # fmt: skip
+    reasons = []
+    for body in garbage:
+        status, answer = post(closed_monitor.url, body)
+        assert status == 403, (body[:100], answer)
+        reasons.append(answer["detail"])
+    assert "more than 60 s off" in reasons[-2] and "signature does not match" in reasons[-1]
+
+
+def test_secret_rotates_without_a_restart(closed_monitor):
+    secret_file = closed_monitor.dir / "run.secret"
+    old = write_secret(closed_monitor.dir / "peer-old.secret", "old-secret-0123456789")
+    new = write_secret(closed_monitor.dir / "peer-new.secret", "new-secret-0123456789-rotated")
+    with pytest.raises(JoinRefused, match="wrong run secret"):
+        client(closed_monitor.url, secret_file=str(new))()
+    write_secret(secret_file, "old-secret-0123456789", "new-secret-0123456789-rotated")  # step 1: both valid
+    client(closed_monitor.url, secret_file=str(new))()
+    client(closed_monitor.url, secret_file=str(old))()
+    write_secret(secret_file, "new-secret-0123456789-rotated")  # step 2: peers moved, the old one is removed
+    client(closed_monitor.url, secret_file=str(new))()
+    with pytest.raises(JoinRefused, match="wrong run secret"):
+        client(closed_monitor.url, secret_file=str(old))()
+    secret_file.write_text("")  # a broken edit keeps the last good secrets instead of locking everyone out
+    client(closed_monitor.url, secret_file=str(new))()
+
+
+def test_authority_key_is_kept_across_restarts(tmp_path):
+    secret = write_secret(tmp_path / "run.secret", "a-secret-0123456789")
+    first = Authority(tmp_path / "authority.key", 60.0, str(secret))
+    token = first.issue(b"ssh-rsa AAAA", PEER_ID)
+    second = Authority(tmp_path / "authority.key", 60.0, str(secret))
+    assert verify_token(token, second.public_key)
+    assert oct((tmp_path / "authority.key").stat().st_mode)[-3:] == "600"
+    (tmp_path / "broken.key").write_bytes(b"not a key")
+    with pytest.raises(ValueError, match="is not an authority key"):
+        Authority(tmp_path / "broken.key", 60.0, str(secret))
+
+
+def test_open_run_has_no_join_and_config_checks_access_flags(tmp_path):
+    history = History(tmp_path / "history.sqlite")
+    store = CheckpointStore(tmp_path / "checkpoints", history, keep=2)
+    live = LiveState(run_id="open", initial_peers=[], model={"name": "tiny"})
+    server = ServerThread(create_app(live, history, store, make_registry(live, store)), "127.0.0.1", 0)
+    server.start()
+    try:
+        status, answer = post(f"http://127.0.0.1:{server.port}", b"{}")
+        assert status == 404 and "open" in answer["detail"]
+    finally:
+        server.stop()
+        history.close()
+    assert not MonitorConfig().closed_run
+    assert MonitorConfig(run_secret_file=str(write_secret(tmp_path / "s", "x" * 20))).closed_run
+    with pytest.raises(ValueError, match="not a file"):
+        MonitorConfig(allowlist_file=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="token_ttl"):
+        MonitorConfig(token_ttl=1)
+
+
+# --- a closed swarm: real monitor, honest peers, a refused peer and an intruder, all separate processes -------------
+
+TTL = 20.0  # short, so tokens are renewed several times during the test (at half their lifetime)
+JOINED = re.compile(r"Joined run '[\w-]+' as (\w+)")
+GUARDED_RPCS = ("rpc_join_group", "rpc_aggregate_part", "rpc_download_state")
+
+
+def peer_id_of(peer: PeerProcess) -> str:
+    return wait_until(lambda: (JOINED.findall(peer.log_text()) or [None])[0], 150, f"{peer.name} to join")
+
+
+def backup(peer: PeerProcess, epoch: int) -> torch.Tensor:
+    parameters = torch.load(peer.backup_dir / f"epoch-{epoch:06d}.pt", weights_only=True)["model"]
+    return torch.cat([tensor.flatten().float() for tensor in parameters.values()])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_closed_run_trains_refuses_a_wrong_secret_and_an_intruder(tmp_path, processes):
+    secret = write_secret(tmp_path / "run.secret", "closed-run-secret-0123456789")
+    wrong = write_secret(tmp_path / "wrong.secret", "guessed-secret-0123456789")
+    monitor_flags = ["--run_secret_file", str(secret), "--token_ttl", str(TTL)]
+    monitor = MonitorProcess(tmp_path / "monitor", "closed", monitor_flags)
+    processes.append(monitor)
+    initial_peers = monitor.wait_ready()
+    join = ["--join_url", monitor.url, "--run_secret_file"]
+    exact = ["--grad_compression", "none"]  # the peers' parameters then agree closely (see tests/peer/test_swarm.py)
+    honest = [PeerProcess(tmp_path, name, "closed", initial_peers, [*join, str(secret), *exact]) for name in "ab"]
+    refused = PeerProcess(tmp_path, "refused", "closed", initial_peers, [*join, str(wrong)])
+    processes.extend([*honest, refused])
+
+    assert refused.process.wait(timeout=150) == 2
+    assert "The monitor refused to admit this peer: wrong run secret" in refused.log_text()
+    wait_until(lambda: "Refused a join request from peer" in monitor.log_text(), 30, "the monitor's refusal line")
+
+    # the worst case: the intruder knows the run id, the initial peers and every member's peer id
+    members = [peer_id_of(peer) for peer in honest] + [initial_peers[0].rsplit("/", 1)[1]]
+    admitted_at = time.monotonic()
+    wait_until(lambda: all("Starting at epoch" in peer.log_text() for peer in honest), 150, "the peers' averagers")
+    command = [sys.executable, "tests/peer/intruder.py", "--run_id", "closed", "--initial_peers", *initial_peers]
+    intruder = Process("intruder", [*command, "--targets", *members], tmp_path / "intruder.log")
+    processes.append(intruder)
+    # meanwhile: tokens live TTL seconds, the run must go on past two lifetimes (renewed over HTTP and locally)
+    wait_until(lambda: time.monotonic() - admitted_at > 2 * TTL, 3 * TTL, "two token lifetimes")
+    assert intruder.process.wait(timeout=150) == 0, intruder.log_text()[-3000:]
+    attack = intruder.log_text()
+    assert "ACCEPTED" not in attack and attack.count("REFUSED") == 4 + 5 * 3, attack
+    for member in members[:2]:
+        for rpc in ("rpc_join_group", "rpc_aggregate_part"):  # the code only the guard answers with
+            assert f"REFUSED {rpc} at {member}: code PROTOCOL_VIOLATION" in attack, attack
+
+    def refusals_logged() -> bool:
+        logs = [peer.log_text() for peer in honest]
+        dht_line = "Refused a DHT request from a process without a valid access token of run 'closed'"
+        return all(f"Refused {rpc} " in log and dht_line in log for log in logs for rpc in GUARDED_RPCS)
+
+    wait_until(refusals_logged, 30, "the honest peers' refusal lines")
+    assert "Refused rpc_download_state " in monitor.log_text()
+
+    reached = [max(peer.backup_epochs(), default=0) for peer in honest]
+    wait_until(
+        lambda: all(max(peer.backup_epochs(), default=0) > epoch for peer, epoch in zip(honest, reached)),
+        120,
+        "training to go on",
+    )
+    logs = [process.log_text() for process in (*honest, monitor)]  # before the shutdown, when members part
+    for process in [*honest, monitor]:
+        process.process.terminate()  # all at once: each takes seconds to leave
+    for log in logs:
+        assert "Could not renew" not in log and "refused to renew" not in log
+        assert not any(f"from peer {member}:" in log for member in members), "a member was refused"
+    for log in logs[:2]:  # the honest peers went on averaging with each other after the attack
+        after = log[log.index("Refused rpc_aggregate_part") :]
+        assert "Averaged gradients with 2 peers" in after or "Averaged parameters with 2 peers" in after
+    for peer in honest:
+        for epoch in peer.backup_epochs():
+            assert torch.isfinite(backup(peer, epoch)).all() and backup(peer, epoch).abs().max() < 1e3
