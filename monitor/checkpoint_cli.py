@@ -92,9 +92,10 @@ def pull(args: argparse.Namespace) -> dict:
     """Join the swarm as a client, download the averaged state with the peers' layout, write a checkpoint dir."""
     import hivemind  # noqa: F401  (heavy imports only for this subcommand)
 
-    from monitor.records import check_model_matches, monitor_validators
+    from monitor.records import monitor_validators
     from monitor.state import StateKeeper, build_run_model
     from peer.config import OptimConfig, SwarmConfig
+    from peer.run_record import check_model_matches
     from peer.swarm import build_dht
 
     swarm = SwarmConfig(

@@ -119,6 +119,10 @@ class MonitorConfig:
     def peers_file_path(self) -> Path:
         return Path(self.peers_file) if self.peers_file else Path(self.run_dir) / "initial_peers.txt"
 
+    def url_file_path(self) -> Path:
+        """Holds the dashboard's URL once the HTTP server listens (the port may have been chosen by the OS)."""
+        return Path(self.run_dir) / "dashboard_url.txt"
+
     def identity_path(self, swarm: SwarmConfig) -> Path:
         """The monitor always has a stable identity: its multiaddr is what every peer is told to dial."""
         return Path(swarm.identity_path) if swarm.identity_path else Path(self.run_dir) / "identity.key"

@@ -47,6 +47,7 @@ class LocalSwarmConfig:
         checkpoint_every: the monitor writes a checkpoint every this many epochs.
         threads_per_peer: CPU threads each peer's torch uses.
         host: address every process of the run listens on; 0.0.0.0 lets peers on other machines join.
+        run_secret_file: close the run: only peers presenting this secret join (see "Closed runs" in the README).
     """
 
     run_dir: str = field(default="albert-swarm-run", metadata={"help": "Directory of everything the run keeps."})
@@ -66,6 +67,10 @@ class LocalSwarmConfig:
     host: str = field(
         default="127.0.0.1",
         metadata={"help": "Address the run listens on; 0.0.0.0 lets peers on other machines join."},
+    )
+
+    run_secret_file: str | None = field(
+        default=None, metadata={"help": "Close the run: only peers holding this secret may join."}
     )
 
     def __post_init__(self):
@@ -128,7 +133,9 @@ class LocalSwarm:
         cfg = self.config
         monitor_dir = self.run_dir / "monitor"
         peers_file = monitor_dir / "initial_peers.txt"
-        peers_file.unlink(missing_ok=True)
+        url_file = monitor_dir / "dashboard_url.txt"
+        for stale in (peers_file, url_file):  # left by an earlier run in this directory
+            stale.unlink(missing_ok=True)
         flags = [
             *cfg.optimizer_flags(),
             "--model",
@@ -148,16 +155,19 @@ class LocalSwarm:
             "--refresh_period",
             "2",
         ]
+        if cfg.run_secret_file:
+            flags += ["--run_secret_file", cfg.run_secret_file]
         resume = latest_checkpoint(monitor_dir / "checkpoints")
         if resume is not None:
             print(f"Resuming from checkpoint {resume}")
             flags += ["--resume_from", str(resume)]
         self.monitor = self._spawn("monitor", "monitor", flags)
-        initial_peers = self._wait_for_peers_file(peers_file)
-        self.url = self._wait_for_dashboard()
+        initial_peers = self._wait_for_file(peers_file, 180.0).split()
+        self.url = self._wait_for_file(url_file, 60.0).strip()  # with --http-port 0 the OS chose the port
         return initial_peers
 
-    def _wait_for_peers_file(self, path: Path, timeout: float = 180.0) -> list[str]:
+    def _wait_for_file(self, path: Path, timeout: float) -> str:
+        """The monitor writes these files atomically once it is ready: poll for one, watching the monitor live."""
         deadline = time.monotonic() + timeout
         while not path.is_file():
             self._check_alive(self.monitor, "monitor")
@@ -166,18 +176,7 @@ class LocalSwarm:
                     f"the monitor wrote no {path} within {timeout:.0f} s; see {self.logs / 'monitor.log'}"
                 )
             time.sleep(0.2)
-        return path.read_text().split()
-
-    def _wait_for_dashboard(self, timeout: float = 60.0) -> str:
-        """The monitor logs its URL; with --http-port 0 that is the only way to learn the port."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive(self.monitor, "monitor")
-            for line in (self.logs / "monitor.log").read_text(errors="replace").splitlines()[::-1]:
-                if "Dashboard, API and /metrics on " in line:
-                    return line.rsplit(" on ", 1)[1].strip()
-            time.sleep(0.2)
-        raise RuntimeError(f"the monitor's HTTP server did not start; see {self.logs / 'monitor.log'}")
+        return path.read_text()
 
     def start_peers(self, initial_peers: list[str]) -> None:
         cfg = self.config
@@ -206,6 +205,8 @@ class LocalSwarm:
             ]
             if cfg.corpus:
                 flags += ["--corpus", cfg.corpus]
+            if cfg.run_secret_file:  # a closed run: each peer proves the secret to the monitor for its access token
+                flags += ["--run_secret_file", cfg.run_secret_file, "--join_url", self.url.rstrip("/")]
             peer_dir.mkdir(parents=True, exist_ok=True)
             self.peers.append(self._spawn(f"peer-{index}", "peer", flags))
 

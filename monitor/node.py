@@ -104,6 +104,9 @@ class Monitor:
         self.server = ServerThread(app, cfg.http_host, cfg.http_port)
         self.server.start()
         self.dashboard_url = f"http://{cfg.http_host}:{self.server.port}/"
+        write_atomically(
+            cfg.url_file_path(), self.dashboard_url + "\n"
+        )  # how a launcher learns a port chosen by the OS
         logger.info(f"Dashboard, API and /metrics on {self.dashboard_url}")
         print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
 
@@ -119,10 +122,7 @@ class Monitor:
 
     def _write_peers_file(self, maddrs: list[str]) -> None:
         path = self.config.peers_file_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(maddrs) + "\n")
-        tmp.replace(path)  # atomic: a script polling for the file never reads half of it
+        write_atomically(path, "\n".join(maddrs) + "\n")
         logger.info(f"Multiaddrs of this monitor written to {path}")
 
     def run(self) -> None:
@@ -248,3 +248,11 @@ class Monitor:
                     logger.warning(f"Error while shutting down {type(part).__name__}: {error!r}")
         if getattr(self, "history", None) is not None:
             self.history.close()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a script polling for the file never reads half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

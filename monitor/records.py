@@ -1,7 +1,8 @@
-"""What the monitor reads from and writes to the DHT: the peers' progress records and the run record.
+"""What the monitor reads from the DHT: the peers' progress records, with every refused record counted and logged.
 
-The run record (key `{run_id}_run`, one signed subkey per monitor) tells every peer which model the run trains, by
-the same fingerprint peers put in their progress records; a peer whose fingerprint differs is refused on both sides.
+Forged (bad signature), oversized and malformed (schema-violating) records are refused by the validators of the
+monitor's own DHT node, whether a peer tries to store them there or another node serves them; each refusal is
+counted by reason and surfaces as the monitor's invalid-record count (API, metrics, log).
 """
 
 from __future__ import annotations
@@ -10,22 +11,31 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
-import pydantic.v1 as pydantic
 from hivemind import DHT
-from hivemind.utils import ValueWithExpiration
+from hivemind.dht.validation import RecordValidatorBase
 
 from monitor.aggregate import PeerReport
-from peer.progress import PeerProgress, metrics_key
-from peer.run_record import (  # noqa: F401  (re-exported: the monitor's view of the run record)
-    RunRecord,
-    check_model_matches,
-    fetch_run_records,
-    publish_run_record,
-    run_key,
-    run_validators as monitor_validators,
-)
+from peer.progress import PeerProgress, RejectedRecords, counted, fetch_progress
+from peer.run_record import RunRecord, publish_run_record, run_validators  # noqa: F401  (first two: see below)
 
+# RunRecord and publish_run_record are imported above only because monitor/node.py still imports them from here;
+# delete them once node.py imports them from peer.run_record.
 logger = logging.getLogger(__name__)
+# One counter per run in this process. The monitor's DHT process is forked from this one after its validators were
+# built, so the counter the validators hold is the one read_progress reads.
+_REJECTED: dict[str, RejectedRecords] = {}
+
+
+def rejected_records(run_id: str) -> RejectedRecords:
+    """The counter of records this process's DHT refused for `run_id`."""
+    if run_id not in _REJECTED:
+        _REJECTED[run_id] = RejectedRecords()
+    return _REJECTED[run_id]
+
+
+def monitor_validators(run_id: str) -> list[RecordValidatorBase]:
+    """Every validator of the run's records (progress schema, size limit, signatures, run record), counting refusals."""
+    return counted(run_validators(run_id), rejected_records(run_id))
 
 
 def peer_label(owner: bytes, progress: PeerProgress | None = None) -> str:
@@ -36,7 +46,7 @@ def peer_label(owner: bytes, progress: PeerProgress | None = None) -> str:
 
 @dataclass
 class ProgressRead:
-    """One read of the metrics key: usable reports, the number of invalid records, and refused peers with why."""
+    """One read of the metrics key: usable reports, records refused since the last read, refused peers with why."""
 
     reports: list[PeerReport] = field(default_factory=list)
     invalid: int = 0
@@ -44,17 +54,16 @@ class ProgressRead:
 
 
 def read_progress(dht: DHT, run_id: str, model_hash: str) -> ProgressRead:
-    """Read every peer's record; schema-invalid ones are counted, foreign-model ones refused (and explained)."""
+    """Read every peer's record; invalid ones are counted (and logged), foreign-model ones refused and explained."""
     result = ProgressRead()
-    found = dht.get(metrics_key(run_id), latest=True)
-    if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
-        return result
-    for owner, entry in found.value.items():
-        try:
-            progress = PeerProgress.parse_obj(entry.value)
-        except (pydantic.ValidationError, AttributeError, TypeError):
-            result.invalid += 1
-            continue
+    rejected = rejected_records(run_id)
+    records = fetch_progress(dht, run_id, rejected)
+    new = rejected.take_new()
+    if new:
+        result.invalid = sum(new.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in new.items())
+        logger.warning(f"Refused {result.invalid} invalid DHT records since the last refresh ({reasons})")
+    for owner, progress in records.items():
         label = peer_label(owner, progress)
         if progress.model_hash != model_hash:
             result.refused[label] = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -26,6 +27,22 @@ class Backups:
 
     def __init__(self, directory: str | os.PathLike, keep: int, model_hash: str):
         self.directory, self.keep, self.model_hash = Path(directory), keep, model_hash
+        self._refuse_another_models_backups()
+
+    def _refuse_another_models_backups(self) -> None:
+        """ValueError if the newest backup is of another model: retention would delete it as this peer trains on."""
+        newest = self.latest_epoch()
+        if newest is None:
+            return
+        try:  # mmap: only the small dict is read, not the tensors
+            saved_hash = torch.load(self.path(newest), map_location="cpu", weights_only=True, mmap=True)["model_hash"]
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError):
+            return  # unreadable: restore() reports it, and the peer takes the swarm's state instead
+        if saved_hash != self.model_hash:
+            raise ValueError(
+                f"--backup_dir {self.directory} holds backups of another model (fingerprint {saved_hash}, this peer's "
+                f"is {self.model_hash}); give this run its own --backup_dir, or move those backups away"
+            )
 
     def epochs(self) -> list[int]:
         """Epochs that have a backup, oldest first."""
@@ -43,13 +60,13 @@ class Backups:
 
     def save(self, model: torch.nn.Module, optimizer: hivemind.Optimizer) -> Path:
         """Write the current state, atomically: a crash mid-write never leaves a truncated backup behind."""
-        state = dict(
-            epoch=optimizer.local_epoch,
-            model_hash=self.model_hash,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=optimizer.state_averager.scheduler.state_dict(),
-        )
+        state = {
+            "epoch": optimizer.local_epoch,
+            "model_hash": self.model_hash,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": optimizer.state_averager.scheduler.state_dict(),
+        }
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.path(optimizer.local_epoch)
         with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".partial-", delete=False) as partial:
@@ -66,7 +83,7 @@ class Backups:
         """Load the backup of ``epoch`` into the model and optimizer; False if it is unreadable or of another model."""
         try:
             state = torch.load(self.path(epoch), map_location="cpu", weights_only=True)
-        except Exception as error:  # a damaged file must not stop the peer: it can still get state from the swarm
+        except Exception as error:  # noqa: BLE001  (a damaged file must not stop the peer: the swarm has the state)
             logger.error(f"Backup {self.path(epoch)} is unreadable ({error!r}); ignoring it")
             return False
         if state.get("model_hash") != self.model_hash:

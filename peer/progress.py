@@ -1,7 +1,7 @@
 """The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_metrics``.
 
 Records are checked by a schema validator, a size limit and an RSA signature validator: only a record's owner can
-write it. Trainer peers publish them; the monitor reads them back with the same validators.
+write it. Trainer peers publish them; the monitor reads them back with the same validators, counting what they refuse.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import multiprocessing
+from collections.abc import Iterable
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -78,6 +80,84 @@ class RecordSizeValidator(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         return record.key not in self.key_ids or len(record.value) <= self.max_bytes
 
+    @property
+    def priority(self) -> int:
+        # after the signature check (10), before the schema (0): a huge value is refused before it is parsed
+        return 5
+
+
+class RejectedRecords:
+    """Counts the DHT records a node refused, by reason (signature, size, schema).
+
+    The counts live in shared memory: create this before the DHT starts, and the DHT's own process (a fork of this
+    one) counts into it while this process reads it.
+    """
+
+    REASONS = ("signature", "size", "schema", "other")
+
+    def __init__(self):
+        self._counts = multiprocessing.Array("q", len(self.REASONS))
+        self._taken = [0] * len(self.REASONS)
+
+    def add(self, reason: str) -> None:
+        with self._counts.get_lock():
+            self._counts[self.REASONS.index(reason)] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Records refused since this counter was created, by reason."""
+        with self._counts.get_lock():
+            return dict(zip(self.REASONS, self._counts[:]))
+
+    def take_new(self) -> dict[str, int]:
+        """Records refused since the previous call, by reason (reasons with none left out)."""
+        now = list(self.counts().values())
+        new = {
+            reason: current - taken
+            for reason, current, taken in zip(self.REASONS, now, self._taken)
+            if current > taken
+        }
+        self._taken = now
+        return new
+
+
+class CountingValidator(RecordValidatorBase):
+    """Wraps one validator and counts the records it refuses under `reason`; otherwise behaves exactly like it.
+
+    Args:
+        inner: the validator doing the work.
+        rejected: where refusals are counted.
+        reason: the name they are counted under (one of RejectedRecords.REASONS).
+    """
+
+    def __init__(self, inner: RecordValidatorBase, rejected: RejectedRecords, reason: str):
+        self.inner, self.rejected, self.reason = inner, rejected, reason
+
+    def validate(self, record: DHTRecord) -> bool:
+        valid = self.inner.validate(record)
+        if not valid:
+            self.rejected.add(self.reason)
+        return valid
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return self.inner.sign_value(record)
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return self.inner.strip_value(record)
+
+    @property
+    def priority(self) -> int:
+        return self.inner.priority
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        # hivemind merges the schema validators of one DHT into one (and keeps a single signature validator)
+        return self.inner.merge_with(other.inner if isinstance(other, CountingValidator) else other)
+
+
+def counted(validators: Iterable[RecordValidatorBase], rejected: RejectedRecords) -> list[RecordValidatorBase]:
+    """The same validators, each counting the records it refuses into `rejected`."""
+    reasons = {RSASignatureValidator: "signature", RecordSizeValidator: "size", SchemaValidator: "schema"}
+    return [CountingValidator(validator, rejected, reasons.get(type(validator), "other")) for validator in validators]
+
 
 def metrics_key(run_id: str) -> str:
     """The DHT key holding every peer's progress record of a run."""
@@ -123,8 +203,12 @@ def publish_progress(
     )
 
 
-def fetch_progress(dht: DHT, run_id: str) -> dict[bytes, PeerProgress]:
-    """All unexpired, valid records of the run, keyed by their owner's public key."""
+def fetch_progress(dht: DHT, run_id: str, rejected: RejectedRecords | None = None) -> dict[bytes, PeerProgress]:
+    """All unexpired, valid records of the run, keyed by their owner's public key.
+
+    A record that reaches this reader but does not parse (it passed another peer's older schema) is skipped and
+    counted in `rejected` as a schema refusal, like the records the DHT's validators refused.
+    """
     found = dht.get(metrics_key(run_id), latest=True)
     if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
         return {}
@@ -133,7 +217,8 @@ def fetch_progress(dht: DHT, run_id: str) -> dict[bytes, PeerProgress]:
         try:
             records[owner] = PeerProgress.parse_obj(entry.value)
         except (pydantic.ValidationError, AttributeError, TypeError):
-            continue  # a record that passed another peer's older schema; skip rather than fail the reader
+            if rejected is not None:
+                rejected.add("schema")
     return records
 
 

@@ -124,7 +124,9 @@ def two_runs(tmp_path_factory):
     }
 
     second_started = time.time()
-    second = launch(run_dir)
+    secret = run_dir / "run.secret"
+    secret.write_text("a-secret-for-the-closed-second-run\n")
+    second = launch(run_dir, "--run_secret_file", str(secret))  # closed: its peers must be admitted by the monitor
     try:
         # wait until its peers train (the monitor's history gains rows from this run), then press Ctrl-C
         wait_until(
@@ -203,6 +205,14 @@ def test_second_run_resumes_from_the_checkpoint_instead_of_starting_over(two_run
         history.close()
     assert rows, two_runs["second_output"]
     assert min(row["epoch"] for row in rows) >= resumed_epoch, (resumed_epoch, rows[:3])
+
+
+def test_a_closed_run_admits_its_own_peers(two_runs):
+    run_dir = two_runs["run_dir"]
+    for index in (0, 1):
+        log = (run_dir / "logs" / f"peer-{index}.log").read_text(errors="replace")
+        assert "Admitted to closed run" in log, f"peer-{index} was never admitted:\n{log[-2000:]}"
+    assert "Closed run" in (run_dir / "logs" / "monitor.log").read_text(errors="replace")
 
 
 def test_ctrl_c_stops_everything_in_order_and_leaves_no_process(two_runs):
