@@ -102,7 +102,8 @@ def aggregate(
     Args:
         reports: reports that passed schema and signature validation (at most one per peer is used: the newest).
         now: current DHT time.
-        previous: the last snapshot; its ledger makes contributions and the sample total cumulative.
+        previous: the last snapshot; its ledger makes contributions and the sample total cumulative, and its epoch
+            is the new one's floor (the run's epoch is the highest any alive peer ever reported).
         invalid_records: records rejected by validation during this refresh (shown and exported, not aggregated).
         stale_after: a peer whose newest report is older than this is not alive.
         forget_after: a peer not seen for this long is dropped from the table (its contribution stays counted).
@@ -116,7 +117,8 @@ def aggregate(
             newest[report.peer_id] = report
 
     alive = {pid: r for pid, r in newest.items() if now - r.time <= stale_after}
-    epoch = max([r.epoch for r in alive.values()], default=previous.epoch)
+    # the run's epoch never goes back: when the peer that was ahead stops counting as alive, the others catch up
+    epoch = max([previous.epoch, *(r.epoch for r in alive.values())])
 
     counted = dict(previous.counted)
     contributions = {row.peer_id: row.contribution for row in previous.peers}

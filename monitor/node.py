@@ -23,12 +23,13 @@ from monitor.config import MonitorConfig
 from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
-from monitor.records import RunRecord, monitor_validators, publish_run_record, read_progress
+from monitor.records import monitor_validators, read_progress
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, StateKeeper, build_run_model
 from peer.access import RunAccess
 from peer.averager_guard import MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
+from peer.run_record import RunRecord, publish_run_record
 from peer.swarm import build_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
@@ -82,14 +83,11 @@ class Monitor:
             "tokenizer": self.run_model.tokenizer_name,
             "hash": self.run_model.fingerprint,
         }
-        snapshot = self.history.last_snapshot()
-        if self.keeper.epoch > snapshot.epoch:  # resumed: the run is at the checkpoint's epoch before any peer joins
-            snapshot = replace(snapshot, epoch=self.keeper.epoch)
         self.live = LiveState(
             run_id=self.swarm.run_id,
             initial_peers=self.initial_peers,
             model=model_info,
-            snapshot=snapshot,
+            snapshot=self._not_behind_held_state(self.history.last_snapshot()),  # a restart goes on from its history
             state_epoch=self.keeper.epoch,
         )
         app = create_app(
@@ -162,9 +160,16 @@ class Monitor:
             invalid_records=read.invalid,
             stale_after=self.config.stale_after,
         )
+        snapshot = self._not_behind_held_state(snapshot)
         self.history.record(snapshot)
         self.live.update(snapshot, read.invalid, read.refused)
         self._keep_state(snapshot)
+
+    def _not_behind_held_state(self, snapshot: SwarmSnapshot) -> SwarmSnapshot:
+        """The run is at least at the epoch of the state the monitor holds (resumed, or downloaded from a trainer)."""
+        if self.keeper.epoch > snapshot.epoch:
+            return replace(snapshot, epoch=self.keeper.epoch)
+        return snapshot
 
     def _publish_run_record(self) -> None:
         record = RunRecord(

@@ -16,10 +16,8 @@ from hivemind.dht.validation import RecordValidatorBase
 
 from monitor.aggregate import PeerReport
 from peer.progress import PeerProgress, RejectedRecords, counted, fetch_progress
-from peer.run_record import RunRecord, publish_run_record, run_validators  # noqa: F401  (first two: see below)
+from peer.run_record import run_validators
 
-# RunRecord and publish_run_record are imported above only because monitor/node.py still imports them from here;
-# delete them once node.py imports them from peer.run_record.
 logger = logging.getLogger(__name__)
 # One counter per run in this process. The monitor's DHT process is forked from this one after its validators were
 # built, so the counter the validators hold is the one read_progress reads.

@@ -29,6 +29,17 @@ from monitor.live import LiveState
 
 STATIC_DIR = Path(__file__).with_name("static")
 CheckpointRequest = Callable[[], CheckpointEntry]
+# Error answers declared in the OpenAPI schema, so clients (and schemathesis' status-code check) know every status.
+CHECKPOINT_ON_DEMAND_ERRORS = {
+    401: {"description": "Missing or wrong admin token (send 'Authorization: Bearer TOKEN')"},
+    403: {"description": "Checkpoints on demand are disabled: the monitor was started without --admin-token"},
+    503: {"description": "No checkpoint could be made (no training state yet, or the request timed out)"},
+}
+DOWNLOAD_ERRORS = {404: {"description": "No verified checkpoint (of that epoch)"}}
+JOIN_ERRORS = {
+    403: {"description": "The join request is malformed or its credential is not valid"},
+    404: {"description": "The run is open: peers join without a credential"},
+}
 
 
 def create_app(
@@ -101,7 +112,7 @@ def create_app(
     def checkpoints(request: Request) -> list[dict]:
         return [_describe(entry, request) for entry in store.list()]
 
-    @app.post("/api/checkpoints", status_code=201)
+    @app.post("/api/checkpoints", status_code=201, responses=CHECKPOINT_ON_DEMAND_ERRORS)
     def make_checkpoint(request: Request, authorization: str | None = Header(None)) -> dict:
         if not admin_token or request_checkpoint is None:
             raise HTTPException(403, "checkpoints on demand are disabled: start the monitor with --admin-token")
@@ -114,7 +125,7 @@ def create_app(
             raise HTTPException(503, f"could not make a checkpoint: {error}") from error
         return _describe(entry, request)
 
-    @app.post("/api/join")
+    @app.post("/api/join", responses=JOIN_ERRORS)
     async def join(request: Request) -> dict:
         """A peer of a closed run asks for an access token; 403 with the reason if its credential is not valid."""
         if authority is None:
@@ -128,11 +139,11 @@ def create_app(
         except AdmissionRefused as error:
             raise HTTPException(403, str(error)) from error
 
-    @app.get("/checkpoints/latest", response_class=FileResponse)
+    @app.get("/checkpoints/latest", response_class=FileResponse, responses=DOWNLOAD_ERRORS)
     def latest_checkpoint() -> FileResponse:
         return _download(store, None)
 
-    @app.get("/checkpoints/{epoch}", response_class=FileResponse)
+    @app.get("/checkpoints/{epoch}", response_class=FileResponse, responses=DOWNLOAD_ERRORS)
     def checkpoint(epoch: int) -> FileResponse:
         return _download(store, epoch)
 

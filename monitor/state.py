@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
-from monitor.checkpoint import TRAINING_STATE
+from monitor.checkpoint import MANIFEST, TRAINING_STATE, verify_directory
 from peer.averager_guard import GuardedTrainingStateAverager, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
 from peer.progress import model_fingerprint
@@ -51,7 +51,7 @@ def build_run_model(model: str, tokenizer: str | None, weights_from: str | None 
         torch.manual_seed(0)  # the monitor's initial weights are never trained on; seeded for reproducible tests
         network = LeanAlbertForMaskedLM(config)
     else:
-        network = LeanAlbertForMaskedLM.from_pretrained(weights_from)
+        network = load_resume_weights(weights_from)
         if model_fingerprint(network.config, loaded_tokenizer) != model_fingerprint(config, loaded_tokenizer):
             raise ModelMismatch(
                 f"checkpoint {weights_from} holds another model than --model {model!r} "
@@ -60,6 +60,36 @@ def build_run_model(model: str, tokenizer: str | None, weights_from: str | None 
     network.eval()
     fingerprint = model_fingerprint(network.config, loaded_tokenizer)  # as a peer computes it, from model.config
     return RunModel(network, loaded_tokenizer, fingerprint, model, tokenizer or "bundled")
+
+
+def load_resume_weights(directory: str | Path) -> LeanAlbertForMaskedLM:
+    """The weights of a --resume_from checkpoint; a ValueError naming the file if it is missing or damaged.
+
+    A monitor checkpoint is checked against its manifest's sha256 sums first: flipped bits in a tensor load silently.
+    """
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        problem = verify_directory(directory)
+        if problem:
+            raise ValueError(f"--resume_from checkpoint {directory} is damaged: {problem}")
+    try:
+        return LeanAlbertForMaskedLM.from_pretrained(directory)
+    except Exception as error:  # transformers and safetensors raise many types for a broken file
+        raise ValueError(
+            f"cannot load the model weights of --resume_from checkpoint {directory}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def load_training_state(directory: str | Path) -> dict:
+    """The optimizer, scheduler and epoch of a checkpoint; a ValueError naming the file if it cannot be read."""
+    path = Path(directory) / TRAINING_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a truncated or foreign file
+        raise ValueError(f"cannot read the training state {path}: {type(error).__name__}: {error}") from error
+    if not isinstance(state, dict) or not {"epoch", "optimizer"} <= state.keys():
+        raise ValueError(f"{path} is not a training state: it holds no epoch and optimizer state")
+    return state
 
 
 class StateKeeper:
@@ -135,10 +165,10 @@ class StateKeeper:
 
     def resume(self, directory: str | Path) -> int:
         """Take model weights, optimizer and scheduler state and the epoch from a checkpoint directory."""
-        state = torch.load(Path(directory) / TRAINING_STATE, map_location="cpu", weights_only=True)
+        state = load_training_state(directory)
         # hivemind ran one zero-gradient optimizer step to initialise the optimizer, and LAMB's weight decay moved
         # the weights: load them again
-        saved = LeanAlbertForMaskedLM.from_pretrained(directory)
+        saved = load_resume_weights(directory)
         self.run_model.model.load_state_dict(saved.state_dict())
         with torch.no_grad():
             self.averager.optimizer.load_state_dict(state["optimizer"])

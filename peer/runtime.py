@@ -22,6 +22,7 @@ from data import (
     load_tokenizer,
     model_overrides_from_tokenizer,
 )
+from data.sources import resolve_corpus
 from model import LeanAlbertForMaskedLM, load_config
 from peer.access import RunAccess, admit_peer, leave_when_token_expired
 from peer.averager_guard import MembershipCheck
@@ -141,23 +142,25 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
     access = join_closed_run(swarm, config)  # first: a refused peer learns it at once
     tokenizer, model = build_model(config, device)
     model_hash = model_fingerprint(model.config, tokenizer)
+    # Refusals that need no swarm come before the DHT, so that a refused peer never starts a DHT process and p2pd.
+    backups = Backups(config.backup_dir, config.keep_backups, model_hash)
+    resolve_corpus(config.corpus)
 
     dht = build_access_dht(swarm, access)
-    logger.info(f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}")
-    if access is not None:
-        access.publish_membership(dht, on_expired=leave_when_token_expired)
-    refuse_if_model_differs(dht, swarm.run_id, model_hash, device_name(device), access)
-    peer = Peer(
-        config,
-        dht,
-        model,
-        None,
-        build_batches(config, tokenizer, str(dht.peer_id)),
-        device,
-        precision,
-        Backups(config.backup_dir, config.keep_backups, model_hash),
-        access=access,
-    )
+    try:
+        logger.info(
+            f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}"
+        )
+        if access is not None:
+            access.publish_membership(dht, on_expired=leave_when_token_expired)
+        refuse_if_model_differs(dht, swarm.run_id, model_hash, device_name(device))
+        batches = build_batches(config, tokenizer, str(dht.peer_id))
+    except BaseException:
+        if access is not None:
+            access.close()
+        dht.shutdown()  # else the DHT process and its p2pd outlive the refused peer (__main__ ends with os._exit)
+        raise
+    peer = Peer(config, dht, model, None, batches, device, precision, backups, access=access)
     try:
         membership = MembershipCheck(dht, swarm.run_id, access.authority_key) if access else None
         peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
@@ -204,14 +207,19 @@ def build_access_dht(swarm: SwarmConfig, access: RunAccess | None) -> hivemind.D
     finally:
         if fresh_identity is not None:  # p2pd has read it; a fresh peer id per start, as without --identity-path
             shutil.rmtree(Path(fresh_identity).parent, ignore_errors=True)
-    access.check_identity(dht)
+    try:
+        access.check_identity(dht)
+    except BaseException:
+        dht.shutdown()
+        raise
     return dht
 
 
-def refuse_if_model_differs(
-    dht: hivemind.DHT, run_id: str, model_hash: str, device: str, access: RunAccess | None = None
-) -> None:
-    """Leave (ValueError) if the run's monitor announces another model; tell the monitor first, so both sides log it."""
+def refuse_if_model_differs(dht: hivemind.DHT, run_id: str, model_hash: str, device: str) -> None:
+    """ValueError if the run's monitor announces another model; tell the monitor first, so both sides log it.
+
+    The caller shuts the DHT down (start_peer does, for every refusal after the DHT started).
+    """
     refusal = check_model_matches(dht, run_id, model_hash)
     if refusal is None:
         return
@@ -227,9 +235,6 @@ def refuse_if_model_differs(
         model_hash=model_hash,
     )
     publish_progress(dht, run_id, announcement, expiration=60.0)
-    if access is not None:
-        access.close()
-    dht.shutdown()
     raise ValueError(refusal)
 
 

@@ -1,8 +1,10 @@
-"""Unit tests of the pure aggregation: empty swarm, invalid records, stale peers, cumulative contributions."""
+"""Unit tests of the pure aggregation: empty swarm, invalid records, stale peers, cumulative contributions, an epoch
+that never goes back (also across a monitor restart from its SQLite history)."""
 
 import math
 
 from monitor.aggregate import EMPTY_SNAPSHOT, PeerReport, aggregate
+from monitor.history import History
 
 
 def report(peer="A", epoch=3, sps=10.0, samples=64, loss_sum=8.0, steps=4, t=100.0, **kw):
@@ -75,3 +77,25 @@ def test_lagging_peer_is_recovering_and_departed_peer_is_kept_then_forgotten():
 def test_newest_report_per_peer_wins():
     snap = aggregate([report("A", epoch=5, t=90.0), report("A", epoch=6, t=95.0)], now=100.0, previous=EMPTY_SNAPSHOT)
     assert snap.epoch == 6 and len(snap.peers) == 1
+
+
+def test_epoch_never_goes_back_when_the_leading_peer_stops_counting_as_alive():
+    snap = aggregate([report("A", epoch=75, t=100.0), report("B", epoch=74, t=100.0)], now=100.0)
+    assert snap.epoch == 75
+    snap = aggregate([report("A", epoch=75, t=100.0), report("B", epoch=74, t=190.0)], now=190.0, previous=snap)
+    assert snap.alive_peers == 1 and snap.epoch == 75  # A went stale: the run is still at 75, not 74
+    assert {row.peer_id: row.status for row in snap.peers} == {"A": "gone", "B": "training"}
+    snap = aggregate([], now=400.0, previous=snap)  # nobody alive
+    assert snap.epoch == 75
+    snap = aggregate([report("B", epoch=76, t=410.0)], now=410.0, previous=snap)
+    assert snap.epoch == 76
+
+
+def test_a_restarted_monitor_goes_on_from_the_epoch_in_its_history(tmp_path):
+    history = History(tmp_path / "history.sqlite")
+    history.record(aggregate([report("A", epoch=75, t=100.0)], now=100.0))
+    history.close()
+    restarted = History(tmp_path / "history.sqlite")
+    snap = aggregate([report("B", epoch=70, t=200.0)], now=200.0, previous=restarted.last_snapshot())
+    restarted.close()
+    assert snap.epoch == 75 and {row.peer_id: row.status for row in snap.peers}["B"] == "recovering"

@@ -3,8 +3,8 @@
 Damaged checkpoints in a running monitor's directory (a truncated archive, a tampered weights file) are caught by
 their sha256 and never served: the previous checkpoint stays the latest, and `albert-checkpoint download` and `eval`
 refuse the damaged one. Wrongly typed model configs, a missing corpus, a --resume_from checkpoint and a --backup_dir
-of another model shape stop the peer or the monitor before it changes any file. Two known gaps are strict xfails
-(each names the product file to fix): they fail loudly, as an XPASS, once fixed.
+of another model shape stop the peer or the monitor before it changes any file, and a refused peer leaves no DHT
+process or p2pd behind.
 """
 
 from __future__ import annotations
@@ -203,11 +203,6 @@ def test_resume_from_a_checkpoint_of_another_shape_is_refused_and_nothing_is_ove
     assert_nothing_changed(world, "refused", "other")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="monitor/state.py build_run_model loads --resume_from weights without checking the manifest's sha256 and "
-    "lets safetensors' error through as a traceback",
-)
 def test_resume_from_a_damaged_checkpoint_is_refused_in_one_line(world):
     world.runs["monitor-damaged"].assert_refused(1, "cannot run", "damaged-resume")
     assert_nothing_changed(world, "refused")
@@ -218,11 +213,6 @@ def test_a_backup_dir_of_another_model_stops_the_peer_and_its_backups_are_kept(w
     assert_nothing_changed(world, "backups")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peer/runtime.py start_peer raises after build_dht without shutting the DHT down, and peer/__main__ "
-    "ends with os._exit: the DHT process and its p2pd outlive the refused peer",
-)
 def test_a_peer_refused_after_joining_leaves_no_process_behind(world):
     for name in ("peer-corpus", "peer-backups"):
         assert not world.runs[name].leftovers, f"{name} left {world.runs[name].leftovers} running"

@@ -20,7 +20,6 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import status_code_conformance
 
 from monitor.aggregate import PeerReport, aggregate
 from monitor.checkpoint import CheckpointStore
@@ -93,7 +92,7 @@ def fuzz(operation, mode: GenerationMode, base_url: str) -> None:
         suppress_health_check=list(HealthCheck),
     )
     def check(case):
-        case.call_and_validate(base_url=base_url, excluded_checks=[status_code_conformance])
+        case.call_and_validate(base_url=base_url)
 
     check()
 
