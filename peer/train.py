@@ -10,6 +10,7 @@ import torch
 
 from peer.faults import FaultInjector, gradients_finite, parameters_finite, recover_parameters
 from peer.lifecycle import ExitCode, StopRequested
+from peer.rejoin import Rejoiner
 from peer.runtime import Peer
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ def train(peer: Peer) -> int:
     autocast = torch.autocast(peer.device.type, dtype=peer.precision, enabled=peer.precision != torch.float32)
     scaler = torch.amp.GradScaler(peer.device.type) if peer.precision == torch.float16 else None
     faults, epoch = FaultInjector(), optimizer.local_epoch
+    # alone for two progress lifetimes: the others' entries expired, so they are unreachable rather than slow
+    rejoiner = Rejoiner(peer.dht, patience=2 * optimizer.tracker.metadata_expiration)
     model.train()
 
     while not peer.stop.requested:
@@ -43,6 +46,7 @@ def train(peer: Peer) -> int:
                 loss.item(), config.samples_per_step, computed - started, time.perf_counter() - computed
             )
         optimizer.zero_grad(set_to_none=True)
+        rejoiner.check(optimizer.tracker.global_progress.num_peers)
 
         if optimizer.local_epoch != epoch:
             epoch = optimizer.local_epoch

@@ -162,7 +162,9 @@ def test_a_peer_with_another_model_is_refused(run):
             "the foreign record",
         )
         assert "wrong --model or --tokenizer" in refused[0]
-        assert run.monitor.get("/api/status")["alive_peers"] == 2  # not counted as a peer of the run
+        # not counted as a peer of the run: never 3 (a slow honest peer may briefly look stale on a loaded machine)
+        assert run.monitor.get("/api/status")["alive_peers"] <= 2
+        wait_until(lambda: run.monitor.get("/api/status")["alive_peers"] == 2, 60, "both honest peers alive")
         message = check_model_matches(dht, RUN_ID, "f" * 16)  # what a peer checks before it trains
         assert message and "does not match run 'monitor-test'" in message and "--model" in message
         assert check_model_matches(dht, RUN_ID, run.monitor.get("/api/status")["model"]["hash"]) is None
