@@ -81,10 +81,25 @@ def test_kill_during_gradient_averaging(run):
     run.wait_for_agreement(["a", "b"], after_epoch=epoch, timeout=60)
 
 
-@pytest.mark.timeout(240)
-def test_kill_joiner_during_state_download(run):
-    joiner = prepared(run, "d", rate_mbit=10)
+def joiner_in_download(run, name: str):
+    """A joiner whose state download began while we watched, and the log offset where it began.
+
+    The joiner the previous test started may have booted quickly and finished its download already (or be far into
+    it): then it leaves and a fresh joiner on the same slow link is watched from its first line.
+    """
+    joiner = prepared(run, name, rate_mbit=10)
+    looked_at = len(joiner.log_text())
     began = run.wait_for_log(joiner, "Downloading parameters from peer", timeout=150)
+    if began < looked_at:  # it began before we looked: how far it got is unknown
+        joiner.stop()
+        joiner = run.start_peer(f"{name}2", rate_mbit=10)
+        began = run.wait_for_log(joiner, "Downloading parameters from peer", timeout=150)
+    return joiner, began
+
+
+@pytest.mark.timeout(300)
+def test_kill_joiner_during_state_download(run):
+    joiner, began = joiner_in_download(run, "d")
     time.sleep(2.0)  # well inside the ~16 s transfer over its 10 Mbit/s link
     run.kill(joiner)
     killed_at = time.time()
