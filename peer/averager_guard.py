@@ -24,6 +24,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
 from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
+from peer.consistent_state import ConsistentStateMixin, SwarmOptimizer
 
 logger = logging.getLogger(__name__)
 MEMBERS_REFETCH = 1.0  # seconds: unknown callers trigger at most one read of the member list this often
@@ -140,37 +141,23 @@ class GuardedGradientAverager(GuardedAveragerMixin, GradientAverager):
     """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
 
 
-class GuardedTrainingStateAverager(GuardedAveragerMixin, TrainingStateAverager):
-    """hivemind's TrainingStateAverager that averages with and shares its state to run members only."""
+class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentStateMixin, TrainingStateAverager):
+    """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
 
 
-class GuardedOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer whose gradient and state averagers serve run members only.
+class GuardedOptimizer(SwarmOptimizer):
+    """The swarm's optimizer whose gradient and state averagers serve run members only.
 
     Args:
         membership: the membership check of this peer.
         kwargs: passed to ``hivemind.Optimizer``.
     """
 
+    state_averager_class = GuardedTrainingStateAverager
+
     def __init__(self, *, membership: MembershipCheck, **kwargs):
         self._membership = membership
         super().__init__(grad_averager_factory=partial(GuardedGradientAverager, membership=membership), **kwargs)
 
-    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        # the same arguments as hivemind.Optimizer._make_state_averager (1.1.12), with the guarded class
-        return GuardedTrainingStateAverager(
-            membership=self._membership,
-            dht=self.dht,
-            prefix=f"{self.run_id}_state_averager",
-            min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout,
-            shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer,
-            custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel,
-            next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode,
-            auxiliary=self.auxiliary,
-            start=True,
-            **kwargs,
-        )
+    def _state_averager_options(self) -> dict:
+        return {"membership": self._membership}

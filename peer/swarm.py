@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from peer.averager_guard import GuardedOptimizer, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
+from peer.consistent_state import SwarmOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,10 @@ def build_optimizer(
     """Build the collaborative optimizer (call in the main thread; restore signal handlers afterwards).
 
     Every option is mapped explicitly. client_mode is read from the DHT because the Optimizer's own flag is ignored
-    by hivemind 1.1.12. In a closed run (``membership`` given) its averagers serve run members only.
+    by hivemind 1.1.12. The state it serves to joiners is always one epoch's (see peer/consistent_state.py); in a
+    closed run (``membership`` given) its averagers serve run members only.
     """
-    optimizer_class = hivemind.Optimizer if membership is None else partial(GuardedOptimizer, membership=membership)
+    optimizer_class = SwarmOptimizer if membership is None else partial(GuardedOptimizer, membership=membership)
     return optimizer_class(
         dht=dht,
         run_id=swarm.run_id,

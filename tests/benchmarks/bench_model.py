@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AlbertConfig, AlbertForMaskedLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from model import PRESETS, LeanAlbertForMaskedLM, load_config  # noqa: E402
+from model import PRESETS, LeanAlbertForMaskedLM, load_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,14 +41,14 @@ def parse_args() -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """The reference and LeanAlbert at (a) equal intermediate size and (b) equal feed-forward parameters."""
-    shape = dict(
-        vocab_size=args.vocab,
-        embedding_size=args.embedding,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=args.seq,
-    )
+    shape = {
+        "vocab_size": args.vocab,
+        "embedding_size": args.embedding,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "max_position_embeddings": args.seq,
+    }
     equal_params = round(args.intermediate * 2 / 3)  # GEGLU's H -> 2I input projection holds 1.5x the weights
     builders = {
         "albert": lambda: AlbertForMaskedLM(AlbertConfig(intermediate_size=args.intermediate, **shape)),
@@ -118,7 +118,7 @@ def peak_memory_mib(name: str, model: torch.nn.Module, args: argparse.Namespace)
         train_step(model, ids, labels, args.device)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     command = [sys.executable, __file__, "--memory-of", name, *sys.argv[1:]]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     return float(completed.stdout.strip().splitlines()[-1]) if completed.returncode == 0 else float("nan")
 
 

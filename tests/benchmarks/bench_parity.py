@@ -61,6 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=4, help="Epochs between evaluations.")
     parser.add_argument("--eval-sequences", type=int, default=128)
+    parser.add_argument(
+        "--matchmaking-time",
+        type=float,
+        default=2.0,
+        help="Swarm peers' --matchmaking_time: seconds to gather an averaging group (longer on a loaded machine).",
+    )
     parser.add_argument("--churn-every", type=int, default=4, help="Epochs between churn events.")
     parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-parity"))
@@ -78,7 +84,7 @@ def optim_config(args, epochs: int) -> OptimConfig:
         learning_rate=args.learning_rate,
         warmup_epochs=args.warmup_epochs,
         total_epochs=epochs,
-        matchmaking_time=2.0,
+        matchmaking_time=args.matchmaking_time,
         averaging_timeout=30.0,
         load_state_timeout=30.0,
     )
@@ -312,7 +318,11 @@ def report(runs: list[Run], args, epochs: int) -> None:
             f"{run.note}"
         )
     title = f"{args.model}, {epochs} x {args.target_batch_size} samples, max_length {args.max_length}"
-    plot(runs, args.out, title)
+    try:
+        plot(runs, args.out, title)
+    except ImportError as error:  # the table above is the result; the plot is a convenience
+        print(f"no plot ({error}): pip install -e '.[bench]'")
+        return
     print(f"plot: {args.out.resolve()}")
 
 

@@ -41,7 +41,7 @@ def scrape(port: int) -> dict[str, float]:
 def bytes_sent(pgid: int) -> int:
     """TCP bytes sent by the p2pd daemons of one peer's process group (from ss -tinp)."""
     pids = {str(pid) for pid in process_group_members(pgid)}
-    output = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True).stdout
+    output = subprocess.run(["ss", "-tinpH"], check=False, capture_output=True, text=True).stdout
     total, owner = 0, None
     for line in output.splitlines():
         if not line.startswith(("\t", " ")):
@@ -79,7 +79,7 @@ class BenchPeer:
         self.process = subprocess.Popen(
             command,
             cwd=REPO,
-            stdout=open(self.log_path, "w"),
+            stdout=open(self.log_path, "w"),  # noqa: SIM115 (the child owns the log for its lifetime)
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from tests.chaos.observe import losses_by_epoch
+from tests.chaos.observe import judge_window, losses_by_epoch
 from tests.chaos.processes import AVERAGING_TIMEOUT
-from tests.chaos.swarm import LIVENESS_BOUND, STRAGGLER_LINK, stop_signal_for
+from tests.chaos.swarm import FIGURES, LIVENESS_BOUND, STRAGGLER_LINK, Figures, stop_signal_for
 
 SOAK_SECONDS = float(os.environ.get("ALBERT_CHAOS_SOAK_SECONDS") or 600)
 pytestmark = [
@@ -110,7 +110,7 @@ def test_soak(make_run):
     for name in ("a", "b", "c"):
         run.start_peer(name)
     run.wait_for_epoch(["a", "b", "c"], 2, timeout=300)
-    run.measure_baseline(["a", "b", "c"], seconds=60)
+    run.measure_baseline(["a", "b", "c"], steps=8, timeout=LIVENESS_BOUND * 6)
 
     soak = Soak(run, random.Random(int(os.environ.get("ALBERT_CHAOS_SEED", "0"))))
     started = time.time()
@@ -122,9 +122,6 @@ def test_soak(make_run):
 
     trainers = [name for name in run.peers if name != "straggler"]
     timeline = run.observer.swarm_timeline(trainers, excluded=soak.excluded)
-    from tests.chaos.observe import judge_window
-    from tests.chaos.swarm import FIGURES, Figures
-
     window = judge_window(timeline, started, ended)
     expected = run.baseline_rate * (ended - started)
     FIGURES.append(Figures(f"soak {SOAK_SECONDS:.0f} s", ended - started, window.steps, window.steps / expected,

@@ -9,12 +9,12 @@ from tests.peer.conftest import wait_until
 
 pytestmark = [pytest.mark.slow]
 
-# Peers average the same gradients each epoch, but each receives the average with its own float rounding, and LAMB's
-# per-element normalisation amplifies that on near-zero-gradient elements; state averaging every epoch keeps the gap
-# bounded. Measured on loopback: ||a - b|| is 0 to 25% of one epoch's update ||a_e - a_(e-1)|| uncompressed, up to
-# ~100% with fp16 wire formats. A peer that missed a step differs by a whole update, and peers training apart drift by
-# many, so "less than half an update" tells agreement from its absence. Uncompressed here; the fault tests use fp16.
-AGREEMENT = 0.5
+# Peers average the same gradients each epoch and state averaging re-syncs parameters and LAMB moments every epoch.
+# Measured with these flags on loopback (||a - b|| as a fraction of one epoch's update ||a_e - a_(e-1)||): 0 (to 1e-7)
+# in most epochs; when two busy processes compete for the 2 cores, a round now and then misses (a peer steps alone)
+# and for an epoch or two the peers are 0.1-2 updates apart, then exactly together again. Peers that train apart drift
+# further with every epoch. So: under one update, in most of five epochs.
+AGREEMENT = 1.0
 EXACT = ["--grad_compression", "none", "--state_compression", "none"]
 
 
@@ -31,6 +31,13 @@ def flat(parameters: dict) -> torch.Tensor:
     return torch.cat([tensor.flatten().float() for tensor in parameters.values()])
 
 
+def first_moments(peer, epoch: int) -> torch.Tensor:
+    """LAMB's exp_avg over all parameters, from the peer's backup of ``epoch``."""
+    path = peer.backup_dir / f"epoch-{epoch:06d}.pt"
+    state = torch.load(path, weights_only=True)["optimizer"]["state"]
+    return torch.cat([state[index]["exp_avg"].flatten() for index in sorted(k for k in state if isinstance(k, int))])
+
+
 def gap_in_updates(peer, other, epoch: int) -> float:
     """||peer - other|| at ``epoch`` as a fraction of ``peer``'s own update over the previous epoch."""
     here = flat(peer.parameters(epoch))
@@ -42,8 +49,13 @@ def gap_in_updates(peer, other, epoch: int) -> float:
 def test_two_peers_advance_the_swarm_epoch_together(swarm):
     epochs = swarm.wait_for_epoch(4, peers=2, timeout=60)
     assert len(epochs) == 2 and min(epochs) >= 4
+    # on a loaded machine the first rounds may miss each other (each peer then steps alone): wait for a joint one
     for name in ("a", "b"):
-        assert "Averaged gradients with 2 peers" in swarm.peers[name].log_text()
+        wait_until(
+            lambda: "Averaged gradients with 2 peers" in swarm.peers[name].log_text(),  # noqa: B023 (called at once)
+            120,
+            f"peer {name} to average gradients with the other",
+        )
 
 
 @pytest.mark.timeout(300)
@@ -52,13 +64,20 @@ def test_parameters_agree_after_an_epoch(swarm):
 
     def common_epochs():
         both = set(first.backup_epochs()) & set(second.backup_epochs()) & {e + 1 for e in first.backup_epochs()}
-        return sorted(both) if len(both) >= 5 else None
+        return sorted(both) if len(both) >= 8 else None
 
-    common = wait_until(common_epochs, 180, "five epochs backed up by both peers")
-    # the last epochs only: peers that started at different moments first re-sync through state averaging
-    gaps = {epoch: gap_in_updates(first, second, epoch) for epoch in common[-3:]}
-    # every epoch but a rare one where averaging timed out on this loaded machine
-    assert sum(gap < AGREEMENT for gap in gaps.values()) >= len(gaps) - 1, gaps
+    common = wait_until(common_epochs, 180, "eight epochs backed up by both peers")
+    # the last five: peers that started at different moments first re-sync through state averaging
+    gaps = {epoch: gap_in_updates(first, second, epoch) for epoch in common[-5:]}
+    # most epochs: on this loaded machine a missed round can part the peers for an epoch or two
+    assert sum(gap < AGREEMENT for gap in gaps.values()) >= 3, gaps
+    # LAMB's moments are averaged as well: equal in an epoch where both rounds went through (they stayed 40-100%
+    # apart all run long when a download had unlinked them from the averager, see peer/consistent_state.py)
+    moment_gaps = {}
+    for epoch in common[-5:]:
+        mine = first_moments(first, epoch)
+        moment_gaps[epoch] = ((mine - first_moments(second, epoch)).norm() / mine.norm()).item()
+    assert min(moment_gaps.values()) < 1e-3, moment_gaps
 
 
 @pytest.mark.timeout(300)
@@ -69,17 +88,15 @@ def test_late_peer_starts_from_the_swarm_state(swarm):
     assert epoch >= 4
     assert "Finished downloading state" in late.log_text()
     # the trainers back up the same epochs a moment later than the newcomer: wait for them, do not race them
-    reference = wait_until(
-        lambda: next(
-            (peer for peer in (swarm.peers["a"], swarm.peers["b"]) if {epoch - 1, epoch} <= set(peer.backup_epochs())),
-            None,
-        ),
+    trainers = wait_until(
+        lambda: [
+            peer for peer in (swarm.peers["a"], swarm.peers["b"]) if {epoch - 1, epoch} <= set(peer.backup_epochs())
+        ],
         60,
         f"a trainer's backups of epochs {epoch - 1} and {epoch}",
     )
-    here = flat(late.parameters(epoch))
-    update = (flat(reference.parameters(epoch)) - flat(reference.parameters(epoch - 1))).norm()
-    assert ((here - flat(reference.parameters(epoch))).norm() / update).item() < AGREEMENT
+    # the newcomer holds the state of the trainer it downloaded from (the trainers may differ a little, see AGREEMENT)
+    assert min(gap_in_updates(trainer, late, epoch) for trainer in trainers) < AGREEMENT
     swarm.wait_for_epoch(epoch + 2, peers=3, timeout=120)
 
 
