@@ -250,9 +250,14 @@ class LocalSwarm:
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float) -> None:
-    """SIGTERM every process (and its session, p2pd included), wait, then SIGKILL what is left."""
+    """SIGTERM every process, wait, then SIGKILL what is left of its session (p2pd included).
+
+    The signal goes to the process alone, not its group: hivemind's DHT and averager processes would die of it at
+    once, leaving the process's own orderly shutdown (cancel averaging, write a backup) waiting for them.
+    """
     for process in processes:
-        _signal_group(process, signal.SIGTERM)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for process in processes:
         try:

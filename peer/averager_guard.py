@@ -24,6 +24,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
 from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
+from peer.cancellable_rounds import CancellableRounds
 from peer.consistent_state import ConsistentStateMixin, SwarmOptimizer
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,9 @@ class GuardedGradientAverager(GuardedAveragerMixin, GradientAverager):
     """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
 
 
-class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentStateMixin, TrainingStateAverager):
+class GuardedTrainingStateAverager(
+    GuardedAveragerMixin, ConsistentStateMixin, TrainingStateAverager, CancellableRounds
+):
     """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
 
 

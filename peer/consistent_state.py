@@ -26,6 +26,8 @@ import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
+from peer.cancellable_rounds import CancellableRounds
+
 logger = logging.getLogger(__name__)
 
 
@@ -95,14 +97,27 @@ class ConsistentStateMixin:
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
 
-class ConsistentTrainingStateAverager(ConsistentStateMixin, TrainingStateAverager):
-    """hivemind's TrainingStateAverager whose served state is always one epoch's."""
+class ConsistentTrainingStateAverager(ConsistentStateMixin, TrainingStateAverager, CancellableRounds):
+    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels."""
 
 
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer built on ``state_averager_class`` (a TrainingStateAverager serving consistent state)."""
 
     state_averager_class: type[TrainingStateAverager] = ConsistentTrainingStateAverager
+
+    def cancel_averaging(self) -> None:
+        """Leaving the swarm: cancel the averaging rounds this peer is part of, and start none (thread-safe)."""
+        cancelled = self.state_averager.cancel_averaging()
+        if self.scheduled_grads is not None and not self.scheduled_grads.done() and self.scheduled_grads.cancel():
+            cancelled += 1
+        if cancelled:
+            logger.info(f"Leaving: cancelled {cancelled} averaging round(s) in progress")
+
+    def shutdown(self) -> None:
+        # hivemind first waits for background rounds, each up to its timeout, while the other peers may be leaving
+        self.cancel_averaging()
+        super().shutdown()
 
     def load_state_dict(self, state_dict: dict) -> None:
         # a backup restored: keep the averaged statistics the optimizer's own (see the module's docstring)

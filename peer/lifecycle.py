@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import faulthandler
 import logging
 import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,12 @@ class StopSignal:
         self.shutdown_deadline = shutdown_deadline
         self.signum: int | None = None
         self._interruptible = False
+        self._on_stop: list[Callable[[], object]] = []
+
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` (in a thread of its own) when the first stop signal arrives, e.g. to cancel waits that
+        the main thread is stuck in and a StopRequested cannot end (hivemind catches it in places and goes on)."""
+        self._on_stop.append(callback)
 
     def install(self) -> StopSignal:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -87,13 +95,22 @@ class StopSignal:
             watchdog = threading.Timer(self.shutdown_deadline, force_exit, args=(128 + signum,))
             watchdog.daemon = True
             watchdog.start()
+            threading.Thread(target=self._run_stop_callbacks, name="on-stop", daemon=True).start()
         if self._interruptible or not first:
             raise StopRequested(signum)
+
+    def _run_stop_callbacks(self) -> None:
+        for callback in self._on_stop:
+            try:
+                callback()
+            except Exception as error:  # the stop goes on; the watchdog still bounds it
+                logger.error(f"While stopping, {callback} failed: {error!r}")
 
 
 def force_exit(code: int) -> None:
     """Last resort when shutdown hangs: kill our child processes (DHT, averagers) and their p2pd, then exit."""
-    logger.error("Shutdown did not finish in time; killing child processes and exiting")
+    logger.error("Shutdown did not finish in time; killing child processes and exiting. Where each thread was:")
+    faulthandler.dump_traceback(all_threads=True)  # to stderr: what hung, for a bug report
     for child in multiprocessing.active_children():
         for pid in [*descendants(child.pid), child.pid]:
             with contextlib.suppress(ProcessLookupError):

@@ -165,6 +165,7 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         membership = MembershipCheck(dht, swarm.run_id, access.authority_key) if access else None
         peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
         peer.stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
+        peer.stop.on_stop(peer.optimizer.cancel_averaging)  # a stopped peer waits for no group that may never form
         bound_state_downloads(peer.optimizer, config.load_state_attempts)
         metrics = PeerMetrics()
         if config.metrics_port:

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -66,6 +67,11 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=2.0,
         help="Swarm peers' --matchmaking_time: seconds to gather an averaging group (longer on a loaded machine).",
+    )
+    parser.add_argument(
+        "--peer-args",
+        default="",
+        help="Extra flags for every swarm peer, one string (e.g. \"--average_state_every 4\"): ablations.",
     )
     parser.add_argument("--churn-every", type=int, default=4, help="Epochs between churn events.")
     parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
@@ -205,6 +211,7 @@ def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Ru
                     *("--backup_dir", str(workdir / "backups" / f"peer-{index}"), "--keep_backups", "100000"),
                     *("--backup_every", str(args.eval_every), "--metrics_expiration", "15"),
                     *optim_flags(args, epochs),
+                    *shlex.split(args.peer_args),
                 ],
                 workdir / f"peer-{index}.log",
             )

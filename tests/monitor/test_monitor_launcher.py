@@ -8,6 +8,7 @@ and checkpoint directory, and the process table.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,9 @@ def two_runs(tmp_path_factory):
         peer_dir.name: [int(path.stem.split("-")[1]) for path in (peer_dir / "backups").glob("epoch-*.pt")]
         for peer_dir in sorted(run_dir.glob("peer-*"))
     }
+    peer_logs_after_first = {
+        path.stem: path.read_text(errors="replace") for path in (run_dir / "logs").glob("peer-*.log")
+    }
 
     second_started = time.time()
     secret = run_dir / "run.secret"
@@ -148,6 +152,7 @@ def two_runs(tmp_path_factory):
         "first_checkpoint": first_checkpoint,
         "leftovers_after_first": leftovers_after_first,
         "backups_after_first": backups_after_first,
+        "peer_logs_after_first": peer_logs_after_first,
         "second": second,
         "second_output": second_output,
         "second_started": second_started,
@@ -174,11 +179,24 @@ def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
 
 
 def test_every_peer_writes_a_backup_when_stopped(two_runs):
-    """Peers stop first and back up their state, so none is older than the final checkpoint taken after them."""
-    final_epoch = int(two_runs["first_checkpoint"].name.split("-")[1])
+    """Peers stop first, each backing up the epoch it is at; the final checkpoint is no newer than the newest."""
     assert len(two_runs["backups_after_first"]) == 2
     for peer_name, epochs in two_runs["backups_after_first"].items():
-        assert epochs and max(epochs) >= final_epoch, (peer_name, epochs, final_epoch)
+        log = two_runs["peer_logs_after_first"][peer_name]
+        assert "Received SIGTERM" in log, f"{peer_name} was not stopped by SIGTERM"
+        after_stop = log.split("Received SIGTERM", 1)[1]
+        written = re.findall(r"Backup of epoch (\d+) written", after_stop)
+        assert written, f"{peer_name} wrote no backup after SIGTERM; its log ends:\n{log[-3000:]}"
+        reached = [
+            int(epoch) for epoch in re.findall(r"Transitioning to epoch (\d+)", log.split("Received SIGTERM")[0])
+        ]
+        # the epoch it was at when stopped: a peer that lagged (e.g. stopped while reloading) backs up an older epoch
+        # than the final checkpoint's, which the newest backup below must still reach
+        assert int(written[0]) >= (reached[-1] if reached else 0), (peer_name, written, reached[-5:])
+        assert int(written[0]) in epochs, (peer_name, written, epochs)
+    final_epoch = int(two_runs["first_checkpoint"].name.split("-")[1])
+    newest = max(max(epochs) for epochs in two_runs["backups_after_first"].values())
+    assert newest >= final_epoch, (two_runs["backups_after_first"], final_epoch)
 
 
 def test_the_swarm_loss_falls(two_runs):
