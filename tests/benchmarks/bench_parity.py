@@ -71,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--peer-args",
         default="",
-        help="Extra flags for every swarm peer, one string (e.g. \"--average_state_every 4\"): ablations.",
+        help='Extra flags for every swarm peer, one string (e.g. "--average_state_every 4"): ablations.',
     )
     parser.add_argument("--churn-every", type=int, default=4, help="Epochs between churn events.")
     parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
