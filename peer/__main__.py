@@ -5,7 +5,7 @@ import os
 import sys
 
 from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
-from peer.lifecycle import ExitCode, StopRequested
+from peer.lifecycle import ExitCode, StopRequested, end_children
 from peer.runtime import start_peer
 from peer.swarm import SwarmJoinError
 from peer.train import train
@@ -37,6 +37,7 @@ def run() -> int:
 
 def main() -> None:
     code = run()
+    end_children()
     logging.shutdown()
     sys.stdout.flush(), sys.stderr.flush()
     # Everything is shut down and saved by now; hivemind's leftovers would hold up interpreter teardown ~10 s.

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,6 +117,47 @@ def force_exit(code: int) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     os._exit(code)
+
+
+def end_children(grace: float = 3.0) -> list[int]:
+    """After shutdown: give child processes (DHT, averagers, p2pd) ``grace`` seconds to exit, then SIGKILL the rest
+    (torch's torch_shm_manager excepted: it exits by itself after us, cleaning up shared memory).
+
+    hivemind's shutdowns can return while a child still waits on a peer that is frozen or gone; exiting with
+    ``os._exit`` would orphan it. Returns the pids that had to be killed.
+    """
+    deadline = time.monotonic() + grace
+    while (remaining := _live_children()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in remaining:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if remaining:
+        names = ", ".join(_command_name(pid) for pid in remaining)
+        logger.warning(f"Child processes still running {grace:.0f} s after shutdown, killed: {names}")
+    return remaining
+
+
+def _live_children() -> list[int]:
+    # torch_shm_manager is left alone: it unlinks shared memory once its clients are gone, i.e. after we exit
+    return [pid for pid in _live(descendants(os.getpid())) if not _command_name(pid).startswith("torch_shm_manag")]
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return f"{Path(f'/proc/{pid}/comm').read_text().strip()} ({pid})"
+    except OSError:
+        return str(pid)
+
+
+def _live(pids: list[int]) -> list[int]:
+    """The pids that are not zombies (a zombie has exited; only its parent's wait is missing)."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+    return alive
 
 
 def descendants(pid: int) -> list[int]:
