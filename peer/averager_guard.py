@@ -26,7 +26,6 @@ from hivemind.utils.crypto import RSAPublicKey
 from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
 from peer.cancellable_rounds import CancellableRounds
 from peer.consistent_state import ConsistentStateMixin, SwarmOptimizer
-from peer.weighted_state import WeightedStateRounds
 
 logger = logging.getLogger(__name__)
 MEMBERS_REFETCH = 1.0  # seconds: unknown callers trigger at most one read of the member list this often
@@ -144,7 +143,7 @@ class GuardedGradientAverager(GuardedAveragerMixin, GradientAverager):
 
 
 class GuardedTrainingStateAverager(
-    GuardedAveragerMixin, ConsistentStateMixin, WeightedStateRounds, TrainingStateAverager, CancellableRounds
+    GuardedAveragerMixin, ConsistentStateMixin, TrainingStateAverager, CancellableRounds
 ):
     """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
 

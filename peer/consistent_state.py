@@ -27,7 +27,6 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from peer.cancellable_rounds import CancellableRounds
-from peer.weighted_state import WeightedStateRounds, peers_in_round
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +97,8 @@ class ConsistentStateMixin:
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
 
-class ConsistentTrainingStateAverager(
-    ConsistentStateMixin, WeightedStateRounds, TrainingStateAverager, CancellableRounds
-):
-    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds weighted by gradient
-    group (peer.weighted_state) that a leaving peer can cancel."""
+class ConsistentTrainingStateAverager(ConsistentStateMixin, TrainingStateAverager, CancellableRounds):
+    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels."""
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -117,16 +113,6 @@ class SwarmOptimizer(hivemind.Optimizer):
             cancelled += 1
         if cancelled:
             logger.info(f"Leaving: cancelled {cancelled} averaging round(s) in progress")
-
-    def _update_global_epoch(self, grad_scaler) -> None:
-        self.state_averager.state_weight = 1.0  # unless this epoch's gradient round included others (below)
-        super()._update_global_epoch(grad_scaler)
-
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
-        # hivemind 1.1.12 calls this once per epoch before the optimizer step and the state round it starts (with
-        # delay_grad_averaging, later, inside that step: the weight then describes the epoch before)
-        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        self.state_averager.state_weight = float(peers_in_round(maybe_step_control))
 
     def shutdown(self) -> None:
         # hivemind first waits for background rounds, each up to its timeout, while the other peers may be leaving
