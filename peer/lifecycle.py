@@ -113,9 +113,7 @@ def force_exit(code: int) -> None:
     logger.error("Shutdown did not finish in time; killing child processes and exiting. Where each thread was:")
     faulthandler.dump_traceback(all_threads=True)  # to stderr: what hung, for a bug report
     for child in multiprocessing.active_children():
-        for pid in [*descendants(child.pid), child.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill([*descendants(child.pid), child.pid])
     os._exit(code)
 
 
@@ -129,12 +127,10 @@ def end_children(grace: float = 3.0) -> list[int]:
     deadline = time.monotonic() + grace
     while (remaining := _live_children()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in remaining:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    _kill(remaining)
     if remaining:
-        names = ", ".join(_command_name(pid) for pid in remaining)
-        logger.warning(f"Child processes still running {grace:.0f} s after shutdown, killed: {names}")
+        names = ", ".join(f"{_command_name(pid)} ({pid})" for pid in remaining)
+        logger.warning(f"Child processes still running {grace:g} s after shutdown, killed: {names}")
     return remaining
 
 
@@ -143,11 +139,18 @@ def _live_children() -> list[int]:
     return [pid for pid in _live(descendants(os.getpid())) if not _command_name(pid).startswith("torch_shm_manag")]
 
 
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _command_name(pid: int) -> str:
+    """The process's command name (at most 15 characters: /proc's comm), or "" once it is gone."""
     try:
-        return f"{Path(f'/proc/{pid}/comm').read_text().strip()} ({pid})"
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return str(pid)
+        return ""
 
 
 def _live(pids: list[int]) -> list[int]:
