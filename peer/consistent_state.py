@@ -56,6 +56,9 @@ class ConsistentStateMixin:
             return metadata, [tensor.clone() for tensor in tensors], infos
 
     def load_state_from_peers(self, **kwargs):
+        # no _changing_state here: the download may take minutes, and hivemind already applies it under
+        # lock_averaged_tensors, which get_current_state takes too. Only the epoch label is set after that lock: a
+        # joiner served in between gets the new tensors under the old epoch, is out of sync, and downloads again.
         with self.statistics_kept_in_place():
             return super().load_state_from_peers(**kwargs)
 
