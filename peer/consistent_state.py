@@ -52,8 +52,11 @@ class ConsistentStateMixin:
         with self._changing_state, self.lock_optimizer:
             metadata, tensors, infos = super().get_current_state()
             # copies: on CPU hivemind's tensors are the live parameters, which it hands to the averager's process
-            # (through shared memory) to stream out after this lock is released
-            return metadata, [tensor.clone() for tensor in tensors], infos
+            # (through shared memory) to stream out after this lock is released. Taken under the averaged tensors'
+            # lock (in hivemind's own order: after lock_optimizer), so a background state round that averages them
+            # in place is wholly before or wholly after the copy
+            with self.lock_averaged_tensors:
+                return metadata, [tensor.clone() for tensor in tensors], infos
 
     def load_state_from_peers(self, **kwargs):
         # no _changing_state here: the download may take minutes, and hivemind already applies it under
