@@ -127,7 +127,7 @@ class OptimConfig:
     )
     # not hivemind's 1: a state round runs in the background and overlaps the next epoch's gradient matchmaking, so
     # peers still averaging parameters miss the gradient round and the swarm splits into noisier sub-groups. Measured
-    # with 4 peers (README "Does it learn?"): every epoch +4.3% held-out loss against one process, every 10 -0.39%
+    # with 4 peers (README "Does it learn?"): every epoch +4.3% held-out loss against one process, every 10 -0.54%
     average_state_every: int = field(
         default=10, metadata={"help": "Average parameters and optimizer state with peers every this many epochs."}
     )
