@@ -110,6 +110,10 @@ class MonitorConfig:
         """The run authority's private key: kept in the run dir so tokens stay valid across monitor restarts."""
         return Path(self.run_dir) / "authority.key"
 
+    def run_key_path(self) -> Path:
+        """The run key that signs the run record and every checkpoint manifest (peer/run_key.py): keep it safe."""
+        return Path(self.run_dir) / "run_key.pem"
+
     def db_path(self) -> Path:
         return Path(self.db) if self.db else Path(self.run_dir) / "history.sqlite"
 

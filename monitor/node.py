@@ -29,7 +29,8 @@ from monitor.state import ModelMismatch, StateKeeper, build_run_model
 from peer.access import RunAccess
 from peer.averager_guard import MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
-from peer.run_record import RunRecord, publish_run_record
+from peer.run_key import RunKey
+from peer.run_record import PROTOCOL_VERSION, RunRecord, publish_run_record
 from peer.swarm import build_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Monitor:
         """Load or build the model, join the DHT, announce the multiaddrs, open history and checkpoints, serve HTTP."""
         cfg = self.config
         self.run_model = build_run_model(cfg.model, cfg.tokenizer, weights_from=cfg.resume_from)
+        self.run_key = RunKey.load_or_create(cfg.run_key_path())
         identity = cfg.identity_path(self.swarm)
         identity.parent.mkdir(parents=True, exist_ok=True)
         self.swarm.identity_path = str(identity)
@@ -106,7 +108,9 @@ class Monitor:
             cfg.url_file_path(), self.dashboard_url + "\n"
         )  # how a launcher learns a port chosen by the OS
         logger.info(f"Dashboard, API and /metrics on {self.dashboard_url}")
+        logger.info(f"Run key fingerprint (hand it out with the initial peers): {self.run_key.fingerprint}")
         print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
+        print(f"--run-key {self.run_key.fingerprint}", flush=True)
 
     def _open_access(self, identity: Path) -> None:
         """A closed run: load (or create) the authority key, read the secret / allowlist, issue our own token."""
@@ -179,7 +183,9 @@ class Monitor:
             state_epoch=self.keeper.epoch,
             dashboard=self.dashboard_url[:256],
             time=get_dht_time(),
-        )
+            protocol=PROTOCOL_VERSION,
+            run_key=self.run_key.public_hex,
+        ).signed_with(self.run_key)
         publish_run_record(self.dht, self.swarm.run_id, record, RUN_RECORD_EXPIRATION)
 
     def _keep_state(self, snapshot: SwarmSnapshot) -> None:

@@ -16,6 +16,8 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
+from peer.run_key import normalize_fingerprint
+
 ENV_PREFIX = "ALBERT_"
 COMPRESSIONS = ("none", "fp16", "scaled-fp16")
 
@@ -37,7 +39,9 @@ class SwarmConfig:
         identity_path: file holding this peer's private key, so its peer id survives restarts.
         client_mode: make only outgoing connections (for peers behind NAT or a firewall).
         use_relay: let libp2p relay traffic for peers that cannot accept connections.
-        use_auto_relay: look for relays automatically when this peer is not reachable.
+        use_auto_relay: look for relays automatically when this peer is not reachable from outside.
+        run_key: fingerprint of the run key the organiser hands out; the run is then trusted only if its monitor
+            signs with that key (its run record, its checkpoints).
     """
 
     run_id: str = field(default="albert-swarm", metadata={"help": "Name of the training run (prefix of DHT keys)."})
@@ -64,8 +68,17 @@ class SwarmConfig:
     use_auto_relay: bool = field(
         default=False, metadata={"help": "Find relays automatically when this peer is not reachable from outside."}
     )
+    run_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fingerprint of the run key the organiser hands out (the monitor prints it): trust only the "
+            "monitor that signs with it."
+        },
+    )
 
     def __post_init__(self):
+        if self.run_key:
+            self.run_key = normalize_fingerprint(self.run_key)
         if not self.run_id or any(char in self.run_id for char in ". /"):
             raise ValueError(f"run_id must be a non-empty name without '.', '/' or spaces, got {self.run_id!r}")
         for maddr in (*self.initial_peers, *self.host_maddrs, *self.announce_maddrs):

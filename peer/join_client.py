@@ -10,11 +10,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+import multihash
 from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from peer.access_tokens import decode_token, join_message, read_private_key, read_secrets, verify_token
+from peer.access_tokens import decode_token, encode_token, join_message, read_private_key, read_secrets, verify_token
 
 JOIN_TIMEOUT = 5.0  # seconds for one HTTP join request: the DHT waits on it, so it must stay short
 
@@ -111,3 +112,15 @@ def _http_error_reason(error: urllib.error.HTTPError) -> str:
     except (ValueError, AttributeError, OSError):
         detail = None
     return f"{detail or error.reason} (HTTP {error.code})"
+
+
+def http_access_token(monitor_url: str, credential: JoinCredential) -> str:
+    """An access token for the HTTP API of a closed run (checkpoints, per-peer rows, history), as a header value.
+
+    Downloaders are not swarm members: they join with a throwaway key and peer id, and send the token they get as
+    ``Authorization: Bearer TOKEN``. JoinRefused / JoinUnavailable as for a peer's join.
+    """
+    key = RSAPrivateKey()
+    digest = multihash.encode(hashlib.sha256(key.get_public_key().to_bytes()).digest(), "sha2-256")
+    client = JoinClient(monitor_url, credential, PeerID(digest), private_key=key)
+    return "Bearer " + encode_token(client())

@@ -1,21 +1,29 @@
-"""The run record a monitor publishes under ``{run_id}_run``: which model the run trains, checked by every peer.
+"""The run record a monitor publishes under ``{run_id}_run``: which model and protocol the run uses, checked by peers.
 
-One signed subkey per monitor (so nobody else can overwrite it). A peer whose model fingerprint differs from the
-run's refuses to join, and announces itself once so that the monitor can tell its organiser why (both sides log it).
+One signed subkey per monitor (so nobody else can overwrite it), and the record is also signed by the monitor's run
+key (peer/run_key.py): any peer can publish a record under its own subkey, but only the organiser's monitor can sign
+one with the run key whose fingerprint the organiser hands out. A peer whose model fingerprint or protocol version
+differs from the run's refuses to join, and announces itself once so that the monitor can tell its organiser why
+(both sides log it).
 """
 
 from __future__ import annotations
 
+import json
+
 import pydantic.v1 as pydantic
 from hivemind import DHT
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from hivemind.dht.validation import RecordValidatorBase
-
 from peer.progress import local_public_key, make_validators
+from peer.run_key import PUBLIC_HEX_CHARS, SIGNATURE_HEX_CHARS, RunKey, fingerprint_of, verify_signature
 
 RUN_FIELD = "run"
+# The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
+# change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
+PROTOCOL_VERSION = 2
 
 
 class RunRecord(pydantic.BaseModel):
@@ -27,6 +35,24 @@ class RunRecord(pydantic.BaseModel):
     state_epoch: pydantic.conint(ge=-1, strict=True)
     dashboard: pydantic.constr(max_length=256, strict=True)
     time: pydantic.StrictFloat
+    protocol: pydantic.conint(ge=0, le=2**31, strict=True)
+    run_key: pydantic.constr(min_length=PUBLIC_HEX_CHARS, max_length=PUBLIC_HEX_CHARS, strict=True)
+    signature: pydantic.constr(max_length=SIGNATURE_HEX_CHARS, strict=True) = ""
+
+    def signed_bytes(self) -> bytes:
+        """What the run key signs: every field but the signature, as canonical JSON."""
+        return json.dumps(self.dict(exclude={"signature"}), sort_keys=True, separators=(",", ":")).encode()
+
+    def signed_with(self, key: RunKey) -> RunRecord:
+        return self.copy(update={"signature": key.sign(self.signed_bytes())})
+
+    @property
+    def signature_valid(self) -> bool:
+        return verify_signature(self.run_key, self.signed_bytes(), self.signature)
+
+    @property
+    def key_fingerprint(self) -> str:
+        return fingerprint_of(self.run_key)
 
 
 class RunSchema(pydantic.BaseModel):
@@ -50,24 +76,44 @@ def publish_run_record(dht: DHT, run_id: str, record: RunRecord, expiration: flo
     return bool(stored)
 
 
-def fetch_run_records(dht: DHT, run_id: str) -> list[RunRecord]:
-    """Every monitor's valid run record (empty if no monitor serves this run)."""
+def fetch_run_records(dht: DHT, run_id: str, trusted_key: str | None = None) -> list[RunRecord]:
+    """Every monitor's valid run record signed by its run key (empty if no monitor serves this run).
+
+    With `trusted_key` (a run key fingerprint), only the records signed by that key.
+    """
     found = dht.get(run_key(run_id), latest=True)
     if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
         return []
     records = []
     for entry in found.value.values():
         try:
-            records.append(RunRecord.parse_obj(entry.value))
+            record = RunRecord.parse_obj(entry.value)
         except (pydantic.ValidationError, AttributeError, TypeError):
             continue
+        if record.signature_valid and (trusted_key is None or record.key_fingerprint == trusted_key):
+            records.append(record)
     return records
 
 
-def check_model_matches(dht: DHT, run_id: str, model_hash: str) -> str | None:
-    """None if the run accepts this model (or no monitor announces one), else why not."""
-    records = fetch_run_records(dht, run_id)
-    if not records or any(record.model_hash == model_hash for record in records):
+def check_model_matches(dht: DHT, run_id: str, model_hash: str, trusted_key: str | None = None) -> str | None:
+    """None if the run accepts this model and protocol (or no monitor announces one), else why not.
+
+    With `trusted_key`, a run whose monitor (signing with that key) cannot be found is refused too.
+    """
+    records = fetch_run_records(dht, run_id, trusted_key)
+    if not records:
+        if trusted_key is None:
+            return None
+        return (
+            f"no monitor of run {run_id!r} signs with run key {trusted_key[:16]}...: is the run key fingerprint"
+            " right, and is the run's monitor up?"
+        )
+    if not any(record.protocol == PROTOCOL_VERSION for record in records):
+        return (
+            f"run {run_id!r} speaks protocol version {records[0].protocol}, this peer speaks {PROTOCOL_VERSION}:"
+            " install the albert-swarm version the organiser names"
+        )
+    if any(record.model_hash == model_hash for record in records):
         return None
     run = records[0]
     return (

@@ -153,7 +153,7 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         )
         if access is not None:
             access.publish_membership(dht, on_expired=leave_when_token_expired)
-        refuse_if_model_differs(dht, swarm.run_id, model_hash, device_name(device))
+        refuse_if_model_differs(dht, swarm, model_hash, device_name(device))
         batches = build_batches(config, tokenizer, str(dht.peer_id))
     except BaseException:
         if access is not None:
@@ -216,12 +216,14 @@ def build_access_dht(swarm: SwarmConfig, access: RunAccess | None) -> hivemind.D
     return dht
 
 
-def refuse_if_model_differs(dht: hivemind.DHT, run_id: str, model_hash: str, device: str) -> None:
-    """ValueError if the run's monitor announces another model; tell the monitor first, so both sides log it.
+def refuse_if_model_differs(dht: hivemind.DHT, swarm: SwarmConfig, model_hash: str, device: str) -> None:
+    """ValueError if the run's monitor announces another model or protocol (or, given --run-key, none signs with
+    that key); tell the monitor first, so both sides log it.
 
     The caller shuts the DHT down (start_peer does, for every refusal after the DHT started).
     """
-    refusal = check_model_matches(dht, run_id, model_hash)
+    run_id = swarm.run_id
+    refusal = check_model_matches(dht, run_id, model_hash, swarm.run_key)
     if refusal is None:
         return
     announcement = PeerProgress(
