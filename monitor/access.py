@@ -12,6 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
@@ -21,18 +22,22 @@ from peer.access import RunAccess
 from peer.access_tokens import (
     MAX_CLOCK_SKEW,
     RateLimitedWarning,
+    decode_token,
     encode_token,
     expiration_text,
     identity_peer_id,
     join_message,
     read_private_key,
     read_secrets,
+    token_expiry,
     token_payload,
     write_private_key,
 )
 
 logger = logging.getLogger(__name__)
 MAX_FIELD_CHARS = 4096  # a join request's fields are a few hundred characters; anything far larger is abuse
+MAX_TIMESTAMP = 2**53  # a unix time in seconds is far below; the bound keeps float arithmetic on it exact
+MAX_TOKEN_CHARS = 8192  # an encoded access token is about 1 KB
 
 
 class AdmissionRefused(ValueError):
@@ -134,7 +139,30 @@ class Authority:
             "token": encode_token(token),
             "authority_key": self.public_key.to_bytes().decode(),
             "ttl": self.token_ttl,
+            "monitor_time": get_dht_time(),  # the peer compares it with its clock (peer/join_client.py)
         }
+
+    def check_member(self, text: str) -> AccessToken:
+        """The access token of an HTTP request (base64, as /api/join issues it), or AdmissionRefused saying why.
+
+        Any unexpired token this authority signed is a member's: a peer's own DHT token works as well as one that
+        `http_access_token` got for a downloader.
+        """
+        if len(text) > MAX_TOKEN_CHARS:
+            raise AdmissionRefused(f"the access token is over {MAX_TOKEN_CHARS} characters: not one of this run's")
+        try:
+            token = decode_token(text)
+            expiry = token_expiry(token)
+        except (ValueError, OverflowError, DecodeError) as error:
+            raise AdmissionRefused(f"the credential is not an access token ({type(error).__name__})") from error
+        if not self.public_key.verify(
+            token_payload(token.username, token.public_key, token.expiration_time), token.signature
+        ):
+            raise AdmissionRefused("the access token is not signed by this run's authority")
+        left = expiry - get_dht_time()
+        if left <= 0:
+            raise AdmissionRefused(f"the access token expired {-left:.0f} s ago")
+        return token
 
     def _admit(self, request: object) -> tuple[bytes, str]:
         fields = _request_fields(request)
@@ -144,8 +172,13 @@ class Authority:
             PeerID.from_base58(peer_id)
         except Exception as error:  # the key and id parsers raise several types on garbage
             raise AdmissionRefused(f"malformed public key or peer id ({type(error).__name__})") from error
-        if abs(timestamp - get_dht_time()) > MAX_CLOCK_SKEW:
-            raise AdmissionRefused(f"the request's time is more than {MAX_CLOCK_SKEW:.0f} s off (check this clock)")
+        skew = timestamp - get_dht_time()
+        if abs(skew) > MAX_CLOCK_SKEW:
+            direction = "ahead of" if skew > 0 else "behind"
+            raise AdmissionRefused(
+                f"the request's time is {abs(skew):.0f} s {direction} the monitor's clock (at most "
+                f"{MAX_CLOCK_SKEW:.0f} s allowed): synchronize this machine's clock (NTP, e.g. timedatectl set-ntp true)"
+            )
         message = join_message(public_key, peer_id, timestamp)
         if "hmac" in fields:
             self._check_secret(fields["hmac"], message)
@@ -182,8 +215,8 @@ def _request_fields(request: object) -> dict:
     if not isinstance(request, dict):
         raise AdmissionRefused("a join request is a JSON object")
     timestamp = request.get("timestamp")
-    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
-        raise AdmissionRefused("the request needs an integer 'timestamp' (unix seconds)")
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool) or abs(timestamp) > MAX_TIMESTAMP:
+        raise AdmissionRefused("the request needs an integer 'timestamp' (unix seconds, at most 2**53)")
     names = ("peer_id", "public_key", "hmac", "join_key", "signature")
     fields = {name: request[name] for name in names if request.get(name) is not None}
     for name in ("peer_id", "public_key"):

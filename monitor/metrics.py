@@ -13,6 +13,8 @@ from prometheus_client.registry import Collector
 from monitor.checkpoint import CheckpointStore
 from monitor.live import LiveState
 
+PER_PEER_PREFIX = "albert_peer_"  # series labelled with a peer id
+
 
 class SwarmCollector(Collector):
     """Builds every metric family from `LiveState` and the checkpoint store when Prometheus scrapes.
@@ -81,6 +83,20 @@ class SwarmCollector(Collector):
                 epoch.add_metric([row.peer_id], row.epoch)
         yield speed
         yield epoch
+
+
+class SwarmLevelView:
+    """A registry's metrics without the per-peer series: what /metrics shows to anyone in a closed run.
+
+    Peer ids and devices of a closed run are for its members (GET /api/peers with a token); the swarm-level series
+    (epoch, loss, speed, peer count, checkpoints, refused records) stay public like the dashboard's summary.
+    """
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        return (metric for metric in self.registry.collect() if not metric.name.startswith(PER_PEER_PREFIX))
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

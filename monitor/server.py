@@ -3,21 +3,26 @@
 FastAPI on uvicorn rather than aiohttp (which is already installed): FastAPI validates path and query parameters
 from type hints (an epoch is an int, so no path can escape the checkpoint directory) and publishes an OpenAPI schema
 at /openapi.json that API clients and fuzzers (schemathesis) use directly.
+
+A closed run (an `authority`) is closed over HTTP too: checkpoints, their listing, per-peer rows and history need a
+member's access token; the dashboard, /healthz, the summary numbers of /api/status, swarm-level /metrics and the join
+endpoint stay public.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import uvicorn
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -25,21 +30,38 @@ from starlette.concurrency import run_in_threadpool
 from monitor.access import AdmissionRefused, Authority
 from monitor.checkpoint import CheckpointNotFound, CheckpointStore
 from monitor.history import CheckpointEntry, History
+from monitor.http_guard import BodySizeLimit, MalformedBody, parse_json_object
 from monitor.live import LiveState
+from monitor.metrics import SwarmLevelView
 
 STATIC_DIR = Path(__file__).with_name("static")
 CheckpointRequest = Callable[[], CheckpointEntry]
 # Error answers declared in the OpenAPI schema, so clients (and schemathesis' status-code check) know every status.
+TOO_LARGE = {413: {"description": "The request body is over the size limit (monitor/http_guard.py)"}}
 CHECKPOINT_ON_DEMAND_ERRORS = {
     401: {"description": "Missing or wrong admin token (send 'Authorization: Bearer TOKEN')"},
     403: {"description": "Checkpoints on demand are disabled: the monitor was started without --admin-token"},
     503: {"description": "No checkpoint could be made (no training state yet, or the request timed out)"},
+    **TOO_LARGE,
 }
 DOWNLOAD_ERRORS = {404: {"description": "No verified checkpoint (of that epoch)"}}
 JOIN_ERRORS = {
+    400: {"description": "The body is not a JSON object (not UTF-8, not JSON, nested too deeply, NaN/Infinity)"},
     403: {"description": "The join request is malformed or its credential is not valid"},
     404: {"description": "The run is open: peers join without a credential"},
+    **TOO_LARGE,
 }
+MEMBER_ERRORS = {  # declared in a closed run only
+    401: {"description": "Closed run: members only; send 'Authorization: Bearer ACCESS_TOKEN' (see POST /api/join)"},
+    403: {"description": "Closed run: the access token is not valid (expired, malformed or of another authority)"},
+}
+# declares the scheme in the OpenAPI schema; a missing or non-Bearer header is None here, answered 401 below
+BEARER = HTTPBearer(auto_error=False, description="A closed run's access token (POST /api/join issues them)")
+HOW_TO_JOIN = (
+    "this run is closed: send a member's access token as 'Authorization: Bearer TOKEN'; get one with your run "
+    "secret or join key from POST /api/join (peer.join_client.http_access_token, or albert-checkpoint download "
+    "--run-secret-file / --join-key-file)"
+)
 
 
 def create_app(
@@ -56,7 +78,11 @@ def create_app(
     With an `authority` (a closed run), POST /api/join gives access tokens to peers that prove a credential.
     """
     app = FastAPI(title="albert-swarm monitor", version="1", docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodySizeLimit)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    members = [Depends(member_check(authority))] if authority else []  # nothing changes in an open run
+    member_errors = MEMBER_ERRORS if authority else {}
+    exposed = SwarmLevelView(registry) if authority else registry  # per-peer series are members' business
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:
@@ -73,13 +99,13 @@ def create_app(
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/status")
     def status() -> dict:
         snap = live.snapshot
         entries = store.list()
-        return {
+        summary = {
             "run_id": live.run_id,
             "epoch": snap.epoch,
             "alive_peers": snap.alive_peers,
@@ -99,16 +125,19 @@ def create_app(
             "admin_enabled": bool(admin_token and request_checkpoint),
             "closed_run": authority is not None,
         }
+        if authority is not None:
+            del summary["refused_peers"]  # keyed by peers' public keys: per-peer, for members only
+        return summary
 
-    @app.get("/api/history")
+    @app.get("/api/history", dependencies=members, responses=member_errors)
     def api_history(since: float = Query(0.0, ge=0.0), limit: int = Query(2000, ge=1, le=20000)) -> dict:
         return {"series": history.series(since=since, limit=limit), "epochs": history.by_epoch()}
 
-    @app.get("/api/peers")
+    @app.get("/api/peers", dependencies=members, responses=member_errors)
     def peers() -> list[dict]:
         return [asdict(row) for row in live.snapshot.peers]
 
-    @app.get("/api/checkpoints")
+    @app.get("/api/checkpoints", dependencies=members, responses=member_errors)
     def checkpoints(request: Request) -> list[dict]:
         return [_describe(entry, request) for entry in store.list()]
 
@@ -131,19 +160,29 @@ def create_app(
         if authority is None:
             raise HTTPException(404, "this run is open: peers join without --join-url or a credential")
         try:
-            body = json.loads(await request.body())
-        except ValueError as error:
-            raise HTTPException(403, f"a join request is a JSON object ({error})") from error
+            body = parse_json_object(await request.body())  # BodySizeLimit bounds what this reads
+        except MalformedBody as error:
+            raise HTTPException(400, f"a join request is a JSON object: {error}") from error
         try:
             return await run_in_threadpool(authority.join, body)  # RSA work: keep the event loop free
         except AdmissionRefused as error:
             raise HTTPException(403, str(error)) from error
 
-    @app.get("/checkpoints/latest", response_class=FileResponse, responses=DOWNLOAD_ERRORS)
+    @app.get(
+        "/checkpoints/latest",
+        response_class=FileResponse,
+        dependencies=members,
+        responses={**DOWNLOAD_ERRORS, **member_errors},
+    )
     def latest_checkpoint() -> FileResponse:
         return _download(store, None)
 
-    @app.get("/checkpoints/{epoch}", response_class=FileResponse, responses=DOWNLOAD_ERRORS)
+    @app.get(
+        "/checkpoints/{epoch}",
+        response_class=FileResponse,
+        dependencies=members,
+        responses={**DOWNLOAD_ERRORS, **member_errors},
+    )
     def checkpoint(epoch: int) -> FileResponse:
         return _download(store, epoch)
 
@@ -152,6 +191,20 @@ def create_app(
         return JSONResponse({"detail": str(error)}, status_code=404)
 
     return app
+
+
+def member_check(authority: Authority):
+    """A dependency that lets members of a closed run through: 401 without a credential, 403 with a bad one."""
+
+    def require_member(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if credentials is None:
+            raise HTTPException(401, HOW_TO_JOIN, headers={"WWW-Authenticate": 'Bearer realm="albert-swarm"'})
+        try:
+            authority.check_member(credentials.credentials)
+        except AdmissionRefused as error:
+            raise HTTPException(403, f"{error}: get a new one from POST /api/join") from error
+
+    return require_member
 
 
 def _describe(entry: CheckpointEntry, request: Request) -> dict:

@@ -39,6 +39,8 @@ RETRY_PERIOD = 5.0  # seconds between two attempts to renew a token while the mo
 # a token is renewed when less than half of its lifetime is left: a slow monitor or DHT (a loaded machine) then
 # still has time before other members stop accepting it
 REFRESH_FRACTION = 1 / 2
+# how far a request's time may be from the receiver's clock: hivemind's TokenAuthorizerBase (utils/auth.py) fixes it
+REQUEST_TIME_TOLERANCE = 60.0
 
 
 class RunAuthorizer(TokenAuthorizerBase):
@@ -95,8 +97,19 @@ class RunAuthorizer(TokenAuthorizerBase):
             return True
 
     async def validate_request(self, request) -> bool:
+        skew = request.auth.time - get_dht_time()
         valid = await super().validate_request(request)
-        if not valid:
+        if valid:
+            return valid
+        # hivemind refuses a request from a skewed clock like one without a token: say which it was
+        if abs(skew) > REQUEST_TIME_TOLERANCE and self.is_token_valid(request.auth.client_access_token):
+            direction = "ahead of" if skew > 0 else "behind"
+            self._refusals(
+                "clock",
+                f"Refused a DHT request of a member of run {self.run_id!r} whose clock is {abs(skew):.0f} s "
+                f"{direction} this one (at most {REQUEST_TIME_TOLERANCE:.0f} s allowed): synchronize the clocks (NTP)",
+            )
+        else:
             self._refusals(
                 "dht", f"Refused a DHT request from a process without a valid access token of run {self.run_id!r}"
             )

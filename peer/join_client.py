@@ -1,13 +1,20 @@
-"""Closed runs: a peer asks the monitor for an access token over HTTP, proving a run secret or a join key."""
+"""Closed runs: a peer asks the monitor for an access token over HTTP, proving a run secret or a join key.
+
+The monitor's answer carries its clock, so a peer learns at admission that its clock is off, with the figure, rather
+than later from other members refusing its requests as "without a valid access token".
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import logging
+import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import multihash
@@ -15,9 +22,23 @@ from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from peer.access_tokens import decode_token, encode_token, join_message, read_private_key, read_secrets, verify_token
+from peer.access_tokens import (
+    MAX_CLOCK_SKEW,
+    decode_token,
+    encode_token,
+    join_message,
+    read_private_key,
+    read_secrets,
+    verify_token,
+)
 
+logger = logging.getLogger(__name__)
 JOIN_TIMEOUT = 5.0  # seconds for one HTTP join request: the DHT waits on it, so it must stay short
+SKEW_WARNING = 5.0  # seconds of clock skew worth telling the operator about; tokens still work
+# Members check each other's request times to within 60 s (hivemind's TokenAuthorizerBase): two peers each within
+# half that of the monitor's clock are within it of each other, whichever way their clocks are off.
+SKEW_LIMIT = MAX_CLOCK_SKEW / 2
+SYNC_ADVICE = "synchronize this machine's clock (NTP, e.g. timedatectl set-ntp true)"
 
 
 class JoinRefused(RuntimeError):
@@ -26,6 +47,10 @@ class JoinRefused(RuntimeError):
 
 class JoinUnavailable(OSError):
     """The monitor did not answer a join request (down, unreachable, timed out, not a monitor)."""
+
+
+class ClockSkewed(JoinRefused):
+    """This machine's clock is so far from the monitor's that other members would refuse this peer's requests."""
 
 
 @dataclass
@@ -60,20 +85,32 @@ class JoinClient:
         credential: how this peer proves it may join.
         peer_id: this peer's libp2p id, which the token names.
         private_key: the RSA key the token names (default: this process's hivemind key, which signs DHT requests).
+        clock: this machine's clock (unix seconds); tests give it an offset to play a skewed machine.
     """
 
-    def __init__(self, join_url: str, credential: JoinCredential, peer_id: PeerID, private_key=None):
+    def __init__(
+        self,
+        join_url: str,
+        credential: JoinCredential,
+        peer_id: PeerID,
+        private_key=None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.url = join_url.rstrip("/") + "/api/join"
-        self.credential, self.peer_id = credential, peer_id.to_base58()
+        self.credential, self.peer_id, self.clock = credential, peer_id.to_base58(), clock
         self.public_key = (private_key or RSAPrivateKey.process_wide()).get_public_key().to_bytes()
         self.authority_key: RSAPublicKey | None = None
         self.ttl: float | None = None
+        self.skew: float | None = None  # the monitor's clock minus this one, as of the last answer
+        self._warned_skew: float | None = None
 
     def __call__(self) -> AccessToken:
-        timestamp = int(time.time())
+        sent_at = self.clock()
+        timestamp = int(sent_at)
         body = {"peer_id": self.peer_id, "public_key": self.public_key.decode(), "timestamp": timestamp}
         body.update(self.credential.proof(join_message(self.public_key, self.peer_id, timestamp)))
         answer = self._post(body)
+        received_at = self.clock()
         try:
             token, authority_key = (
                 decode_token(answer["token"]),
@@ -82,6 +119,7 @@ class JoinClient:
             ttl = float(answer["ttl"])
         except (KeyError, TypeError, ValueError) as error:
             raise JoinUnavailable(f"{self.url} did not answer like an albert-swarm monitor: {error!r}") from error
+        self._check_clock(answer, sent_at, received_at)  # first: a skewed clock also makes the token look expired
         if self.authority_key is not None and authority_key.to_bytes() != self.authority_key.to_bytes():
             raise JoinRefused("the monitor's authority key changed (did it lose its run dir?): restart this peer")
         if (
@@ -92,6 +130,38 @@ class JoinClient:
             raise JoinRefused("the monitor answered with a token that is not valid for this peer")
         self.authority_key, self.ttl = authority_key, ttl
         return token
+
+    def _check_clock(self, answer: dict, sent_at: float, received_at: float) -> None:
+        """Compare the monitor's clock with this one: warn past SKEW_WARNING, refuse past SKEW_LIMIT (ClockSkewed).
+
+        The monitor read its clock somewhere within the round trip, so the skew is known to within half of it: only
+        the part that is certain counts, and a slow answer never makes a good clock look skewed.
+        """
+        monitor_time = answer.get("monitor_time") if isinstance(answer, dict) else None
+        if (
+            not isinstance(monitor_time, (int, float))
+            or isinstance(monitor_time, bool)
+            or not math.isfinite(monitor_time)
+        ):
+            return  # a monitor from before the field existed: its join check still bounds the skew to 60 s
+        round_trip = max(received_at - sent_at, 0.0)
+        self.skew = monitor_time - (sent_at + received_at) / 2
+        certain = max(abs(self.skew) - round_trip / 2, 0.0)
+        direction = "behind" if self.skew > 0 else "ahead of"
+        figure = f"this machine's clock is {abs(self.skew):.1f} s {direction} the monitor's"
+        if certain > SKEW_LIMIT:
+            raise ClockSkewed(
+                f"{figure} (measured over a {round_trip * 1000:.0f} ms round trip); members refuse requests more "
+                f"than {MAX_CLOCK_SKEW:.0f} s off their own clock, so over {SKEW_LIMIT:.0f} s of skew other peers "
+                f"would refuse this one as 'without a valid access token': {SYNC_ADVICE} and start this peer again"
+            )
+        if certain <= SKEW_WARNING:
+            if self._warned_skew is not None:
+                logger.info(f"This machine's clock is back within {SKEW_WARNING:.0f} s of the monitor's")
+            self._warned_skew = None
+        elif self._warned_skew is None or abs(self.skew - self._warned_skew) >= 1.0:  # once per change
+            self._warned_skew = self.skew
+            logger.warning(f"{figure}: tokens still work up to {SKEW_LIMIT:.0f} s of skew, but {SYNC_ADVICE}")
 
     def _post(self, body: dict) -> dict:
         request = urllib.request.Request(

@@ -142,15 +142,40 @@ async function getJson(path) {
   return response.json();
 }
 
+// A closed run serves charts, peers and checkpoints to members only (an access token): the public page shows the
+// summary tiles and says so where the rest would be, instead of failing on 401.
+function showMembersOnly() {
+  const note = "members only (closed run)";
+  for (const chart of document.querySelectorAll(".chart")) {
+    const text = document.createElement("p");
+    text.className = "members-only muted";
+    text.textContent = note;
+    chart.replaceChildren(text);
+  }
+  for (const table of document.querySelectorAll("#peers-table, #checkpoints-table")) {
+    const body = table.querySelector("tbody");
+    body.replaceChildren();
+    const row = body.insertRow();
+    const td = cell(row, note, "members-only muted");
+    td.colSpan = table.querySelectorAll("thead th").length;
+  }
+}
+
+async function refreshMemberData() {
+  const [history, peers, checkpoints] = await Promise.all(
+    ["/api/history", "/api/peers", "/api/checkpoints"].map(getJson));
+  renderHistory(history);
+  renderPeers(peers);
+  renderCheckpoints(checkpoints);
+}
+
 async function refresh() {
   const badge = document.getElementById("connection");
   try {
-    const [status, history, peers, checkpoints] = await Promise.all(
-      ["/api/status", "/api/history", "/api/peers", "/api/checkpoints"].map(getJson));
+    const status = await getJson("/api/status");
     renderStatus(status);
-    renderHistory(history);
-    renderPeers(peers);
-    renderCheckpoints(checkpoints);
+    if (status.closed_run) showMembersOnly();
+    else await refreshMemberData();
     badge.textContent = `updated ${new Date().toLocaleTimeString()}`;
     badge.className = "badge ok";
   } catch (error) {

@@ -1,7 +1,11 @@
-"""Closed runs: the monitor's authority and POST /api/join for real, then a closed swarm that an intruder attacks."""
+"""Closed runs: the monitor's authority and POST /api/join for real, the HTTP API closed to non-members, a skewed
+clock told at admission, then a closed swarm that an intruder attacks.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -15,22 +19,42 @@ from pathlib import Path
 import pytest
 import torch
 from hivemind.p2p import PeerID
+from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from monitor.access import Authority
+from monitor.aggregate import PeerReport, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
 from monitor.history import History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
-from peer.access_tokens import join_message, read_private_key, verify_token
-from peer.join_client import JoinClient, JoinCredential, JoinRefused
+from peer.access_tokens import (
+    encode_token,
+    expiration_text,
+    join_message,
+    read_private_key,
+    token_payload,
+    verify_token,
+)
+from peer.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
 from tests.monitor.conftest import MonitorProcess, PeerProcess, Process, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+
+def fill_checkpoint(directory: Path) -> None:
+    (directory / "model.safetensors").write_bytes(b"\x02" * 1024)
+    (directory / "config.json").write_text('{"model_type": "lean_albert"}')
+
+
+def populated_snapshot():
+    report = PeerReport("peer-a", epoch=3, samples_per_second=9.0, samples_accumulated=32, loss_sum=8.0,
+                        mini_steps=4, time=time.time(), device="cpu")  # fmt: skip
+    return aggregate([report], now=time.time())
 
 
 def write_secret(path: Path, *secrets: str) -> Path:
@@ -49,7 +73,9 @@ def closed_monitor(tmp_path):
     authority = Authority(tmp_path / "run" / "authority.key", 60.0, str(secret_file), str(allowlist))
     history = History(tmp_path / "history.sqlite")
     store = CheckpointStore(tmp_path / "checkpoints", history, keep=2)
+    store.write(3, fill_checkpoint, loss=2.5, samples_total=96)
     live = LiveState(run_id="closed", initial_peers=[], model={"name": "tiny"})
+    live.update(populated_snapshot(), invalid=0, refused={"key-of-a-refused-peer": "model fingerprint differs"})
     app = create_app(live, history, store, make_registry(live, store), authority=authority)
     server = ServerThread(app, "127.0.0.1", 0)
     server.start()
@@ -91,7 +117,7 @@ def test_allowlisted_join_key_admits_and_an_unlisted_one_is_refused(closed_monit
         client(closed_monitor.url, join_key_file=str(tmp_path / "other.key"))()
 
 
-def test_garbage_and_forged_join_requests_get_403_not_500(closed_monitor):
+def test_garbage_and_forged_join_requests_get_4xx_not_500(closed_monitor):
     listed = read_private_key(closed_monitor.dir / "join.key")
     public_key = RSAPrivateKey().get_public_key().to_bytes().decode()
     now = int(get_dht_time())
@@ -101,7 +127,7 @@ def test_garbage_and_forged_join_requests_get_403_not_500(closed_monitor):
         b"[1, 2]",
         b"{}",
         json.dumps({"peer_id": PEER_ID, "public_key": public_key, "timestamp": "now", "hmac": "00"}).encode(),
-        json.dumps({"peer_id": PEER_ID, "public_key": "x" * 10**5, "timestamp": now, "hmac": "00"}).encode(),
+        json.dumps({"peer_id": PEER_ID, "public_key": "x" * 10**4, "timestamp": now, "hmac": "00"}).encode(),
         json.dumps({"peer_id": "not-a-peer-id", "public_key": public_key, "timestamp": now, "hmac": "00"}).encode(),
         json.dumps({"peer_id": PEER_ID, "public_key": "ssh-rsa !!", "timestamp": now, "hmac": "00"}).encode(),
         json.dumps({"peer_id": PEER_ID, "public_key": public_key, "timestamp": now}).encode(),
@@ -112,9 +138,11 @@ def test_garbage_and_forged_join_requests_get_403_not_500(closed_monitor):
     reasons = []
     for body in garbage:
         status, answer = post(closed_monitor.url, body)
-        assert status == 403, (body[:100], answer)
+        unparsable = body in (b"not json", b"[1, 2]")  # not a JSON object: 400; a refused request: 403
+        assert status == (400 if unparsable else 403), (body[:100], answer)
         reasons.append(answer["detail"])
-    assert "more than 60 s off" in reasons[-2] and "signature does not match" in reasons[-1]
+    assert re.search(r"60[01] s behind the monitor's clock \(at most 60 s allowed\)", reasons[-2]), reasons[-2]
+    assert "signature does not match" in reasons[-1]
 
 
 def test_secret_rotates_without_a_restart(closed_monitor):
@@ -164,6 +192,139 @@ def test_open_run_has_no_join_and_config_checks_access_flags(tmp_path):
         MonitorConfig(allowlist_file=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="token_ttl"):
         MonitorConfig(token_ttl=1)
+
+
+# --- a closed run is closed over HTTP too ---------------------------------------------------------------------------
+
+PROTECTED = ["/checkpoints/latest", "/checkpoints/3", "/api/checkpoints", "/api/peers", "/api/history"]
+PUBLIC = ["/", "/static/dashboard.js", "/healthz", "/api/status", "/metrics", "/openapi.json"]
+
+
+def fetch(url: str, authorization: str | None = None) -> tuple[int, dict, bytes]:
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def forged_tokens(authority_key: RSAPrivateKey) -> dict[str, str]:
+    """Bearer values a non-member might try: garbage, a token of another authority, an expired one of this one."""
+
+    def token(signer: RSAPrivateKey, lifetime: float) -> str:
+        public_key = RSAPrivateKey().get_public_key().to_bytes()
+        expiration = expiration_text(get_dht_time() + lifetime)
+        signature = signer.sign(token_payload(PEER_ID, public_key, expiration))
+        return "Bearer " + encode_token(
+            AccessToken(username=PEER_ID, public_key=public_key, expiration_time=expiration, signature=signature)
+        )
+
+    return {
+        "garbage": "Bearer not-a-token",
+        "not base64 protobuf": "Bearer " + base64.b64encode(b"\xff" * 64).decode(),
+        "huge": "Bearer " + "A" * 9000,
+        "foreign authority": token(RSAPrivateKey(), 600),
+        "expired": token(authority_key, -5),
+    }
+
+
+def assert_closed_over_http(url: str, authority_key: RSAPrivateKey, secret_file: Path) -> None:
+    """Every protected path: 401 without a credential, 403 with a bad one, 200 with a member's token."""
+    member = http_access_token(url, JoinCredential(secret_file=str(secret_file)))
+    for path in PROTECTED:
+        for authorization in (None, "Basic dXNlcjpwYXNz", "Bearer "):
+            status, headers, body = fetch(url + path, authorization)
+            assert status == 401, (path, authorization, status, body[:200])
+            assert headers["www-authenticate"].startswith("Bearer") and b"POST /api/join" in body
+        for name, authorization in forged_tokens(authority_key).items():
+            status, _, body = fetch(url + path, authorization)
+            assert status == 403, (path, name, status, body[:200])
+        status, headers, body = fetch(url + path, member)
+        assert status == 200, (path, body[:200])
+        if path.startswith("/checkpoints/"):
+            assert headers["x-checkpoint-sha256"] == hashlib.sha256(body).hexdigest()
+    _, _, body = fetch(url + "/api/peers", forged_tokens(authority_key)["expired"])
+    assert "expired" in json.loads(body)["detail"]
+
+
+def assert_public_parts_public(url: str) -> None:
+    for path in PUBLIC:
+        assert fetch(url + path)[0] == 200, path
+    status = json.loads(fetch(url + "/api/status")[2])
+    assert status["closed_run"] and "refused_peers" not in status and status["epoch"] >= 0
+    metrics = fetch(url + "/metrics")[2].decode()
+    assert "albert_swarm_epoch " in metrics and "albert_peer_" not in metrics
+
+
+def test_closed_run_serves_checkpoints_peers_and_history_to_members_only(closed_monitor):
+    assert_closed_over_http(
+        closed_monitor.url, closed_monitor.authority.private_key, closed_monitor.dir / "run.secret"
+    )
+    assert_public_parts_public(closed_monitor.url)
+    # a peer's own DHT token is a member's credential too, and the OpenAPI schema declares the refusals
+    token = client(closed_monitor.url, join_key_file=str(closed_monitor.dir / "join.key"))()
+    assert fetch(closed_monitor.url + "/api/peers", "Bearer " + encode_token(token))[0] == 200
+    paths = json.loads(fetch(closed_monitor.url + "/openapi.json")[2])["paths"]
+    for path in PROTECTED[1:]:
+        route = "/checkpoints/{epoch}" if path == "/checkpoints/3" else path
+        assert {"401", "403"} <= set(paths[route]["get"]["responses"]), route
+
+
+def test_open_run_serves_everything_without_a_credential(tmp_path):
+    history = History(tmp_path / "history.sqlite")
+    store = CheckpointStore(tmp_path / "checkpoints", history, keep=2)
+    store.write(3, fill_checkpoint)
+    live = LiveState(run_id="open", initial_peers=[], model={"name": "tiny"})
+    live.update(populated_snapshot(), invalid=0, refused={"key-x": "model fingerprint differs"})
+    server = ServerThread(create_app(live, history, store, make_registry(live, store)), "127.0.0.1", 0)
+    server.start()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        for path in PROTECTED + PUBLIC:
+            assert fetch(url + path)[0] == 200, path
+        assert json.loads(fetch(url + "/api/status")[2])["refused_peers"] == {"key-x": "model fingerprint differs"}
+        assert 'albert_peer_epoch{peer_id="peer-a"} 3.0' in fetch(url + "/metrics")[2].decode()
+        assert "401" not in json.loads(fetch(url + "/openapi.json")[2])["paths"]["/api/peers"]["get"]["responses"]
+    finally:
+        server.stop()
+        history.close()
+
+
+# --- clock skew, told at admission ------------------------------------------------------------------------------
+
+
+def skewed_client(url: str, secret_file: Path, offset: float) -> JoinClient:
+    """A JoinClient on a machine whose clock is `offset` seconds ahead (the system clock itself cannot be moved)."""
+    peer = PeerID.from_base58(PEER_ID)
+    credential = JoinCredential(secret_file=str(secret_file))
+    return JoinClient(url, credential, peer, private_key=RSAPrivateKey(), clock=lambda: time.time() + offset)
+
+
+def test_a_skewed_clock_is_warned_about_once_and_refused_where_tokens_would_fail(closed_monitor, caplog):
+    secret = closed_monitor.dir / "run.secret"
+    in_sync = skewed_client(closed_monitor.url, secret, 0.0)
+    with caplog.at_level(logging.INFO, logger="peer.join_client"):
+        in_sync()
+        assert abs(in_sync.skew) < 2 and "clock" not in caplog.text
+        drifting = skewed_client(closed_monitor.url, secret, 12.0)
+        for _ in range(3):  # renewals at the same skew: one warning
+            drifting()
+        assert caplog.text.count("s ahead of the monitor's: tokens still work") == 1
+        assert drifting.skew == pytest.approx(-12.0, abs=1.0)
+        drifting.clock = time.time  # an NTP sync: said once, and a later drift is warned about again
+        drifting()
+        assert "back within 5 s" in caplog.text
+
+    # the monitor admits it (45 s < its 60 s), but members would refuse a peer 45 s off theirs on the other side
+    for offset, direction in ((45.0, "ahead of"), (-45.0, "behind")):
+        with pytest.raises(ClockSkewed, match=rf"clock is 4[45]\.\d s {direction} the monitor's.*NTP"):
+            skewed_client(closed_monitor.url, secret, offset)()
+    # further off, the monitor refuses the join and names the skew it saw
+    with pytest.raises(JoinRefused, match=r"(89|90) s ahead of the monitor's clock \(at most 60 s allowed\).*NTP"):
+        skewed_client(closed_monitor.url, secret, 90.0)()
+    with pytest.raises(JoinRefused, match=r"360[01] s behind the monitor's clock"):
+        skewed_client(closed_monitor.url, secret, -3600.0)()
 
 
 # --- a closed swarm: real monitor, honest peers, a refused peer and an intruder, all separate processes -------------
