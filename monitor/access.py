@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from peer.access_tokens import (
 logger = logging.getLogger(__name__)
 MAX_FIELD_CHARS = 4096  # a join request's fields are a few hundred characters; anything far larger is abuse
 MAX_TIMESTAMP = 2**53  # a unix time in seconds is far below; the bound keeps float arithmetic on it exact
+BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,100}")  # the alphabet of libp2p peer ids
 MAX_TOKEN_CHARS = 8192  # an encoded access token is about 1 KB
 
 
@@ -131,7 +133,8 @@ class Authority:
         try:
             public_key, peer_id = self._admit(request)
         except AdmissionRefused as error:
-            label = peer if isinstance(peer, str) and len(peer) < 100 else "(unnamed)"
+            # a stranger's string goes into the log only if it looks like a peer id: no forged lines, no escapes
+            label = peer if isinstance(peer, str) and BASE58.fullmatch(peer) else "(unnamed)"
             self._refusals(label, f"Refused a join request from peer {label}: {error}")
             raise
         token = self.issue(public_key, peer_id)

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from monitor.access import AdmissionRefused, Authority
+from monitor.access import MAX_FIELD_CHARS, MAX_TIMESTAMP, AdmissionRefused, Authority
 from monitor.checkpoint import CheckpointNotFound, CheckpointStore
 from monitor.history import CheckpointEntry, History
 from monitor.http_guard import BodySizeLimit, MalformedBody, parse_json_object
@@ -50,6 +50,27 @@ JOIN_ERRORS = {
     403: {"description": "The join request is malformed or its credential is not valid"},
     404: {"description": "The run is open: peers join without a credential"},
     **TOO_LARGE,
+}
+# The join body as OpenAPI describes it (the handler parses it itself, so a malformed body gets a clear 400/403):
+# clients and fuzzers learn its shape from /openapi.json.
+JOIN_REQUEST = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["peer_id", "public_key", "timestamp"],
+                "properties": {
+                    "peer_id": {"type": "string", "maxLength": MAX_FIELD_CHARS, "description": "libp2p peer id"},
+                    "public_key": {"type": "string", "maxLength": MAX_FIELD_CHARS, "description": "RSA key (ssh)"},
+                    "timestamp": {"type": "integer", "minimum": -MAX_TIMESTAMP, "maximum": MAX_TIMESTAMP},
+                    "hmac": {"type": "string", "maxLength": MAX_FIELD_CHARS, "description": "run secret proof"},
+                    "join_key": {"type": "string", "maxLength": MAX_FIELD_CHARS, "description": "allowlisted key"},
+                    "signature": {"type": "string", "maxLength": MAX_FIELD_CHARS, "description": "join key's proof"},
+                },
+            }
+        }
+    },
 }
 MEMBER_ERRORS = {  # declared in a closed run only
     401: {"description": "Closed run: members only; send 'Authorization: Bearer ACCESS_TOKEN' (see POST /api/join)"},
@@ -154,7 +175,7 @@ def create_app(
             raise HTTPException(503, f"could not make a checkpoint: {error}") from error
         return _describe(entry, request)
 
-    @app.post("/api/join", responses=JOIN_ERRORS)
+    @app.post("/api/join", responses=JOIN_ERRORS, openapi_extra={"requestBody": JOIN_REQUEST})
     async def join(request: Request) -> dict:
         """A peer of a closed run asks for an access token; 403 with the reason if its credential is not valid."""
         if authority is None:

@@ -108,6 +108,10 @@ def test_run_secret_admits_and_a_wrong_one_is_refused_with_a_reason(closed_monit
     with caplog.at_level(logging.WARNING, logger="monitor.access"), refusal:
         client(closed_monitor.url, secret_file=str(wrong))()
     assert f"Refused a join request from peer {PEER_ID}: wrong run secret" in caplog.text
+    forged_line = "\nINFO monitor.access: Admitted peer QmEvil"  # a stranger's id never writes log lines
+    with caplog.at_level(logging.WARNING, logger="monitor.access"):
+        post(closed_monitor.url, json.dumps({"peer_id": "Qm" + forged_line, "timestamp": "x"}).encode())
+    assert "Refused a join request from peer (unnamed)" in caplog.text and "QmEvil" not in caplog.text
 
 
 def test_allowlisted_join_key_admits_and_an_unlisted_one_is_refused(closed_monitor, tmp_path):

@@ -1,15 +1,17 @@
 """The monitor's HTTP API under fuzzing and hostile requests, served for real (uvicorn on 127.0.0.1).
 
 schemathesis generates requests from the app's own /openapi.json (valid and invalid path, query, header values) and
-checks that no answer is a 5xx and that answers conform to the schema. Hand-written cases try to escape the checkpoint
-directory and to create a checkpoint without the admin token. Behind the server: a real SQLite history and a real
-checkpoint store with real files.
+checks that no answer is a 5xx and that answers conform to the schema, for an open and a closed run. Hand-written
+cases try to escape the checkpoint directory, to create a checkpoint without the admin token, and send crafted bodies
+(deep nesting, out-of-range numbers, non-UTF-8, oversized with and without Content-Length) to a closed run's join.
+Behind the server: a real SQLite history and a real checkpoint store with real files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -20,17 +22,33 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.config import SchemathesisConfig
 
+REJECTED_STATUSES = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429", "5xx"]
+
+from monitor.access import Authority
 from monitor.aggregate import PeerReport, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.history import History
+from monitor.http_guard import MAX_BODY_BYTES
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
+from peer.join_client import JoinCredential, http_access_token
 
 TOKEN = "fuzz-admin-token-0123456789"
 FUZZ_EXAMPLES = 50  # per operation and mode: about 10 operations x 2 modes, well under a minute
 SECRET = b"top secret: never served"  # planted next to and above the checkpoint dir
+
+
+def fuzz_config(member_token: str | None = None) -> SchemathesisConfig:
+    """Invalid join bodies may be generated over the size cap: 413 is a refusal too (schemathesis' default list of
+    rejecting statuses omits it). With a member's token, schemathesis sends it as the schema's bearer scheme (and
+    knows that a request without it is an invalid one)."""
+    config = {"checks": {"negative_data_rejection": {"expected-statuses": [*REJECTED_STATUSES, "413"]}}}
+    if member_token:
+        config["auth"] = {"openapi": {"HTTPBearer": {"bearer": member_token.removeprefix("Bearer ")}}}
+    return SchemathesisConfig.from_dict(config)
 
 
 def fill(directory: Path) -> None:
@@ -38,9 +56,8 @@ def fill(directory: Path) -> None:
     (directory / "config.json").write_text('{"model_type": "lean_albert"}')
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
+def serve(root: Path, authority: Authority | None = None):
+    """A monitor's HTTP server over a real history (4 snapshots) and store (epochs 1 and 3), open or closed."""
     (root / "secret.txt").write_bytes(SECRET)
     history = History(root / "history.sqlite")
     store = CheckpointStore(root / "checkpoints", history, keep=10)
@@ -69,18 +86,36 @@ def server(tmp_path_factory):
         made.append(store.write(100 + len(made), fill))
         return made[-1]
 
-    thread = ServerThread(
-        create_app(live, history, store, make_registry(live, store), TOKEN, request_checkpoint), "127.0.0.1", 0
-    )
+    app = create_app(live, history, store, make_registry(live, store), TOKEN, request_checkpoint, authority)
+    thread = ServerThread(app, "127.0.0.1", 0)
     thread.start()
-    thread.url, thread.root, thread.made = f"http://127.0.0.1:{thread.port}", root, made
+    thread.url, thread.root, thread.made, thread.history = f"http://127.0.0.1:{thread.port}", root, made, history
+    return thread
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    thread = serve(tmp_path_factory.mktemp("fuzz"))
     yield thread
     thread.stop()
-    history.close()
+    thread.history.close()
 
 
-def fuzz(operation, mode: GenerationMode, base_url: str) -> None:
-    """Send `max_examples` generated requests to one operation; any failed check fails the test."""
+@pytest.fixture(scope="module")
+def closed_server(tmp_path_factory):
+    """A closed run's server (an authority admitting a run secret): the join endpoint and member checks are live."""
+    root = tmp_path_factory.mktemp("fuzz-closed")
+    (root / "run.secret").write_text("fuzz-run-secret-0123456789\n")
+    thread = serve(root, Authority(root / "authority.key", 60.0, str(root / "run.secret")))
+    yield thread
+    thread.stop()
+    thread.history.close()
+
+
+def fuzz(operation, mode: GenerationMode, base_url: str) -> set[int]:
+    """Send `max_examples` generated requests to one operation; any failed check fails the test. Returns the
+    statuses seen."""
+    statuses = set()
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -92,25 +127,34 @@ def fuzz(operation, mode: GenerationMode, base_url: str) -> None:
         suppress_health_check=list(HealthCheck),
     )
     def check(case):
-        case.call_and_validate(base_url=base_url)
+        statuses.add(case.call_and_validate(base_url=base_url).status_code)
 
     check()
+    return statuses
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("run", ["open", "closed", "closed-member"])
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda mode: mode.value)
-def test_api_never_answers_5xx_and_conforms_to_its_schema(server, mode):
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+def test_api_never_answers_5xx_and_conforms_to_its_schema(request, run, mode):
+    """Open; closed as a stranger sees it (401s); closed as a member sees it (its token gets past the checks)."""
+    server = request.getfixturevalue("server" if run == "open" else "closed_server")
+    token = None
+    if run == "closed-member":
+        token = http_access_token(server.url, JoinCredential(secret_file=str(server.root / "run.secret")))
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json", config=fuzz_config(token))
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8, [operation.label for operation in operations]
-    fuzzed = set()
+    fuzzed = {}
     for operation in operations:
         try:
-            fuzz(operation, mode, server.url)
-            fuzzed.add(operation.label)
+            fuzzed[operation.label] = fuzz(operation, mode, server.url)
         except Unsatisfiable:  # nothing to make invalid (no parameters, or only a free-form header)
             assert mode is GenerationMode.NEGATIVE, operation.label
-    assert {"GET /checkpoints/{epoch}", "GET /api/history"} <= fuzzed
+    assert {"GET /checkpoints/{epoch}", "GET /api/history"} <= set(fuzzed)
+    if mode is GenerationMode.POSITIVE:  # the members' pages: to a stranger 401 (none) or 403 (a made-up token)
+        for label in ("GET /api/peers", "GET /api/history", "GET /checkpoints/latest"):
+            assert fuzzed[label] <= {401, 403} if run == "closed" else fuzzed[label] == {200}, (label, fuzzed[label])
 
 
 def request(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, Message, bytes]:
@@ -194,3 +238,115 @@ def test_the_right_token_creates_exactly_one_checkpoint(server):
     status, _, body = request(server.url + "/api/checkpoints", "POST", {"Authorization": f"Bearer {TOKEN}"})
     assert status == 201 and json.loads(body)["epoch"] == 100 and len(server.made) == 1
     assert (server.root / "checkpoints" / "epoch-000100.tar").is_file()
+
+
+# --- crafted bodies, sent as an attacker would (raw HTTP) ------------------------------------------------------------
+
+NOW = 1_700_000_000
+JOIN = '{"peer_id": "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "public_key": "ssh-rsa AAAA", "hmac": "00", '
+CRAFTED_BODIES = {
+    "nested arrays": b"[" * 30_000 + b"]" * 30_000,
+    "nested objects": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+    "nested in a field": (JOIN + '"timestamp": 1, "peer": ' + "[" * 20_000 + "]" * 20_000 + "}").encode(),
+    "1e400 timestamp": (JOIN + '"timestamp": 1e400}').encode(),
+    "10**400 timestamp": (JOIN + f'"timestamp": {10**400}}}').encode(),
+    "-10**400 timestamp": (JOIN + f'"timestamp": -{10**400}}}').encode(),
+    "2**53+1 timestamp": (JOIN + f'"timestamp": {2**53 + 1}}}').encode(),
+    "5000-digit integer": (JOIN + '"timestamp": ' + "9" * 5000 + "}").encode(),
+    "NaN timestamp": (JOIN + '"timestamp": NaN}').encode(),
+    "Infinity timestamp": (JOIN + '"timestamp": -Infinity}').encode(),
+    "float timestamp": (JOIN + f'"timestamp": {NOW}.5}}').encode(),
+    "bool timestamp": (JOIN + '"timestamp": true}').encode(),
+    "non-UTF-8": b'{"peer_id": "\xff\xfe\xc3\x28", "timestamp": 1}',
+    "UTF-16": '{"timestamp": 1}'.encode("utf-16"),
+    "lone surrogate escape": (JOIN + '"timestamp": 1, "signature": "\\ud800"}').encode(),
+    "NUL bytes": b"\x00" * 1000,
+    "empty": b"",
+    "array": b"[]",
+    "string": b'"join me"',
+    "number": b"12",
+    "null": b"null",
+    "truncated": b'{"peer_id": "Qm',
+    "duplicate keys": (JOIN + '"timestamp": 1, "timestamp": "x"}').encode(),
+    "object fields": b'{"peer_id": {}, "public_key": [], "timestamp": 1}',
+}
+
+
+def raw_post(url: str, body: bytes, headers: dict | None = None, path: str = "/api/join") -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def assert_up(server) -> None:
+    status, _, body = request(server.url + "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+@pytest.mark.parametrize("name", list(CRAFTED_BODIES))
+def test_crafted_join_bodies_get_a_4xx_naming_the_problem_and_the_monitor_stays_up(closed_server, name):
+    body = CRAFTED_BODIES[name]
+    assert len(body) <= MAX_BODY_BYTES, name
+    status, answer = raw_post(closed_server.url, body, {"Content-Type": "application/json"})
+    assert status in (400, 403), (name, status, answer)
+    assert isinstance(answer["detail"], str) and answer["detail"], answer
+    assert_up(closed_server)
+
+
+def test_refusals_name_the_problem(closed_server):
+    assert "nested too deeply" in raw_post(closed_server.url, CRAFTED_BODIES["nested arrays"])[1]["detail"]
+    assert "not UTF-8" in raw_post(closed_server.url, CRAFTED_BODIES["non-UTF-8"])[1]["detail"]
+    assert "NaN is not a JSON number" in raw_post(closed_server.url, CRAFTED_BODIES["NaN timestamp"])[1]["detail"]
+    assert "JSON object, not list" in raw_post(closed_server.url, CRAFTED_BODIES["array"])[1]["detail"]
+    for name in ("10**400 timestamp", "1e400 timestamp", "2**53+1 timestamp", "bool timestamp"):
+        status, answer = raw_post(closed_server.url, CRAFTED_BODIES[name])
+        assert status == 403 and "integer 'timestamp'" in answer["detail"], (name, answer)
+
+
+def exchange(url: str, head: bytes, parts: list[bytes]) -> bytes:
+    """Send a request head and then body parts over a raw socket; return what the server answered.
+
+    The server may answer (and close) before all parts are sent: a refusal must not wait for the whole body.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(head)
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                break
+        return answer
+
+
+@pytest.mark.parametrize("path", ["/api/join", "/api/checkpoints"])
+def test_oversized_bodies_get_413_before_they_are_read(closed_server, path):
+    url, host = closed_server.url, closed_server.url.removeprefix("http://")
+    # a declared length over the cap, with only a few bytes of it sent: answered at once
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    answer = exchange(url, (head + f"Content-Length: {10**12}\r\n\r\n").encode(), [b"{"])
+    assert answer.startswith(b"HTTP/1.1 413") and b"over the limit of 65536" in answer, answer[:300]
+    # no length (chunked), and the body never ends: refused once the cap is passed, without waiting for the end
+    chunk = b"%x\r\n%s\r\n" % (4096, b" " * 4096)
+    answer = exchange(url, (head + "Transfer-Encoding: chunked\r\n\r\n").encode(), [chunk] * 17)
+    assert answer.startswith(b"HTTP/1.1 413") and b"over the limit" in answer, answer[:300]
+    # just over the cap with a correct Content-Length, through an ordinary client
+    status, answer = raw_post(url, b" " * (MAX_BODY_BYTES + 1), path=path)
+    assert status == 413 and "over the limit" in answer["detail"]
+    assert_up(closed_server)
+    assert not closed_server.made  # nothing was written on the way
+
+
+def test_a_body_just_under_the_cap_is_read_and_judged(closed_server):
+    body = (JOIN + '"timestamp": 1, "pad": "' + "x" * (MAX_BODY_BYTES - 200) + '"}').encode()
+    assert len(body) <= MAX_BODY_BYTES
+    status, answer = raw_post(closed_server.url, body)
+    assert status == 403 and "malformed public key" in answer["detail"]
