@@ -28,6 +28,7 @@ from monitor.aggregate import PeerReport, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
 from monitor.history import History
+from monitor.http_guard import MAX_BODY_BYTES
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
@@ -41,6 +42,7 @@ from peer.access_tokens import (
 )
 from peer.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
 from tests.monitor.conftest import MonitorProcess, PeerProcess, Process, wait_until
+from tests.monitor.test_monitor_fuzz import CRAFTED_BODIES
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -293,6 +295,29 @@ def test_open_run_serves_everything_without_a_credential(tmp_path):
     finally:
         server.stop()
         history.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_closed_monitor_process_serves_members_only_and_survives_crafted_bodies(tmp_path, processes):
+    """`python -m monitor --run_secret_file` for real: the same HTTP checks, then hostile bodies; it stays up."""
+    run_dir = tmp_path / "monitor"
+    history = History(run_dir / "history.sqlite")  # a checkpoint from an earlier life of the run
+    CheckpointStore(run_dir / "checkpoints", history).write(3, fill_checkpoint, loss=2.5, samples_total=96)
+    history.close()
+    secret = write_secret(tmp_path / "run.secret", "process-run-secret-0123456789")
+    monitor = MonitorProcess(run_dir, "closed-http", ["--run_secret_file", str(secret)])
+    processes.append(monitor)
+    monitor.wait_ready()
+    assert_closed_over_http(monitor.url, read_private_key(run_dir / "authority.key"), secret)
+    assert_public_parts_public(monitor.url)
+    for name, body in CRAFTED_BODIES.items():
+        status, answer = post(monitor.url, body)
+        assert status in (400, 403), (name, status, answer)
+    status, answer = post(monitor.url, b"{" * (MAX_BODY_BYTES + 1))
+    assert status == 413 and "over the limit" in answer["detail"]
+    assert monitor.process.poll() is None and monitor.get("/healthz")["status"] == "ok"
+    assert "Traceback" not in monitor.log_text()
 
 
 # --- clock skew, told at admission ------------------------------------------------------------------------------
