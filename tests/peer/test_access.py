@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
+import re
 import threading
 import time
 
 import hivemind
 import pytest
 from hivemind.p2p import PeerID
+from hivemind.proto import dht_pb2
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -132,6 +135,32 @@ def test_authorizer_keeps_a_valid_token_while_the_monitor_is_down_and_gives_up_o
     authorizer._retry_at = 0.0
     with pytest.raises(PermissionError, match="expired"):
         asyncio.run(authorizer.get_token())
+
+
+def test_a_request_from_a_skewed_clock_is_refused_naming_the_skew_not_the_token(monkeypatch, caplog):
+    """hivemind refuses a request stamped over 60 s off like one without a token; the log line tells them apart."""
+    member = own_token(PeerID.from_base58("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"))
+
+    def authorizer(token: AccessToken) -> RunAuthorizer:
+        return RunAuthorizer("run", AUTHORITY.get_public_key(), lambda: token, token, refresh_margin=1)
+
+    def request_signed_at(offset: float, token: AccessToken = member) -> dht_pb2.PingRequest:
+        request = dht_pb2.PingRequest(validate=True)
+        with monkeypatch.context() as patch:  # the sender's clock, `offset` seconds ahead of the receiver's
+            patch.setattr("hivemind.utils.auth.get_dht_time", lambda: get_dht_time() + offset)
+            asyncio.run(authorizer(token).sign_request(request, None))
+        return request
+
+    receiver = authorizer(member)
+    with caplog.at_level(logging.WARNING, logger="peer.access"):
+        assert asyncio.run(receiver.validate_request(request_signed_at(20.0)))  # within hivemind's minute
+        assert not caplog.text
+        assert not asyncio.run(receiver.validate_request(request_signed_at(-120.0)))
+        assert re.search(r"member of run 'run' whose clock is 12\d s behind this one .*synchronize", caplog.text)
+        assert "without a valid access token" not in caplog.text
+        forged = signed_token(member.username, member.public_key, 300, authority=RSAPrivateKey())
+        assert not asyncio.run(receiver.validate_request(request_signed_at(0.0, forged)))
+        assert "from a process without a valid access token of run 'run'" in caplog.text
 
 
 @pytest.mark.timeout(120)
