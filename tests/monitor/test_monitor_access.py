@@ -41,7 +41,7 @@ from peer.access_tokens import (
     verify_token,
 )
 from peer.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
-from tests.monitor.conftest import MonitorProcess, PeerProcess, Process, wait_until
+from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, Process, chromium, wait_until
 from tests.monitor.test_monitor_fuzz import CRAFTED_BODIES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -275,6 +275,15 @@ def test_closed_run_serves_checkpoints_peers_and_history_to_members_only(closed_
     for path in PROTECTED[1:]:
         route = "/checkpoints/{epoch}" if path == "/checkpoints/3" else path
         assert {"401", "403"} <= set(paths[route]["get"]["responses"]), route
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed (apt-get install chromium)")
+@pytest.mark.timeout(240)
+def test_the_dashboard_of_a_closed_run_shows_the_summary_and_a_members_only_note(closed_monitor, tmp_path):
+    dom = chromium(closed_monitor.url + "/", tmp_path, "--dump-dom")
+    assert 'id="run-id">closed<' in dom and 'id="stat-peers">1<' in dom and 'class="badge ok"' in dom
+    assert dom.count("members only (closed run)") == 6 + 2  # six charts, two tables
+    assert "peer-a" not in dom and 'href="/checkpoints/' not in dom
 
 
 def test_open_run_serves_everything_without_a_credential(tmp_path):
