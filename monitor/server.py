@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from monitor.access import AdmissionRefused, Authority
 from monitor.checkpoint import CheckpointNotFound, CheckpointStore
-from monitor.history import CheckpointEntry, History
+from monitor.history import MAX_POINTS, CheckpointEntry, History
 from monitor.live import LiveState
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -36,6 +36,8 @@ CHECKPOINT_ON_DEMAND_ERRORS = {
     503: {"description": "No checkpoint could be made (no training state yet, or the request timed out)"},
 }
 DOWNLOAD_ERRORS = {404: {"description": "No verified checkpoint (of that epoch)"}}
+# Bounds of /api/history's query values: SQLite takes integers up to 2**63 and a time this far is year 33658.
+MAX_TIME, MAX_EPOCH = 1e12, 2**53
 JOIN_ERRORS = {
     403: {"description": "The join request is malformed or its credential is not valid"},
     404: {"description": "The run is open: peers join without a credential"},
@@ -101,8 +103,19 @@ def create_app(
         }
 
     @app.get("/api/history")
-    def api_history(since: float = Query(0.0, ge=0.0), limit: int = Query(2000, ge=1, le=20000)) -> dict:
-        return {"series": history.series(since=since, limit=limit), "epochs": history.by_epoch()}
+    def api_history(
+        since: float = Query(0.0, ge=0.0, le=MAX_TIME, description="Only snapshots at or after this Unix time"),
+        epochs_since: int = Query(0, ge=0, le=MAX_EPOCH, description="Only epochs from this one on"),
+        limit: int = Query(1000, ge=1, le=MAX_POINTS, description="At most this many points per list"),
+    ) -> dict:
+        """The run's time series and per-epoch list, each thinned evenly to `limit` points (first and last kept).
+
+        The dashboard fetches the whole run once, then only what came since its newest point and epoch.
+        """
+        return {
+            "series": history.series(since=since, limit=limit),
+            "epochs": history.by_epoch(since=epochs_since, limit=limit),
+        }
 
     @app.get("/api/peers")
     def peers() -> list[dict]:
