@@ -13,6 +13,7 @@ write is under way, so a dashboard poll never waits for the refresh loop and the
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -155,11 +156,15 @@ class History:
     def record(self, snapshot: SwarmSnapshot) -> None:
         """Append the snapshot to the time series and its epoch's aggregates and upsert the peers ledger, in one
         transaction; then, if due, one batch of thinning (its own short transaction)."""
+        # JSON has no inf and SQLite stores NaN as NULL (refused by NOT NULL, and poisoning the epoch's sums): a
+        # non-finite loss is recorded as unknown and a non-finite speed as 0, never as a crash of the refresh loop.
+        loss = snapshot.loss if snapshot.loss is not None and math.isfinite(snapshot.loss) else None
+        speed = snapshot.samples_per_second if math.isfinite(snapshot.samples_per_second) else 0.0
         values = {
             "time": snapshot.time,
             "epoch": snapshot.epoch,
-            "loss": snapshot.loss,
-            "speed": snapshot.samples_per_second,
+            "loss": loss,
+            "speed": speed,
             "alive": snapshot.alive_peers,
             "samples": snapshot.samples_total,
         }
@@ -175,8 +180,8 @@ class History:
                 (
                     snapshot.time,
                     snapshot.epoch,
-                    snapshot.loss,
-                    snapshot.samples_per_second,
+                    loss,
+                    speed,
                     snapshot.alive_peers,
                     snapshot.samples_total,
                     snapshot.invalid_records,
@@ -272,7 +277,7 @@ class History:
                 return []
             (last,) = self._reader.execute("SELECT MAX(time) FROM snapshots").fetchone()
             rows = self._reader.execute(SERIES_SAMPLE, _marks(first[0], last, limit)).fetchall()
-        return [dict(row) for row in rows]
+        return [_json_safe(row) for row in rows]
 
     def by_epoch(self, since: int = 0, limit: int = MAX_POINTS) -> list[dict]:
         """One point per global epoch from `since` on: mean loss and samples/s, most peers seen, when the epoch was
@@ -287,7 +292,7 @@ class History:
                 return []
             (last,) = self._reader.execute("SELECT MAX(epoch) FROM epochs").fetchone()
             rows = self._reader.execute(EPOCHS_SAMPLE, _marks(first[0], last, limit)).fetchall()
-        return [dict(row) for row in rows]
+        return [_json_safe(row) for row in rows]
 
     def add_checkpoint(self, entry: CheckpointEntry) -> None:
         with self._lock, self._db:
@@ -320,6 +325,14 @@ def _connect(path: str | Path) -> sqlite3.Connection:
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA busy_timeout=5000")  # the two connections share the file: wait out the other's commit
     return db
+
+
+def _json_safe(row: sqlite3.Row) -> dict:
+    """The row as a dict, an inf (written by an older monitor) as None: JSON has no inf."""
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in zip(row.keys(), row)
+    }
 
 
 def _marks(lo: float, hi: float, limit: int) -> dict:

@@ -107,15 +107,14 @@ def create_app(
         since: float = Query(0.0, ge=0.0, le=MAX_TIME, description="Only snapshots at or after this Unix time"),
         epochs_since: int = Query(0, ge=0, le=MAX_EPOCH, description="Only epochs from this one on"),
         limit: int = Query(1000, ge=1, le=MAX_POINTS, description="At most this many points per list"),
-    ) -> dict:
+    ) -> JSONResponse:
         """The run's time series and per-epoch list, each thinned evenly to `limit` points (first and last kept).
 
-        The dashboard fetches the whole run once, then only what came since its newest point and epoch.
+        The dashboard fetches the whole run once, then only what came since its newest point and epoch. Plain
+        numbers from SQLite: answered as they are (FastAPI's encoder would walk them again, ~4x the query's time).
         """
-        return {
-            "series": history.series(since=since, limit=limit),
-            "epochs": history.by_epoch(since=epochs_since, limit=limit),
-        }
+        series = history.series(since=since, limit=limit)
+        return JSONResponse({"series": series, "epochs": history.by_epoch(since=epochs_since, limit=limit)})
 
     @app.get("/api/peers")
     def peers() -> list[dict]:

@@ -91,7 +91,7 @@ function renderStatus(status) {
 // History: the whole run once (HISTORY_POINTS evenly spread points per list), then each poll only what came since
 // the newest point and epoch, so a poll stays a few KB at any age. The charts are W units wide: more points than
 // that would not show, so the local copy is halved (first and last kept) whenever it doubles.
-const HISTORY_POINTS = 300;
+const HISTORY_POINTS = 200;
 const charted = { series: [], epochs: [] };  // what the charts show, kept between polls
 
 function historyPath() {

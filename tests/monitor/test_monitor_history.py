@@ -181,3 +181,23 @@ def test_every_answer_is_capped_and_keeps_first_and_last(tmp_path):
     assert len(epochs) == 100 and epochs[0]["epoch"] == 0 and epochs[-1]["epoch"] == last_epoch
     assert [row["epoch"] for row in history.by_epoch(since=last_epoch - 2)] == [last_epoch - k for k in (2, 1, 0)]
     assert history.series(limit=1) == [series[-1]] and history.series(since=START + 10**6) == []
+
+
+def test_non_finite_values_are_recorded_as_unknown_not_a_crash(tmp_path):
+    db = tmp_path / "h.sqlite"
+    history = History(db)
+    history.record(plain(1.0, epoch=0, loss=2.0, speed=5.0))
+    history.record(plain(2.0, epoch=0, loss=float("inf"), speed=float("nan")))
+    history.record(plain(3.0, epoch=0, loss=float("nan"), speed=float("-inf")))
+    history.record(plain(3.0, epoch=0, loss=float("-inf"), speed=float("inf")))  # replaces the row at 3.0
+    expected = [(2.0, 5.0), (None, 0.0), (None, 0.0)]
+    assert [(row["loss"], row["samples_per_second"]) for row in history.series()] == expected
+    assert history.by_epoch() == [
+        {"epoch": 0, "loss": 2.0, "samples_per_second": 5.0 / 3, "alive_peers": 3, "time": 1.0, "samples_total": 0}
+    ]
+    history.close()
+    old = sqlite3.connect(str(db))  # an inf written by an older monitor is served as null: JSON has no inf
+    old.execute("UPDATE snapshots SET loss = 1e999 WHERE time = 1.0")
+    old.commit()
+    old.close()
+    assert History(db).series()[0]["loss"] is None
