@@ -83,8 +83,29 @@ SELECT {columns} FROM {table} WHERE {key} IN (
     UNION SELECT :hi
 ) ORDER BY {key}
 """
-SERIES_SAMPLE = SAMPLE.format(columns="*", table="snapshots", key="time")
-EPOCHS_SAMPLE = SAMPLE.format(columns=EPOCH_COLUMNS, table="epochs", key="epoch")
+
+
+@dataclass(frozen=True)
+class _View:
+    """The queries of one capped read: the n-th key from `since`, the rows from `since`, the last key, a sample."""
+
+    nth: str
+    since: str
+    last: str
+    sample: str
+
+    @classmethod
+    def of(cls, columns: str, table: str, key: str) -> _View:
+        return cls(
+            nth=f"SELECT {key} FROM {table} WHERE {key} >= ? ORDER BY {key} LIMIT 1 OFFSET ?",
+            since=f"SELECT {columns} FROM {table} WHERE {key} >= ? ORDER BY {key}",
+            last=f"SELECT MAX({key}) FROM {table}",
+            sample=SAMPLE.format(columns=columns, table=table, key=key),
+        )
+
+
+SERIES = _View.of("*", "snapshots", "time")
+EPOCHS_VIEW = _View.of(EPOCH_COLUMNS, "epochs", "epoch")
 
 
 @dataclass(frozen=True)
@@ -266,32 +287,28 @@ class History:
         )
 
     def series(self, since: float = 0.0, limit: int = MAX_POINTS) -> list[dict]:
-        """Snapshots from `since` on (oldest first): at most `limit` (capped at MAX_POINTS) evenly spread over time,
-        the first and the last included, so a long run stays light and its chart still spans the whole run."""
-        with self._read_lock, self._reader:
-            self._reader.execute("BEGIN")  # one read transaction: the bounds and the rows come from the same commit
-            first = self._reader.execute(
-                "SELECT time FROM snapshots WHERE time >= ? ORDER BY time LIMIT 1", (since,)
-            ).fetchone()
-            if first is None:
-                return []
-            (last,) = self._reader.execute("SELECT MAX(time) FROM snapshots").fetchone()
-            rows = self._reader.execute(SERIES_SAMPLE, _marks(first[0], last, limit)).fetchall()
-        return [_json_safe(row) for row in rows]
+        """Snapshots from `since` on (oldest first): all of them if they are at most `limit` (capped at MAX_POINTS),
+        else `limit` evenly spread over time, the first and the last included, so a long run stays light and its
+        chart still spans the whole run."""
+        return self._capped(SERIES, since, limit)
 
     def by_epoch(self, since: int = 0, limit: int = MAX_POINTS) -> list[dict]:
         """One point per global epoch from `since` on: mean loss and samples/s, most peers seen, when the epoch was
-        first seen, its largest sample total. Exact whatever thinning removed; at most `limit` epochs (capped at
-        MAX_POINTS) evenly spread, the first and the last included."""
+        first seen, its largest sample total. Exact whatever thinning removed; all epochs if they are at most
+        `limit` (capped at MAX_POINTS), else `limit` evenly spread, the first and the last included."""
+        return self._capped(EPOCHS_VIEW, since, limit)
+
+    def _capped(self, view: _View, since: float, limit: int) -> list[dict]:
+        points = max(1, min(limit, MAX_POINTS))
         with self._read_lock, self._reader:
-            self._reader.execute("BEGIN")
-            first = self._reader.execute(
-                "SELECT epoch FROM epochs WHERE epoch >= ? ORDER BY epoch LIMIT 1", (since,)
-            ).fetchone()
-            if first is None:
-                return []
-            (last,) = self._reader.execute("SELECT MAX(epoch) FROM epochs").fetchone()
-            rows = self._reader.execute(EPOCHS_SAMPLE, _marks(first[0], last, limit)).fetchall()
+            self._reader.execute("BEGIN")  # one read transaction: the bounds and the rows come from the same commit
+            beyond = self._reader.execute(view.nth, (since, points)).fetchone()
+            if beyond is None:  # no more than `points` rows: all of them (one index range, at most `points` long)
+                rows = self._reader.execute(view.since, (since,)).fetchall()
+            else:
+                first = self._reader.execute(view.nth, (since, 0)).fetchone()[0]
+                last = self._reader.execute(view.last).fetchone()[0]
+                rows = self._reader.execute(view.sample, _marks(first, last, points)).fetchall()
         return [_json_safe(row) for row in rows]
 
     def add_checkpoint(self, entry: CheckpointEntry) -> None:

@@ -106,7 +106,7 @@ def create_app(
     def api_history(
         since: float = Query(0.0, ge=0.0, le=MAX_TIME, description="Only snapshots at or after this Unix time"),
         epochs_since: int = Query(0, ge=0, le=MAX_EPOCH, description="Only epochs from this one on"),
-        limit: int = Query(1000, ge=1, le=MAX_POINTS, description="At most this many points per list"),
+        limit: int = Query(500, ge=1, le=MAX_POINTS, description="At most this many points per list"),
     ) -> JSONResponse:
         """The run's time series and per-epoch list, each thinned evenly to `limit` points (first and last kept).
 

@@ -201,3 +201,13 @@ def test_non_finite_values_are_recorded_as_unknown_not_a_crash(tmp_path):
     old.commit()
     old.close()
     assert History(db).series()[0]["loss"] is None
+
+
+def test_no_more_rows_than_the_limit_come_back_all_however_uneven(tmp_path):
+    history = History(tmp_path / "h.sqlite")
+    times = [float(i) for i in range(40)] + [1e6 + i for i in range(10)]  # a month-long gap: 40 rows, then 10
+    for t in times:
+        history.record(plain(t, epoch=int(t) // 5))
+    assert [row["time"] for row in history.series(limit=50)] == times
+    assert len(history.series(limit=49)) <= 49
+    assert len(history.by_epoch(limit=10)) == 10 and len(history.by_epoch(limit=9)) <= 9  # epochs 0-7, 200000-1

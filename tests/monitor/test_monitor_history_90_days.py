@@ -21,7 +21,7 @@ import pytest
 
 from monitor.aggregate import PeerReport, SwarmSnapshot, aggregate
 from monitor.checkpoint import CheckpointStore
-from monitor.history import EPOCHS_SAMPLE, MAX_POINTS, SERIES_SAMPLE, History, _marks
+from monitor.history import EPOCHS_VIEW, MAX_POINTS, SERIES, History, _marks
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
@@ -124,11 +124,11 @@ def test_api_history_answers_fast_bounded_and_from_the_index(served):
     print(f"GET /api/history (default limit) on 1.55 M rows: median {median * 1000:.1f} ms, {sizes[0]} B")
     assert median < 0.1
     series, epochs = answer["series"], answer["epochs"]
-    assert len(series) == 1000 and len(epochs) == 1000  # the default cap, for both lists
+    assert len(series) == 500 and len(epochs) == 500  # the default cap, for both lists
     assert series[0]["time"] == START and series[-1]["time"] == LAST_TIME  # the whole run, first and last kept
     assert epochs[0]["epoch"] == 0 and epochs[-1]["epoch"] == LAST_EPOCH
     assert all(a["time"] < b["time"] for a, b in itertools.pairwise(series))
-    assert sizes[0] < 1000 * 2 * 200  # ~200 B a point at most
+    assert sizes[0] < 500 * 2 * 200  # ~200 B a point at most
 
     seconds, size, body = fetch(url + f"?limit={MAX_POINTS}")
     answer = json.loads(body)
@@ -138,10 +138,11 @@ def test_api_history_answers_fast_bounded_and_from_the_index(served):
         fetch(url + f"?limit={MAX_POINTS + 1}")
 
     db = served.history._reader
-    for sql, table in ((SERIES_SAMPLE, "snapshots"), (EPOCHS_SAMPLE, "epochs")):
-        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, _marks(START, LAST_TIME, 1000))]
-        assert any(step.startswith(f"SEARCH {table} USING") for step in plan), plan
-        assert not any(step.startswith(f"SCAN {table}") for step in plan), plan
+    for view, table in ((SERIES, "snapshots"), (EPOCHS_VIEW, "epochs")):
+        for sql, values in ((view.sample, _marks(START, LAST_TIME, 1000)), (view.nth, (0, 1000)), (view.since, (0,))):
+            plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, values)]
+            assert any(step.startswith(f"SEARCH {table} USING") for step in plan), plan
+            assert not any(step.startswith(f"SCAN {table}") for step in plan), plan
 
 
 def test_one_dashboard_poll_stays_under_100_kb_at_90_days_and_when_fresh(served, tmp_path):
