@@ -25,8 +25,9 @@ from monitor.thinning import DEFAULT_BATCH_ROWS, DEFAULT_TIERS, WATERMARKS, Thin
 
 logger = logging.getLogger(__name__)
 
-# The most points one read returns, for the series and for the per-epoch list each: ~150 bytes a point in JSON.
-MAX_POINTS = 5000
+# The most points one read returns, for the series and for the per-epoch list each: ~150 bytes a point in JSON, so
+# at most ~600 KB an answer; a client that wants more detail asks for a shorter span with since=.
+MAX_POINTS = 2000
 # A thinning pass starts at most this often; a pass goes on by one batch per recorded snapshot until it is done.
 THIN_EVERY_S = 300.0
 

@@ -9,7 +9,6 @@ full resolution and the per-epoch view unchanged; a reopened database keeps ever
 import hashlib
 import itertools
 import json
-import re
 import shutil
 import sqlite3
 import statistics
@@ -19,14 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from monitor.aggregate import PeerReport, SwarmSnapshot, aggregate
-from monitor.checkpoint import CheckpointStore
+from monitor.aggregate import SwarmSnapshot
 from monitor.history import EPOCHS_VIEW, MAX_POINTS, SERIES, History, _marks
-from monitor.live import LiveState
-from monitor.metrics import make_registry
-from monitor.server import ServerThread, create_app
 from monitor.thinning import DELETE_BATCH
-from tests.monitor.long_run import DAY, ROWS_PER_EPOCH, SPACING, START, build
+from tests.monitor.long_run import (
+    DAY,
+    HISTORY_POINTS,
+    ROWS_PER_EPOCH,
+    SPACING,
+    START,
+    build,
+    dashboard_poll,
+    fetch,
+    serve,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,8 +39,6 @@ DAYS = 90
 ROWS = int(DAYS * DAY / SPACING)  # 1 555 200
 LAST_TIME = START + (ROWS - 1) * SPACING
 LAST_EPOCH = (ROWS - 1) // ROWS_PER_EPOCH  # 388 799
-DASHBOARD_JS = Path(__file__).resolve().parents[2] / "monitor" / "static" / "dashboard.js"
-HISTORY_POINTS = int(re.search(r"const HISTORY_POINTS = (\d+);", DASHBOARD_JS.read_text()).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -57,59 +60,15 @@ def opened_copy(raw_file: Path, directory: Path) -> History:
     return history
 
 
-def fill(directory):
-    (directory / "model.safetensors").write_bytes(b"\x00" * 2048)
-    (directory / "config.json").write_text('{"model_type": "lean_albert"}')
-
-
-def serve(history: History, root: Path, now: float) -> ServerThread:
-    """A monitor's HTTP side as a dashboard viewer meets it: ten alive peers, three checkpoints."""
-    reports = [
-        PeerReport(f"12D3KooWPeer{i:040d}", LAST_EPOCH, 40.0 + i, 32, 64.0, 16, now, "cuda:NVIDIA A100")
-        for i in range(10)
-    ]
-    live = LiveState(run_id="ninety-days", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmTest"], model={"name": "base"})
-    live.update(aggregate(reports, now=now), invalid=0, refused={})
-    store = CheckpointStore(root / "checkpoints", history, keep=3)
-    for epoch in (LAST_EPOCH - 2000, LAST_EPOCH - 1000, LAST_EPOCH):
-        store.write(epoch, fill, loss=2.0, samples_total=epoch * 64)
-    thread = ServerThread(create_app(live, history, store, make_registry(live, store)), "127.0.0.1", 0)
-    thread.start()
-    thread.url = f"http://127.0.0.1:{thread.port}"
-    return thread
-
-
 @pytest.fixture(scope="module")
 def served(raw_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     history = opened_copy(raw_file, root)
-    thread = serve(history, root, LAST_TIME)
+    thread = serve(history, root, LAST_TIME, LAST_EPOCH)
     thread.history, thread.root = history, root
     yield thread
     thread.stop()
     history.close()
-
-
-def fetch(url: str) -> tuple[float, int, bytes]:
-    """Seconds, bytes on the wire (status line, headers and body) and the body of one GET."""
-    started = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=30) as response:
-        body = response.read()
-        headers = bytes(response.headers)
-    return time.perf_counter() - started, len(headers) + len(body) + len("HTTP/1.1 200 OK\r\n"), body
-
-
-def dashboard_poll(url: str, charted: dict | None) -> tuple[int, dict]:
-    """Every request the dashboard makes in one poll period, as dashboard.js makes them; (bytes, history answer)."""
-    path = f"/api/history?limit={HISTORY_POINTS}"
-    if charted:
-        path += f"&since={charted['series'][-1]['time']!r}&epochs_since={charted['epochs'][-1]['epoch']}"
-    total, history = 0, None
-    for page_path in ("/api/status", path, "/api/peers", "/api/checkpoints"):
-        _, size, body = fetch(url + page_path)
-        total += size
-        history = json.loads(body) if page_path == path else history
-    return total, history
 
 
 def test_api_history_answers_fast_bounded_and_from_the_index(served):
@@ -133,7 +92,7 @@ def test_api_history_answers_fast_bounded_and_from_the_index(served):
     seconds, size, body = fetch(url + f"?limit={MAX_POINTS}")
     answer = json.loads(body)
     print(f"GET /api/history?limit={MAX_POINTS}: {seconds * 1000:.1f} ms, {size} B")
-    assert len(answer["series"]) == MAX_POINTS and len(answer["epochs"]) == MAX_POINTS
+    assert len(answer["series"]) == MAX_POINTS and len(answer["epochs"]) == MAX_POINTS and size < MAX_POINTS * 400
     with pytest.raises(urllib.error.HTTPError, match="422"):
         fetch(url + f"?limit={MAX_POINTS + 1}")
 
@@ -146,20 +105,20 @@ def test_api_history_answers_fast_bounded_and_from_the_index(served):
 
 
 def test_one_dashboard_poll_stays_under_100_kb_at_90_days_and_when_fresh(served, tmp_path):
-    first_bytes, charted = dashboard_poll(served.url, None)
+    first_bytes, charted = dashboard_poll(served.url, None, HISTORY_POINTS)
     assert len(charted["series"]) == HISTORY_POINTS and charted["series"][-1]["time"] == LAST_TIME
     served.history.record(SwarmSnapshot(LAST_TIME + SPACING, LAST_EPOCH + 1, 2.0, 400.0, 10, 4 * 10**9, 0))
-    next_bytes, increment = dashboard_poll(served.url, charted)
+    next_bytes, increment = dashboard_poll(served.url, charted, HISTORY_POINTS)
     assert [row["time"] for row in increment["series"]] == [LAST_TIME, LAST_TIME + SPACING]
     assert [row["epoch"] for row in increment["epochs"]] == [LAST_EPOCH, LAST_EPOCH + 1]
 
     fresh = History(tmp_path / "history.sqlite")
     for i in range(12):  # the first minute of a run
         fresh.record(SwarmSnapshot(START + i * SPACING, i // 4, 9.0, 400.0, 10, i * 2000, 0))
-    thread = serve(fresh, tmp_path, START + 11 * SPACING)
+    thread = serve(fresh, tmp_path, START + 11 * SPACING, 2)
     try:
-        fresh_first, fresh_charted = dashboard_poll(thread.url, None)
-        fresh_next, _ = dashboard_poll(thread.url, fresh_charted)
+        fresh_first, fresh_charted = dashboard_poll(thread.url, None, HISTORY_POINTS)
+        fresh_next, _ = dashboard_poll(thread.url, fresh_charted, HISTORY_POINTS)
     finally:
         thread.stop()
         fresh.close()
