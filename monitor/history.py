@@ -65,11 +65,13 @@ ON CONFLICT (epoch) DO UPDATE SET loss_sum = loss_sum + excluded.loss_sum,
     alive_peers = MAX(alive_peers, excluded.alive_peers), time = MIN(time, excluded.time),
     samples_total = MAX(samples_total, excluded.samples_total)
 """
-# A snapshot recorded again at the same time replaces the old row: its sums leave the epoch (its max/min cannot).
+# A snapshot recorded again at the same time replaces the old row: its sums leave the epoch (its max/min cannot),
+# and an epoch left without rows leaves the table.
 REMOVE_FROM_EPOCH = """
 UPDATE epochs SET loss_sum = loss_sum - COALESCE(:loss, 0.0), loss_count = loss_count - (:loss IS NOT NULL),
     speed_sum = speed_sum - :speed, rows = rows - 1 WHERE epoch = :epoch
 """
+DROP_EMPTY_EPOCH = "DELETE FROM epochs WHERE epoch = :epoch AND rows <= 0"
 EPOCH_COLUMNS = (
     "epoch, CASE WHEN loss_count > 0 THEN loss_sum / loss_count END AS loss, speed_sum / rows AS samples_per_second,"
     " alive_peers, time, samples_total"
@@ -152,6 +154,8 @@ class History:
             self._add_epochs_table()
         self._read_lock = self._lock if in_memory else threading.Lock()
         self._reader = self._db if in_memory else _connect(path)
+        if not in_memory:
+            self._reader.execute("PRAGMA query_only=1")  # reads only: every write goes through the lock above
         self._thinner = Thinner(tiers, batch_rows)
         self._thin_every = thin_every
         self._thin_due = 0.0  # time.monotonic() of the next pass; the first recorded snapshot starts one
@@ -197,6 +201,7 @@ class History:
             ).fetchone()
             if replaced is not None:
                 self._db.execute(REMOVE_FROM_EPOCH, dict(replaced))
+                self._db.execute(DROP_EMPTY_EPOCH, dict(replaced))
             self._db.execute(
                 "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (

@@ -105,6 +105,8 @@ def test_record_keeps_epochs_exact_also_when_a_time_is_recorded_again(tmp_path):
         )
     history.record(plain(20.0, epoch=2, loss=100.0, speed=50.0))  # the same instant again replaces the row
     history.record(plain(21.0, epoch=3, loss=None, speed=0.0))
+    history.record(plain(41.0, epoch=9, loss=1.0))
+    history.record(plain(41.0, epoch=5, loss=1.0))  # epoch 9 had only this row: it leaves the per-epoch view
     got = history.by_epoch()
     expected = epochs_from_rows(tmp_path / "h.sqlite")
     # a replaced row's max/min stay (alive_peers), its sums leave: loss and speed means are those of the rows kept
