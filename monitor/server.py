@@ -121,8 +121,11 @@ def create_app(
         return [asdict(row) for row in live.snapshot.peers]
 
     @app.get("/api/checkpoints")
-    def checkpoints(request: Request) -> list[dict]:
-        return [_describe(entry, request) for entry in store.list()]
+    def checkpoints(
+        request: Request, limit: int = Query(100, ge=1, le=1000, description="The newest this many")
+    ) -> list[dict]:
+        # --keep-every keeps checkpoints for the life of the run: the answer (polled by the dashboard) stays bounded
+        return [_describe(entry, request) for entry in store.list()[:limit]]
 
     @app.post("/api/checkpoints", status_code=201, responses=CHECKPOINT_ON_DEMAND_ERRORS)
     def make_checkpoint(request: Request, authorization: str | None = Header(None)) -> dict:

@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import statistics
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -201,3 +202,12 @@ def test_thinning_in_short_batches_keeps_ends_last_day_and_epochs(raw_file, tmp_
     assert reopened.by_epoch(since=LAST_EPOCH - 99)[:-1] == before_view
     assert epochs_digest(reopened._reader) == before_digest
     reopened.close()
+
+
+def test_the_checkpoint_listing_is_capped_too(served):
+    """--keep-every keeps checkpoints for the life of a run; the listing the dashboard polls gives the newest only."""
+    newest = [entry["epoch"] for entry in json.loads(fetch(served.url + "/api/checkpoints")[2])]
+    assert newest == sorted(newest, reverse=True) and len(newest) == 3
+    assert [entry["epoch"] for entry in json.loads(fetch(served.url + "/api/checkpoints?limit=2")[2])] == newest[:2]
+    with pytest.raises(urllib.error.HTTPError, match="422"):
+        fetch(served.url + "/api/checkpoints?limit=1001")
