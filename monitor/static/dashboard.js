@@ -88,6 +88,37 @@ function renderStatus(status) {
     `monitor holds the state of epoch ${status.state_epoch}`;
 }
 
+// History: the whole run once (HISTORY_POINTS evenly spread points per list), then each poll only what came since
+// the newest point and epoch, so a poll stays a few KB at any age. The charts are W units wide: more points than
+// that would not show, so the local copy is halved (first and last kept) whenever it doubles.
+const HISTORY_POINTS = 200;
+const charted = { series: [], epochs: [] };  // what the charts show, kept between polls
+
+function historyPath() {
+  const base = `/api/history?limit=${HISTORY_POINTS}`;
+  if (charted.series.length === 0) return base;
+  const since = charted.series[charted.series.length - 1].time;
+  const epochsSince = charted.epochs.length ? charted.epochs[charted.epochs.length - 1].epoch : 0;
+  return `${base}&since=${since}&epochs_since=${epochsSince}`;
+}
+
+function halved(points) {
+  if (points.length <= 2 * HISTORY_POINTS) return points;
+  return points.filter((_, i) => i % 2 === 0 || i === points.length - 1);
+}
+
+// Points at or after the answer's first one replace the local ones (the newest epoch's means move while it lasts).
+function merged(local, fresh, key) {
+  if (fresh.length === 0) return local;
+  return halved(local.filter((p) => p[key] < fresh[0][key]).concat(fresh));
+}
+
+function mergeHistory(update) {
+  charted.series = merged(charted.series, update.series, "time");
+  charted.epochs = merged(charted.epochs, update.epochs, "epoch");
+  return charted;
+}
+
 function renderHistory(history) {
   const byTime = (key) => history.series.map((p) => ({ x: p.time, y: p[key] }));
   const byEpoch = (key) => history.epochs.map((p) => ({ x: p.epoch, y: p[key] }));
@@ -163,8 +194,8 @@ function showMembersOnly() {
 
 async function refreshMemberData() {
   const [history, peers, checkpoints] = await Promise.all(
-    ["/api/history", "/api/peers", "/api/checkpoints"].map(getJson));
-  renderHistory(history);
+    [historyPath(), "/api/peers", "/api/checkpoints"].map(getJson));
+  renderHistory(mergeHistory(history));
   renderPeers(peers);
   renderCheckpoints(checkpoints);
 }
