@@ -406,6 +406,12 @@ def test_readme_verification_with_openssl_and_sha256sum(keys, saved_model, tmp_p
     accepted = run()
     assert accepted.returncode == 0 and "Signature Verified Successfully" in accepted.stdout, accepted.stderr
     assert "model.safetensors: OK" in accepted.stdout
+    manifest = (directory / MANIFEST).read_text()
+    (directory / MANIFEST).write_text(manifest.replace('"epoch": 4', '"epoch": 5'))  # the trusted key, edited
+    edited = run()
+    assert edited.returncode != 0 and "Signature Verification Failure" in edited.stdout + edited.stderr
+    (directory / MANIFEST).write_text(manifest)
+    assert run().returncode == 0
     (directory / "training_state.pt").write_bytes(b"\x01" * 128)
     assert run().returncode != 0  # a file that differs from the signed manifest
     write_manifest(directory, attacker, epoch=4)  # self-consistent, but signed by another key
