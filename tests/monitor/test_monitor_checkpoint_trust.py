@@ -416,3 +416,24 @@ def test_readme_verification_with_openssl_and_sha256sum(keys, saved_model, tmp_p
     assert run().returncode != 0  # a file that differs from the signed manifest
     write_manifest(directory, attacker, epoch=4)  # self-consistent, but signed by another key
     assert run().returncode != 0
+
+
+def test_pull_names_the_first_non_finite_tensor_of_a_downloaded_state():
+    """The check `pull` runs on the state a peer served (end to end it would need a peer serving NaN: not here)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from monitor.checkpoint_cli import non_finite_tensor
+
+    network = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(network.parameters())
+    network(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    keeper = SimpleNamespace(run_model=SimpleNamespace(model=network), averager=SimpleNamespace(optimizer=optimizer))
+    assert non_finite_tensor(keeper) is None
+    optimizer.state[network.bias]["exp_avg"][0] = float("inf")
+    assert non_finite_tensor(keeper) == "optimizer state exp_avg of parameter 1"
+    with torch.no_grad():
+        network.weight[0, 0] = float("nan")
+    assert non_finite_tensor(keeper) == "parameter weight"
