@@ -1,13 +1,20 @@
 """Versioned checkpoints on disk: atomic writes, a manifest of sha256 sums, one archive per checkpoint, retention.
 
 Layout under the checkpoint dir: `epoch-000012/` (a save_pretrained model, the tokenizer, `training_state.pt`,
-`manifest.json`) and `epoch-000012.tar`, the same directory as one archive for download. Both are written under a
-temporary name and renamed into place; nothing is listed or served unless every file matches its recorded sum.
+`manifest.json`, `manifest.sig`) and `epoch-000012.tar`, the same directory as one archive for download. Both are
+written under a temporary name and renamed into place; nothing is listed or served unless every file matches its
+recorded sum and the manifest carries the run key's signature.
+
+The manifest names the run key (public hex), the protocol version and the sha256 of the model code shipped with the
+weights (`configuration.py`, `modeling.py`, which `from_pretrained(trust_remote_code=True)` executes); `manifest.sig`
+is the hex Ed25519 signature of the exact bytes of `manifest.json`. A downloader that trusts the run key's
+fingerprint can thus check every byte it received, whoever served it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -20,11 +27,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from monitor.history import CheckpointEntry, History
+from peer.run_key import RunKey, verify_signature
+from peer.run_record import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 TRAINING_STATE = "training_state.pt"
+# The model code save_pretrained copies byte for byte next to the weights (modeling.py and its relative import).
+CODE_FILES = ("configuration.py", "modeling.py")
 CHUNK = 1 << 20
 
 
@@ -53,14 +65,49 @@ def epochs_to_keep(epochs: Iterable[int], keep: int, keep_every: int) -> set[int
     return kept
 
 
-def write_manifest(directory: Path, **fields) -> dict:
-    """Record the size and sha256 of every file under `directory` (the manifest itself excluded)."""
+def project_code_sha256() -> dict[str, str]:
+    """The sha256 of this project's model code files, as save_pretrained writes them into a checkpoint."""
+    package = Path(importlib.util.find_spec("model").origin).parent  # found, not imported: torch is slow to load
+    return {name: sha256_of(package / name) for name in CODE_FILES}
+
+
+def code_version(code: dict[str, str]) -> str:
+    """A short name for one version of the model code (its files' sums), for messages that compare two."""
+    return hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_manifest(directory: Path, run_key: RunKey | None = None, **fields) -> dict:
+    """Record the size and sha256 of every file under `directory` (manifest and signature excluded); sign it."""
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE)):
         files[path.relative_to(directory).as_posix()] = {"sha256": sha256_of(path), "size": path.stat().st_size}
-    manifest = {"format": 1, **fields, "files": files}
+    code = {name: files[name]["sha256"] for name in CODE_FILES if name in files}
+    manifest = {"format": 1, "protocol": PROTOCOL_VERSION, **fields, "model_code": code, "files": files}
+    (directory / SIGNATURE).unlink(missing_ok=True)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if run_key is not None:
+        sign_manifest(directory, run_key)
     return manifest
+
+
+def sign_manifest(directory: Path, run_key: RunKey) -> None:
+    """Name the run key in the manifest (rewriting it if it names none or another) and write `manifest.sig`."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("run_key") != run_key.public_hex:
+        manifest["run_key"] = run_key.public_hex
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (directory / SIGNATURE).write_text(run_key.sign((directory / MANIFEST).read_bytes()) + "\n")
+
+
+def signature_problem(directory: Path, public_hex: str) -> str | None:
+    """None if `manifest.sig` is the signature of `manifest.json` by the run key `public_hex`, else the problem."""
+    try:
+        manifest_bytes, signature = (directory / MANIFEST).read_bytes(), (directory / SIGNATURE).read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        return f"{directory} holds no readable {SIGNATURE}: {error}"
+    if not verify_signature(public_hex, manifest_bytes, signature):
+        return f"{SIGNATURE} in {directory} is not a valid signature of {MANIFEST} by the run key"
+    return None
 
 
 def verify_directory(directory: Path) -> str | None:
@@ -70,12 +117,17 @@ def verify_directory(directory: Path) -> str | None:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"unreadable {MANIFEST} in {directory}: {error}"
-    for relative, expected in files.items():
-        path = directory / relative
-        if not path.is_file() or path.stat().st_size != expected["size"]:
-            return f"{path} is missing or has the wrong size"
-        if sha256_of(path) != expected["sha256"]:
-            return f"{path} does not match its sha256 in {MANIFEST}"
+    try:
+        for relative, expected in files.items():
+            path = directory / relative
+            if ".." in Path(relative).parts or Path(relative).is_absolute():
+                return f"{MANIFEST} in {directory} lists {relative!r}, outside the checkpoint"
+            if not path.is_file() or path.stat().st_size != expected["size"]:
+                return f"{path} is missing or has the wrong size"
+            if sha256_of(path) != expected["sha256"]:
+                return f"{path} does not match its sha256 in {MANIFEST}"
+    except (AttributeError, KeyError, TypeError) as error:
+        return f"malformed {MANIFEST} in {directory}: {error!r}"
     return None
 
 
@@ -109,10 +161,15 @@ class CheckpointStore:
         history: the SQLite index that remembers each checkpoint's archive sum across restarts.
         keep: how many of the newest checkpoints to keep.
         keep_every: additionally keep every checkpoint whose epoch is a multiple of this (0: none).
+        run_key: the run key that signs every manifest; without one, checkpoints are unsigned (and downloaders,
+            which require a signature, refuse them).
     """
 
-    def __init__(self, root: str | Path, history: History, keep: int = 3, keep_every: int = 0):
+    def __init__(
+        self, root: str | Path, history: History, keep: int = 3, keep_every: int = 0, run_key: RunKey | None = None
+    ):
         self.root, self.history, self.keep, self.keep_every = Path(root), history, keep, keep_every
+        self.run_key = run_key
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._verified: dict[int, tuple | None] = {}  # epoch -> signature that last verified, None if damaged
@@ -126,7 +183,7 @@ class CheckpointStore:
             try:
                 fill(tmp_dir)
                 created_at = time.time()
-                write_manifest(tmp_dir, epoch=epoch, created_at=created_at, **manifest_fields)
+                write_manifest(tmp_dir, self.run_key, epoch=epoch, created_at=created_at, **manifest_fields)
                 for path in tmp_dir.rglob("*"):
                     if path.is_file():
                         _fsync(path)
@@ -173,14 +230,21 @@ class CheckpointStore:
             self._discard(epoch)
 
     def reconcile(self) -> None:
-        """On start, drop leftovers of interrupted writes, forget vanished checkpoints, index complete new ones."""
+        """On start, drop leftovers of interrupted writes, forget vanished checkpoints, index complete new ones.
+
+        Complete checkpoints that are unsigned, or signed by another key, are signed with the run key (and their
+        archive rebuilt): the monitor trusts its own disk, as it does when it resumes from it. They are checkpoints
+        of an older version without signatures, or of a run dir whose key was replaced.
+        """
         with self._write_lock:
             for leftover in self.root.glob(".tmp-*"):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
             indexed = {entry.epoch: entry for entry in self.history.checkpoints()}
-            for epoch, entry in indexed.items():
+            for epoch, entry in list(indexed.items()):
                 if not (self.root / entry.name).is_dir():
                     self.history.remove_checkpoint(epoch)
+                elif self._signed_anew(self.root / entry.name):
+                    indexed.pop(epoch)  # its archive no longer matches the index: rebuilt below
             for directory in sorted(self.root.glob("epoch-*")):
                 if not directory.is_dir() or not directory.name[6:].isdigit() or int(directory.name[6:]) in indexed:
                     continue
@@ -188,8 +252,19 @@ class CheckpointStore:
                 if problem:  # a rename that happened but whose manifest is damaged: leave it for a human
                     logger.warning(f"Not indexing {directory}: {problem}")
                     continue
+                self._signed_anew(directory)
                 manifest = json.loads((directory / MANIFEST).read_text())
                 self._archive_and_index(directory, int(directory.name[6:]), manifest.get("created_at", 0.0), manifest)
+
+    def _signed_anew(self, directory: Path) -> bool:
+        """Sign an intact checkpoint whose manifest lacks a valid signature by the run key; True if it was signed."""
+        if self.run_key is None or signature_problem(directory, self.run_key.public_hex) is None:
+            return False
+        if verify_directory(directory) is not None:  # damaged: never vouch for it, leave it for a human
+            return False
+        sign_manifest(directory, self.run_key)
+        logger.info(f"Signed the manifest of {directory} with the run key {self.run_key.fingerprint[:16]}...")
+        return True
 
     def _signature(self, entry: CheckpointEntry) -> tuple:
         """Sizes and modification times of every file: re-hashing happens only when this changes."""
@@ -216,6 +291,8 @@ class CheckpointStore:
 
     def _find_problem(self, entry: CheckpointEntry) -> str | None:
         problem = verify_directory(self.root / entry.name)
+        if problem is None and self.run_key is not None:
+            problem = signature_problem(self.root / entry.name, self.run_key.public_hex)
         archive = self.root / f"{entry.name}.tar"
         if problem is None and not archive.is_file():
             problem = f"{archive} is missing"

@@ -1,8 +1,13 @@
 """`albert-checkpoint`: fetch a checkpoint directory that transformers loads without this project installed.
 
-albert-checkpoint download --from http://HOST:PORT [--epoch N] --out DIR   # from a monitor, sha256-verified
-albert-checkpoint pull --initial-peers MADDR... --run-id RUN --out DIR     # straight from the swarm
+albert-checkpoint download --from http://HOST:PORT --run-key FINGERPRINT [--epoch N] --out DIR  # signed by the run
+albert-checkpoint pull --initial-peers MADDR... --run-id RUN --run-key FINGERPRINT --out DIR    # from the swarm
 albert-checkpoint eval DIR --corpus CORPUS [--max-sequences N] [--seed S]  # held-out masked-LM loss and accuracy
+
+The server is not trusted: a download is accepted only if its manifest is signed by the run key whose fingerprint
+the user gives (the monitor prints it at start, the organiser hands it out), every file matches the manifest, the
+model code is this project's own, and the archive is a plain tar within --max-size (monitor/safe_tar.py,
+monitor/checkpoint_trust.py). Any refusal is one line on stderr and exit code 1; --out is then left as it was.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -21,44 +26,127 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monitor.checkpoint import MANIFEST, verify_directory, write_manifest
+from monitor.checkpoint_trust import UntrustedCheckpoint, verify_checkpoint
+from monitor.safe_tar import UnsafeArchive, extract_checkpoint
+from peer.run_key import normalize_fingerprint
 
 logger = logging.getLogger("albert-checkpoint")
 CHUNK = 1 << 20
+# Room for the largest preset (ruleanalbert: ~1.1 GB of weights, ~2.2 GB of LAMB moments) with a wide margin.
+DEFAULT_MAX_SIZE = 16 << 30
+RUN_KEY_HELP = (
+    "the run key's fingerprint (64 hex digits): the monitor prints `--run-key FINGERPRINT` when it starts and the "
+    "organiser hands it out with the initial peers"
+)
 
 
 class CheckpointError(RuntimeError):
     """The checkpoint could not be fetched or failed verification."""
 
 
-def download(base_url: str, out: Path, epoch: int | None = None, timeout: float = 60.0) -> dict:
-    """Fetch a checkpoint archive from a monitor, check its sha256 (header and listing), unpack it, verify files."""
-    url = f"{base_url.rstrip('/')}/checkpoints/{'latest' if epoch is None else epoch}"
-    listing = {entry["epoch"]: entry for entry in _get_json(f"{base_url.rstrip('/')}/api/checkpoints", timeout)}
-    with tempfile.TemporaryDirectory(prefix=".albert-checkpoint-", dir=_parent(out)) as tmp:
-        archive = Path(tmp) / "checkpoint.tar"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as file:
-                expected = response.headers.get("X-Checkpoint-SHA256")
-                got_epoch = int(response.headers.get("X-Checkpoint-Epoch", -1))
-                digest = hashlib.sha256()
-                while chunk := response.read(CHUNK):
-                    digest.update(chunk)
-                    file.write(chunk)
-        except urllib.error.HTTPError as error:
-            raise CheckpointError(f"{url}: HTTP {error.code} {error.read().decode(errors='replace')}") from error
-        except (urllib.error.URLError, OSError) as error:
-            raise CheckpointError(f"cannot download {url}: {error}") from error
-        actual = digest.hexdigest()
-        listed = listing.get(got_epoch, {}).get("sha256")
-        if not expected or actual != expected or (listed and listed != actual):
+def trusted_fingerprint(run_key: str | None) -> str:
+    """The --run-key fingerprint in canonical form; CheckpointError saying where to get it if missing or malformed."""
+    if not run_key:
+        raise CheckpointError(f"--run-key is required: {RUN_KEY_HELP}")
+    try:
+        return normalize_fingerprint(run_key)
+    except ValueError as error:
+        raise CheckpointError(f"--run-key: {error}") from error
+
+
+def authorization_header(base_url: str, run_secret_file: str | None, join_key_file: str | None) -> str | None:
+    """For a closed run, `Bearer TOKEN` from the monitor for a run secret or join key; None for an open run."""
+    if not (run_secret_file or join_key_file):
+        return None
+    from peer.join_client import JoinCredential, http_access_token  # hivemind: imported only when needed
+
+    try:
+        return http_access_token(base_url.rstrip("/"), JoinCredential(run_secret_file, join_key_file))
+    except (RuntimeError, OSError, ValueError) as error:  # JoinRefused, JoinUnavailable, an unreadable file
+        raise CheckpointError(f"cannot get an access token from {base_url}: {error}") from error
+
+
+def download(
+    base_url: str,
+    out: Path,
+    epoch: int | None = None,
+    timeout: float = 60.0,
+    *,
+    run_key: str,
+    max_size: int = DEFAULT_MAX_SIZE,
+    authorization: str | None = None,
+) -> dict:
+    """Fetch a checkpoint archive from a monitor, unpack it safely, verify it against the trusted run key, install.
+
+    Args:
+        run_key: fingerprint of the run key the checkpoint must be signed by.
+        max_size: bytes the archive (and what it unpacks to) may not exceed; the download stops past it.
+        authorization: the `Authorization` header value for a closed run (see authorization_header).
+    """
+    trusted = trusted_fingerprint(run_key)
+    _check_out(out)
+    headers = {"Authorization": authorization} if authorization else {}
+    base = base_url.rstrip("/")
+    listing = _listing(f"{base}/api/checkpoints", timeout, headers)
+    url = f"{base}/checkpoints/{'latest' if epoch is None else epoch}"
+    tmp = Path(tempfile.mkdtemp(prefix=".albert-checkpoint-", dir=_parent(out)))
+    try:
+        archive = tmp / "checkpoint.tar"
+        got_epoch, expected = _fetch(url, archive, headers, timeout, max_size)
+        listed = listing.get(got_epoch, {})
+        actual = sha256_file(archive)
+        if not expected or actual != expected or (listed.get("sha256") and listed["sha256"] != actual):
             raise CheckpointError(f"archive sha256 {actual} does not match the monitor's {expected or listed}")
-        unpacked = Path(tmp) / "unpacked"
-        with tarfile.open(archive) as tar:
-            tar.extractall(unpacked, filter="data")  # the data filter refuses absolute paths, '..' and links out
-        directories = [path for path in unpacked.iterdir() if path.is_dir()]
-        if len(directories) != 1:
-            raise CheckpointError(f"the archive should hold one checkpoint directory, found {len(directories)}")
-        return _install(directories[0], out)
+        unpacked = tmp / "unpacked"
+        unpacked.mkdir()
+        # a tar holds at least what it unpacks to: its own size bounds the content
+        directory = extract_checkpoint(archive, unpacked, min(max_size, archive.stat().st_size))
+        manifest = verify_checkpoint(directory, trusted)
+        if epoch is not None and manifest.get("epoch") != epoch:  # an old signed checkpoint replayed as this one
+            raise CheckpointError(f"asked for epoch {epoch}, the signed manifest says epoch {manifest.get('epoch')}")
+        return _install(directory, out)
+    except (UnsafeArchive, UntrustedCheckpoint) as error:
+        raise CheckpointError(str(error)) from error
+    except OSError as error:
+        raise CheckpointError(f"file system error while unpacking the checkpoint: {error}") from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch(url: str, archive: Path, headers: dict, timeout: float, max_size: int) -> tuple[int, str | None]:
+    """Stream the archive to a file, stopping past `max_size`; its epoch and sha256 as the monitor's headers say."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_size:
+                raise CheckpointError(f"{url} is {int(length)} bytes, over the size limit of {max_size} (--max-size)")
+            expected = response.headers.get("X-Checkpoint-SHA256")
+            got_epoch = response.headers.get("X-Checkpoint-Epoch", "")
+            written = 0
+            with open(archive, "wb") as file:
+                while chunk := response.read(CHUNK):
+                    written += len(chunk)
+                    if written > max_size:
+                        raise CheckpointError(f"{url} sent more than the size limit of {max_size} bytes (--max-size)")
+                    file.write(chunk)
+    except urllib.error.HTTPError as error:
+        raise CheckpointError(f"{url}: HTTP {error.code} {error.read(1000).decode(errors='replace')}") from error
+    except (urllib.error.URLError, OSError, ValueError) as error:  # ValueError: e.g. a malformed header
+        raise CheckpointError(f"cannot download {url}: {error}") from error
+    return int(got_epoch) if got_epoch.isdigit() else -1, expected
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
 
 
 def _install(directory: Path, out: Path) -> dict:
@@ -66,18 +154,27 @@ def _install(directory: Path, out: Path) -> dict:
     problem = verify_directory(directory)
     if problem:
         raise CheckpointError(f"checkpoint failed verification: {problem}")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"--out {out} exists and is not empty; choose a new directory")
+    _check_out(out)
     if out.exists():
         out.rmdir()
     shutil.move(str(directory), str(out))
     return json.loads((out / MANIFEST).read_text())
 
 
-def _get_json(url: str, timeout: float):
+def _listing(url: str, timeout: float, headers: dict) -> dict:
+    """The monitor's checkpoint list by epoch (only a cross-check: the signature is what is trusted)."""
+    listing = _get_json(url, timeout, headers)
+    if not isinstance(listing, list):
+        raise CheckpointError(f"{url} did not answer with a list of checkpoints")
+    return {entry.get("epoch"): entry for entry in listing if isinstance(entry, dict)}
+
+
+def _get_json(url: str, timeout: float, headers: dict):
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return json.load(response)
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            return json.loads(response.read(16 << 20))  # a listing is small; a flood is cut off and fails to parse
+    except urllib.error.HTTPError as error:
+        raise CheckpointError(f"{url}: HTTP {error.code} {error.read(1000).decode(errors='replace')}") from error
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {url}: {error}") from error
 
@@ -98,6 +195,7 @@ def pull(args: argparse.Namespace) -> dict:
     from peer.run_record import check_model_matches
     from peer.swarm import build_dht
 
+    trusted = trusted_fingerprint(args.run_key)
     swarm = SwarmConfig(
         run_id=args.run_id, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True
     )
@@ -106,12 +204,15 @@ def pull(args: argparse.Namespace) -> dict:
     dht = build_dht(swarm, monitor_validators(args.run_id))  # also strips the signatures of the records it reads
     keeper = None
     try:
-        mismatch = check_model_matches(dht, args.run_id, run_model.fingerprint)
+        mismatch = check_model_matches(dht, args.run_id, run_model.fingerprint, trusted_key=trusted)
         if mismatch:
             raise CheckpointError(mismatch)
         keeper = StateKeeper(dht, swarm, optim, run_model, client_mode=True)
         if not keeper.fetch(timeout=args.timeout):
             raise CheckpointError(f"no peer of run {args.run_id!r} shared a training state (is the run training?)")
+        non_finite = non_finite_tensor(keeper)
+        if non_finite:  # whichever peer served it, a NaN state is no checkpoint
+            raise CheckpointError(f"the state downloaded from the swarm holds non-finite numbers in {non_finite}")
         with tempfile.TemporaryDirectory(prefix=".albert-checkpoint-", dir=_parent(args.out)) as tmp:
             directory = Path(tmp) / "checkpoint"
             directory.mkdir()
@@ -130,6 +231,28 @@ def pull(args: argparse.Namespace) -> dict:
         dht.shutdown()
 
 
+def non_finite_tensor(keeper) -> str | None:
+    """The name of the first parameter or optimizer-state tensor holding NaN or inf, or None."""
+    import torch
+
+    for name, parameter in keeper.run_model.model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return f"parameter {name}"
+    for index, state in keeper.averager.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                return f"optimizer state {key} of parameter {index}"
+    return None
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `123`, `200M`, `16G` (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 16G)")
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="albert-checkpoint", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,9 +261,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     get.add_argument("--epoch", type=int, default=None, help="Epoch of the checkpoint (default: the newest).")
     get.add_argument("--out", type=Path, required=True, help="New directory to write the checkpoint to.")
     get.add_argument("--timeout", type=float, default=60.0, help="Network timeout in seconds.")
+    get.add_argument("--run-key", default=None, help=f"Required: {RUN_KEY_HELP}.")
+    get.add_argument(
+        "--max-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SIZE,
+        help="Refuse an archive larger than this (bytes, or with K/M/G/T); the download stops past it. Default 16G.",
+    )
+    credential = get.add_mutually_exclusive_group()
+    credential.add_argument("--run-secret-file", default=None, help="A closed run's secret file (as for a peer).")
+    credential.add_argument("--join-key-file", default=None, help="A closed run's allowlisted join key (as a peer's).")
     swarm = commands.add_parser("pull", help="Download the current state straight from the swarm (no monitor).")
     swarm.add_argument("--initial-peers", nargs="+", required=True, help="Multiaddrs of any peers of the run.")
     swarm.add_argument("--run-id", required=True, help="The run's id.")
+    swarm.add_argument("--run-key", default=None, help=f"Required: {RUN_KEY_HELP}.")
     swarm.add_argument("--out", type=Path, required=True, help="New directory to write the checkpoint to.")
     swarm.add_argument("--model", default="tiny", help="The run's model preset or config.json path.")
     swarm.add_argument("--tokenizer", default=None, help="The run's tokenizer directory (default: bundled).")
@@ -184,9 +318,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return evaluate(args)
-        manifest = download(args.url, args.out, args.epoch, args.timeout) if args.command == "download" else pull(args)
-    except (CheckpointError, ValueError, RuntimeError) as error:  # RuntimeError: also SwarmJoinError
-        logger.error(str(error))
+        if args.command == "download":
+            authorization = authorization_header(args.url, args.run_secret_file, args.join_key_file)
+            manifest = download(
+                args.url,
+                args.out,
+                args.epoch,
+                args.timeout,
+                run_key=args.run_key,
+                max_size=args.max_size,
+                authorization=authorization,
+            )
+        else:
+            manifest = pull(args)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as error:  # RuntimeError: also SwarmJoinError
+        logger.error(" ".join(str(error).split()))  # one line, whatever a server put in its error body
         return 1
     print(f"checkpoint of epoch {manifest['epoch']} written to {args.out} ({len(manifest['files'])} files verified)")
     return 0

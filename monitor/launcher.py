@@ -24,6 +24,7 @@ from pathlib import Path
 
 from monitor.checkpoint import MANIFEST, verify_directory
 from peer.config import parse_configs
+from peer.run_key import RunKey
 
 logger = logging.getLogger("albert-swarm")
 
@@ -115,6 +116,7 @@ class LocalSwarm:
         self.monitor: subprocess.Popen | None = None
         self.peers: list[subprocess.Popen] = []
         self.url = ""
+        self.run_key = ""  # the monitor's run key fingerprint, shown in the join and download commands
 
     def _spawn(self, name: str, module: str, flags: list[str]) -> subprocess.Popen:
         env = {**os.environ, "ALBERT_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
@@ -164,6 +166,8 @@ class LocalSwarm:
         self.monitor = self._spawn("monitor", "monitor", flags)
         initial_peers = self._wait_for_file(peers_file, 180.0).split()
         self.url = self._wait_for_file(url_file, 60.0).strip()  # with --http-port 0 the OS chose the port
+        # the monitor made (or loaded) its run key before writing the peers file, so this only reads it
+        self.run_key = RunKey.load_or_create(monitor_dir / "run_key.pem").fingerprint
         return initial_peers
 
     def _wait_for_file(self, path: Path, timeout: float) -> str:
@@ -244,6 +248,7 @@ class LocalSwarm:
             entry = self.final_checkpoint()
             if entry:
                 print(f"Final checkpoint: epoch {entry.get('epoch')} ({entry.get('url', '')})")
+                print(f"Download it with:\n  {download_command(self.url, self.run_key, entry.get('epoch'))}")
         print("Stopping the monitor...")
         stop_processes([self.monitor] if self.monitor else [], timeout=30.0)
         print(f"Stopped. Logs, history, checkpoints and backups are in {self.run_dir}")
@@ -285,16 +290,30 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def print_join_command(config: LocalSwarmConfig, initial_peers: list[str]) -> None:
+def download_command(url: str, run_key: str, epoch: int | None = None) -> str:
+    """The command that downloads a checkpoint of this run, verified against its run key."""
+    epoch_flag = f" --epoch {epoch}" if epoch is not None else ""
+    return f"albert-checkpoint download --from {url.rstrip('/')} --run-key {run_key}{epoch_flag} --out ./checkpoint"
+
+
+def print_join_command(config: LocalSwarmConfig, initial_peers: list[str], run_key: str, url: str = "") -> None:
     """The line a peer on another machine pastes; only the monitor's non-loopback addresses are of use there."""
     remote = [maddr for maddr in initial_peers if not maddr.startswith("/ip4/127.")]
     if config.host == "0.0.0.0" and remote:
         print(
-            f"A peer on another machine joins with:\n  albert-peer --run-id {config.run_id} --initial-peers {' '.join(remote)}"
+            f"A peer on another machine joins with:\n  albert-peer --run-id {config.run_id} "
+            f"--initial-peers {' '.join(remote)} --run-key {run_key}"
         )
-        return
-    print(f"Peers join with:\n  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)}")
-    print("(this run listens on 127.0.0.1 only: start albert-swarm with --host 0.0.0.0 to let other machines join)")
+    else:
+        print(
+            f"Peers join with:\n  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)} "
+            f"--run-key {run_key}"
+        )
+        print(
+            "(this run listens on 127.0.0.1 only: start albert-swarm with --host 0.0.0.0 to let other machines join)"
+        )
+    if url:
+        print(f"The newest checkpoint downloads with:\n  {download_command(url, run_key)}")
 
 
 def status_line(status: dict | None, started: float) -> str:
@@ -342,7 +361,7 @@ def main(args: list[str] | None = None) -> int:
         initial_peers = swarm.start_monitor()
         swarm.start_peers(initial_peers)
         print(f"Dashboard: {swarm.url}")
-        print_join_command(config, initial_peers)
+        print_join_command(config, initial_peers, swarm.run_key, swarm.url)
         print(f"{config.peers} peers training the '{config.model}' preset; Ctrl-C stops the run.")
         watch(swarm, config.duration, lambda: bool(stopping))
     except RuntimeError as error:

@@ -78,7 +78,9 @@ class Monitor:
         if cfg.resume_from:
             self.keeper.resume(cfg.resume_from)
         self.history = History(cfg.db_path())
-        self.store = CheckpointStore(cfg.checkpoint_path(), self.history, keep=cfg.keep, keep_every=cfg.keep_every)
+        self.store = CheckpointStore(
+            cfg.checkpoint_path(), self.history, keep=cfg.keep, keep_every=cfg.keep_every, run_key=self.run_key
+        )
         self.store.reconcile()
         model_info = {
             "name": cfg.model,

@@ -16,10 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.checkpoint_cli import CheckpointError, download
+from peer.run_key import RunKey
 from tests.chaos.processes import ChaosMonitor, ChaosPeer
 
 # A checkpoint that fails one of these checks was served damaged; other download errors are the monitor being away.
-VERIFICATION_ERRORS = ("does not match", "failed verification", "should hold one checkpoint directory")
+VERIFICATION_ERRORS = (
+    "does not match",
+    "failed verification",
+    "should hold one checkpoint directory",
+    "signed",
+    "signature",
+    "does not list",
+    "model code",
+)
 # Parameters of two peers agree if they differ by less than half of one epoch's update: peers that missed a step
 # differ by a whole update, peers that trained apart by many (see tests/peer/test_swarm.py for the measurements).
 AGREEMENT = 0.5
@@ -92,7 +101,10 @@ class Observer(threading.Thread):
         """Download a listed checkpoint as a user would (sha256 of the archive, then of every file)."""
         with tempfile.TemporaryDirectory(dir=self.workdir) as scratch:
             try:
-                manifest = download(monitor.url, Path(scratch) / "checkpoint", epoch=epoch, timeout=60)
+                run_key = RunKey.load_or_create(monitor.run_dir / "run_key.pem").fingerprint
+                manifest = download(
+                    monitor.url, Path(scratch) / "checkpoint", epoch=epoch, timeout=60, run_key=run_key
+                )
             except CheckpointError as error:
                 if any(sign in str(error) for sign in VERIFICATION_ERRORS):
                     self.monitor_log.damaged[epoch] = str(error)

@@ -29,6 +29,7 @@ from monitor.history import History
 from monitor.state import build_run_model
 from peer.config import OptimConfig
 from peer.progress import model_fingerprint
+from peer.run_key import RunKey
 from peer.swarm import make_optimizer, make_scheduler, param_groups
 from tests.monitor.conftest import REPO, MonitorProcess, child_env
 
@@ -131,7 +132,8 @@ def world(tmp_path_factory):
     run_model = build_run_model("tiny", None)
     run_dir = root / "monitor"
     history = History(run_dir / "history.sqlite")
-    store = CheckpointStore(run_dir / "checkpoints", history, keep=5)
+    run_key = RunKey.load_or_create(run_dir / "run_key.pem")  # the monitor started on run_dir later signs with it
+    store = CheckpointStore(run_dir / "checkpoints", history, keep=5, run_key=run_key)
     for epoch in (4, 6, 8):
         store.write(epoch, checkpoint_filler(run_model.model, run_model.tokenizer, epoch), loss=5.0, samples_total=64)
     history.close()
@@ -178,6 +180,7 @@ def world(tmp_path_factory):
 
     world = World()
     world.root, world.run_dir, world.runs, world.saved = root, run_dir, runs, saved
+    world.fingerprint = run_key.fingerprint
     world.paths = {"run": run_dir, "refused": refused_run_dir, "backups": backups, "other": other}
     return world
 
@@ -262,14 +265,13 @@ def test_a_damaged_checkpoint_is_never_served_and_the_previous_one_stays_latest(
     assert monitor.get("/checkpoints/latest") == (checkpoints / f"epoch-{previous:06d}.tar").read_bytes()
     assert corrupted_total(monitor) == (8 - epoch) // 2 + 1  # each damaged checkpoint counted once
     out = world.root / f"downloaded-{epoch}"
-    assert cli(world, f"download-latest-{epoch}", "download", "--from", monitor.url, "--out", str(out)).code == 0
+    download = ["download", "--from", monitor.url, "--run-key", world.fingerprint]
+    assert cli(world, f"download-latest-{epoch}", *download, "--out", str(out)).code == 0
     assert json.loads((out / "manifest.json").read_text())["epoch"] == previous
     refused = cli(
         world,
         f"download-{epoch}",
-        "download",
-        "--from",
-        monitor.url,
+        *download,
         "--epoch",
         str(epoch),
         "--out",

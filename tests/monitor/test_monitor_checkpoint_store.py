@@ -5,8 +5,19 @@ import tarfile
 
 import pytest
 
-from monitor.checkpoint import CheckpointNotFound, CheckpointStore, epochs_to_keep, sha256_of, verify_directory
+from monitor.checkpoint import (
+    MANIFEST,
+    SIGNATURE,
+    CheckpointNotFound,
+    CheckpointStore,
+    epochs_to_keep,
+    sha256_of,
+    signature_problem,
+    verify_directory,
+)
 from monitor.history import History
+from peer.run_key import RunKey, verify_signature
+from peer.run_record import PROTOCOL_VERSION
 
 
 def fill_with(payload: bytes):
@@ -110,3 +121,57 @@ def test_reopen_reconciles_interrupted_writes_and_unindexed_checkpoints(tmp_path
     assert [e.epoch for e in reopened.list()] == [2, 1]
     assert reopened.get(2)[0].archive_sha256 == entry.archive_sha256  # the archive is rebuilt byte for byte
     assert not list((tmp_path / "ckpt").glob(".tmp-*"))
+
+
+def test_signed_manifest_names_key_protocol_and_code(tmp_path):
+    key = RunKey.load_or_create(tmp_path / "run_key.pem")
+    store = CheckpointStore(tmp_path / "ckpt", History(tmp_path / "h.sqlite"), run_key=key)
+
+    def fill(directory):
+        fill_with(b"m" * 64)(directory)
+        (directory / "modeling.py").write_text("# code\n")
+
+    entry = store.write(3, fill)
+    directory = store.directory(entry)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert manifest["run_key"] == key.public_hex and manifest["protocol"] == PROTOCOL_VERSION
+    assert manifest["model_code"] == {"modeling.py": sha256_of(directory / "modeling.py")}
+    signature = (directory / SIGNATURE).read_text().strip()
+    assert verify_signature(key.public_hex, (directory / MANIFEST).read_bytes(), signature)
+    with tarfile.open(store.get()[1]) as tar:
+        assert "epoch-000003/manifest.sig" in tar.getnames()
+
+
+def test_manifest_edited_after_signing_is_never_served(tmp_path):
+    key = RunKey.load_or_create(tmp_path / "run_key.pem")
+    store = CheckpointStore(tmp_path / "ckpt", History(tmp_path / "h.sqlite"), run_key=key)
+    store.write(1, fill_with(b"1" * 10))
+    entry = store.write(2, fill_with(b"2" * 10), loss=3.0)
+    manifest_path = store.directory(entry) / MANIFEST
+    manifest_path.write_text(manifest_path.read_text().replace('"loss": 3.0', '"loss": 0.1'))  # files still match
+    assert verify_directory(store.directory(entry)) is None
+    assert [e.epoch for e in store.list()] == [1] and store.corrupted == 1
+
+
+def test_reconcile_signs_intact_unsigned_checkpoints_and_rebuilds_their_archive(tmp_path):
+    history = History(tmp_path / "h.sqlite")
+    unsigned = CheckpointStore(tmp_path / "ckpt", history, keep=5)  # e.g. written before checkpoints were signed
+    old = unsigned.write(1, fill_with(b"1" * 10))
+    unsigned.write(2, fill_with(b"2" * 10))
+    history.remove_checkpoint(2)  # one indexed, one found on disk only
+    damaged = unsigned.write(3, fill_with(b"3" * 10))
+    (unsigned.directory(damaged) / "model.safetensors").write_bytes(b"x" * 10)
+    assert not (unsigned.directory(old) / SIGNATURE).exists()
+
+    key = RunKey.load_or_create(tmp_path / "run_key.pem")
+    signed = CheckpointStore(tmp_path / "ckpt", history, keep=5, run_key=key)
+    signed.reconcile()
+    assert [e.epoch for e in signed.list()] == [2, 1]  # the damaged one is neither signed nor served
+    assert not (signed.root / "epoch-000003" / SIGNATURE).exists()
+    for epoch in (1, 2):
+        entry, archive = signed.get(epoch)
+        assert signature_problem(signed.directory(entry), key.public_hex) is None
+        assert sha256_of(archive) == entry.archive_sha256
+        with tarfile.open(archive) as tar:
+            assert f"epoch-{epoch:06d}/manifest.sig" in tar.getnames()
+    assert signed.get(1)[0].archive_sha256 != old.archive_sha256

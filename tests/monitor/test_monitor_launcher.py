@@ -19,6 +19,7 @@ import pytest
 
 from monitor.history import History
 from monitor.launcher import latest_checkpoint
+from peer.run_key import RunKey
 from tests.monitor.conftest import REPO, child_env, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -174,6 +175,9 @@ def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
     assert two_runs["first"].returncode == 0, two_runs["first_output"]
     assert "Dashboard: http://127.0.0.1:" in two_runs["first_output"]
     assert "albert-peer --run-id albert-swarm-local --initial-peers /ip4/127.0.0.1/tcp/" in two_runs["first_output"]
+    fingerprint = RunKey.load_or_create(two_runs["run_dir"] / "monitor" / "run_key.pem").fingerprint
+    assert f"--run-key {fingerprint}" in two_runs["first_output"]
+    assert "albert-checkpoint download --from http://127.0.0.1:" in two_runs["first_output"]
     assert two_runs["first_checkpoint"] is not None, two_runs["first_output"]
     assert not two_runs["leftovers_after_first"], two_runs["leftovers_after_first"]
 

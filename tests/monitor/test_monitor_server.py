@@ -19,6 +19,7 @@ from monitor.history import History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
+from peer.run_key import RunKey
 from tests.monitor.conftest import CHROMIUM, chromium
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +58,8 @@ def populated(history: History) -> LiveState:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     history = History(root / "history.sqlite")
-    store = CheckpointStore(root / "checkpoints", history, keep=5)
+    run_key = RunKey.load_or_create(root / "run_key.pem")
+    store = CheckpointStore(root / "checkpoints", history, keep=5, run_key=run_key)
     live = populated(history)
     for epoch in (2, 4):
         store.write(epoch, fill, loss=3.0, samples_total=epoch * 64)
@@ -71,6 +73,7 @@ def server(tmp_path_factory):
     thread = ServerThread(app, "127.0.0.1", 0)
     thread.start()
     thread.url, thread.store, thread.root, thread.made = f"http://127.0.0.1:{thread.port}", store, root, made
+    thread.fingerprint = run_key.fingerprint
     yield thread
     thread.stop()
     history.close()
@@ -125,10 +128,11 @@ def test_checkpoint_download_carries_sha256_and_cli_verifies(server, tmp_path):
     assert status == 200 and headers["X-Checkpoint-SHA256"] == hashlib.sha256(body).hexdigest()
     assert headers["X-Checkpoint-SHA256"] == next(c["sha256"] for c in listing if c["epoch"] == 4)
     assert next(c["url"] for c in listing if c["epoch"] == 4).endswith("/checkpoints/4")
-    manifest = download(server.url, tmp_path / "got", epoch=4)
+    manifest = download(server.url, tmp_path / "got", epoch=4, run_key=server.fingerprint)
     assert manifest["epoch"] == 4 and (tmp_path / "got" / "model.safetensors").stat().st_size == 2048
+    assert manifest["run_key"] == RunKey.load_or_create(server.root / "run_key.pem").public_hex
     with pytest.raises(CheckpointError, match="not empty"):
-        download(server.url, tmp_path / "got", epoch=4)
+        download(server.url, tmp_path / "got", epoch=4, run_key=server.fingerprint)
     result = subprocess.run(
         [
             sys.executable,
@@ -137,10 +141,13 @@ def test_checkpoint_download_carries_sha256_and_cli_verifies(server, tmp_path):
             "download",
             "--from",
             server.url,
+            "--run-key",
+            server.fingerprint.upper(),  # as a user may paste it
             "--out",
             str(tmp_path / "cli"),
         ],
         cwd=REPO,
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
@@ -181,7 +188,7 @@ def test_truncated_checkpoint_is_not_served_over_http(server, tmp_path):
     assert 7 not in [c["epoch"] for c in get_json(server.url + "/api/checkpoints")]
     assert get(server.url + "/checkpoints/latest")[1]["X-Checkpoint-Epoch"] != "7"
     with pytest.raises(CheckpointError, match="404"):
-        download(server.url, tmp_path / "bad", epoch=7)
+        download(server.url, tmp_path / "bad", epoch=7, run_key=server.fingerprint)
     samples = {
         s.name: s.value
         for family in text_string_to_metric_families(get(server.url + "/metrics")[2].decode())

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from monitor.records import monitor_validators
 from peer.progress import PeerProgress, publish_progress
+from peer.run_key import RunKey
 from peer.run_record import check_model_matches
 from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, child_env, chromium, run_cli, wait_until
 
@@ -41,6 +42,11 @@ MONITOR_FLAGS = [
     "--admin_token",
     TOKEN,
 ]
+
+
+def run_key_of(monitor: MonitorProcess) -> str:
+    """The fingerprint a downloader is handed: that of the run key the monitor keeps in its run dir."""
+    return RunKey.load_or_create(monitor.workdir / "run_key.pem").fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +196,8 @@ def test_checkpoint_appears_and_downloads_with_a_matching_sha256(run, tmp_path):
             "download",
             "--from",
             run.monitor.url,
+            "--run-key",
+            run_key_of(run.monitor),
             "--epoch",
             str(newest["epoch"]),
             "--out",
@@ -282,6 +290,8 @@ def test_a_new_peer_resumes_at_the_monitors_epoch_with_the_checkpoints_weights(r
             "download",
             "--from",
             run.monitor.url,
+            "--run-key",
+            run_key_of(run.monitor),
             "--epoch",
             str(held),
             "--out",
@@ -362,6 +372,8 @@ def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(ru
             *maddrs,
             "--run-id",
             "resumed-run",
+            "--run-key",
+            run_key_of(resumed),
             "--host-maddrs",
             "/ip4/127.0.0.1/tcp/0",
             "--out",
