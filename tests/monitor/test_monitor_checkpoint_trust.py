@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -437,3 +438,46 @@ def test_pull_names_the_first_non_finite_tensor_of_a_downloaded_state():
     with torch.no_grad():
         network.weight[0, 0] = float("nan")
     assert non_finite_tensor(keeper) == "parameter weight"
+
+
+def test_a_closed_runs_member_downloads_and_verifies_and_a_stranger_cannot(keys, saved_model, tmp_path):
+    """A real closed monitor's HTTP server: without a credential the CLI is refused; with the run secret it
+    gets a token from POST /api/join, downloads, and verifies the signed checkpoint against --run-key."""
+    from monitor.access import Authority
+    from monitor.checkpoint import CheckpointStore
+    from monitor.history import History
+    from monitor.live import LiveState
+    from monitor.metrics import make_registry
+    from monitor.server import ServerThread, create_app
+
+    trusted, _ = keys
+    secret = tmp_path / "run.secret"
+    secret.write_text("a-long-enough-run-secret-0123456789\n")
+    authority = Authority(tmp_path / "run" / "authority.key", 60.0, str(secret))
+    history = History(tmp_path / "history.sqlite")
+    store = CheckpointStore(tmp_path / "checkpoints", history, keep=2, run_key=trusted)
+
+    def fill(directory: Path) -> None:
+        shutil.copytree(saved_model, directory, dirs_exist_ok=True)
+        (directory / "training_state.pt").write_bytes(b"\x00" * 128)
+
+    store.write(4, fill, run_id="closed-run")
+    live = LiveState(run_id="closed-run")
+    server = ServerThread(
+        create_app(live, history, store, make_registry(live, store), authority=authority), "127.0.0.1", 0
+    )
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        command = [sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", url]
+        command += ["--run-key", trusted.fingerprint]
+        run = partial(subprocess.run, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+        stranger = run([*command, "--out", str(tmp_path / "stranger")], check=False)
+        assert_refused(stranger, tmp_path / "stranger", "401")
+        out = tmp_path / "member"
+        member = run([*command, "--out", str(out), "--run-secret-file", str(secret)], check=False)
+        assert member.returncode == 0, member.stderr
+        assert "epoch 4" in member.stdout and (out / SIGNATURE).is_file() and (out / "model.safetensors").is_file()
+    finally:
+        server.stop()
+        history.close()
