@@ -156,7 +156,9 @@ class Reporter:
         self.metrics.swarm_peers.set(self.optimizer.tracker.global_progress.num_peers)
         if record.mean_loss is not None:
             self.metrics.loss.set(record.mean_loss)
-        logger.info(self._summary() + f" -> epoch {new_epoch}")
+        norm = getattr(getattr(self.optimizer, "update_guard", None), "last_norm", None)
+        applied = f" | update norm {norm:.4g}" if norm is not None else ""  # of the averaged gradient last applied
+        logger.info(self._summary() + applied + f" -> epoch {new_epoch}")
         self._publish(record)
         self._start_epoch(new_epoch)
 
