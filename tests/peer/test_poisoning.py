@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import hivemind
 import pytest
@@ -85,7 +84,9 @@ def skipped_updates(swarm, name: str) -> dict[str, float]:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return {
         reason: float(count)
-        for reason, count in re.findall(r'^albert_peer_skipped_updates_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+        for reason, count in re.findall(
+            r'^albert_peer_skipped_updates_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE
+        )
     }
 
 
