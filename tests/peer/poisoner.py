@@ -28,6 +28,7 @@ from peer.swarm import build_dht, build_optimizer
 
 HUGE = 1e30
 HUGE_EPOCH = 2**62
+POISONER_PRIORITY = float(2**40)  # above any epoch: every downloader asks this peer first
 
 
 def poisoned_gradients(model: torch.nn.Module, phase: str, outlier_value: float) -> None:
@@ -41,6 +42,7 @@ def poisoned_gradients(model: torch.nn.Module, phase: str, outlier_value: float)
 
 
 def send_poisoned_gradients(optimizer, model, samples: int, schedule: list[str], epochs_each: int, value: float):
+    optimizer.load_state_from_peers()  # at the swarm's epoch first, or the first phase is spent catching up
     for phase in schedule:
         until = optimizer.local_epoch + epochs_each
         while optimizer.local_epoch < until:
@@ -71,7 +73,7 @@ def poison_served_state(poison: str) -> None:
 
 
 def serve_poisoned_state(optimizer) -> None:
-    optimizer.state_averager.state_sharing_priority = float(2**40)  # every downloader asks this peer first
+    optimizer.state_averager.state_sharing_priority = POISONER_PRIORITY
     print("SERVING", flush=True)
     while True:
         time.sleep(1)
