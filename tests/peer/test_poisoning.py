@@ -126,17 +126,20 @@ def test_poisoned_gradients_are_skipped_counted_and_learning_goes_on(swarm):
     attack_ended_at = max(swarm.epochs())
     swarm.wait_for_epoch(attack_ended_at + 8, peers=2, timeout=300)
 
+    skipped = {name: skipped_updates(swarm, name) for name in ("a", "b")}
     for name in ("a", "b"):
-        peer, skipped = swarm.peers[name], skipped_updates(swarm, name)
-        print(f"peer {name}: skipped updates {skipped}")
-        # scaled-fp16 compression turns the 1e30 parts into NaN too (their spread overflows float32)
-        assert skipped["non_finite"] >= 2, (skipped, peer.log_text()[-3000:])
-        assert skipped["outlier"] + skipped["above_cap"] >= 1, (skipped, peer.log_text()[-3000:])
+        peer = swarm.peers[name]
+        print(f"peer {name}: skipped updates {skipped[name]}")
+        # scaled-fp16 compression turns the 1e30 parts into NaN too (their spread overflows float32). A peer that
+        # missed a round (slow matchmaking on a busy machine) stepped on its own gradients then: count per peer
+        # only what every round with the poisoner gives, the non-finite ones
+        assert skipped[name]["non_finite"] >= 2, (skipped, peer.log_text()[-3000:])
         assert "Skipping the optimizer step: the swarm-averaged gradient" in peer.log_text()
         assert latest_parameters_finite(peer), f"peer {name} was poisoned"
         norms = [norm for norm in honest_before[name] if norm > 0]  # 0: before this peer's first step
         ratios = [norm / statistics.median(norms[max(0, i - 50) : i]) for i, norm in enumerate(norms) if i >= WARMUP]
         print(f"peer {name}: honest update norms {norms}; max ratio to the running median {max(ratios):.2f}")
+    assert any(counts["outlier"] + counts["above_cap"] for counts in skipped.values()), skipped
 
     early = mean_losses(swarm, range(1, 3))
     late = mean_losses(swarm, range(max(swarm.epochs()) - 2, max(swarm.epochs()) + 1))
