@@ -46,7 +46,7 @@ def test_non_finite_gradient_is_refused_even_in_one_element(poison):
 
 def test_1e30_is_refused_by_the_absolute_cap_from_the_first_step():
     guard = UpdateGuard()
-    grads = [torch.full((1000,), 1e30)]  # float32 squares would overflow to inf: the norm is taken in float64
+    grads = [torch.full((1000,), 1e30)]  # finite entries whose float32 squares overflow: a huge norm, not a NaN
     assert not guard.admit(grads)
     assert guard.refused()[ABOVE_CAP] == 1
 
