@@ -56,12 +56,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def epochs_to_keep(epochs: Iterable[int], keep: int, keep_every: int) -> set[int]:
-    """Retention: the newest `keep` epochs plus every epoch divisible by `keep_every` (0 disables the latter)."""
+def epochs_to_keep(epochs: Iterable[int], keep: int, keep_every: int, newest_good: int | None = None) -> set[int]:
+    """Retention: the newest `keep` epochs plus every epoch divisible by `keep_every` (0 disables the latter), and
+    always `newest_good` (the newest verified checkpoint), whatever is damaged or newer."""
     epochs = sorted(set(epochs), reverse=True)
     kept = set(epochs[: max(keep, 0)])
     if keep_every > 0:
         kept |= {epoch for epoch in epochs if epoch % keep_every == 0}
+    if newest_good is not None:
+        kept.add(newest_good)
     return kept
 
 
@@ -224,8 +227,12 @@ class CheckpointStore:
         shutil.rmtree(self.root / name, ignore_errors=True)
 
     def _prune(self) -> None:
-        indexed = [entry.epoch for entry in self.history.checkpoints()]
-        for epoch in set(indexed) - epochs_to_keep(indexed, self.keep, self.keep_every):
+        entries = self.history.checkpoints()
+        indexed = [entry.epoch for entry in entries]
+        # damaged checkpoints still count as the newest `keep`: without this, they (or newer epochs of a restarted
+        # run) could push out the last checkpoint anyone can resume from
+        newest_good = next((entry.epoch for entry in entries if self.is_valid(entry)), None)
+        for epoch in set(indexed) - epochs_to_keep(indexed, self.keep, self.keep_every, newest_good):
             logger.info(f"Removing checkpoint of epoch {epoch} (retention: keep {self.keep}, every {self.keep_every})")
             self._discard(epoch)
 

@@ -25,7 +25,7 @@ from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.records import monitor_validators, read_progress
 from monitor.server import ServerThread, create_app
-from monitor.state import ModelMismatch, StateKeeper, build_run_model
+from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
 from peer.access import RunAccess
 from peer.averager_guard import MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
@@ -205,11 +205,14 @@ class Monitor:
             if time.monotonic() >= self._next_fetch and not self._fetch():
                 self._next_fetch = time.monotonic() + FETCH_BACKOFF
         if checkpoint_due and self.keeper.epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except NonFiniteState as error:  # nothing written; the next good state is checkpointed instead
+                logger.error(str(error))
 
     def _fetch(self) -> bool:
         try:
-            fetched = self.keeper.fetch(timeout=self.optim.load_state_timeout)
+            fetched = self.keeper.fetch(timeout=self.optim.load_state_timeout, swarm_epoch=self.live.snapshot.epoch)
         except ModelMismatch as error:
             logger.error(str(error))
             return False

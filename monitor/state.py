@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hivemind
 import torch
-from hivemind.optim.state_averager import TrainingStateAverager
 from transformers import PreTrainedTokenizerFast
 
 from data import load_tokenizer, model_overrides_from_tokenizer
@@ -22,7 +21,9 @@ from model import LeanAlbertForMaskedLM, load_config
 from monitor.checkpoint import MANIFEST, TRAINING_STATE, verify_directory
 from peer.averager_guard import GuardedTrainingStateAverager, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
+from peer.faults import all_finite
 from peer.progress import model_fingerprint
+from peer.state_check import EPOCH_MARGIN, MAX_EPOCH, CheckedTrainingStateAverager
 from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 class ModelMismatch(ValueError):
     """A checkpoint or a swarm state does not fit the run's model."""
+
+
+class NonFiniteState(ValueError):
+    """The held training state has NaN or infinite values: it is neither shared nor checkpointed."""
 
 
 @dataclass
@@ -118,7 +123,7 @@ class StateKeeper:
         membership: MembershipCheck | None = None,
     ):
         self.optim, self.run_model = optim, run_model
-        averager_class = TrainingStateAverager
+        averager_class = CheckedTrainingStateAverager  # a downloaded state is checked before it is applied
         if membership is not None:
             averager_class = partial(GuardedTrainingStateAverager, membership=membership)
         self.averager = averager_class(
@@ -140,10 +145,16 @@ class StateKeeper:
         """Epoch of the state held, or -1 before one was downloaded or resumed."""
         return self.averager.local_epoch if self.has_state else -1
 
-    def fetch(self, timeout: float) -> bool:
-        """Download the newest state from the swarm; True if the keeper now holds a state at least as new as before."""
+    def fetch(self, timeout: float, swarm_epoch: int | None = None) -> bool:
+        """Download the newest state from the swarm; True if the keeper now holds a state at least as new as before.
+
+        ``swarm_epoch`` (the epoch the peers' records report) bounds the epoch a donor may claim; without it only the
+        absolute cap of peer/state_check.py applies.
+        """
         before = self.epoch
         started = time.monotonic()
+        known = max(before, swarm_epoch if swarm_epoch is not None else before)
+        self.averager.epoch_limit = None if swarm_epoch is None else (lambda: known + EPOCH_MARGIN)
         try:
             self.averager.load_state_from_peers(timeout=timeout)
         except (TimeoutError, RuntimeError) as error:
@@ -153,6 +164,12 @@ class StateKeeper:
             raise ModelMismatch(f"the swarm's state does not fit the run's model: {error!r}") from error
         if self.averager.local_epoch <= before or (not self.has_state and self.averager.local_epoch == 0):
             return False  # nobody shared a newer state (or only epoch 0, indistinguishable from no download)
+        problem = self.state_problem()
+        if problem:  # the download check should have refused it: never share or checkpoint it
+            self.has_state = False
+            self.averager.allow_state_sharing = False
+            logger.error(f"The downloaded state of epoch {self.averager.local_epoch} is not kept: {problem}")
+            return False
         self._now_holds_state()
         logger.info(f"Downloaded the swarm's state of epoch {self.epoch} in {time.monotonic() - started:.1f} s")
         return True
@@ -174,13 +191,40 @@ class StateKeeper:
             self.averager.optimizer.load_state_dict(state["optimizer"])
             if self.averager.scheduler is not None and state.get("scheduler") is not None:
                 self.averager.scheduler.load_state_dict(state["scheduler"])
-        self.averager.local_epoch = int(state["epoch"])
+        epoch = state["epoch"]
+        if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+            raise ValueError(f"--resume_from checkpoint {directory}: its epoch {epoch!r} is not in [0, {MAX_EPOCH}]")
+        problem = self.state_problem()
+        if problem:
+            raise NonFiniteState(f"--resume_from checkpoint {directory} cannot be resumed: {problem}")
+        self.averager.local_epoch = epoch
         self._now_holds_state()
         logger.info(f"Resumed the training state of epoch {self.epoch} from {directory}")
         return self.epoch
 
+    def state_problem(self) -> str | None:
+        """None if every parameter and optimizer statistic held is finite, else what is not."""
+        if not all_finite(self.run_model.model.parameters()):
+            return "the model parameters hold NaN or infinite values"
+        statistics = [
+            value
+            for state in self.averager.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+        ]
+        if not all_finite(statistics):
+            return "the optimizer statistics hold NaN or infinite values"
+        return None
+
     def write(self, directory: Path) -> None:
-        """Fill a checkpoint directory: save_pretrained model (code + auto_map), tokenizer, training_state.pt."""
+        """Fill a checkpoint directory: save_pretrained model (code + auto_map), tokenizer, training_state.pt.
+
+        Raises NonFiniteState (and writes nothing) if the state is not finite: such a checkpoint would count against
+        retention and could push the good ones out.
+        """
+        problem = self.state_problem()
+        if problem:
+            raise NonFiniteState(f"not writing a checkpoint of epoch {self.averager.local_epoch}: {problem}")
         self.run_model.model.save_pretrained(directory)
         self.run_model.tokenizer.save_pretrained(directory)
         scheduler = self.averager.scheduler

@@ -26,6 +26,7 @@ from hivemind.utils.crypto import RSAPublicKey
 from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
 from peer.cancellable_rounds import CancellableRounds
 from peer.consistent_state import ConsistentStateMixin, SwarmOptimizer
+from peer.state_check import CheckedDownloads, FastSchedulerCatchUp
 
 logger = logging.getLogger(__name__)
 MEMBERS_REFETCH = 1.0  # seconds: unknown callers trigger at most one read of the member list this often
@@ -143,7 +144,12 @@ class GuardedGradientAverager(GuardedAveragerMixin, GradientAverager):
 
 
 class GuardedTrainingStateAverager(
-    GuardedAveragerMixin, ConsistentStateMixin, TrainingStateAverager, CancellableRounds
+    GuardedAveragerMixin,
+    ConsistentStateMixin,
+    FastSchedulerCatchUp,
+    TrainingStateAverager,
+    CheckedDownloads,
+    CancellableRounds,
 ):
     """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
 

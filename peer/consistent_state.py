@@ -27,6 +27,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from peer.cancellable_rounds import CancellableRounds
+from peer.state_check import EPOCH_MARGIN, CheckedDownloads, FastSchedulerCatchUp
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +104,22 @@ class ConsistentStateMixin:
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
 
-class ConsistentTrainingStateAverager(ConsistentStateMixin, TrainingStateAverager, CancellableRounds):
-    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels."""
+class ConsistentTrainingStateAverager(
+    ConsistentStateMixin, FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads, CancellableRounds
+):
+    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels;
+    a downloaded state is checked before it is applied (peer/state_check.py)."""
 
 
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer built on ``state_averager_class`` (a TrainingStateAverager serving consistent state)."""
 
     state_averager_class: type[TrainingStateAverager] = ConsistentTrainingStateAverager
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a donor's epoch may be ahead of what this peer knows of the swarm, but not by more than a margin
+        self.state_averager.epoch_limit = lambda: max(self.local_epoch, self.tracker.global_epoch) + EPOCH_MARGIN
 
     def cancel_averaging(self) -> None:
         """Leaving the swarm: cancel the averaging rounds this peer is part of, and start none (thread-safe)."""

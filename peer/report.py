@@ -8,6 +8,7 @@ import time
 import hivemind
 import prometheus_client
 from hivemind.utils import get_dht_time
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tqdm import tqdm
 
 from peer.progress import PeerProgress, publish_progress, software_version
@@ -36,9 +37,41 @@ class PeerMetrics:
         )
         self.recoveries = counter("albert_peer_recoveries", "Times parameters were reloaded after becoming non-finite")
 
+    def watch_optimizer(self, optimizer: hivemind.Optimizer) -> None:
+        """Export what the optimizer's guards refused (read at each scrape: the counts live in the guards, which
+        hivemind may update from its background threads)."""
+        self.registry.register(GuardCollector(optimizer))
+
     def serve(self, port: int) -> None:
         prometheus_client.start_http_server(port, registry=self.registry)
         logger.info(f"Prometheus metrics on http://0.0.0.0:{port}/metrics")
+
+
+class GuardCollector:
+    """Prometheus collector of the optimizer's refusals: averaged gradients not applied, downloaded states refused."""
+
+    def __init__(self, optimizer: hivemind.Optimizer):
+        self.update_guard = getattr(optimizer, "update_guard", None)
+        self.state_averager = optimizer.state_averager
+
+    def collect(self):
+        skipped = CounterMetricFamily(
+            "albert_peer_skipped_updates",
+            "Optimizer steps skipped because the swarm-averaged gradient was refused, by reason",
+            labels=["reason"],
+        )
+        if self.update_guard is not None:
+            for reason, count in self.update_guard.refused().items():
+                skipped.add_metric([reason], count)
+            last = GaugeMetricFamily("albert_peer_update_norm", "L2 norm of the last applied averaged gradient")
+            last.add_metric([], self.update_guard.last_norm or 0.0)
+            yield last
+        yield skipped
+        yield CounterMetricFamily(
+            "albert_peer_refused_states",
+            "Training states downloaded from peers and refused (non-finite or implausible epoch)",
+            value=getattr(self.state_averager, "refused_states", 0),
+        )
 
 
 class Reporter:
@@ -69,6 +102,7 @@ class Reporter:
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
         self.record: PeerProgress | None = None
         self.last_published, self.last_status = -float("inf"), ""
+        metrics.watch_optimizer(optimizer)
         self._start_epoch(optimizer.local_epoch)
 
     def _start_epoch(self, epoch: int) -> None:
@@ -122,7 +156,9 @@ class Reporter:
         self.metrics.swarm_peers.set(self.optimizer.tracker.global_progress.num_peers)
         if record.mean_loss is not None:
             self.metrics.loss.set(record.mean_loss)
-        logger.info(self._summary() + f" -> epoch {new_epoch}")
+        norm = getattr(getattr(self.optimizer, "update_guard", None), "last_norm", None)
+        applied = f" | update norm {norm:.4g}" if norm is not None else ""  # of the averaged gradient last applied
+        logger.info(self._summary() + applied + f" -> epoch {new_epoch}")
         self._publish(record)
         self._start_epoch(new_epoch)
 

@@ -20,6 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 from peer.averager_guard import GuardedOptimizer, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
 from peer.consistent_state import SwarmOptimizer
+from peer.update_guard import UpdateGuard
 
 logger = logging.getLogger(__name__)
 
@@ -90,36 +91,46 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def guarded_step(optimizer: torch.optim.Optimizer, guard: UpdateGuard, max_grad_norm: float, step, closure):
+    """The step of a swarm optimizer: skipped if ``guard`` refuses the averaged gradient, else clipped and taken."""
+    grads_of = [param for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+    if not guard.admit(param.grad for param in grads_of):
+        return None  # nothing touched: parameters and moments stay as they were
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(grads_of, max_grad_norm)
+    return step(closure)
+
+
 class ClippedLamb(torch_optimizer.Lamb):
     """LAMB (as in sahajBERT and RuLeanALBERT) that first clips the gradient it is given to ``max_grad_norm``.
 
-    Inside hivemind.Optimizer this gradient is the swarm's averaged one, so clipping acts on the global batch.
+    Inside hivemind.Optimizer this gradient is the swarm's averaged one, so clipping acts on the global batch; before
+    that, an UpdateGuard skips the step when that gradient is non-finite or absurdly large (peer/update_guard.py).
 
     Args:
         params: parameters or parameter groups.
         max_grad_norm: L2 norm to clip to; 0 disables clipping.
+        guard: the guard that admits or refuses each step (a fresh one if None).
         kwargs: passed to ``torch_optimizer.Lamb``.
     """
 
-    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+    def __init__(self, params, max_grad_norm: float = 0.0, guard: UpdateGuard | None = None, **kwargs):
         super().__init__(params, **kwargs)
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.guard = max_grad_norm, guard or UpdateGuard()
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.max_grad_norm > 0:
-            grads_of = [param for group in self.param_groups for param in group["params"] if param.grad is not None]
-            torch.nn.utils.clip_grad_norm_(grads_of, self.max_grad_norm)
-        return super().step(closure)
+        return guarded_step(self, self.guard, self.max_grad_norm, super().step, closure)
 
 
-def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, optim: OptimConfig, guard: UpdateGuard | None = None) -> torch.optim.Optimizer:
     """The optimizer factory given to hivemind: LAMB over ``params`` with the run's hyper-parameters."""
     if optim.optimizer == "lamb-8bit":
-        return make_lamb_8bit(params, optim)
+        return make_lamb_8bit(params, optim, guard or UpdateGuard())
     return ClippedLamb(
         params,
         max_grad_norm=optim.max_grad_norm,
+        guard=guard,
         lr=optim.learning_rate,
         betas=(0.9, 0.999),
         eps=1e-6,
@@ -129,8 +140,8 @@ def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     )
 
 
-def make_lamb_8bit(params, optim: OptimConfig) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit LAMB (CUDA only), clipping the averaged gradient like ClippedLamb."""
+def make_lamb_8bit(params, optim: OptimConfig, guard: UpdateGuard) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit LAMB (CUDA only), guarding and clipping the averaged gradient like ClippedLamb."""
     try:
         import bitsandbytes
     except ImportError as error:
@@ -139,16 +150,13 @@ def make_lamb_8bit(params, optim: OptimConfig) -> torch.optim.Optimizer:
     class ClippedLamb8bit(bitsandbytes.optim.LAMB8bit):
         @torch.no_grad()
         def step(self, closure=None):
-            if optim.max_grad_norm > 0:
-                grads_of = [
-                    param for group in self.param_groups for param in group["params"] if param.grad is not None
-                ]
-                torch.nn.utils.clip_grad_norm_(grads_of, optim.max_grad_norm)
-            return super().step(closure)
+            return guarded_step(self, guard, optim.max_grad_norm, super().step, closure)
 
-    return ClippedLamb8bit(
+    optimizer = ClippedLamb8bit(
         params, lr=optim.learning_rate, betas=(0.9, 0.999), eps=1e-6, weight_decay=optim.weight_decay
     )
+    optimizer.guard = guard
+    return optimizer
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -180,13 +188,14 @@ def build_optimizer(
     closed run (``membership`` given) its averagers serve run members only.
     """
     optimizer_class = SwarmOptimizer if membership is None else partial(GuardedOptimizer, membership=membership)
-    return optimizer_class(
+    guard = UpdateGuard()  # shared by every optimizer hivemind builds from the factory; read by the metrics
+    optimizer = optimizer_class(
         dht=dht,
         run_id=swarm.run_id,
         target_batch_size=optim.target_batch_size,
         batch_size_per_step=samples_per_step,
         params=param_groups(model, optim.weight_decay),
-        optimizer=partial(make_optimizer, optim=optim),
+        optimizer=partial(make_optimizer, optim=optim, guard=guard),
         scheduler=partial(make_scheduler, optim=optim),
         matchmaking_time=optim.matchmaking_time,
         averaging_timeout=optim.averaging_timeout,
@@ -206,6 +215,8 @@ def build_optimizer(
         tracker_opts=dict(metadata_expiration=optim.progress_expiration),
         verbose=True,
     )
+    optimizer.update_guard = guard
+    return optimizer
 
 
 def bound_state_downloads(optimizer: hivemind.Optimizer, max_attempts: int) -> None:

@@ -16,6 +16,7 @@ from monitor.checkpoint import (
     verify_directory,
 )
 from monitor.history import History
+from monitor.state import NonFiniteState
 from peer.run_key import RunKey, verify_signature
 from peer.run_record import PROTOCOL_VERSION
 
@@ -80,6 +81,44 @@ def test_store_prunes_after_each_write(store):
         "epoch-000013",
         "epoch-000013.tar",
     ]
+
+
+def test_retention_always_keeps_the_newest_good_epoch():
+    assert epochs_to_keep([4, 8, 9], keep=2, keep_every=0, newest_good=4) == {4, 8, 9}
+    assert epochs_to_keep([4, 8, 9], keep=0, keep_every=0, newest_good=4) == {4}
+
+
+def truncate(path):
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+def test_damaged_newer_checkpoints_never_push_out_the_newest_good_one(store):
+    """A run restarted from epoch 5 while the checkpoints of epochs 8 and 9 are damaged: with keep=2 those two were
+    "the newest two", and the checkpoint just written (the only good one) was deleted at once."""
+    for epoch in (8, 9):
+        truncate(store.directory(store.write(epoch, fill_with(b"d" * 4096))) / "model.safetensors")
+    store.write(5, fill_with(b"g" * 4096))
+    assert [entry.epoch for entry in store.list()] == [5]
+    assert store.get()[0].epoch == 5
+    store.write(6, fill_with(b"h" * 4096))  # a newer good one: 5 is no longer needed
+    assert [entry.epoch for entry in store.list()] == [6]
+    assert not (store.root / "epoch-000005").exists()
+
+
+def test_refused_write_keeps_every_good_checkpoint(tmp_path):
+    """A state refused at write time (e.g. non-finite, monitor/state.py) writes nothing and prunes nothing."""
+    store = CheckpointStore(tmp_path / "ckpt", History(tmp_path / "h.sqlite"), keep=1)
+    store.write(3, fill_with(b"g" * 100))
+
+    def refused(directory):
+        raise NonFiniteState("not writing a checkpoint of epoch 4: the model parameters hold NaN or infinite values")
+
+    for epoch in (4, 5, 6):
+        with pytest.raises(NonFiniteState):
+            store.write(epoch, refused)
+    assert [entry.epoch for entry in store.list()] == [3]
+    assert sorted(path.name for path in store.root.iterdir()) == ["epoch-000003", "epoch-000003.tar"]
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "archive", "manifest.json"])

@@ -1,0 +1,188 @@
+"""A downloaded training state is checked before it is applied: finite tensors and metadata, a plausible epoch.
+
+hivemind 1.1.12 applies whatever state a donor sends (``TrainingStateAverager.load_state_from_peers``): a NaN
+tensor poisons the joiner (and the monitor's checkpoints), and an epoch of 2**62 makes it step its scheduler once per
+epoch it "catches up", which never ends. Here each download is checked in the averager's process as it arrives (hivemind's loop over
+donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check): a refused state is logged,
+counted and dropped, and the next donor is asked; if none is left, hivemind keeps the local state. The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import multiprocessing as mp
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, ValueWithExpiration
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.streaming import combine_from_streaming
+
+logger = logging.getLogger(__name__)
+
+# No real run gets near this many epochs (the default schedule is 20000); far above, and a downloaded epoch is
+# refused whatever the peer's own view of the swarm says.
+MAX_EPOCH = 2**31
+# How far ahead of the swarm epoch this process knows a donor's epoch may be: the tracker lags the swarm by a few
+# epochs at most (progress entries are refreshed every few seconds), so 1000 is generous and still bounds the
+# scheduler's catch-up.
+EPOCH_MARGIN = 1000
+
+
+class StateRefused(ValueError):
+    """A downloaded state failed the check; the message names the problem."""
+
+
+def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int) -> None:
+    """Raise StateRefused unless the state's epoch is an int in [0, max_epoch] and every number in it is finite."""
+    if not isinstance(metadata, dict):
+        raise StateRefused(f"its metadata is a {type(metadata).__name__}, not a dict")
+    epoch = metadata.get("epoch")
+    if type(epoch) is not int:  # bool is an int subclass; msgpack gives plain ints for honest states
+        raise StateRefused(f"its epoch {epoch!r} is not an integer")
+    if not 0 <= epoch <= max_epoch:
+        raise StateRefused(f"its epoch {epoch} is outside [0, {max_epoch}]")
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise StateRefused(f"tensor {index} is a {type(tensor).__name__}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise StateRefused(f"tensor {index} (shape {tuple(tensor.shape)}) holds NaN or infinite values")
+    for value in _numbers(metadata.get("optimizer_metadata")):  # learning rates, betas, ... of the param groups
+        if isinstance(value, float) and not math.isfinite(value):
+            raise StateRefused(f"its optimizer metadata holds a non-finite value {value}")
+
+
+def _numbers(tree: Any):
+    """Every leaf of a nested structure of lists, tuples and dicts (metadata as msgpack decodes it)."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _numbers(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _numbers(value)
+    else:
+        yield tree
+
+
+class CheckedDownloads(DecentralizedAverager):
+    """Checks every downloaded state (see check_state) before it is handed over, and tries the next donor after a
+    refusal, so one donor serving poison (at the highest priority) cannot keep a joiner from the swarm's state.
+
+    Put it after TrainingStateAverager among the bases. ``epoch_limit`` (settable; called at each download) bounds
+    the epoch by this process's own knowledge of the swarm; MAX_EPOCH bounds it always.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.epoch_limit: Callable[[], int] | None = None
+        self._refused = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in this one
+        super().__init__(*args, **kwargs)
+
+    @property
+    def refused_states(self) -> int:
+        """Downloaded states refused so far."""
+        return int(self._refused.value)
+
+    def max_epoch(self) -> int:
+        known = self.epoch_limit() if self.epoch_limit is not None else MAX_EPOCH
+        return min(MAX_EPOCH, known)
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+        # hivemind's own, plus the epoch bound (known in this process) sent along to the averager's process
+        future = MPFuture()
+        request = {"timeout": timeout, "future": future, "max_epoch": self.max_epoch()}
+        self._outer_pipe.send(("_load_state_from_peers", [], request))
+        return future.result(timeout=timeout) if wait else future
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None, max_epoch=MAX_EPOCH):
+        # hivemind 1.1.12's loop over the donors by priority (averaging/averager.py), with each state checked
+        if timeout is not None:
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            for peer in await self._donors():
+                loaded = await self._download_from(peer, timeout)
+                if loaded is None:
+                    continue
+                try:
+                    check_state(*loaded, max_epoch)
+                except StateRefused as refusal:
+                    with self._refused.get_lock():
+                        self._refused.value += 1
+                    logger.error(f"Refused the training state downloaded from peer {peer}: {refusal}; trying another")
+                    continue
+                future.set_result(loaded)
+                return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _donors(self) -> list[PeerID]:
+        """Peers sharing their state, highest priority first (random among equals), this one left out."""
+        key_manager = self._matchmaking.group_key_manager
+        found = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        priority = {
+            PeerID(peer_id): (float(info.value), random.random())
+            for peer_id, info in entries.items()
+            if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
+        }
+        if not priority:
+            logger.info("Could not load state from peers: nobody shares a state")
+        return [peer for peer in sorted(priority, key=priority.get, reverse=True) if peer != self.peer_id]
+
+    async def _download_from(self, peer: PeerID, timeout: float | None) -> tuple[Any, list[torch.Tensor]] | None:
+        """One donor's (metadata, tensors), or None if it sent none or failed."""
+        started = time.monotonic()
+        logger.info(f"Downloading parameters from peer {peer}")
+        try:
+            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, parts, tensors = None, [], []
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:  # the start of the next tensor: wrap this one up
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        except Exception:  # a donor can fail in any way; the next one is tried
+            logger.exception(f"Failed to download state from {peer}")
+            return None
+        if not metadata:
+            logger.debug(f"Peer {peer} did not send its state")
+            return None
+        logger.info(f"Finished downloading state in {time.monotonic() - started:.3f}s from {peer}")
+        return metadata, tensors
+
+
+class FastSchedulerCatchUp:
+    """For a TrainingStateAverager (put it before): catching the scheduler up to the epoch is one step, not one
+    per epoch, for closed-form schedules (LambdaLR, which make_scheduler builds). hivemind's loop took 0.51 s per
+    100k epochs here (~5 us a step): an epoch of 2**31 would hold the peer ~3 hours, 2**62 forever."""
+
+    def _update_scheduler(self):
+        scheduler = self.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler._step_count < self.local_epoch:
+            # the state hivemind's loop leaves after its last step, less one: the step below computes the rates
+            scheduler._step_count, scheduler.last_epoch = self.local_epoch, self.local_epoch - 1
+        super()._update_scheduler()
+
+
+class CheckedTrainingStateAverager(FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads):
+    """hivemind's TrainingStateAverager that refuses non-finite or implausible downloaded states (the monitor's)."""
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        # hivemind names RPC handlers after the class: keep hivemind's name so every peer addresses the same ones
+        return TrainingStateAverager._get_handle_name(namespace, method_name)

@@ -1,0 +1,114 @@
+"""A poisoning member of a run, run as its own process by the tests: a real hivemind.Optimizer built for the same run
+with the same factories as an honest peer, that sends poisoned gradients into real averaging rounds, or serves a
+poisoned training state to peers that download one.
+
+    python -m tests.peer.poisoner --mode grads --schedule nan,huge,outlier --epochs_each 3 PEER_FLAGS...
+    python -m tests.peer.poisoner --mode state --poison nan|epoch PEER_FLAGS...
+
+grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
+makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
+random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
+state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``) or whose epoch is 2**62
+(``epoch``), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+
+from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
+from peer.consistent_state import ConsistentTrainingStateAverager
+from peer.runtime import build_model
+from peer.swarm import build_dht, build_optimizer
+
+HUGE = 1e30
+HUGE_EPOCH = 2**62
+POISONER_PRIORITY = float(2**40)  # above any epoch: every downloader asks this peer first
+
+
+def poisoned_gradients(model: torch.nn.Module, phase: str, outlier_value: float) -> None:
+    for param in model.parameters():
+        if phase == "nan":
+            param.grad = torch.full_like(param, float("nan"))
+        elif phase == "huge":
+            param.grad = torch.full_like(param, HUGE)
+        else:  # random signs: a constant tensor has no spread, which scaled-fp16 compression cannot encode
+            param.grad = outlier_value * torch.randn_like(param).sign()
+
+
+def send_poisoned_gradients(optimizer, model, samples: int, schedule: list[str], epochs_each: int, value: float):
+    optimizer.load_state_from_peers()  # at the swarm's epoch first, or the first phase is spent catching up
+    for phase in schedule:
+        until = optimizer.local_epoch + epochs_each
+        while optimizer.local_epoch < until:
+            poisoned_gradients(model, phase, value)
+            before = optimizer.local_epoch
+            optimizer.step(batch_size=samples)
+            optimizer.zero_grad(set_to_none=True)
+            if optimizer.local_epoch != before:
+                print(f"POISONED {phase} epoch {before}", flush=True)
+            time.sleep(0.3)  # the pace of an honest tiny peer, so the rounds are not all the attacker's
+
+
+def poison_served_state(poison: str) -> None:
+    """Make every state this process serves poisoned (a class-level patch: hivemind calls the averager's own
+    get_current_state through a weak reference taken at start-up, so an instance attribute would not be seen)."""
+    honest = ConsistentTrainingStateAverager.get_current_state
+
+    def poisoned_state(self):
+        metadata, tensors, infos = honest(self)
+        if poison == "nan":
+            tensors = [tensor.clone() for tensor in tensors]
+            tensors[0].fill_(float("nan"))
+        else:
+            metadata = dict(metadata, epoch=HUGE_EPOCH)
+        return metadata, tensors, infos
+
+    ConsistentTrainingStateAverager.get_current_state = poisoned_state
+
+
+def serve_poisoned_state(optimizer) -> None:
+    optimizer.state_averager.state_sharing_priority = POISONER_PRIORITY
+    print("SERVING", flush=True)
+    while True:
+        time.sleep(1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=("grads", "state"), required=True)
+    parser.add_argument("--schedule", default="nan,huge,outlier")
+    parser.add_argument("--epochs_each", type=int, default=3)
+    parser.add_argument("--outlier_value", type=float, default=10.0)
+    parser.add_argument("--poison", choices=("nan", "epoch"), default="nan")
+    args, rest = parser.parse_known_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig, args=rest)
+    torch.set_num_threads(1)
+    if args.mode == "state":
+        poison_served_state(args.poison)
+    _, model = build_model(config, torch.device("cpu"))
+    dht = build_dht(swarm)
+    optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)
+    try:
+        if args.mode == "grads":
+            schedule = args.schedule.split(",")
+            send_poisoned_gradients(
+                optimizer, model, config.samples_per_step, schedule, args.epochs_each, args.outlier_value
+            )
+        else:
+            serve_poisoned_state(optimizer)
+    finally:
+        optimizer.shutdown()
+        dht.shutdown()
+    print("DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""A poisoning member of a real swarm: its NaN, 1e30 and outsized gradients go through real averaging rounds, and the
+state it serves is NaN or 2**62 epochs ahead. Two honest peers skip those steps (counted in their /metrics), stay
+finite and keep learning; a joiner and the monitor's state keeper refuse the poisoned state and take an honest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import urllib.request
+
+import hivemind
+import pytest
+import torch
+
+from monitor.state import StateKeeper, build_run_model
+from peer.config import OptimConfig, SwarmConfig
+from peer.state_check import EPOCH_MARGIN
+from peer.update_guard import WARMUP
+from tests.peer.conftest import PEER_FLAGS, REPO, RUN_ID, wait_until
+from tests.peer.poisoner import POISONER_PRIORITY
+
+pytestmark = [pytest.mark.slow]
+
+# the optimizer settings PEER_FLAGS give the peers, for the state keeper built in this process
+TEST_OPTIM = OptimConfig(
+    target_batch_size=32,
+    matchmaking_time=2,
+    averaging_timeout=15,
+    load_state_timeout=15,
+    learning_rate=0.05,
+    warmup_epochs=0,
+    total_epochs=1000,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Poisoner:
+    """tests/peer/poisoner.py in its own process group, output in a file."""
+
+    def __init__(self, swarm, name: str, *args: str):
+        self.out_path = swarm.workdir / f"{name}.log"
+        command = [sys.executable, "-m", "tests.peer.poisoner", *args, "--run_id", RUN_ID, *PEER_FLAGS]
+        command += ["--initial_peers", *swarm.initial_peers]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        with open(self.out_path, "w") as out:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # it, its DHT process and its p2pd
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    """Two honest peers serving their Prometheus metrics; their early epochs run before any attack."""
+    swarm = make_swarm()
+    swarm.metrics_ports = {}
+    for name in ("a", "b"):
+        swarm.metrics_ports[name] = free_port()
+        swarm.start_peer(name, extra_flags=["--metrics_port", str(swarm.metrics_ports[name])])
+    swarm.wait_for_epoch(WARMUP + 3, peers=2, timeout=240)  # past the guard's warm-up
+    return swarm
+
+
+def skipped_updates(swarm, name: str) -> dict[str, float]:
+    url = f"http://127.0.0.1:{swarm.metrics_ports[name]}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        reason: float(count)
+        for reason, count in re.findall(
+            r'^albert_peer_skipped_updates_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE
+        )
+    }
+
+
+def update_norms(log: str) -> list[float]:
+    return [float(norm) for norm in re.findall(r"update norm ([0-9.e+-]+) -> epoch", log)]
+
+
+def mean_losses(swarm, epochs) -> float:
+    losses = [
+        record.mean_loss
+        for records in swarm.history.values()
+        for epoch, record in records.items()
+        if epoch in epochs and record.mini_steps
+    ]
+    return sum(losses) / len(losses)
+
+
+def latest_parameters_finite(peer) -> bool:
+    parameters = peer.parameters(peer.backup_epochs()[-1])
+    return all(torch.isfinite(tensor).all() for tensor in parameters.values())
+
+
+@pytest.mark.timeout(900)
+def test_poisoned_gradients_are_skipped_counted_and_learning_goes_on(swarm):
+    honest_before = {name: update_norms(swarm.peers[name].log_text()) for name in ("a", "b")}
+    attack_started_at = max(swarm.epochs())
+    poisoner = Poisoner(swarm, "poisoner-grads", "--mode", "grads", "--schedule", "nan,huge,outlier")
+    try:
+        poisoner.process.wait(timeout=600)
+    finally:
+        poisoner.kill()
+    output = poisoner.output()
+    assert poisoner.process.returncode == 0 and "DONE" in output, output[-3000:]
+    for phase in ("nan", "huge", "outlier"):
+        assert f"POISONED {phase}" in output, output[-3000:]
+    attack_ended_at = max(swarm.epochs())
+    swarm.wait_for_epoch(attack_ended_at + 8, peers=2, timeout=300)
+
+    skipped = {name: skipped_updates(swarm, name) for name in ("a", "b")}
+    for name in ("a", "b"):
+        peer = swarm.peers[name]
+        print(f"peer {name}: skipped updates {skipped[name]}")
+        # scaled-fp16 compression turns the 1e30 parts into NaN too (their spread overflows float32). A peer that
+        # missed a round (slow matchmaking on a busy machine) stepped on its own gradients then: count per peer
+        # only what every round with the poisoner gives, the non-finite ones
+        assert skipped[name]["non_finite"] >= 2, (skipped, peer.log_text()[-3000:])
+        assert "Skipping the optimizer step: the swarm-averaged gradient" in peer.log_text()
+        assert latest_parameters_finite(peer), f"peer {name} was poisoned"
+        norms = [norm for norm in honest_before[name] if norm > 0]  # 0: before this peer's first step
+        ratios = [norm / statistics.median(norms[max(0, i - 50) : i]) for i, norm in enumerate(norms) if i >= WARMUP]
+        print(
+            f"peer {name}: honest update norms {norms}; max ratio to the running median {max(ratios, default=0):.2f}"
+        )
+    assert any(counts["outlier"] + counts["above_cap"] for counts in skipped.values()), skipped
+
+    early = mean_losses(swarm, range(1, 3))
+    late = mean_losses(swarm, range(max(swarm.epochs()) - 2, max(swarm.epochs()) + 1))
+    print(f"mean loss: epochs 1-2 {early:.3f}, last epochs {late:.3f} (attack from epoch {attack_started_at})")
+    assert late < early - 0.25
+
+
+def poisoner_announced(swarm) -> bool:
+    """Whether the DHT lists a state donor at the poisoner's priority (it is then every downloader's first choice)."""
+    found = swarm.dht.get(f"{RUN_ID}_state_averager.all_averagers", latest=True)
+    offers = found.value if found is not None and isinstance(found.value, dict) else {}
+    return any(getattr(offer, "value", None) == POISONER_PRIORITY for offer in offers.values())
+
+
+@pytest.fixture
+def keeper(swarm):
+    """The monitor's state keeper (client mode: it only downloads) on a DHT of its own in this process."""
+    dht = hivemind.DHT(initial_peers=swarm.initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    swarm_config = SwarmConfig(run_id=RUN_ID, initial_peers=swarm.initial_peers)
+    keeper = StateKeeper(dht, swarm_config, TEST_OPTIM, build_run_model("tiny", None), client_mode=True)
+    yield keeper
+    keeper.shutdown()
+    dht.shutdown()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("poison", ["nan", "epoch"])
+def test_poisoned_state_is_refused_and_an_honest_donor_used(swarm, keeper, poison):
+    poisoner = Poisoner(swarm, f"poisoner-state-{poison}", "--mode", "state", "--poison", poison)
+    try:
+        wait_until(lambda: "SERVING" in poisoner.output(), 180, f"the poisoner to serve; {poisoner.out_path}")
+        wait_until(lambda: poisoner_announced(swarm), 60, "the poisoner's state offer to reach the DHT")
+        swarm_epoch = max(swarm.epochs())
+        assert keeper.fetch(timeout=30, swarm_epoch=swarm_epoch), "no state was taken"
+        # the poisoner was asked first (highest priority) and refused; then an honest peer's state was taken
+        assert keeper.averager.refused_states >= 1
+        assert keeper.state_problem() is None
+        assert swarm_epoch - 5 <= keeper.epoch <= swarm_epoch + EPOCH_MARGIN
+        if poison == "nan":
+            joiner = swarm.start_peer("joiner")
+            wait_until(lambda: "Refused the training state downloaded from peer" in joiner.log_text(), 180, "refusal")
+            swarm.wait_for_epoch(max(swarm.epochs()), peers=3, timeout=180)  # the joiner caught up with the swarm
+            wait_until(lambda: joiner.backup_epochs(), 60, "a backup of the joiner")
+            assert latest_parameters_finite(joiner)
+    finally:
+        poisoner.kill()
