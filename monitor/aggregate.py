@@ -21,7 +21,6 @@ so neither a flood of keys nor a long run can make a value unstorable or a table
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace

@@ -12,7 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 import multiprocessing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -100,7 +100,9 @@ class PeerProgress(pydantic.BaseModel):
     @pydantic.root_validator(skip_on_failure=True)
     def plausible_loss(cls, values: dict) -> dict:
         if values["loss_sum"] > MAX_MINI_STEP_LOSS * values["mini_steps"]:
-            raise LossOutOfRange(loss_sum=values["loss_sum"], limit=MAX_MINI_STEP_LOSS, mini_steps=values["mini_steps"])
+            raise LossOutOfRange(
+                loss_sum=values["loss_sum"], limit=MAX_MINI_STEP_LOSS, mini_steps=values["mini_steps"]
+            )
         return values
 
     def dict(self, **kwargs) -> dict:
@@ -158,7 +160,7 @@ def schema_refusal_reason(record: DHTRecord) -> str:
     """Why the schema validator refused a DHT record: "range", "future", or "schema" for anything else."""
     try:
         value = MSGPackSerializer.loads(record.value)
-    except Exception:  # not even msgpack: nothing more to tell
+    except Exception:  # noqa: BLE001 (msgpack raises many kinds): not even msgpack, nothing more to tell
         return "schema"
     if not isinstance(value, dict):
         return "schema"
@@ -293,7 +295,7 @@ def fetch_progress(
     run_id: str,
     rejected: RejectedRecords | None = None,
     limit: int | None = None,
-    first: frozenset[bytes] = frozenset(),
+    first: Callable[[bytes], bool] | None = None,
 ) -> dict[bytes, PeerProgress]:
     """All unexpired, valid records of the run, keyed by their owner's public key.
 
@@ -301,13 +303,15 @@ def fetch_progress(
     records the DHT's validators refused. That happens when the node that served it validated it against another
     schema or clock (a record stored on its author's own node is checked by nobody else; one dated within the skew
     of the storing node's clock can be beyond the skew of ours), so every record is re-checked here.
-    With `limit`, at most that many subkeys are parsed (the owners in `first`, e.g. known peers, before others);
+    With `limit`, at most that many subkeys are parsed (the owners `first` picks, e.g. known peers, before others);
     the rest are counted as "too_many", so a flood of keys costs a bounded amount of work per read.
     """
     found = dht.get(metrics_key(run_id), latest=True)
     if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
         return {}
-    entries = sorted(found.value.items(), key=lambda item: item[0] not in first)
+    entries = list(found.value.items())
+    if first is not None:
+        entries.sort(key=lambda item: not first(item[0]))
     if limit is not None and len(entries) > limit:
         if rejected is not None:
             rejected.add("too_many", len(entries) - limit)

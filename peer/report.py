@@ -10,7 +10,7 @@ import prometheus_client
 from hivemind.utils import get_dht_time
 from tqdm import tqdm
 
-from peer.progress import PeerProgress, publish_progress, software_version
+from peer.progress import PROTOCOL_VERSION, PeerProgress, publish_progress, software_version
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Reporter:
             version=software_version(),
             time=float(get_dht_time()),
             model_hash=self.model_hash,
+            protocol=PROTOCOL_VERSION,
         )
         self.metrics.epoch.set(new_epoch)
         self.metrics.samples_per_second.set(record.samples_per_second)
