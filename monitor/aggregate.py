@@ -8,12 +8,13 @@ Every report comes from a stranger who can sign anything, so before a report cou
 - not from the future beyond MAX_CLOCK_SKEW (a future-dated record would stay "alive" until its date: a ghost),
 - at an epoch someone else vouches for. Epoch rule: a report's epoch E is accepted if
   E <= (highest epoch among the OTHER usable alive reports) + MAX_EPOCH_LEAD, or
-  E <= (epoch of the state the monitor holds) + held_lead.
+  E <= (epoch of the state the monitor holds, 0 if none) + held_lead.
   One hostile peer among honest ones is vouched for by no one beyond MAX_EPOCH_LEAD over the honest peers, so it can
   raise the run's epoch by at most that much; a monitor restarted with a fresh run dir follows a swarm far ahead,
   because honest peers vouch for each other (and a lone peer is vouched for by the state the monitor downloads first).
   Limits: keys are free in an open run, so two colluding keys vouch for each other and can move the run's epoch
-  (a closed run limits keys to credential holders); a lone stranger in an empty swarm can reach held + held_lead.
+  (a closed run limits keys to credential holders); a lone stranger can reach held + held_lead; and a monitor
+  holding no state tries a first download (at most every FETCH_BACKOFF) when a peer claims an unvouched epoch.
 Refused reports are counted by reason ("range", "future", "epoch") in the snapshot.
 Sums saturate at MAX_TOTAL and the peers table keeps at most `max_rows` rows (alive and biggest contributors first),
 so neither a flood of keys nor a long run can make a value unstorable or a table unbounded.
@@ -135,7 +136,8 @@ def vouched(alive: Mapping[str, PeerReport], held_epoch: int, held_lead: int) ->
         # the highest epoch of any OTHER peer: the top one, or the runner-up for the top peer itself
         others = next((epoch for epoch, other in epochs if other != pid), None)
         by_peers = others is not None and report.epoch <= others + MAX_EPOCH_LEAD
-        by_state = held_epoch >= 0 and report.epoch <= held_epoch + held_lead
+        # a monitor holding no state yet stands at epoch 0, where every run starts
+        by_state = report.epoch <= max(held_epoch, 0) + held_lead
         (accepted if by_peers or by_state else unconfirmed).add(pid)
     return accepted, unconfirmed
 
