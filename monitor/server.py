@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -52,16 +53,19 @@ def create_app(
     admin_token: str | None = None,
     request_checkpoint: CheckpointRequest | None = None,
     authority: Authority | None = None,
-    refresh_period: float = 5.0,
+    refresh_period: float | None = None,
     refresh_grace: float = 0.0,
 ) -> FastAPI:
     """Build the app; `request_checkpoint` (blocking, returns the new entry) backs POST /api/checkpoints.
 
     With an `authority` (a closed run), POST /api/join gives access tokens to peers that prove a credential.
-    /healthz answers 503 once the last successful refresh (or the start, before the first) is older than
-    UNHEALTHY_REFRESH_PERIODS refresh periods plus `refresh_grace` (how long one refresh may rightly block).
+    Given the `refresh_period` of the loop that updates `live`, /healthz answers 503 once the last successful
+    refresh (or the start, before the first) is older than UNHEALTHY_REFRESH_PERIODS refresh periods plus
+    `refresh_grace` (how long one refresh may rightly block); without one (no refresh loop), it always answers 200.
     """
-    unhealthy_after = UNHEALTHY_REFRESH_PERIODS * refresh_period + refresh_grace
+    unhealthy_after = (
+        math.inf if refresh_period is None else UNHEALTHY_REFRESH_PERIODS * refresh_period + refresh_grace
+    )
     app = FastAPI(title="albert-swarm monitor", version="1", docs_url="/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
