@@ -13,8 +13,8 @@ Every report comes from a stranger who can sign anything, so before a report cou
   raise the run's epoch by at most that much; a monitor restarted with a fresh run dir follows a swarm far ahead,
   because honest peers vouch for each other (and a lone peer is vouched for by the state the monitor downloads first).
   Limits: keys are free in an open run, so two colluding keys vouch for each other and can move the run's epoch
-  (a closed run limits keys to credential holders); a lone stranger can reach held + held_lead; and a monitor
-  holding no state tries a first download (at most every FETCH_BACKOFF) when a peer claims an unvouched epoch.
+  (a closed run limits keys to credential holders); a lone stranger can reach held + held_lead; and when nobody
+  vouched for is alive, an unvouched claim makes the monitor try a download (at most once a minute, monitor/node.py).
 Refused reports are counted by reason ("range", "future", "epoch") in the snapshot.
 Sums saturate at MAX_TOTAL and the peers table keeps at most `max_rows` rows (alive and biggest contributors first),
 so neither a flood of keys nor a long run can make a value unstorable or a table unbounded.

@@ -36,6 +36,7 @@ from peer.swarm import build_dht, visible_maddrs
 logger = logging.getLogger(__name__)
 RUN_RECORD_EXPIRATION = 60.0  # seconds; refreshed every refresh period, so a dead monitor's record soon vanishes
 FETCH_BACKOFF = 15.0  # seconds between scheduled downloads after one found nothing newer (e.g. peers just died)
+UNVOUCHED_FETCH_BACKOFF = 60.0  # seconds between downloads tried because a peer claims an epoch nobody vouches for
 ERROR_LOG_INTERVAL = 60.0  # seconds between two tracebacks of failing refreshes (each failure is still counted)
 MAX_REFUSED_LOGGED = 1024  # refused peers remembered so as to log each once; keys are free, so the set is capped
 
@@ -73,6 +74,7 @@ class Monitor:
         self.access: RunAccess | None = None
         self._refused_logged: set[str] = set()
         self._next_fetch = 0.0  # monotonic time before which scheduled downloads are skipped
+        self._next_unvouched_fetch = 0.0  # the same, for downloads an unvouched epoch asks for
         self._errors = RateLimitedLog()
 
     def start(self) -> None:
@@ -263,14 +265,18 @@ class Monitor:
             cfg.checkpoint_every and swarm_epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every
         )
         # Only trainers hold a newer state than the monitor's: with none alive, there is nothing to download.
-        # Ghosts (future-dated records) and unvouched epochs are not alive peers, so they trigger no download;
-        # the one exception is a monitor holding no state at all, whose first download must come from a peer
-        # nobody vouches for yet (a lone trainer far ahead of a monitor restarted with a fresh run dir).
+        # Ghosts (future-dated records) and unvouched epochs are not alive peers, so they trigger no download.
         ahead = snapshot.alive_peers and swarm_epoch > max(held, 0)
-        first_state = held < 0 and snapshot.unconfirmed_peers
-        due = (ahead or first_state) and (stale or checkpoint_due)
-        if due and time.monotonic() >= self._next_fetch and not self._fetch():
+        if ahead and (stale or checkpoint_due) and time.monotonic() >= self._next_fetch and not self._fetch():
             self._next_fetch = time.monotonic() + FETCH_BACKOFF
+        # The one exception: nobody vouched for is alive, but someone claims an epoch nobody vouches for. It may be a
+        # lone trainer that ran ahead of the held state (or the monitor holds none yet, after a restart with a fresh
+        # run dir): only a download can tell, and its state's epoch then vouches. Rarely, so a lone stranger's claim
+        # costs at most one download attempt per UNVOUCHED_FETCH_BACKOFF; among vouched peers it costs nothing.
+        lone_claim = not snapshot.alive_peers and snapshot.unconfirmed_peers
+        if lone_claim and time.monotonic() >= self._next_unvouched_fetch:
+            self._next_unvouched_fetch = time.monotonic() + UNVOUCHED_FETCH_BACKOFF
+            self._fetch()
         if checkpoint_due and self.keeper.epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
             self.checkpoint()
 
