@@ -5,9 +5,15 @@ run's epoch is not hijacked."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import hivemind
 import pytest
@@ -199,3 +205,38 @@ def test_out_of_bounds_records_never_crash_poison_or_haunt_the_monitor(processes
         if hostile is not None:
             hostile.stop()
         honest.shutdown()
+
+
+def python_children(pid: int) -> list[int]:
+    """The monitor's forked helper processes (its DHT and averager), not p2pd."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if "p2pd" not in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                children.append(int(child))
+    return children
+
+
+@pytest.mark.timeout(300)
+def test_a_stuck_refresh_turns_healthz_503_with_its_age_and_back(processes, tmp_path):
+    monitor = MonitorProcess(tmp_path / "monitor-stuck", RUN_ID + "-stuck")
+    processes.append(monitor)
+    monitor.wait_ready()
+    helpers = python_children(monitor.process.pid)
+    assert helpers, "the monitor has no DHT process"
+    for pid in helpers:  # the DHT stops answering: the refresh waits on it, and no refresh succeeds
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # 3 refresh periods (1 s) + the grace of one state download (--load_state_timeout 15)
+        health = wait_until(lambda: monitor.get("/healthz") is None, 60, "/healthz to fail")
+        assert health
+        request = urllib.request.Request(monitor.url + "/healthz")
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=10)
+        body = json.loads(answer.value.read())
+        assert answer.value.code == 503 and body["status"] == "stale" and body["last_refresh_age_seconds"] > 18
+    finally:
+        for pid in helpers:
+            os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: (monitor.get("/healthz") or {}).get("status") == "ok", 60, "/healthz to recover")
+    assert monitor.process.poll() is None
