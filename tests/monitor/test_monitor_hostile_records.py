@@ -1,7 +1,7 @@
 """A real monitor under attack: a hostile process writes forged, oversized, malformed and out-of-bounds progress
 records into its DHT. Each is refused and counted by reason (API, metrics, log), and the monitor keeps aggregating
 the honest peer's records: it never dies (also when restarted while the records live), no ghost stays alive, and the
-run's epoch is not hijacked."""
+run's epoch is not hijacked. A monitor whose refreshes are stuck says so: /healthz answers 503 with the age."""
 
 from __future__ import annotations
 
