@@ -2,15 +2,38 @@
 
 The monitor calls `aggregate` every refresh period with the reports it just read from the DHT, the previous
 snapshot (which carries the per-peer contribution ledger) and the current time.
+
+Every report comes from a stranger who can sign anything, so before a report counts it must be:
+- in range (the bounds of peer/progress.py: finite, so no sum overflows or turns to inf),
+- not from the future beyond MAX_CLOCK_SKEW (a future-dated record would stay "alive" until its date: a ghost),
+- at an epoch someone else vouches for. Epoch rule: a report's epoch E is accepted if
+  E <= (highest epoch among the OTHER usable alive reports) + MAX_EPOCH_LEAD, or
+  E <= (epoch of the state the monitor holds, 0 if none) + held_lead.
+  One hostile peer among honest ones is vouched for by no one beyond MAX_EPOCH_LEAD over the honest peers, so it can
+  raise the run's epoch by at most that much; a monitor restarted with a fresh run dir follows a swarm far ahead,
+  because honest peers vouch for each other (and a lone peer is vouched for by the state the monitor downloads first).
+  Limits: keys are free in an open run, so two colluding keys vouch for each other and can move the run's epoch
+  (a closed run limits keys to credential holders); a lone stranger can reach held + held_lead; and when nobody
+  vouched for is alive, an unvouched claim makes the monitor try a download (at most once a minute, monitor/node.py).
+Refused reports are counted by reason ("range", "future", "epoch") in the snapshot.
+Sums saturate at MAX_TOTAL and the peers table keeps at most `max_rows` rows (alive and biggest contributors first),
+so neither a flood of keys nor a long run can make a value unstorable or a table unbounded.
 """
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from peer.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
+
 LAGGING_EPOCHS = 2  # a peer this many epochs behind the swarm is shown as recovering (it reloads state)
+# How far ahead of every other alive peer a report's epoch may be. Honest peers share one global epoch; a peer's
+# record lags by an epoch or two while it publishes or recovers, so 4 never refuses an honest leader.
+MAX_EPOCH_LEAD = 4
+MAX_TOTAL = 2**62  # cumulative sums saturate here: SQLite's INTEGER holds at most 2**63 - 1
+MAX_PEER_ROWS = 1024  # rows of the peers table (and its SQLite copy); a key flood cannot grow it beyond this
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,10 @@ class SwarmSnapshot:
     peers: tuple[PeerRow, ...] = ()
     # per peer, the (epoch, samples) already counted into its contribution, so a record read twice counts once
     counted: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # reports refused in this aggregation, by reason ("range", "future", "epoch"); included in invalid_records
+    refused: Mapping[str, int] = field(default_factory=dict)
+    # alive, in-range reports whose epoch nobody vouched for: with no state held, they may show where to download one
+    unconfirmed_peers: int = 0
 
 
 EMPTY_SNAPSHOT = SwarmSnapshot(
@@ -78,15 +105,41 @@ EMPTY_SNAPSHOT = SwarmSnapshot(
 
 
 def is_sane(report: PeerReport) -> bool:
-    """A schema-valid record can still carry numbers that would poison the sums (NaN, negative counts)."""
-    numbers = (report.samples_per_second, report.loss_sum, report.time)
+    """Whether every number is within the bounds of peer/progress.py (NaN and infinities fail them too).
+
+    The schema checks the same bounds; this keeps aggregation safe whatever built the report.
+    """
     return (
-        report.epoch >= 0
-        and report.samples_accumulated >= 0
-        and report.mini_steps >= 0
-        and all(math.isfinite(x) for x in numbers)
-        and report.samples_per_second >= 0
+        0 <= report.epoch <= MAX_COUNT
+        and 0 <= report.samples_accumulated <= MAX_COUNT
+        and 0 <= report.mini_steps <= MAX_COUNT
+        and 0.0 <= report.samples_per_second <= MAX_SAMPLES_PER_SECOND
+        and 0.0 <= report.loss_sum <= MAX_MINI_STEP_LOSS * report.mini_steps
+        and 0.0 <= report.time <= MAX_COUNT
     )
+
+
+def refusal(report: PeerReport, now: float) -> str | None:
+    """Why a report cannot count at all ("range" or "future"), or None."""
+    if not is_sane(report):
+        return "range"
+    if report.time - now > MAX_CLOCK_SKEW:
+        return "future"
+    return None
+
+
+def vouched(alive: Mapping[str, PeerReport], held_epoch: int, held_lead: int) -> tuple[set[str], set[str]]:
+    """Split alive peers into those whose epoch is vouched for (see the module's epoch rule) and those not."""
+    epochs = sorted(((r.epoch, pid) for pid, r in alive.items()), reverse=True)
+    accepted, unconfirmed = set(), set()
+    for pid, report in alive.items():
+        # the highest epoch of any OTHER peer: the top one, or the runner-up for the top peer itself
+        others = next((epoch for epoch, other in epochs if other != pid), None)
+        by_peers = others is not None and report.epoch <= others + MAX_EPOCH_LEAD
+        # a monitor holding no state yet stands at epoch 0, where every run starts
+        by_state = report.epoch <= max(held_epoch, 0) + held_lead
+        (accepted if by_peers or by_state else unconfirmed).add(pid)
+    return accepted, unconfirmed
 
 
 def aggregate(
@@ -96,6 +149,9 @@ def aggregate(
     invalid_records: int = 0,
     stale_after: float = 60.0,
     forget_after: float = 3600.0,
+    held_epoch: int | None = None,
+    held_lead: int = MAX_EPOCH_LEAD,
+    max_rows: int = MAX_PEER_ROWS,
 ) -> SwarmSnapshot:
     """Fold the latest reports into a new snapshot.
 
@@ -103,20 +159,32 @@ def aggregate(
         reports: reports that passed schema and signature validation (at most one per peer is used: the newest).
         now: current DHT time.
         previous: the last snapshot; its ledger makes contributions and the sample total cumulative, and its epoch
-            is the new one's floor (the run's epoch is the highest any alive peer ever reported).
+            is the new one's floor (the run's epoch is the highest vouched epoch any alive peer ever reported).
         invalid_records: records rejected by validation during this refresh (shown and exported, not aggregated).
         stale_after: a peer whose newest report is older than this is not alive.
         forget_after: a peer not seen for this long is dropped from the table (its contribution stays counted).
+        held_epoch: epoch of the state the monitor holds (-1: none); the monitor always passes it. None (tools and
+            tests of other rules) leaves the epoch rule out: every in-range report's epoch is accepted.
+        held_lead: how far above `held_epoch` a report's epoch is vouched for by the held state.
+        max_rows: most rows kept in the peers table.
     """
+    refused: Counter[str] = Counter()
     newest: dict[str, PeerReport] = {}
     for report in reports:
-        if not is_sane(report):
-            invalid_records += 1
+        reason = refusal(report, now)
+        if reason is not None:
+            refused[reason] += 1
             continue
         if report.peer_id not in newest or report.time > newest[report.peer_id].time:
             newest[report.peer_id] = report
 
     alive = {pid: r for pid, r in newest.items() if now - r.time <= stale_after}
+    accepted, unconfirmed = set(alive), set()
+    if held_epoch is not None:
+        accepted, unconfirmed = vouched(alive, held_epoch, held_lead)
+    refused["epoch"] += len(unconfirmed)
+    alive = {pid: r for pid, r in alive.items() if pid in accepted}
+    newest = {pid: r for pid, r in newest.items() if pid not in unconfirmed}
     # the run's epoch never goes back: when the peer that was ahead stops counting as alive, the others catch up
     epoch = max([previous.epoch, *(r.epoch for r in alive.values())])
 
@@ -128,14 +196,15 @@ def aggregate(
         if added is not None:
             already = counted[pid][1] if pid in counted and counted[pid][0] == report.epoch else 0
             counted[pid] = (report.epoch, max(already, report.samples_accumulated))
-            contributions[pid] = contributions.get(pid, 0) + added
-            samples_total += added
+            contributions[pid] = min(MAX_TOTAL, contributions.get(pid, 0) + added)
+            samples_total = min(MAX_TOTAL, samples_total + added)
 
     rows = {row.peer_id: replace(row, alive=False, status="gone") for row in previous.peers}
     for pid, report in newest.items():
         rows[pid] = _row(report, contributions[pid], pid in alive, epoch)
     rows = {pid: row for pid, row in rows.items() if row.alive or now - row.last_seen <= forget_after}
-    counted = {pid: c for pid, c in counted.items() if pid in rows}
+    kept = sorted(rows.values(), key=lambda row: (not row.alive, -row.contribution, row.peer_id))[:max_rows]
+    counted = {row.peer_id: counted[row.peer_id] for row in kept if row.peer_id in counted}
 
     loss_sum = sum(r.loss_sum for r in alive.values())
     mini_steps = sum(r.mini_steps for r in alive.values())
@@ -146,9 +215,11 @@ def aggregate(
         samples_per_second=sum(r.samples_per_second for r in alive.values()),
         alive_peers=len(alive),
         samples_total=samples_total,
-        invalid_records=invalid_records,
-        peers=tuple(sorted(rows.values(), key=lambda row: (not row.alive, -row.contribution, row.peer_id))),
+        invalid_records=invalid_records + sum(refused.values()),
+        peers=tuple(kept),
         counted=counted,
+        refused={reason: count for reason, count in refused.items() if count},
+        unconfirmed_peers=len(unconfirmed),
     )
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from monitor.aggregate import EMPTY_SNAPSHOT, SwarmSnapshot
+
+MAX_REFUSED_PEERS = 64  # refused peers shown (API); a stranger can make any number of keys, so the rest are counted
 
 
 @dataclass
@@ -25,20 +28,31 @@ class LiveState:
     model: dict = field(default_factory=dict)
     snapshot: SwarmSnapshot = EMPTY_SNAPSHOT
     invalid_records_total: int = 0  # records that failed validation, since this monitor started
-    refused_records_total: int = 0  # valid records from peers whose model does not match the run
-    refused_peers: dict = field(default_factory=dict)  # peer id -> why its records are not aggregated
+    # the same, by reason (signature, size, schema, range, future, epoch, too_many, other)
+    invalid_by_reason: Counter = field(default_factory=Counter)
+    refused_records_total: int = 0  # valid records from peers whose model or protocol version differs from the run's
+    refused_peers: dict = field(default_factory=dict)  # peer id -> why its records are not aggregated (capped)
     last_refresh: float = 0.0  # wall time of the last successful refresh (0: none yet)
-    refresh_errors: int = 0
+    refresh_errors: int = 0  # refreshes (or run-loop turns) that failed for any reason, since this monitor started
     state_epoch: int = -1  # epoch of the training state this monitor holds and shares (-1: none)
     started_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def update(self, snapshot: SwarmSnapshot, invalid: int, refused: dict) -> None:
+    def update(
+        self,
+        snapshot: SwarmSnapshot,
+        invalid: int,
+        refused: dict,
+        invalid_by_reason: Mapping[str, int] | None = None,
+        refused_count: int | None = None,
+    ) -> None:
+        """Publish a refresh: its snapshot, the records it refused (`refused_count` defaults to len(refused))."""
         with self.lock:
             self.snapshot = snapshot
             self.invalid_records_total += invalid
-            self.refused_records_total += len(refused)
-            self.refused_peers = dict(refused)
+            self.invalid_by_reason.update(invalid_by_reason or {})
+            self.refused_records_total += len(refused) if refused_count is None else refused_count
+            self.refused_peers = dict(list(refused.items())[:MAX_REFUSED_PEERS])
             self.last_refresh = time.time()
 
     @property

@@ -42,12 +42,24 @@ class SwarmCollector(Collector):
         yield _counter(
             "albert_monitor_invalid_records", "Progress records that failed validation.", live.invalid_records_total
         )
+        by_reason = CounterMetricFamily(
+            "albert_monitor_invalid_records_by_reason",
+            "Progress records refused, by reason (signature, size, schema, range, future, epoch, too_many, other).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(live.invalid_by_reason.items()):
+            by_reason.add_metric([reason], count)
+        yield by_reason
         yield _counter(
             "albert_monitor_refused_records",
             "Valid records from peers whose model does not match.",
             live.refused_records_total,
         )
-        yield _counter("albert_monitor_refresh_errors", "Refreshes that failed to read the DHT.", live.refresh_errors)
+        yield _counter(
+            "albert_monitor_refresh_errors",
+            "Refreshes (or loop turns) that failed, for any reason.",
+            live.refresh_errors,
+        )
         yield _gauge(
             "albert_monitor_state_epoch", "Epoch of the training state the monitor holds (-1: none).", live.state_epoch
         )

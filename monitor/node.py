@@ -17,7 +17,7 @@ from pathlib import Path
 from hivemind.utils import get_dht_time
 
 from monitor.access import Authority, monitor_access
-from monitor.aggregate import SwarmSnapshot, aggregate
+from monitor.aggregate import MAX_EPOCH_LEAD, SwarmSnapshot, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
 from monitor.history import CheckpointEntry, History
@@ -36,6 +36,24 @@ from peer.swarm import build_dht, visible_maddrs
 logger = logging.getLogger(__name__)
 RUN_RECORD_EXPIRATION = 60.0  # seconds; refreshed every refresh period, so a dead monitor's record soon vanishes
 FETCH_BACKOFF = 15.0  # seconds between scheduled downloads after one found nothing newer (e.g. peers just died)
+UNVOUCHED_FETCH_BACKOFF = 60.0  # seconds between downloads tried because a peer claims an epoch nobody vouches for
+ERROR_LOG_INTERVAL = 60.0  # seconds between two tracebacks of failing refreshes (each failure is still counted)
+MAX_REFUSED_LOGGED = 1024  # refused peers remembered so as to log each once; keys are free, so the set is capped
+
+
+class RateLimitedLog:
+    """Logs an error with its traceback at most once per `interval` seconds, saying how many were not logged."""
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL):
+        self.interval, self.last, self.skipped = interval, -float("inf"), 0
+
+    def error(self, message: str, error: BaseException) -> None:
+        if time.monotonic() - self.last < self.interval:
+            self.skipped += 1
+            return
+        also = f" ({self.skipped} more since the last report)" if self.skipped else ""
+        logger.error(f"{message}{also}: {error!r}", exc_info=error)
+        self.last, self.skipped = time.monotonic(), 0
 
 
 class Monitor:
@@ -56,6 +74,8 @@ class Monitor:
         self.access: RunAccess | None = None
         self._refused_logged: set[str] = set()
         self._next_fetch = 0.0  # monotonic time before which scheduled downloads are skipped
+        self._next_unvouched_fetch = 0.0  # the same, for downloads an unvouched epoch asks for
+        self._errors = RateLimitedLog()
 
     def start(self) -> None:
         """Load or build the model, join the DHT, announce the multiaddrs, open history and checkpoints, serve HTTP."""
@@ -102,6 +122,9 @@ class Monitor:
             admin_token=cfg.admin_token,
             request_checkpoint=self.request_checkpoint,
             authority=self.authority,
+            refresh_period=cfg.refresh_period,
+            # a refresh may block for a whole state download: that is slow, not unhealthy
+            refresh_grace=self.optim.load_state_timeout,
         )
         self.server = ServerThread(app, cfg.http_host, cfg.http_port)
         self.server.start()
@@ -130,46 +153,89 @@ class Monitor:
         logger.info(f"Multiaddrs of this monitor written to {path}")
 
     def run(self) -> None:
-        """Refresh every refresh period until stopped; serve checkpoint requests as they come."""
+        """Refresh every refresh period until stopped; serve checkpoint requests as they come.
+
+        Nothing a turn of the loop raises ends it: the failure is counted and logged, and the next turn goes on.
+        """
         next_refresh = 0.0
         while not self._stop.is_set():
-            if time.monotonic() >= next_refresh:
-                self.refresh()
-                next_refresh = time.monotonic() + self.config.refresh_period
             try:
-                request = self._requests.get(timeout=max(0.0, next_refresh - time.monotonic()))
-            except queue.Empty:
-                continue
-            if request is not None:
-                self._serve_request(request)
+                next_refresh = self._turn(next_refresh)
+            except Exception as error:  # noqa: BLE001 -- whatever a stranger's bytes cause, the monitor lives on
+                self.live.refresh_errors += 1
+                self._errors.error("The monitor's loop failed; it goes on", error)
+                self._stop.wait(self.config.refresh_period)  # no busy loop if the failure repeats at once
+                next_refresh = 0.0
+
+    def _turn(self, next_refresh: float) -> float:
+        """One turn of the loop: refresh if due, else serve a request or wait for one. Returns the next refresh time."""
+        if time.monotonic() >= next_refresh:
+            self.refresh()
+            next_refresh = time.monotonic() + self.config.refresh_period
+        try:
+            request = self._requests.get(timeout=max(0.0, next_refresh - time.monotonic()))
+        except queue.Empty:
+            return next_refresh
+        if request is not None:
+            self._serve_request(request)
+        return next_refresh
 
     def stop(self) -> None:
         self._stop.set()
         self._requests.put(None)  # wake the loop
 
     def refresh(self) -> None:
-        """One cycle: announce the run, read and aggregate the records, keep the state fresh, checkpoint if due."""
+        """One cycle: announce the run, read and aggregate the records, keep the state fresh, checkpoint if due.
+
+        A refresh that fails for any reason (the DHT timing out, SQLite, a bug) is counted in `refresh_errors` and
+        logged with its traceback (at most once a minute); the next refresh tries again.
+        """
         try:
-            self._publish_run_record()
-            read = read_progress(self.dht, self.swarm.run_id, self.run_model.fingerprint)
-        except Exception as error:  # the DHT can time out; the next refresh tries again
-            logger.warning(f"Could not read the swarm's progress: {error!r}")
+            self._refresh()
+        except Exception as error:  # noqa: BLE001 -- whatever a stranger's bytes cause, the monitor lives on
             self.live.refresh_errors += 1
-            return
-        for label in read.refused.keys() - self._refused_logged:
-            logger.warning(f"Refusing the records of peer {label}: {read.refused[label]}")
-        self._refused_logged |= read.refused.keys()
+            self._errors.error("A refresh of the monitor failed; the next one tries again", error)
+
+    def _refresh(self) -> None:
+        self._publish_run_record()
+        known = {row.peer_id for row in self.live.snapshot.peers}
+        read = read_progress(self.dht, self.swarm.run_id, self.run_model.fingerprint, known=known.__contains__)
+        self._log_refused(read.refused)
         snapshot = aggregate(
             read.reports,
             now=get_dht_time(),
             previous=self.live.snapshot,
             invalid_records=read.invalid,
             stale_after=self.config.stale_after,
+            held_epoch=self.keeper.epoch,
+            held_lead=self._held_lead(),
         )
         snapshot = self._not_behind_held_state(snapshot)
-        self.history.record(snapshot)
-        self.live.update(snapshot, read.invalid, read.refused)
+        if snapshot.refused:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in snapshot.refused.items())
+            logger.warning(f"Refused {sum(snapshot.refused.values())} progress records while aggregating ({reasons})")
+        by_reason = {**read.invalid_by_reason}
+        for reason, count in snapshot.refused.items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+        self.history.record(snapshot)  # first: a refresh that cannot save its snapshot is not a successful one
+        self.live.update(snapshot, sum(by_reason.values()), read.refused, by_reason, read.refused_count)
         self._keep_state(snapshot)
+
+    def _log_refused(self, refused: dict[str, str]) -> None:
+        """Log each refused peer once; past MAX_REFUSED_LOGGED remembered peers, new ones are only counted."""
+        for label in refused.keys() - self._refused_logged:
+            if len(self._refused_logged) >= MAX_REFUSED_LOGGED:
+                return
+            logger.warning(f"Refusing the records of peer {label}: {refused[label]}")
+            self._refused_logged.add(label)
+
+    def _held_lead(self) -> int:
+        """How far ahead of the held state a lone peer is believed: up to the epoch at which a download is due.
+
+        Beyond it nobody vouches for a lone peer; within it, its epoch triggers the download that then vouches.
+        """
+        cfg = self.config
+        return MAX_EPOCH_LEAD + (cfg.fetch_state_every or cfg.checkpoint_every)
 
     def _not_behind_held_state(self, snapshot: SwarmSnapshot) -> SwarmSnapshot:
         """The run is at least at the epoch of the state the monitor holds (resumed, or downloaded from a trainer)."""
@@ -200,10 +266,19 @@ class Monitor:
         checkpoint_due = (
             cfg.checkpoint_every and swarm_epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every
         )
-        # only trainers hold a newer state than the monitor's: with none alive, there is nothing to download
-        if snapshot.alive_peers and swarm_epoch > max(held, 0) and (stale or checkpoint_due):
-            if time.monotonic() >= self._next_fetch and not self._fetch():
-                self._next_fetch = time.monotonic() + FETCH_BACKOFF
+        # Only trainers hold a newer state than the monitor's: with none alive, there is nothing to download.
+        # Ghosts (future-dated records) and unvouched epochs are not alive peers, so they trigger no download.
+        ahead = snapshot.alive_peers and swarm_epoch > max(held, 0)
+        if ahead and (stale or checkpoint_due) and time.monotonic() >= self._next_fetch and not self._fetch():
+            self._next_fetch = time.monotonic() + FETCH_BACKOFF
+        # The one exception: nobody vouched for is alive, but someone claims an epoch nobody vouches for. It may be a
+        # lone trainer that ran ahead of the held state (or the monitor holds none yet, after a restart with a fresh
+        # run dir): only a download can tell, and its state's epoch then vouches. Rarely, so a lone stranger's claim
+        # costs at most one download attempt per UNVOUCHED_FETCH_BACKOFF; among vouched peers it costs nothing.
+        lone_claim = not snapshot.alive_peers and snapshot.unconfirmed_peers
+        if lone_claim and time.monotonic() >= self._next_unvouched_fetch:
+            self._next_unvouched_fetch = time.monotonic() + UNVOUCHED_FETCH_BACKOFF
+            self._fetch()
         if checkpoint_due and self.keeper.epoch // cfg.checkpoint_every > last_checkpoint // cfg.checkpoint_every:
             try:
                 self.checkpoint()

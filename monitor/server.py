@@ -12,6 +12,7 @@ endpoint stay public.
 from __future__ import annotations
 
 import hmac
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,8 @@ CHECKPOINT_ON_DEMAND_ERRORS = {
     503: {"description": "No checkpoint could be made (no training state yet, or the request timed out)"},
     **TOO_LARGE,
 }
+HEALTH_ERRORS = {503: {"description": "The monitor has not refreshed for several refresh periods (stuck or failing)"}}
+UNHEALTHY_REFRESH_PERIODS = 3  # refreshes missed before /healthz says 503: one slow DHT read is not unhealthy
 DOWNLOAD_ERRORS = {404: {"description": "No verified checkpoint (of that epoch)"}}
 # Bounds of /api/history's query values: SQLite takes integers up to 2**63 and a time this far is year 33658.
 MAX_TIME, MAX_EPOCH = 1e12, 2**53
@@ -95,11 +98,19 @@ def create_app(
     admin_token: str | None = None,
     request_checkpoint: CheckpointRequest | None = None,
     authority: Authority | None = None,
+    refresh_period: float | None = None,
+    refresh_grace: float = 0.0,
 ) -> FastAPI:
     """Build the app; `request_checkpoint` (blocking, returns the new entry) backs POST /api/checkpoints.
 
     With an `authority` (a closed run), POST /api/join gives access tokens to peers that prove a credential.
+    Given the `refresh_period` of the loop that updates `live`, /healthz answers 503 once the last successful
+    refresh (or the start, before the first) is older than UNHEALTHY_REFRESH_PERIODS refresh periods plus
+    `refresh_grace` (how long one refresh may rightly block); without one (no refresh loop), it always answers 200.
     """
+    unhealthy_after = (
+        math.inf if refresh_period is None else UNHEALTHY_REFRESH_PERIODS * refresh_period + refresh_grace
+    )
     app = FastAPI(title="albert-swarm monitor", version="1", docs_url="/docs", redoc_url=None)
     app.add_middleware(BodySizeLimit)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -111,14 +122,20 @@ def create_app(
     def dashboard() -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / "dashboard.html").read_text(), headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {
-            "status": "ok",
+    @app.get("/healthz", responses=HEALTH_ERRORS)
+    def healthz() -> JSONResponse:
+        now = time.time()
+        age = now - max(live.last_refresh, live.started_at)
+        healthy = age <= unhealthy_after
+        body = {
+            "status": "ok" if healthy else "stale",
             "run_id": live.run_id,
-            "uptime_seconds": time.time() - live.started_at,
+            "uptime_seconds": now - live.started_at,
             "last_refresh": live.last_refresh,
+            "last_refresh_age_seconds": age,
+            "refresh_errors": live.refresh_errors,
         }
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
@@ -139,6 +156,8 @@ def create_app(
             "last_refresh": live.last_refresh,
             "state_epoch": live.state_epoch,
             "invalid_records_total": live.invalid_records_total,
+            "invalid_records_by_reason": dict(live.invalid_by_reason),
+            "refresh_errors": live.refresh_errors,
             "refused_records_total": live.refused_records_total,
             "refused_peers": live.refused_peers,
             "initial_peers": list(live.initial_peers),

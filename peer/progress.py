@@ -1,7 +1,9 @@
 """The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_metrics``.
 
 Records are checked by a schema validator, a size limit and an RSA signature validator: only a record's owner can
-write it. Trainer peers publish them; the monitor reads them back with the same validators, counting what they refuse.
+write it. Every number has a range (a stranger's record can sign any value), and a record dated in the future beyond
+the clock skew is refused by whoever validates it, against its own clock. Trainer peers publish them; the monitor
+reads them back with the same validators, counting what they refuse by reason.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 import multiprocessing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -18,10 +20,27 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
+# The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
+# change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
+# It lives here, not in run_record (which re-exports it), because run_record imports this module.
+PROTOCOL_VERSION = 2
+# Largest count a record may carry: every integer of a record stays exact as a float (2**53), and sums of a capped
+# number of them stay far below SQLite's INTEGER limit (2**63 - 1).
+MAX_COUNT = 2**53
+# Fastest plausible peer: an H100 trains ALBERT-base at a few thousand samples/s; 1e6 leaves 100x headroom for
+# smaller models and faster devices while keeping the swarm's sum of speeds finite and meaningful.
+MAX_SAMPLES_PER_SECOND = 1e6
+# Largest plausible mean loss of one mini-step. An untrained MLM starts near ln(vocab) (about 10 for 30k tokens);
+# 1000 is ~100x that, so a diverging peer's record still shows on the dashboard, while 1e308 cannot reach the sums.
+MAX_MINI_STEP_LOSS = 1000.0
+# How far ahead of the reader's clock a record's time may be. DHT time is wall time; hivemind's own access tokens
+# tolerate one minute of skew between machines, and so do we. A record dated further ahead is refused (it would stay
+# "alive" until its date), and one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
+MAX_CLOCK_SKEW = 60.0
 METRICS_FIELD = "metrics"
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
@@ -41,18 +60,59 @@ VOLATILE_CONFIG_KEYS = frozenset(
 )
 
 
-class PeerProgress(pydantic.BaseModel):
-    """One peer's report for one epoch (strict types: the DHT's schema validator refuses any conversion)."""
+class FromTheFuture(pydantic.PydanticValueError):
+    code = "future"
+    msg_template = "the record's time is {ahead:.0f} s ahead of this node's clock (at most {skew:.0f} s allowed)"
 
-    epoch: pydantic.conint(ge=0, strict=True)
-    samples_per_second: pydantic.confloat(ge=0.0, strict=True)
-    samples_accumulated: pydantic.conint(ge=0, strict=True)
-    loss_sum: pydantic.confloat(ge=0.0, strict=True)
-    mini_steps: pydantic.conint(ge=0, strict=True)
+
+class LossOutOfRange(pydantic.PydanticValueError):
+    code = "number.loss"
+    msg_template = "loss_sum {loss_sum} is above {limit} per mini-step over {mini_steps} mini-steps"
+
+
+class PeerProgress(pydantic.BaseModel):
+    """One peer's report for one epoch (strict types: the DHT's schema validator refuses any conversion).
+
+    Bounds (NaN and infinities fail them too) keep any sum of records finite and storable; `time` is checked
+    against the clock of whoever validates, so the same record can pass on a node whose clock is ahead and be
+    refused on one whose clock is right.
+    """
+
+    epoch: pydantic.conint(ge=0, le=MAX_COUNT, strict=True)
+    samples_per_second: pydantic.confloat(ge=0.0, le=MAX_SAMPLES_PER_SECOND, strict=True)
+    samples_accumulated: pydantic.conint(ge=0, le=MAX_COUNT, strict=True)
+    loss_sum: pydantic.confloat(ge=0.0, le=MAX_MINI_STEP_LOSS * MAX_COUNT, strict=True)
+    mini_steps: pydantic.conint(ge=0, le=MAX_COUNT, strict=True)
     device: pydantic.constr(max_length=64, strict=True)
     version: pydantic.constr(max_length=32, strict=True)
-    time: pydantic.StrictFloat
+    time: pydantic.confloat(ge=0.0, le=MAX_COUNT, strict=True)
     model_hash: pydantic.constr(max_length=64, strict=True)
+    # 0: a peer older than the protocol field (its record has none), so that it still parses and is refused by name
+    protocol: pydantic.conint(ge=0, le=2**31, strict=True) = 0
+
+    @pydantic.validator("time")
+    def not_from_the_future(cls, time: float) -> float:
+        ahead = time - get_dht_time()
+        if ahead > MAX_CLOCK_SKEW:
+            raise FromTheFuture(ahead=ahead, skew=MAX_CLOCK_SKEW)
+        return time
+
+    @pydantic.root_validator(skip_on_failure=True)
+    def plausible_loss(cls, values: dict) -> dict:
+        if values["loss_sum"] > MAX_MINI_STEP_LOSS * values["mini_steps"]:
+            raise LossOutOfRange(
+                loss_sum=values["loss_sum"], limit=MAX_MINI_STEP_LOSS, mini_steps=values["mini_steps"]
+            )
+        return values
+
+    def dict(self, **kwargs) -> dict:
+        # hivemind's SchemaValidator refuses a record whose parsed form differs from what was sent ("no conversion").
+        # An older peer sends no `protocol`: leaving the default 0 out lets its record through the DHT, so the
+        # monitor can refuse it by name (another protocol version) instead of as a malformed record.
+        values = super().dict(**kwargs)
+        if values.get("protocol") == 0:
+            del values["protocol"]
+        return values
 
     @property
     def mean_loss(self) -> float | None:
@@ -86,22 +146,49 @@ class RecordSizeValidator(RecordValidatorBase):
         return 5
 
 
-class RejectedRecords:
-    """Counts the DHT records a node refused, by reason (signature, size, schema).
+def refusal_reason(error: pydantic.ValidationError) -> str:
+    """Why a record failed PeerProgress: "schema" (shape or types), "future" (time ahead) or "range" (a number)."""
+    kinds = [item["type"] for item in error.errors()]
+    if not all(kind.startswith("value_error.") for kind in kinds):
+        return "schema"
+    if "value_error.future" in kinds:
+        return "future"
+    return "range" if all(kind.startswith("value_error.number.") for kind in kinds) else "schema"
 
-    The counts live in shared memory: create this before the DHT starts, and the DHT's own process (a fork of this
-    one) counts into it while this process reads it.
+
+def schema_refusal_reason(record: DHTRecord) -> str:
+    """Why the schema validator refused a DHT record: "range", "future", or "schema" for anything else."""
+    try:
+        value = MSGPackSerializer.loads(record.value)
+    except Exception:  # noqa: BLE001 (msgpack raises many kinds): not even msgpack, nothing more to tell
+        return "schema"
+    if not isinstance(value, dict):
+        return "schema"
+    try:
+        PeerProgress.parse_obj(value)
+    except pydantic.ValidationError as error:
+        return refusal_reason(error)
+    return "schema"  # it parses alone, so the validator refused a type conversion or another key's record
+
+
+class RejectedRecords:
+    """Counts the records a node refused, by reason.
+
+    The DHT's validators count signature, size and schema refusals (schema ones split into "range" and "future"
+    when a number or the time is out of bounds); the monitor's reader adds "epoch" (an epoch nobody vouches for)
+    and "too_many" (subkeys over the per-read cap). The counts live in shared memory: create this before the DHT
+    starts, and the DHT's own process (a fork of this one) counts into it while this process reads it.
     """
 
-    REASONS = ("signature", "size", "schema", "other")
+    REASONS = ("signature", "size", "schema", "range", "future", "epoch", "too_many", "other")
 
     def __init__(self):
         self._counts = multiprocessing.Array("q", len(self.REASONS))
         self._taken = [0] * len(self.REASONS)
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str, count: int = 1) -> None:
         with self._counts.get_lock():
-            self._counts[self.REASONS.index(reason)] += 1
+            self._counts[self.REASONS.index(reason)] += count
 
     def counts(self) -> dict[str, int]:
         """Records refused since this counter was created, by reason."""
@@ -135,7 +222,7 @@ class CountingValidator(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         valid = self.inner.validate(record)
         if not valid:
-            self.rejected.add(self.reason)
+            self.rejected.add(schema_refusal_reason(record) if self.reason == "schema" else self.reason)
         return valid
 
     def sign_value(self, record: DHTRecord) -> bytes:
@@ -203,20 +290,40 @@ def publish_progress(
     )
 
 
-def fetch_progress(dht: DHT, run_id: str, rejected: RejectedRecords | None = None) -> dict[bytes, PeerProgress]:
+def fetch_progress(
+    dht: DHT,
+    run_id: str,
+    rejected: RejectedRecords | None = None,
+    limit: int | None = None,
+    first: Callable[[bytes], bool] | None = None,
+) -> dict[bytes, PeerProgress]:
     """All unexpired, valid records of the run, keyed by their owner's public key.
 
-    A record that reaches this reader but does not parse (it passed another peer's older schema) is skipped and
-    counted in `rejected` as a schema refusal, like the records the DHT's validators refused.
+    A record that reaches this reader but does not parse is skipped and counted in `rejected` by reason, like the
+    records the DHT's validators refused. That happens when the node that served it validated it against another
+    schema or clock (a record stored on its author's own node is checked by nobody else; one dated within the skew
+    of the storing node's clock can be beyond the skew of ours), so every record is re-checked here.
+    With `limit`, at most that many subkeys are parsed (the owners `first` picks, e.g. known peers, before others);
+    the rest are counted as "too_many", so a flood of keys costs a bounded amount of work per read.
     """
     found = dht.get(metrics_key(run_id), latest=True)
     if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
         return {}
+    entries = list(found.value.items())
+    if first is not None:
+        entries.sort(key=lambda item: not first(item[0]))
+    if limit is not None and len(entries) > limit:
+        if rejected is not None:
+            rejected.add("too_many", len(entries) - limit)
+        entries = entries[:limit]
     records = {}
-    for owner, entry in found.value.items():
+    for owner, entry in entries:
         try:
             records[owner] = PeerProgress.parse_obj(entry.value)
-        except (pydantic.ValidationError, AttributeError, TypeError):
+        except pydantic.ValidationError as error:
+            if rejected is not None:
+                rejected.add(refusal_reason(error))
+        except (AttributeError, TypeError):
             if rejected is not None:
                 rejected.add("schema")
     return records

@@ -11,7 +11,14 @@ from hivemind.utils import get_dht_time
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tqdm import tqdm
 
-from peer.progress import PeerProgress, publish_progress, software_version
+from peer.progress import (
+    MAX_MINI_STEP_LOSS,
+    MAX_SAMPLES_PER_SECOND,
+    PROTOCOL_VERSION,
+    PeerProgress,
+    publish_progress,
+    software_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +149,17 @@ class Reporter:
         elapsed = max(time.perf_counter() - self.epoch_started, 1e-9)
         record = PeerProgress(
             epoch=new_epoch,
-            samples_per_second=float(self.samples / elapsed),
+            # clamped into the record's bounds: an epoch that ends within microseconds or a loss beyond
+            # MAX_MINI_STEP_LOSS must not make this peer's own record invalid (nor crash it here)
+            samples_per_second=min(float(self.samples / elapsed), MAX_SAMPLES_PER_SECOND),
             samples_accumulated=self.samples,
-            loss_sum=float(self.loss_sum),
+            loss_sum=min(float(self.loss_sum), MAX_MINI_STEP_LOSS * self.mini_steps),
             mini_steps=self.mini_steps,
             device=self.device,
             version=software_version(),
             time=float(get_dht_time()),
             model_hash=self.model_hash,
+            protocol=PROTOCOL_VERSION,
         )
         self.metrics.epoch.set(new_epoch)
         self.metrics.samples_per_second.set(record.samples_per_second)

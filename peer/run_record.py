@@ -17,13 +17,13 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from peer.progress import local_public_key, make_validators
+from peer.progress import PROTOCOL_VERSION, local_public_key, make_validators
 from peer.run_key import PUBLIC_HEX_CHARS, SIGNATURE_HEX_CHARS, RunKey, fingerprint_of, verify_signature
 
 RUN_FIELD = "run"
-# The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
-# change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
-PROTOCOL_VERSION = 2
+
+
+__all__ = ["PROTOCOL_VERSION", "RunRecord", "check_model_matches", "fetch_run_records", "publish_run_record"]
 
 
 class RunRecord(pydantic.BaseModel):

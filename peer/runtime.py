@@ -31,7 +31,7 @@ from peer.config import OptimConfig, PeerConfig, SwarmConfig
 from peer.faults import parameters_finite
 from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.lifecycle import StopSignal
-from peer.progress import PeerProgress, model_fingerprint, publish_progress, software_version
+from peer.progress import PROTOCOL_VERSION, PeerProgress, model_fingerprint, publish_progress, software_version
 from peer.report import PeerMetrics, Reporter
 from peer.run_record import check_model_matches, run_validators
 from peer.swarm import (
@@ -236,6 +236,7 @@ def refuse_if_model_differs(dht: hivemind.DHT, swarm: SwarmConfig, model_hash: s
         version=software_version(),
         time=float(get_dht_time()),
         model_hash=model_hash,
+        protocol=PROTOCOL_VERSION,  # so a monitor of another version can say which two versions differ
     )
     publish_progress(dht, run_id, announcement, expiration=60.0)
     raise ValueError(refusal)

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -215,3 +216,25 @@ def test_dashboard_renders_charts_and_tables_in_headless_chromium(server, tmp_pa
     screenshot = tmp_path / "dashboard.png"
     chromium(server.url + "/", tmp_path, f"--screenshot={screenshot}")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+
+
+def test_healthz_answers_503_with_the_age_when_refreshes_stop(tmp_path):
+    history = History(tmp_path / "history.sqlite")
+    store = CheckpointStore(tmp_path / "checkpoints", history, keep=1)
+    live = LiveState(run_id="health-run")
+    app = create_app(live, history, store, make_registry(live, store), refresh_period=0.2)
+    thread = ServerThread(app, "127.0.0.1", 0)
+    thread.start()
+    url = f"http://127.0.0.1:{thread.port}/healthz"
+    try:
+        assert get_json(url)["status"] == "ok"  # just started: no refresh is due yet
+        time.sleep(1.0)  # five refresh periods without one
+        code, _, raw = get(url)
+        body = json.loads(raw)
+        assert code == 503, body
+        assert body["status"] == "stale" and body["last_refresh_age_seconds"] >= 0.6
+        live.update(aggregate([], now=1.0), invalid=0, refused={})  # a refresh: healthy again
+        assert get_json(url)["status"] == "ok"
+    finally:
+        thread.stop()
+        history.close()

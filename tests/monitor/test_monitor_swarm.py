@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from monitor.records import monitor_validators
-from peer.progress import PeerProgress, publish_progress
+from peer.progress import PROTOCOL_VERSION, PeerProgress, publish_progress
 from peer.run_key import RunKey
 from peer.run_record import check_model_matches
 from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, child_env, chromium, run_cli, wait_until
@@ -157,6 +157,7 @@ def test_a_peer_with_another_model_is_refused(run):
             version="dev",
             time=get_dht_time(),
             model_hash="f" * 16,
+            protocol=PROTOCOL_VERSION,
         )
         assert publish_progress(dht, RUN_ID, foreign, expiration=30)
         refused = wait_until(

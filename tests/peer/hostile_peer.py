@@ -1,9 +1,15 @@
-"""A hostile DHT peer for tests: joins a run and writes a forged, an oversized and a malformed progress record.
+"""A hostile DHT peer for tests: joins a run and writes hostile progress records.
 
 python -m tests.peer.hostile_peer --initial-peers MADDR... --run-id RUN --victim-key HEX [--flood N]
+python -m tests.peer.hostile_peer --initial-peers MADDR... --run-id RUN --bounds --model-hash HASH [--linger]
 
-It signs with its own RSA key and skips the run's schema and size validators, so nothing stops it locally: only the
-other peers' validators can refuse what it sends. Prints one JSON line: what each store returned.
+The first form writes a forged, oversized and malformed records. The second (--bounds) writes well-formed, validly
+signed records whose numbers are out of bounds (2**64 - 1 samples, 1e308 loss or speed, epoch 2**62), one dated an
+hour ahead, one at an epoch nobody vouches for and one of another protocol version: each under a key of its own, so
+each record's fate is independent. It skips the run's schema and size validators, so nothing stops it locally (its
+own node stores them all): only the other peers' validators can refuse what it sends, or what they read from it.
+Prints one JSON line: what each store returned; with --linger it then stays up (its node keeps serving the
+records) until killed.
 """
 
 from __future__ import annotations
@@ -15,14 +21,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.progress import local_public_key, metrics_key
+from peer.progress import PROTOCOL_VERSION, local_public_key, metrics_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,6 +60,80 @@ def attacks(victim_key: bytes, own_key: bytes, flood: int) -> list[tuple[str, by
     ]
 
 
+# Each (name, changes) is signed by a key of its own. Expected refusal reason in the comment.
+OUT_OF_BOUNDS = [
+    ("samples", {"samples_accumulated": 2**64 - 1}),  # range: crashed history.record with an OverflowError
+    ("future", {"time_ahead": 3600.0}),  # future: kept a ghost peer alive for an hour
+    ("epoch-huge", {"epoch": 2**62}),  # range: above 2**53
+    ("epoch-ahead", {"epoch": 10**6}),  # epoch: in range, but nobody vouches for it
+    ("loss", {"loss_sum": 1e308}),  # range: overflowed the swarm's loss sum to inf
+    ("speed", {"samples_per_second": 1e308}),  # range: overflowed the swarm's speed to inf
+    ("protocol", {"protocol": PROTOCOL_VERSION + 1}),  # refused peer: another protocol version
+]
+
+
+class MultiKeySigner(RecordValidatorBase):
+    """Signs each record with whichever of its keys owns the subkey, and accepts everything (a hostile node)."""
+
+    def __init__(self, keys: list[RSAPrivateKey]):
+        self.signers = [RSASignatureValidator(key) for key in keys]
+
+    def validate(self, record: DHTRecord) -> bool:
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        for signer in self.signers:
+            if signer.local_public_key in record.subkey:
+                return signer.sign_value(record)
+        return record.value
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return self.signers[0].strip_value(record)
+
+    @property
+    def priority(self) -> int:
+        return 10
+
+
+def out_of_bounds(model_hash: str) -> list[tuple[str, dict]]:
+    """(name, value) of every --bounds record, each otherwise an honest record of the run's model."""
+    now = float(get_dht_time())
+    records = []
+    for name, changes in OUT_OF_BOUNDS:
+        changes = dict(changes)
+        ahead = changes.pop("time_ahead", 0.0)
+        value = dict(HONEST_LOOKING, model_hash=model_hash, time=now + ahead, protocol=PROTOCOL_VERSION)
+        records.append((name, dict(value, **changes)))
+    return records
+
+
+class LingeringHostilePeer:
+    """`--bounds --linger` in a process of its own: it stays up, serving its records, until `stop()`."""
+
+    def __init__(self, initial_peers: list[str], run_id: str, model_hash: str, workdir: Path):
+        self.stdout = workdir / "hostile-bounds.out"
+        command = [
+            *(sys.executable, "-m", "tests.peer.hostile_peer", "--initial-peers", *initial_peers, "--run-id", run_id),
+            *("--bounds", "--model-hash", model_hash, "--linger"),
+        ]
+        with open(self.stdout, "w") as out, open(workdir / "hostile-bounds.err", "w") as err:
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+
+    def stored(self, timeout: float = 120.0) -> dict:
+        """What each store returned, once it printed it."""
+        deadline = time.monotonic() + timeout
+        while not self.stdout.read_text().strip():
+            assert self.process.poll() is None, f"the hostile peer exited with {self.process.returncode}"
+            assert time.monotonic() < deadline, "the hostile peer did not report its stores"
+            time.sleep(0.5)
+        return json.loads(self.stdout.read_text().strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # its DHT process and p2pd too
+        self.process.wait(timeout=30)
+
+
 def run_hostile_peer(initial_peers: list[str], run_id: str, victim_key: bytes, workdir: Path, flood: int = 1) -> dict:
     """Run this module in a process of its own, to completion; returns what each of its stores reported.
 
@@ -77,24 +159,37 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--initial-peers", nargs="+", required=True)
     parser.add_argument("--run-id", required=True)
-    parser.add_argument("--victim-key", required=True, help="hex of the public key (subkey) of a peer to impersonate")
+    parser.add_argument("--victim-key", default="", help="hex of the public key (subkey) of a peer to impersonate")
     parser.add_argument("--flood", type=int, default=1, help="how many oversized records to write")
+    parser.add_argument("--bounds", action="store_true", help="write the out-of-bounds records instead")
+    parser.add_argument("--model-hash", default=HONEST_LOOKING["model_hash"], help="the run's model fingerprint")
+    parser.add_argument("--linger", action="store_true", help="stay up after the stores, until killed")
     args = parser.parse_args()
-    key = RSAPrivateKey()
+    if args.bounds:
+        keys = [RSAPrivateKey() for _ in OUT_OF_BOUNDS]
+        records = [
+            (name, local_public_key(key), value) for key, (name, value) in zip(keys, out_of_bounds(args.model_hash))
+        ]
+        validator = MultiKeySigner(keys)
+    else:
+        keys = [RSAPrivateKey()]
+        records = attacks(bytes.fromhex(args.victim_key), local_public_key(keys[0]), args.flood)
+        validator = RSASignatureValidator(keys[0])
     dht = hivemind.DHT(
         start=True,
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
         initial_peers=args.initial_peers,
-        record_validators=[RSASignatureValidator(key)],
+        record_validators=[validator],
     )
     try:
+        expiration = get_dht_time() + (3600 if args.linger else 60)
         results = {}
-        for name, subkey, value in attacks(bytes.fromhex(args.victim_key), local_public_key(key), args.flood):
-            stored = dht.store(
-                metrics_key(args.run_id), subkey=subkey, value=value, expiration_time=get_dht_time() + 60
-            )
+        for name, subkey, value in records:
+            stored = dht.store(metrics_key(args.run_id), subkey=subkey, value=value, expiration_time=expiration)
             results[name] = bool(stored)
         print(json.dumps(results), flush=True)
+        while args.linger:
+            time.sleep(60)
     finally:
         dht.shutdown()
 

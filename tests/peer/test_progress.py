@@ -1,15 +1,23 @@
-"""The signed progress record through real DHTs: valid records travel, forged, malformed or huge ones do not."""
+"""The signed progress record through real DHTs: valid records travel, forged, malformed or huge ones do not, and
+neither do out-of-bounds or future-dated ones (refused on store, and again by a reader whatever node served them)."""
 
 from __future__ import annotations
 
+import math
+
 import hivemind
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from model import load_config
 from peer.progress import (
+    MAX_MINI_STEP_LOSS,
+    PROTOCOL_VERSION,
     PeerProgress,
+    RejectedRecords,
+    counted,
     fetch_progress,
     local_public_key,
     make_validators,
@@ -17,22 +25,23 @@ from peer.progress import (
     model_fingerprint,
     publish_progress,
 )
+from tests.peer.hostile_peer import MultiKeySigner
 
 RUN_ID = "progress-test"
 
 
 def record(epoch: int = 3, **changes) -> PeerProgress:
-    values = dict(
-        epoch=epoch,
-        samples_per_second=12.5,
-        samples_accumulated=64,
-        loss_sum=18.0,
-        mini_steps=2,
-        device="cpu",
-        version="dev",
-        time=float(get_dht_time()),
-        model_hash="0123456789abcdef",
-    )
+    values = {
+        "epoch": epoch,
+        "samples_per_second": 12.5,
+        "samples_accumulated": 64,
+        "loss_sum": 18.0,
+        "mini_steps": 2,
+        "device": "cpu",
+        "version": "dev",
+        "time": float(get_dht_time()),
+        "model_hash": "0123456789abcdef",
+    }
     return PeerProgress(**{**values, **changes})
 
 
@@ -105,3 +114,86 @@ def test_fingerprint_tells_architectures_apart():
     assert model_fingerprint(tiny) == model_fingerprint(load_config("tiny"))
     assert model_fingerprint(tiny) != model_fingerprint(load_config("tiny", num_hidden_layers=6))
     assert model_fingerprint(tiny) != model_fingerprint(load_config("tiny", vocab_size=8000))
+
+
+HOSTILE_NUMBERS = {
+    "samples": ({"samples_accumulated": 2**64 - 1}, "range"),
+    "loss": ({"loss_sum": 1e308}, "range"),
+    "speed": ({"samples_per_second": 1e308}, "range"),
+    "epoch": ({"epoch": 2**62}, "range"),
+    "loss-per-step": ({"loss_sum": MAX_MINI_STEP_LOSS * 2 + 1.0, "mini_steps": 2}, "range"),
+    "nan": ({"loss_sum": math.nan}, "range"),
+    "future": ({"time_ahead": 3600.0}, "future"),
+}
+
+
+def hostile_value(changes: dict) -> dict:
+    """A record's dict with out-of-bounds numbers, as a stranger skipping validation would send it."""
+    changes = dict(changes)
+    ahead = changes.pop("time_ahead", 0.0)
+    return dict(record().dict(), protocol=PROTOCOL_VERSION, time=float(get_dht_time()) + ahead, **changes)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_NUMBERS))
+def test_out_of_bounds_records_are_refused_on_store_and_counted_by_reason(name):
+    changes, reason = HOSTILE_NUMBERS[name]
+    rejected = RejectedRecords()
+    node = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=counted(make_validators(RUN_ID), rejected)
+    )
+    try:
+        value = hostile_value(changes)
+        assert not node.store(
+            metrics_key(RUN_ID), subkey=local_public_key(), value=value, expiration_time=get_dht_time() + 30
+        )
+        assert rejected.counts()[reason] >= 1, rejected.counts()
+    finally:
+        node.shutdown()
+
+
+def test_a_reader_re_checks_what_another_node_accepted(tmp_path):
+    """A node without the schema (the writer's own node) keeps bad records; a reader still refuses them by reason."""
+    keys = {name: RSAPrivateKey() for name in ("samples", "future", "honest")}
+    writer = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[MultiKeySigner(list(keys.values()))]
+    )
+    maddrs = [str(maddr) for maddr in writer.get_visible_maddrs()]
+    # checks signatures only, like a tool that reads records without the run's schema
+    reader = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=maddrs,
+        record_validators=[RSASignatureValidator(RSAPrivateKey())],
+    )
+    try:
+        values = {
+            "samples": hostile_value(HOSTILE_NUMBERS["samples"][0]),
+            "future": hostile_value(HOSTILE_NUMBERS["future"][0]),
+            "honest": dict(record().dict(), protocol=PROTOCOL_VERSION),
+        }
+        for name, value in values.items():
+            subkey = local_public_key(keys[name])
+            assert writer.store(metrics_key(RUN_ID), subkey=subkey, value=value, expiration_time=get_dht_time() + 30)
+        rejected = RejectedRecords()
+        records = fetch_progress(reader, RUN_ID, rejected)
+        assert list(records) == [local_public_key(keys["honest"])]
+        assert records[local_public_key(keys["honest"])].protocol == PROTOCOL_VERSION
+        assert rejected.take_new() == {"range": 1, "future": 1}
+        # at most `limit` subkeys are parsed, the ones `first` picks before the others; the rest are counted
+        honest_key = local_public_key(keys["honest"])
+        records = fetch_progress(reader, RUN_ID, rejected, limit=1, first=lambda owner: owner == honest_key)
+        assert list(records) == [honest_key] and rejected.take_new() == {"too_many": 2}
+    finally:
+        reader.shutdown()
+        writer.shutdown()
+
+
+def test_an_older_peers_record_without_protocol_travels_and_reads_as_protocol_0(dhts):
+    honest, attacker, _ = dhts
+    old = {key: value for key, value in record(epoch=6).dict().items() if key != "protocol"}
+    assert "protocol" not in old
+    assert honest.store(metrics_key(RUN_ID), subkey=local_public_key(), value=old, expiration_time=get_dht_time() + 30)
+    assert fetch_progress(attacker, RUN_ID)[local_public_key()].protocol == 0
+    # a current peer's record carries its version
+    assert publish_progress(honest, RUN_ID, record(epoch=7, protocol=PROTOCOL_VERSION), expiration=30)
+    assert fetch_progress(attacker, RUN_ID)[local_public_key()].protocol == PROTOCOL_VERSION
