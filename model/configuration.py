@@ -132,7 +132,7 @@ class LeanAlbertConfig(PretrainedConfig):
                 _check_number(name, value, int, low=0, high=self.vocab_size - 1)
         for name in ("gated_ffn", "sparse_prediction"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004 -- a bad config value is a ValueError, the one error callers turn into a message
         if self.hidden_act not in _KNOWN_ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {', '.join(_KNOWN_ACTIVATIONS)}; got {self.hidden_act!r}")
         if self.classifier_pooling not in _POOLINGS:
@@ -154,7 +154,7 @@ def _check_number(name: str, value: Any, kind: type, low: float, high: float | N
     # bool is an int subclass: `"hidden_size": true` in a JSON file is a mistake, not 1.
     accepted = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, accepted):
-        raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'}, got {value!r}")
+        raise ValueError(f"{name} must be {'an int' if kind is int else 'a number'}, got {value!r}")  # noqa: TRY004 -- a bad config value is a ValueError, the one error callers turn into a message
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
@@ -164,30 +164,46 @@ def _check_number(name: str, value: Any, kind: type, low: float, high: float | N
 # intermediate_size is the gated width: a GEGLU of width I has the parameters of a plain feed-forward of width 1.5 I.
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests and the local CPU demo: a forward+backward of 8 x 128 tokens well under a second on one core.
-    "tiny": dict(
-        vocab_size=16000,
-        embedding_size=64,
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_hidden_groups=1,
-        num_attention_heads=4,
-        intermediate_size=704,
-    ),
+    "tiny": {
+        "vocab_size": 16000,
+        "embedding_size": 64,
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_hidden_groups": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 704,
+    },
     # ALBERT-base / -large shapes with GEGLU at 2/3 of ALBERT's intermediate width (equal parameters).
-    "base": dict(
-        embedding_size=128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048
-    ),
-    "large": dict(
-        embedding_size=128, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2752
-    ),
+    "base": {
+        "embedding_size": 128,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 2048,
+    },
+    "large": {
+        "embedding_size": 128,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 2752,
+    },
     # The collaborative sahajBERT run (Bengali, 2021).
-    "sahajbert": dict(
-        embedding_size=128, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192
-    ),
+    "sahajbert": {
+        "embedding_size": 128,
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 8192,
+    },
     # The RuLeanALBERT run (Russian, 2022): all 32 layers share one group.
-    "ruleanalbert": dict(
-        embedding_size=128, hidden_size=4096, num_hidden_layers=32, num_attention_heads=64, intermediate_size=16384
-    ),
+    "ruleanalbert": {
+        "embedding_size": 128,
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 64,
+        "intermediate_size": 16384,
+    },
 }
 
 
@@ -223,7 +239,9 @@ def _read_config_json(path: str, hint: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read model config {file!r}: {error}; {hint}") from error
     if not isinstance(values, dict):
-        raise ValueError(f"model config {file!r} must hold a JSON object, got {type(values).__name__}; {hint}")
+        raise ValueError(  # noqa: TRY004 -- a malformed config file is a ValueError, like every other load_config error
+            f"model config {file!r} must hold a JSON object, got {type(values).__name__}; {hint}"
+        )
     model_type = values.get("model_type", LeanAlbertConfig.model_type)
     if model_type != LeanAlbertConfig.model_type:
         raise ValueError(f"model config {file!r} is for model_type {model_type!r}, not 'lean_albert'; {hint}")

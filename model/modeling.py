@@ -6,6 +6,7 @@ import is the relative one below.
 """
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,7 @@ class LeanAlbertPreTrainedModel(PreTrainedModel):
     base_model_prefix = "lean_albert"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["LeanAlbertLayer"]
+    _no_split_modules: ClassVar[list[str]] = ["LeanAlbertLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -289,7 +290,9 @@ class LeanAlbertForMaskedLM(LeanAlbertPreTrainedModel):
     """
 
     _auto_class = "AutoModelForMaskedLM"
-    _tied_weights_keys = {"mlm_head.decoder.weight": "lean_albert.embeddings.word_embeddings.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {
+        "mlm_head.decoder.weight": "lean_albert.embeddings.word_embeddings.weight"
+    }
 
     def __init__(self, config: LeanAlbertConfig):
         super().__init__(config)
@@ -341,7 +344,8 @@ class LeanAlbertForSequenceClassification(LeanAlbertPreTrainedModel):
     """
 
     _auto_class = "AutoModelForSequenceClassification"
-    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\."]  # fine-tuning starts from a masked-LM checkpoint
+    # fine-tuning starts from a masked-LM checkpoint
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^mlm_head\."]
 
     def __init__(self, config: LeanAlbertConfig):
         super().__init__(config)
@@ -381,7 +385,8 @@ class LeanAlbertForTokenClassification(LeanAlbertPreTrainedModel):
     """
 
     _auto_class = "AutoModelForTokenClassification"
-    _keys_to_ignore_on_load_unexpected = [r"^mlm_head\."]  # fine-tuning starts from a masked-LM checkpoint
+    # fine-tuning starts from a masked-LM checkpoint
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^mlm_head\."]
 
     def __init__(self, config: LeanAlbertConfig):
         super().__init__(config)

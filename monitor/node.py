@@ -320,7 +320,7 @@ class Monitor:
         try:
             self._fetch()
             request.set_result(self.checkpoint())
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- any failure goes back to the HTTP caller, not the main loop
             request.set_exception(RuntimeError(str(error)))
 
     def shutdown(self) -> None:
@@ -335,7 +335,7 @@ class Monitor:
             if part is not None:
                 try:
                     getattr(part, close)()
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001 -- one part failing to close must not leave the others open
                     logger.warning(f"Error while shutting down {type(part).__name__}: {error!r}")
         if getattr(self, "history", None) is not None:
             self.history.close()

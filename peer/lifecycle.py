@@ -104,7 +104,7 @@ class StopSignal:
         for callback in self._on_stop:
             try:
                 callback()
-            except Exception as error:  # the stop goes on; the watchdog still bounds it
+            except Exception as error:  # noqa: BLE001 -- the stop goes on; the watchdog still bounds it
                 logger.error(f"While stopping, {callback} failed: {error!r}")
 
 

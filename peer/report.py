@@ -188,7 +188,7 @@ class Reporter:
         try:  # in the background: reporting must never hold up or stop training
             stored = publish_progress(self.dht, self.run_id, record, self.record_expiration, wait=False)
             stored.add_done_callback(_warn_if_refused)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- reporting must never stop training
             logger.warning(f"Could not publish the progress record: {error!r}")
 
     def close(self) -> None:

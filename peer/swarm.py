@@ -86,8 +86,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: weight decay on matrices and embeddings (rank >= 2); none on biases and LayerNorm gains."""
     parameters = [param for param in model.parameters() if param.requires_grad]
     return [
-        dict(params=[param for param in parameters if param.dim() >= 2], weight_decay=weight_decay),
-        dict(params=[param for param in parameters if param.dim() < 2], weight_decay=0.0),
+        {"params": [param for param in parameters if param.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [param for param in parameters if param.dim() < 2], "weight_decay": 0.0},
     ]
 
 
@@ -210,9 +210,9 @@ def build_optimizer(
         state_averaging_compression=COMPRESSION_FACTORIES[optim.state_compression](),
         load_state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
         # hivemind warns (rare matchmaking deadlocks) unless requests time out faster than matchmaking
-        averager_opts=dict(bandwidth=optim.bandwidth, request_timeout=min(3.0, optim.matchmaking_time / 2)),
+        averager_opts={"bandwidth": optim.bandwidth, "request_timeout": min(3.0, optim.matchmaking_time / 2)},
         # a dead peer's progress entry keeps the survivors waiting for it until it expires: keep it short
-        tracker_opts=dict(metadata_expiration=optim.progress_expiration),
+        tracker_opts={"metadata_expiration": optim.progress_expiration},
         verbose=True,
     )
     optimizer.update_guard = guard

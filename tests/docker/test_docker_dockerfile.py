@@ -6,10 +6,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from docker_files import DOCKERFILE, MONITOR_ENV_VARS, PEER_ENV_VARS, REPO, stage_env, stage_instructions
 
 FINAL_STAGES = {"peer": "albert-peer", "monitor": "albert-monitor"}

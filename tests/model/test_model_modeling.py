@@ -20,14 +20,14 @@ VOCAB = 300
 
 
 def small_config(**overrides):
-    values = dict(
-        vocab_size=VOCAB,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-    )
+    values = {
+        "vocab_size": VOCAB,
+        "embedding_size": 16,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 48,
+    }
     return load_config("tiny", **{**values, **overrides})
 
 

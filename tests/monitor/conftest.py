@@ -85,7 +85,7 @@ class Process:
 
     def __init__(self, name: str, command: list[str], log_path: Path):
         self.name, self.log_path = name, log_path
-        self.log = open(log_path, "a")
+        self.log = open(log_path, "a")  # noqa: SIM115 -- open while the process runs; close() closes it
         self.process = subprocess.Popen(
             command, cwd=REPO, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -268,6 +268,7 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> str:
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
         capture_output=True,
         text=True,
+        check=False,  # the assertion below shows stderr on failure
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -105,7 +105,7 @@ class PeerProcess:
             str(self.backup_dir),
             *extra_flags,
         ]
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 -- open while the peer runs; closed when it stops
         self.process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -212,7 +212,7 @@ def make_swarm(tmp_path_factory):
     for swarm in swarms:
         swarm.close()
     for swarm in swarms:
-        wait_until(lambda: not _leftovers(swarm), 30, "peer processes and p2pd to exit")
+        wait_until(lambda swarm=swarm: not _leftovers(swarm), 30, "peer processes and p2pd to exit")
         assert_no_p2pd_left(swarm)
 
 
