@@ -6,14 +6,16 @@ import math
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from monitor.checkpoint import CheckpointStore
 from monitor.live import LiveState
 
-PER_PEER_PREFIX = "albert_peer_"  # series labelled with a peer id
+# The monitor's series labelled with a peer id. Not "albert_peer_": that prefix is each peer's own /metrics, where
+# albert_peer_epoch means "my epoch"; one name keeps one meaning across the jobs a Prometheus scrapes.
+PER_PEER_PREFIX = "albert_swarm_peer_"
 
 
 class SwarmCollector(Collector):
@@ -86,9 +88,13 @@ class SwarmCollector(Collector):
 
     def _peer_metrics(self) -> Iterator[Metric]:
         speed = GaugeMetricFamily(
-            "albert_peer_samples_per_second", "Samples per second of one alive peer.", labels=["peer_id", "device"]
+            PER_PEER_PREFIX + "samples_per_second",
+            "Samples per second of one alive peer, from its progress record.",
+            labels=["peer_id", "device"],
         )
-        epoch = GaugeMetricFamily("albert_peer_epoch", "Local epoch of one alive peer.", labels=["peer_id"])
+        epoch = GaugeMetricFamily(
+            PER_PEER_PREFIX + "epoch", "Local epoch of one alive peer, from its progress record.", labels=["peer_id"]
+        )
         for row in self.live.snapshot.peers:
             if row.alive:
                 speed.add_metric([row.peer_id, row.device], row.samples_per_second)
@@ -124,7 +130,3 @@ def make_registry(live: LiveState, store: CheckpointStore) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(SwarmCollector(live, store))
     return registry
-
-
-def exposition(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)

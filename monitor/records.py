@@ -42,10 +42,9 @@ def monitor_validators(run_id: str) -> list[RecordValidatorBase]:
     return counted(run_validators(run_id), rejected_records(run_id))
 
 
-def peer_label(owner: bytes, progress: PeerProgress | None = None) -> str:
-    """A short stable name for a record's owner (its signing key), or the peer id if the record carries one."""
-    peer_id = getattr(progress, "peer_id", None)
-    return str(peer_id) if peer_id else "key-" + hashlib.sha256(owner).hexdigest()[:12]
+def peer_label(owner: bytes) -> str:
+    """A short stable name for a record's owner: its signing key (a record carries no peer id of its own)."""
+    return "key-" + hashlib.sha256(owner).hexdigest()[:12]
 
 
 @dataclass
@@ -92,7 +91,7 @@ def read_progress(dht: DHT, run_id: str, model_hash: str, known: Callable[[str],
         reasons = ", ".join(f"{count} {reason}" for reason, count in new.items())
         logger.warning(f"Refused {result.invalid} invalid DHT records since the last refresh ({reasons})")
     for owner, progress in records.items():
-        label = peer_label(owner, progress)
+        label = peer_label(owner)
         reason = why_refused(progress, model_hash)
         if reason is not None:
             result.refused_count += 1

@@ -63,9 +63,6 @@ class RunKey:
         """The hex Ed25519 signature of `message`."""
         return self._private_key.sign(message).hex()
 
-    def public_pem(self) -> str:
-        return public_key_pem(self.public_hex)
-
 
 def fingerprint_of(public_hex: str) -> str:
     """The fingerprint of a run key given as hex of its raw public key: sha256 of those 32 bytes, in hex."""

@@ -117,6 +117,12 @@ def test_every_queried_metric_is_exported_by_its_job(dashboard, exported):
         assert words <= PROMQL_WORDS, f"{title}: unexpected functions {sorted(words - PROMQL_WORDS)}"
 
 
+def test_no_metric_name_means_two_things(exported):
+    """One Prometheus scrapes the monitor and the peers: a name both export would be two meanings under one name."""
+    shared = exported["albert-monitor"] & exported["albert-peer"]
+    assert not shared, f"exported by both the monitor and the peers: {sorted(shared)}"
+
+
 def test_core_swarm_metrics_are_on_the_dashboard(dashboard, exported):
     queried = {name for _, expr in queries(dashboard) for name in re.findall(r"\balbert_\w+\b", expr)}
     assert CORE_METRICS <= exported["albert-monitor"], "the monitor no longer exports a core metric"

@@ -260,7 +260,7 @@ def assert_public_parts_public(url: str) -> None:
     status = json.loads(fetch(url + "/api/status")[2])
     assert status["closed_run"] and "refused_peers" not in status and status["epoch"] >= 0
     metrics = fetch(url + "/metrics")[2].decode()
-    assert "albert_swarm_epoch " in metrics and "albert_peer_" not in metrics
+    assert "albert_swarm_epoch " in metrics and "albert_swarm_peer_" not in metrics and "peer_id" not in metrics
 
 
 def test_closed_run_serves_checkpoints_peers_and_history_to_members_only(closed_monitor):
@@ -299,7 +299,7 @@ def test_open_run_serves_everything_without_a_credential(tmp_path):
         for path in PROTECTED + PUBLIC:
             assert fetch(url + path)[0] == 200, path
         assert json.loads(fetch(url + "/api/status")[2])["refused_peers"] == {"key-x": "model fingerprint differs"}
-        assert 'albert_peer_epoch{peer_id="peer-a"} 3.0' in fetch(url + "/metrics")[2].decode()
+        assert 'albert_swarm_peer_epoch{peer_id="peer-a"} 3.0' in fetch(url + "/metrics")[2].decode()
         assert "401" not in json.loads(fetch(url + "/openapi.json")[2])["paths"]["/api/peers"]["get"]["responses"]
     finally:
         server.stop()

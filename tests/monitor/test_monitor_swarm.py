@@ -99,7 +99,7 @@ def test_metrics_parse_and_agree_with_the_status(run):
         s
         for family in text_string_to_metric_families(body)
         for s in family.samples
-        if s.name == "albert_peer_samples_per_second"
+        if s.name == "albert_swarm_peer_samples_per_second"
     ]
     assert len(labelled) == 2
 
