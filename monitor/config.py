@@ -7,78 +7,61 @@ the same layout as the peers') are the peer's own dataclasses; `MonitorConfig` h
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from peer.config import OptimConfig, SwarmConfig, parse_configs
+from peer.field_docs import help_from_docstring
 
 
+@help_from_docstring
 @dataclass
 class MonitorConfig:
     """What the monitor serves and keeps.
 
     Args:
-        model: the run's model preset (tiny, base, ...) or config.json path; peers with another model are refused.
-        tokenizer: the run's tokenizer directory; empty uses the bundled tokenizer.
-        run_dir: directory for the monitor's files (identity, history, checkpoints, peers file) unless set one by one.
-        http_host: address of the dashboard, API and metrics server.
-        http_port: port of that server.
-        refresh_period: seconds between two reads of the peers' progress records.
-        stale_after: a peer whose newest record is older than this many seconds is not counted as alive.
+        model: The run's model preset (tiny, base, ...) or config.json path; peers with another model are refused.
+        tokenizer: The run's tokenizer directory (default: the bundled tokenizer).
+        run_dir: Directory of the monitor's files (identity, run key, history, checkpoints, peers file) unless set
+            one by one.
+        http_host: Address of the dashboard, API and metrics server.
+        http_port: Port of the dashboard, API and metrics server (0: any free port).
+        refresh_period: Seconds between two reads of the peers' progress records.
+        stale_after: A peer whose newest record is older than this many seconds is not counted as alive.
         db: SQLite file of the history (default: RUN_DIR/history.sqlite).
-        checkpoint_dir: where checkpoints are written (default: RUN_DIR/checkpoints).
-        checkpoint_every: write a checkpoint every this many global epochs (0: only on request).
-        keep: keep the newest this many checkpoints.
-        keep_every: also keep every checkpoint whose epoch is a multiple of this (0: none).
-        fetch_state_every: download the swarm's averaged state every this many epochs, to keep sharing a fresh one.
-        admin_token: enables POST /api/checkpoints for requests carrying 'Authorization: Bearer TOKEN'.
-        resume_from: checkpoint directory to start a fresh swarm from (peers then join at its epoch).
-        peers_file: file to write this monitor's multiaddrs to (default: RUN_DIR/initial_peers.txt).
-        run_secret_file: closes the run: peers proving one of this file's secrets (one a line) get access tokens.
-        allowlist_file: closes the run: peers signing with a join key listed here (one public key a line) get tokens.
-        token_ttl: seconds an access token of a closed run is valid (peers renew it when half is left).
+        checkpoint_dir: Where checkpoints are written (default: RUN_DIR/checkpoints).
+        checkpoint_every: Write a checkpoint every this many global epochs (0: only on request).
+        keep: Number of newest checkpoints to keep.
+        keep_every: Also keep every checkpoint whose epoch is a multiple of this (0: none).
+        fetch_state_every: Download the swarm's averaged state every this many epochs, so that the monitor can share
+            a fresh one.
+        admin_token: Enables POST /api/checkpoints for requests carrying 'Authorization: Bearer TOKEN'.
+        resume_from: Checkpoint directory to start a fresh swarm from (peers then join at its epoch).
+        peers_file: File to write this monitor's multiaddrs to (default: RUN_DIR/initial_peers.txt).
+        run_secret_file: Closes the run: peers proving one of this file's secrets (one a line) get access tokens.
+        allowlist_file: Closes the run: peers signing with a join key listed here (one public key a line) get tokens.
+        token_ttl: Closed runs: seconds an access token is valid (peers renew it when half is left).
     """
 
-    model: str = field(default="tiny", metadata={"help": "The run's model preset or config.json path."})
-    tokenizer: str | None = field(default=None, metadata={"help": "The run's tokenizer directory (default: bundled)."})
-    run_dir: str = field(default="albert-swarm-run/monitor", metadata={"help": "Directory of the monitor's files."})
-    http_host: str = field(default="0.0.0.0", metadata={"help": "Address of the dashboard/API/metrics server."})
-    http_port: int = field(default=8080, metadata={"help": "Port of the dashboard/API/metrics server (0: any free)."})
-    refresh_period: float = field(default=5.0, metadata={"help": "Seconds between reads of the progress records."})
-    stale_after: float = field(default=30.0, metadata={"help": "Seconds after which a silent peer is not alive."})
-    db: str | None = field(default=None, metadata={"help": "SQLite history file (default: RUN_DIR/history.sqlite)."})
-    checkpoint_dir: str | None = field(
-        default=None, metadata={"help": "Checkpoint directory (default: RUN_DIR/checkpoints)."}
-    )
-    checkpoint_every: int = field(
-        default=50, metadata={"help": "Write a checkpoint every this many global epochs (0: only on request)."}
-    )
-    keep: int = field(default=3, metadata={"help": "Number of newest checkpoints to keep."})
-    keep_every: int = field(
-        default=0, metadata={"help": "Also keep checkpoints of epochs divisible by this (0: off)."}
-    )
-    fetch_state_every: int = field(
-        default=10,
-        metadata={"help": "Download the swarm's state every this many epochs, so the monitor can share a fresh one."},
-    )
-    admin_token: str | None = field(
-        default=None, metadata={"help": "Token enabling POST /api/checkpoints (send 'Authorization: Bearer TOKEN')."}
-    )
-    resume_from: str | None = field(
-        default=None, metadata={"help": "Checkpoint directory to start a fresh swarm from (peers join at its epoch)."}
-    )
-    peers_file: str | None = field(
-        default=None, metadata={"help": "Write this monitor's multiaddrs here (default: RUN_DIR/initial_peers.txt)."}
-    )
-    run_secret_file: str | None = field(
-        default=None, metadata={"help": "Close the run: admit peers knowing a secret of this file (one a line)."}
-    )
-    allowlist_file: str | None = field(
-        default=None, metadata={"help": "Close the run: admit peers whose join key's public key is listed here."}
-    )
-    token_ttl: float = field(
-        default=1800.0, metadata={"help": "Closed runs: seconds an access token lives (renewed when half is left)."}
-    )
+    model: str = "tiny"
+    tokenizer: str | None = None
+    run_dir: str = "albert-swarm-run/monitor"
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    refresh_period: float = 5.0
+    stale_after: float = 30.0
+    db: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    keep: int = 3
+    keep_every: int = 0
+    fetch_state_every: int = 10
+    admin_token: str | None = None
+    resume_from: str | None = None
+    peers_file: str | None = None
+    run_secret_file: str | None = None
+    allowlist_file: str | None = None
+    token_ttl: float = 1800.0
 
     def __post_init__(self):
         for name in ("refresh_period", "stale_after"):

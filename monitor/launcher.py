@@ -19,60 +19,56 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from monitor.checkpoint import MANIFEST, verify_directory
 from peer.config import parse_configs
+from peer.field_docs import help_from_docstring
 from peer.run_key import RunKey
 
 logger = logging.getLogger("albert-swarm")
 
 
+@help_from_docstring
 @dataclass
 class LocalSwarmConfig:
     """A local run: where it lives, what it trains, and settings tuned for a few CPU cores on one machine.
 
     Args:
-        run_dir: directory of everything the run keeps (monitor history, checkpoints, peer backups, logs).
-        peers: number of trainer peers to start.
-        model: model preset or config.json path.
-        corpus: corpus file or directory; empty uses the bundled corpus.
-        duration: stop by itself after this many seconds (0: run until Ctrl-C).
-        http_port: port of the monitor's dashboard (0: any free port).
-        run_id: name of the run in the DHT.
-        target_batch_size: samples the swarm accumulates per optimizer step.
-        batch_size: samples per forward/backward pass of each peer.
-        learning_rate: peak learning rate.
-        warmup_epochs: epochs of learning-rate warm-up.
-        checkpoint_every: the monitor writes a checkpoint every this many epochs.
+        run_dir: Directory of everything the run keeps (monitor history, checkpoints, peer backups, logs).
+        peers: Number of trainer peers to start.
+        model: Model preset or config.json path.
+        corpus: Corpus file or directory (default: the bundled corpus).
+        duration: Stop by itself after this many seconds (0: run until Ctrl-C).
+        http_port: Port of the monitor's dashboard (0: any free port).
+        run_id: Name of the run in the DHT.
+        target_batch_size: Samples the swarm accumulates per optimizer step.
+        batch_size: Samples per forward/backward pass of each peer.
+        learning_rate: Peak learning rate.
+        warmup_epochs: Epochs of learning-rate warm-up.
+        checkpoint_every: The monitor writes a checkpoint every this many epochs.
         threads_per_peer: CPU threads each peer's torch uses.
-        host: address every process of the run listens on; 0.0.0.0 lets peers on other machines join.
-        run_secret_file: close the run: only peers presenting this secret join (see "Closed runs" in the README).
+        host: Address every process of the run listens on; 0.0.0.0 lets peers on other machines join.
+        run_secret_file: Close the run: only peers presenting this secret join (see "Closed runs" in the README).
     """
 
-    run_dir: str = field(default="albert-swarm-run", metadata={"help": "Directory of everything the run keeps."})
-    peers: int = field(default=2, metadata={"help": "Number of trainer peers to start."})
-    model: str = field(default="tiny", metadata={"help": "Model preset or config.json path."})
-    corpus: str | None = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
-    duration: float = field(default=0.0, metadata={"help": "Stop by itself after this many seconds (0: never)."})
-    http_port: int = field(default=8080, metadata={"help": "Port of the dashboard (0: any free port)."})
-    run_id: str = field(default="albert-swarm-local", metadata={"help": "Name of the run in the DHT."})
-    target_batch_size: int = field(default=64, metadata={"help": "Samples the swarm accumulates per optimizer step."})
-    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward pass of each peer."})
+    run_dir: str = "albert-swarm-run"
+    peers: int = 2
+    model: str = "tiny"
+    corpus: str | None = None
+    duration: float = 0.0
+    http_port: int = 8080
+    run_id: str = "albert-swarm-local"
+    target_batch_size: int = 64
+    batch_size: int = 8
     # high for LAMB: the tiny demo model should learn visibly within minutes on a laptop
-    learning_rate: float = field(default=0.02, metadata={"help": "Peak learning rate."})
-    warmup_epochs: int = field(default=5, metadata={"help": "Epochs of learning-rate warm-up."})
-    checkpoint_every: int = field(default=20, metadata={"help": "Write a checkpoint every this many epochs."})
-    threads_per_peer: int = field(default=1, metadata={"help": "CPU threads of each peer's torch."})
-    host: str = field(
-        default="127.0.0.1",
-        metadata={"help": "Address the run listens on; 0.0.0.0 lets peers on other machines join."},
-    )
-
-    run_secret_file: str | None = field(
-        default=None, metadata={"help": "Close the run: only peers holding this secret may join."}
-    )
+    learning_rate: float = 0.02
+    warmup_epochs: int = 5
+    checkpoint_every: int = 20
+    threads_per_peer: int = 1
+    host: str = "127.0.0.1"
+    run_secret_file: str | None = None
 
     def __post_init__(self):
         for name in ("peers", "target_batch_size", "batch_size", "learning_rate", "checkpoint_every"):

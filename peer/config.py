@@ -16,6 +16,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
+from peer.field_docs import help_from_docstring
 from peer.run_key import normalize_fingerprint
 
 ENV_PREFIX = "ALBERT_"
@@ -27,54 +28,34 @@ def env_var(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+@help_from_docstring
 @dataclass
 class SwarmConfig:
     """How to join the swarm's DHT; shared by trainer peers and the monitor.
 
     Args:
-        run_id: name of the training run; every DHT key of the run starts with it.
-        initial_peers: multiaddrs of peers already in the swarm (e.g. the monitor's), to bootstrap from.
-        host_maddrs: multiaddrs to listen on.
-        announce_maddrs: multiaddrs other peers should dial (public address behind NAT).
-        identity_path: file holding this peer's private key, so its peer id survives restarts.
-        client_mode: make only outgoing connections (for peers behind NAT or a firewall).
-        use_relay: let libp2p relay traffic for peers that cannot accept connections.
-        use_auto_relay: look for relays automatically when this peer is not reachable from outside.
-        run_key: fingerprint of the run key the organiser hands out; the run is then trusted only if its monitor
-            signs with that key (its run record, its checkpoints).
+        run_id: Name of the training run; every DHT key of the run starts with it.
+        initial_peers: Multiaddrs of peers already in the swarm (e.g. the monitor's) to bootstrap from; empty starts a
+            new swarm.
+        host_maddrs: Multiaddrs to listen on; the default accepts connections from other machines.
+        announce_maddrs: Multiaddrs other peers should dial (your public address if behind NAT).
+        identity_path: Private key file (created if missing) that keeps this peer's id stable across restarts.
+        client_mode: Outgoing connections only, for peers behind NAT or a firewall (they cannot serve state).
+        use_relay: Allow libp2p circuit relays, so that peers behind NAT can be reached.
+        use_auto_relay: Find relays automatically when this peer is not reachable from outside.
+        run_key: Fingerprint of the run key the organiser hands out (the monitor prints it); the run is then trusted
+            only if its monitor signs with that key (its run record, its checkpoints).
     """
 
-    run_id: str = field(default="albert-swarm", metadata={"help": "Name of the training run (prefix of DHT keys)."})
-    initial_peers: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Multiaddrs of peers already in the swarm, e.g. the monitor's; empty starts a new swarm."},
-    )
-    host_maddrs: list[str] = field(
-        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
-        metadata={"help": "Multiaddrs to listen on; the default accepts connections from other machines."},
-    )
-    announce_maddrs: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Multiaddrs announced to other peers (your public address if behind NAT)."},
-    )
-    identity_path: str | None = field(
-        default=None, metadata={"help": "Private key file (created if missing) that keeps this peer's id stable."}
-    )
-    client_mode: bool = field(
-        default=False,
-        metadata={"help": "Outgoing connections only: for peers behind NAT or a firewall (they cannot serve state)."},
-    )
-    use_relay: bool = field(default=True, metadata={"help": "Allow libp2p circuit relays (reach NATed peers)."})
-    use_auto_relay: bool = field(
-        default=False, metadata={"help": "Find relays automatically when this peer is not reachable from outside."}
-    )
-    run_key: str | None = field(
-        default=None,
-        metadata={
-            "help": "Fingerprint of the run key the organiser hands out (the monitor prints it): trust only the "
-            "monitor that signs with it."
-        },
-    )
+    run_id: str = "albert-swarm"
+    initial_peers: list[str] = field(default_factory=list)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    identity_path: str | None = None
+    client_mode: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    run_key: str | None = None
 
     def __post_init__(self):
         if self.run_key:
@@ -86,90 +67,60 @@ class SwarmConfig:
                 raise ValueError(f"{maddr!r} is not a multiaddr (expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...)")
 
 
+@help_from_docstring
 @dataclass
 class OptimConfig:
     """How the swarm optimizes; must agree between the peers of one run (the monitor reads it too).
 
     Args:
-        target_batch_size: samples the whole swarm accumulates per optimizer step (one epoch).
-        learning_rate: peak LAMB learning rate, reached after warm-up.
-        warmup_epochs: epochs of linear warm-up.
-        total_epochs: epochs after which the learning rate has decayed to zero.
-        weight_decay: LAMB weight decay, applied to tensors of rank >= 2 only.
-        optimizer: lamb (torch-optimizer) or lamb-8bit (bitsandbytes, CUDA only); optimizer state is shared, so
-            every peer of a run must use the same one.
-        max_grad_norm: clip the swarm-averaged gradient to this norm (0 disables).
-        matchmaking_time: seconds to wait for peers to form an averaging group.
-        averaging_timeout: seconds before an averaging round is abandoned.
-        load_state_timeout: seconds one attempt to download the training state may take.
-        average_state_every: average parameters and optimizer state every this many epochs (a joiner downloads the
-            state whenever it joins; out-of-sync peers reload it at once).
-        progress_expiration: seconds a peer's hivemind progress entry lives without refresh.
-        grad_compression: wire format of gradients during all-reduce.
-        state_compression: wire format of parameters and state during averaging and download.
-        delay_optimizer_step: run the optimizer step in the background (delayed parameter updates).
-        delay_grad_averaging: average gradients in the background too (needs delay_optimizer_step).
-        offload_optimizer: keep optimizer state in host memory.
-        bandwidth: this peer's bandwidth in Mbit/s, used to balance the all-reduce load.
+        target_batch_size: Samples the whole swarm accumulates per optimizer step (one epoch).
+        learning_rate: Peak LAMB learning rate, reached after warm-up.
+        warmup_epochs: Epochs of linear learning-rate warm-up.
+        total_epochs: Epochs after which the learning rate has decayed to zero.
+        weight_decay: LAMB weight decay, on tensors of rank >= 2 only.
+        optimizer: lamb (torch-optimizer) or lamb-8bit (bitsandbytes, CUDA only, needs --no-offload-optimizer); the
+            optimizer state is shared, so every peer of a run must use the same one.
+        max_grad_norm: Clip the swarm-averaged gradient to this L2 norm before the step (0: off).
+        matchmaking_time: Seconds to gather an averaging group: 3-5 on a LAN, 15-30 over the internet.
+        averaging_timeout: Seconds before an averaging round is abandoned (about 2x a normal all-reduce).
+        load_state_timeout: Seconds one attempt to download the swarm's training state may take.
+        average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
+            downloads the state whenever it joins; out-of-sync peers reload it at once).
+        progress_expiration: Seconds a peer's hivemind progress entry lives unrefreshed: how soon survivors forget a
+            dead peer.
+        grad_compression: Wire format of gradients in all-reduce.
+        state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
+            zeroes LAMB's second moments).
+        delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
+        delay_grad_averaging: Average gradients in the background too, for the most overlap (needs
+            --delay-optimizer-step).
+        offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
+        bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
     """
 
-    target_batch_size: int = field(
-        default=4096, metadata={"help": "Samples the whole swarm accumulates per optimizer step (one epoch)."}
-    )
-    learning_rate: float = field(default=0.00176, metadata={"help": "Peak LAMB learning rate (after warm-up)."})
-    warmup_epochs: int = field(default=500, metadata={"help": "Epochs of linear learning-rate warm-up."})
-    total_epochs: int = field(default=20000, metadata={"help": "Epochs after which the learning rate reaches zero."})
-    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay, on tensors of rank >= 2 only."})
-    optimizer: Literal["lamb", "lamb-8bit"] = field(
-        default="lamb",
-        metadata={"help": "lamb, or lamb-8bit (bitsandbytes, CUDA, --no-offload-optimizer); the same on every peer."},
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Clip the swarm-averaged gradient to this L2 norm before the step; 0: off."}
-    )
-    matchmaking_time: float = field(
-        default=15.0,
-        metadata={"help": "Seconds to gather an averaging group: 3-5 on a LAN, 15-30 over the internet."},
-    )
-    averaging_timeout: float = field(
-        default=120.0,
-        metadata={"help": "Seconds before an averaging round is abandoned (about 2x a normal all-reduce)."},
-    )
-    load_state_timeout: float = field(
-        default=120.0, metadata={"help": "Seconds one attempt to download the swarm's state may take."}
-    )
+    target_batch_size: int = 4096
+    learning_rate: float = 0.00176
+    warmup_epochs: int = 500
+    total_epochs: int = 20000
+    weight_decay: float = 0.01
+    optimizer: Literal["lamb", "lamb-8bit"] = "lamb"
+    max_grad_norm: float = 1.0
+    matchmaking_time: float = 15.0
+    averaging_timeout: float = 120.0
+    load_state_timeout: float = 120.0
     # not hivemind's 1: a state round runs in the background and overlaps the next epoch's gradient matchmaking, so
     # peers still averaging parameters miss the gradient round and the swarm splits into noisier sub-groups. Measured
     # with 4 peers (README "Does it learn?"): every epoch +4.3% held-out loss against one process, every 10 -0.54%
-    average_state_every: int = field(
-        default=10, metadata={"help": "Average parameters and optimizer state with peers every this many epochs."}
-    )
-    progress_expiration: float = field(
-        default=10.0,
-        metadata={"help": "Seconds a peer's progress entry lives unrefreshed: how soon survivors forget a dead peer."},
-    )
-    grad_compression: Literal["none", "fp16", "scaled-fp16"] = field(
-        default="scaled-fp16", metadata={"help": "Gradient wire format in all-reduce."}
-    )
+    average_state_every: int = 10
+    progress_expiration: float = 10.0
+    grad_compression: Literal["none", "fp16", "scaled-fp16"] = "scaled-fp16"
     # "none" by default: LAMB's second moments (~1e-10) fall below fp16's smallest value, so fp16 state transfers
     # zero them (measured: 96% zeros in a newcomer's downloaded state) and newcomers then take oversized steps
-    state_compression: Literal["none", "fp16", "scaled-fp16"] = field(
-        default="none",
-        metadata={"help": "Parameter/state wire format in state averaging and downloads (fp16 zeroes LAMB moments)."},
-    )
-    delay_optimizer_step: bool = field(
-        default=False, metadata={"help": "Apply optimizer steps in the background, one epoch stale (DPU)."}
-    )
-    delay_grad_averaging: bool = field(
-        default=False,
-        metadata={"help": "Average gradients in the background too (needs --delay-optimizer-step): max overlap."},
-    )
-    offload_optimizer: bool = field(
-        default=True, metadata={"help": "Keep optimizer state in host memory (saves GPU memory)."}
-    )
-    bandwidth: float = field(
-        default=100.0, metadata={"help": "This peer's network bandwidth in Mbit/s; balances the all-reduce load."}
-    )
+    state_compression: Literal["none", "fp16", "scaled-fp16"] = "none"
+    delay_optimizer_step: bool = False
+    delay_grad_averaging: bool = False
+    offload_optimizer: bool = True
+    bandwidth: float = 100.0
 
     def __post_init__(self):
         _require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
@@ -191,72 +142,58 @@ class OptimConfig:
             raise ValueError("--delay-optimizer-step needs --offload-optimizer")
 
 
+@help_from_docstring
 @dataclass
 class PeerConfig:
     """What this trainer peer trains on and how it behaves locally.
 
     Args:
-        model: preset name (e.g. tiny, base) or path to a config.json.
-        tokenizer: tokenizer directory; empty uses the bundled tokenizer.
-        corpus: text corpus (file or directory); empty uses the bundled corpus.
-        batch_size: samples per forward/backward pass on this device.
-        grad_accumulation: passes accumulated locally before reporting them to the swarm.
-        max_length: tokens per sample.
-        gradient_checkpointing: recompute activations in backward to save memory.
+        model: Model preset (tiny, base, ...) or path to a config.json.
+        tokenizer: Tokenizer directory (default: the bundled tokenizer).
+        corpus: Text corpus, a file or a directory (default: the bundled corpus).
+        batch_size: Samples per forward/backward pass on this device.
+        grad_accumulation: Passes accumulated locally before they are counted towards the swarm batch.
+        max_length: Tokens per training sample.
+        gradient_checkpointing: Recompute activations during backward to save memory.
         device: auto, cpu, cuda, cuda:N or mps.
-        precision: auto (bf16 on capable CUDA, else fp16 on CUDA, else fp32), fp32, bf16 or fp16.
-        backup_dir: directory of local backups (model + optimizer state).
-        backup_every: write a backup every this many epochs (0: only on exit).
-        keep_backups: how many backups to keep.
-        metrics_port: serve this peer's Prometheus metrics on this port (0: off).
-        metrics_expiration: seconds this peer's signed progress record lives in the DHT.
-        seed: base seed of initialisation and data order (mixed with the peer id for data).
-        torch_threads: CPU threads for torch (0: torch's default).
-        max_epochs: stop after the swarm reaches this epoch (0: train until stopped).
-        load_state_attempts: attempts to download the swarm's state before going on without it.
-        join_url: the monitor's HTTP address (http://host:port) to ask for access tokens of a closed run.
-        run_secret_file: file holding the closed run's shared secret (its first line is used; re-read at each renewal).
-        join_key_file: join key (``python -m peer.access new-join-key PATH``) whose public key the monitor allowlists.
+        precision: auto (bf16 on capable CUDA, else fp16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16.
+        backup_dir: Directory of local backups (model and optimizer state).
+        backup_every: Write a backup every this many epochs (0: only on exit).
+        keep_backups: Number of most recent backups to keep.
+        metrics_port: Port of this peer's Prometheus /metrics (0: off).
+        metrics_expiration: Seconds this peer's signed progress record stays in the DHT unrefreshed.
+        seed: Seed of model initialisation and data order (the data order also mixes in the peer id).
+        torch_threads: CPU threads used by torch (0: torch's default).
+        max_epochs: Stop once the swarm reaches this epoch (0: train until stopped).
+        load_state_attempts: Attempts to download the swarm's state before going on without it.
+        join_url: Closed runs: the monitor's http://host:port that issues access tokens.
+        run_secret_file: Closed runs: file holding the run's shared secret, on its first line (re-read at each
+            renewal; needs --join-url).
+        join_key_file: Closed runs: join key (`python -m peer.access new-join-key PATH`) whose public key the monitor
+            allowlists (needs --join-url).
     """
 
-    model: str = field(default="tiny", metadata={"help": "Model preset (tiny, base, ...) or path to a config.json."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: bundled)."})
-    corpus: str | None = field(default=None, metadata={"help": "Corpus file or directory (default: bundled)."})
-    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward pass on this device."})
-    grad_accumulation: int = field(
-        default=1, metadata={"help": "Passes accumulated locally before they are counted towards the swarm batch."}
-    )
-    max_length: int = field(default=128, metadata={"help": "Tokens per training sample."})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations during backward to save memory."}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps."})
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "auto: bf16 on capable CUDA, else fp16 on CUDA, fp32 elsewhere."}
-    )
-    backup_dir: str = field(default="albert-swarm-run/backups", metadata={"help": "Directory of local backups."})
-    backup_every: int = field(default=10, metadata={"help": "Write a backup every this many epochs (0: on exit)."})
-    keep_backups: int = field(default=2, metadata={"help": "Number of most recent backups to keep."})
-    metrics_port: int = field(default=0, metadata={"help": "Port of this peer's Prometheus /metrics (0: off)."})
-    metrics_expiration: float = field(
-        default=30.0, metadata={"help": "Seconds this peer's signed progress record stays in the DHT unrefreshed."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of model initialisation; data order also mixes the peer id."})
-    torch_threads: int = field(default=0, metadata={"help": "CPU threads used by torch (0: torch's default)."})
-    max_epochs: int = field(default=0, metadata={"help": "Stop once the swarm reaches this epoch (0: never)."})
-    load_state_attempts: int = field(
-        default=3, metadata={"help": "Attempts to download the swarm's state before going on without it."}
-    )
-    join_url: str | None = field(
-        default=None, metadata={"help": "Closed runs: the monitor's http://host:port that issues access tokens."}
-    )
-    run_secret_file: str | None = field(
-        default=None, metadata={"help": "Closed runs: file holding the run's shared secret (needs --join-url)."}
-    )
-    join_key_file: str | None = field(
-        default=None,
-        metadata={"help": "Closed runs: join key whose public key the monitor allowlists (needs --join-url)."},
-    )
+    model: str = "tiny"
+    tokenizer: str | None = None
+    corpus: str | None = None
+    batch_size: int = 8
+    grad_accumulation: int = 1
+    max_length: int = 128
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    backup_dir: str = "albert-swarm-run/backups"
+    backup_every: int = 10
+    keep_backups: int = 2
+    metrics_port: int = 0
+    metrics_expiration: float = 30.0
+    seed: int = 0
+    torch_threads: int = 0
+    max_epochs: int = 0
+    load_state_attempts: int = 3
+    join_url: str | None = None
+    run_secret_file: str | None = None
+    join_key_file: str | None = None
 
     def __post_init__(self):
         _require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "metrics_expiration")
