@@ -249,15 +249,6 @@ class History:
         if not self._thinning:
             self._thin_due = now + self._thin_every
 
-    def thin(self) -> int:
-        """Thin the whole history now, batch after batch (each its own transaction); returns how many batches."""
-        batches = 0
-        while True:
-            with self._lock:
-                if not self._thinner.step(self._db):
-                    return batches
-            batches += 1
-
     def last_snapshot(self) -> SwarmSnapshot:
         """The snapshot to continue from after a restart: the latest totals and the ledger, every peer not alive."""
         with self._read_lock:

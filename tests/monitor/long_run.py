@@ -24,6 +24,24 @@ from monitor.history import SCHEMA, History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
+from monitor.thinning import DEFAULT_BATCH_ROWS, DEFAULT_TIERS, Thinner, Tier
+
+
+def thin_pass(path: Path, tiers: tuple[Tier, ...] = DEFAULT_TIERS, batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
+    """A whole thinning pass over a history file now, batch after batch (each its own transaction): how many batches.
+
+    The monitor runs the same batches one per recorded snapshot (History._thin_if_due); a test wants the whole pass.
+    """
+    db = sqlite3.connect(str(path), isolation_level=None)  # the Thinner opens its own transactions
+    db.execute("PRAGMA busy_timeout=5000")  # the History under test may hold the file for a moment
+    try:
+        thinner, batches = Thinner(tiers, batch_rows), 0
+        while thinner.step(db):
+            batches += 1
+        return batches
+    finally:
+        db.close()
+
 
 DAY = 86400.0
 START = 1_760_000_000.0

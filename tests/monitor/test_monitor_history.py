@@ -9,7 +9,7 @@ import pytest
 from monitor.aggregate import PeerReport, SwarmSnapshot, aggregate
 from monitor.history import MAX_POINTS, CheckpointEntry, History
 from monitor.thinning import Tier
-from tests.monitor.long_run import DAY, START, build
+from tests.monitor.long_run import DAY, START, build, thin_pass
 
 
 def snapshot_at(t, epoch, previous=None):
@@ -124,7 +124,7 @@ def test_thinning_keeps_first_last_recent_and_epochs(tmp_path):
         history.record(plain(5000.0 + i, epoch=i // 9, loss=3.0 - i / 1000, speed=float(i % 13), alive=i % 5))
     before = history.by_epoch()
     assert before == history.by_epoch(limit=MAX_POINTS) and len(before) == 112
-    assert history.thin() > 0
+    assert thin_pass(db, tiers, batch_rows=37) > 0
     times = [row["time"] for row in history.series(limit=MAX_POINTS)]
     assert times[0] == 5000.0 and times[-1] == 5999.0
     # buckets are aligned to multiples of their width; a tier's cutoff is the bucket edge below newest - after
@@ -132,11 +132,11 @@ def test_thinning_keeps_first_last_recent_and_epochs(tmp_path):
     assert [t for t in times if 5640.0 <= t < 5890.0] == [5640.0 + 10 * k for k in range(25)]  # one a 10 s bucket
     assert [t for t in times if t < 5640.0] == [5000.0] + [5040.0 + 60 * k for k in range(10)]  # one a minute
     assert history.by_epoch() == before
-    assert history.thin() == 0  # done: a second pass finds nothing
+    assert thin_pass(db, tiers, batch_rows=37) == 0  # done: a second pass finds nothing
     history.close()
     reopened = History(db, tiers=tiers)
     assert [row["time"] for row in reopened.series(limit=MAX_POINTS)] == times
-    assert reopened.by_epoch() == before and reopened.thin() == 0  # the watermarks survived the restart
+    assert reopened.by_epoch() == before and thin_pass(db, tiers) == 0  # the watermarks survived the restart
 
 
 def test_record_thins_by_itself_in_bounded_batches(tmp_path):

@@ -32,6 +32,7 @@ from tests.monitor.long_run import (
     dashboard_poll,
     fetch,
     serve,
+    thin_pass,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -196,7 +197,8 @@ def test_thinning_in_short_batches_keeps_ends_last_day_and_epochs(raw_file, tmp_
     series = history.series(limit=HISTORY_POINTS)
     history.close()
     reopened = History(tmp_path / "history.sqlite")
-    assert reopened.thin() == 0  # the watermarks survived: nothing left to do, nothing rescanned
+    # the watermarks survived: nothing left to do, nothing rescanned
+    assert thin_pass(tmp_path / "history.sqlite") == 0
     assert reopened._reader.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0] == rows
     assert reopened.series(limit=HISTORY_POINTS) == series
     assert reopened.by_epoch(since=LAST_EPOCH - 99)[:-1] == before_view
