@@ -1,6 +1,7 @@
 """Configuration of a trainer peer: one dataclass per concern, read from CLI flags and ALBERT_* environment variables.
 
 A flag wins over its environment variable (``--run-id`` over ``ALBERT_RUN_ID``), which wins over the default.
+Each field is described once, in its class docstring's ``Args:`` section: that is its ``--help`` (peer/field_docs.py).
 """
 
 from __future__ import annotations
