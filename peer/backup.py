@@ -76,7 +76,7 @@ class Backups:
         return target
 
     def restore(self, epoch: int, model: torch.nn.Module, training: TrainingMode) -> bool:
-        """Load the backup of ``epoch`` into the model and the training mode; False if unreadable or of another model."""
+        """Load the backup of ``epoch`` into the model and training mode; False if unreadable or of another model."""
         try:
             state = torch.load(self.path(epoch), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001  (a damaged file must not stop the peer: the swarm has the state)

@@ -2,7 +2,8 @@
 today's synchronous mode (``SynchronousSwarm``, around the hivemind.Optimizer that peer/swarm.py builds) behind it.
 
 Nothing outside this module and peer/swarm.py touches hivemind.Optimizer, so a second mode (issue 17's local steps)
-implements ``TrainingMode`` and nothing else, and tests drive the loop with a small fake (tests/peer/test_train_loop.py).
+implements ``TrainingMode`` and nothing else, and the tests drive the loop with a small fake
+(tests/peer/test_train_loop.py) or inject faults by wrapping the mode (tests/peer/faulty_peer.py).
 
 Epochs. An epoch is one update of the model made together by the swarm; the run's learning-rate schedule, the
 ``--max-epochs`` limit, reports and backups all count in epochs. In terms of epochs:
