@@ -57,6 +57,7 @@ def train(peer: Peer) -> int:
                 with peer.stop.interruptible():
                     if not recover_parameters(model, training, peer.backups):
                         return ExitCode.DIVERGED
+                epoch = training.epoch  # the recovered state's: a backup or a lagging donor may be older
             reporter.epoch_done(epoch)
             if config.backup_every and epoch % config.backup_every == 0:
                 peer.backups.save(model, training)
