@@ -118,9 +118,8 @@ class FakeSwarm:
 class RecordingDHT:
     """Stands in for the DHT the Reporter stores progress records in and the Rejoiner reads initial peers from."""
 
-    initial_peers: list[str] = []
-
     def __init__(self):
+        self.initial_peers: list[str] = []  # none: the Rejoiner never re-bootstraps
         self.records: list[dict] = []
         self.shut_down = False
 
