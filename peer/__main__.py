@@ -3,17 +3,19 @@
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
 from peer.lifecycle import ExitCode, StopRequested, end_children
-from peer.runtime import start_peer
+from peer.runtime import Peer, start_peer
 from peer.swarm import SwarmJoinError
 from peer.train import train
 
 logger = logging.getLogger("peer")
 
 
-def run() -> int:
+def run(prepare: Callable[[Peer], None] | None = None) -> int:
+    """Start a peer and train; ``prepare`` (tests only, e.g. tests/peer/faulty_peer.py) may change it in between."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("hivemind.optim.progress_tracker").setLevel(logging.WARNING)  # it logs twice a second
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig)
@@ -28,6 +30,8 @@ def run() -> int:
     except StopRequested as stop:
         return stop.exit_code
     try:
+        if prepare is not None:
+            prepare(peer)
         return train(peer)
     except StopRequested as stop:
         return stop.exit_code
@@ -35,8 +39,8 @@ def run() -> int:
         peer.close()
 
 
-def main() -> None:
-    code = run()
+def main(prepare: Callable[[Peer], None] | None = None) -> None:
+    code = run(prepare)
     end_children()
     logging.shutdown()
     sys.stdout.flush(), sys.stderr.flush()

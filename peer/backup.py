@@ -1,4 +1,4 @@
-"""Local backups of the training state (model, optimizer, scheduler, epoch), written atomically, newest k kept."""
+"""Local backups of the training state (model, the training mode's state, epoch), written atomically, newest k kept."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import re
 import tempfile
 from pathlib import Path
 
-import hivemind
 import torch
+
+from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
 BACKUP_NAME = re.compile(r"^epoch-(\d+)\.pt$")
@@ -58,17 +59,12 @@ class Backups:
         epochs = self.epochs()
         return epochs[-1] if epochs else None
 
-    def save(self, model: torch.nn.Module, optimizer: hivemind.Optimizer) -> Path:
+    def save(self, model: torch.nn.Module, training: TrainingMode) -> Path:
         """Write the current state, atomically: a crash mid-write never leaves a truncated backup behind."""
-        state = {
-            "epoch": optimizer.local_epoch,
-            "model_hash": self.model_hash,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": optimizer.state_averager.scheduler.state_dict(),
-        }
+        epoch = training.epoch
+        state = {"epoch": epoch, "model_hash": self.model_hash, "model": model.state_dict(), **training.state_dict()}
         self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.path(optimizer.local_epoch)
+        target = self.path(epoch)
         with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".partial-", delete=False) as partial:
             torch.save(state, partial)
             partial.flush()
@@ -76,11 +72,11 @@ class Backups:
         os.replace(partial.name, target)
         for old_epoch in self.epochs()[: -self.keep]:
             self.path(old_epoch).unlink(missing_ok=True)
-        logger.info(f"Backup of epoch {optimizer.local_epoch} written to {target}")
+        logger.info(f"Backup of epoch {epoch} written to {target}")
         return target
 
-    def restore(self, epoch: int, model: torch.nn.Module, optimizer: hivemind.Optimizer) -> bool:
-        """Load the backup of ``epoch`` into the model and optimizer; False if it is unreadable or of another model."""
+    def restore(self, epoch: int, model: torch.nn.Module, training: TrainingMode) -> bool:
+        """Load the backup of ``epoch`` into the model and training mode; False if unreadable or of another model."""
         try:
             state = torch.load(self.path(epoch), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001  (a damaged file must not stop the peer: the swarm has the state)
@@ -90,20 +86,6 @@ class Backups:
             logger.error(f"Backup {self.path(epoch)} belongs to another model or vocabulary; ignoring it")
             return False
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        optimizer.state_averager.scheduler.load_state_dict(state["scheduler"])
-        copy_parameters_into_optimizer(optimizer)
-        logger.info(f"Restored the training state of epoch {optimizer.local_epoch} from {self.path(epoch)}")
+        training.load_state_dict(state)  # after the model: the mode takes up the model's restored parameters
+        logger.info(f"Restored the training state of epoch {training.epoch} from {self.path(epoch)}")
         return True
-
-
-@torch.no_grad()
-def copy_parameters_into_optimizer(optimizer: hivemind.Optimizer) -> None:
-    """Copy the model's parameters into the optimizer's own copies (offloaded to host memory by hivemind).
-
-    Without this, the next optimizer step would write the stale offloaded copies back over the restored model.
-    """
-    for model_group, optimizer_group in zip(optimizer.param_groups, optimizer.opt.param_groups):
-        for model_param, optimizer_param in zip(model_group["params"], optimizer_group["params"]):
-            if optimizer_param is not model_param:
-                optimizer_param.copy_(model_param)

@@ -19,6 +19,7 @@ from peer.progress import (
     publish_progress,
     software_version,
 )
+from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ class PeerMetrics:
         )
         self.recoveries = counter("albert_peer_recoveries", "Times parameters were reloaded after becoming non-finite")
 
-    def watch_optimizer(self, optimizer: hivemind.Optimizer) -> None:
-        """Export what the optimizer's guards refused (read at each scrape: the counts live in the guards, which
+    def watch_training(self, training: TrainingMode) -> None:
+        """Export what the training mode's guards refused (read at each scrape: the counts live in the guards, which
         hivemind may update from its background threads)."""
-        self.registry.register(GuardCollector(optimizer))
+        self.registry.register(GuardCollector(training))
 
     def serve(self, port: int) -> None:
         prometheus_client.start_http_server(port, registry=self.registry)
@@ -55,11 +56,10 @@ class PeerMetrics:
 
 
 class GuardCollector:
-    """Prometheus collector of the optimizer's refusals: averaged gradients not applied, downloaded states refused."""
+    """Prometheus collector of the training mode's refusals: averaged gradients not applied, states refused."""
 
-    def __init__(self, optimizer: hivemind.Optimizer):
-        self.update_guard = getattr(optimizer, "update_guard", None)
-        self.state_averager = optimizer.state_averager
+    def __init__(self, training: TrainingMode):
+        self.training, self.update_guard = training, training.update_guard
 
     def collect(self):
         skipped = CounterMetricFamily(
@@ -77,7 +77,7 @@ class GuardCollector:
         yield CounterMetricFamily(
             "albert_peer_refused_states",
             "Training states downloaded from peers and refused (non-finite or implausible epoch)",
-            value=getattr(self.state_averager, "refused_states", 0),
+            value=self.training.refused_states,
         )
 
 
@@ -87,7 +87,7 @@ class Reporter:
     Args:
         dht: the peer's DHT (records are stored through it).
         run_id: the run's name (the record's key is ``{run_id}_metrics``).
-        optimizer: the collaborative optimizer (read for the swarm's progress).
+        training: the peer's training mode (read for the swarm's progress and the guards' refusals).
         device: device name written into the record.
         model_hash: architecture fingerprint written into the record.
         record_expiration: seconds a record lives; it is re-published every third of that.
@@ -98,19 +98,19 @@ class Reporter:
         self,
         dht: hivemind.DHT,
         run_id: str,
-        optimizer: hivemind.Optimizer,
+        training: TrainingMode,
         device: str,
         model_hash: str,
         record_expiration: float,
         metrics: PeerMetrics,
     ):
-        self.dht, self.run_id, self.optimizer, self.metrics = dht, run_id, optimizer, metrics
+        self.dht, self.run_id, self.training, self.metrics = dht, run_id, training, metrics
         self.device, self.model_hash, self.record_expiration = device[:64], model_hash, record_expiration
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
         self.record: PeerProgress | None = None
         self.last_published, self.last_status = -float("inf"), ""
-        metrics.watch_optimizer(optimizer)
-        self._start_epoch(optimizer.local_epoch)
+        metrics.watch_training(training)
+        self._start_epoch(training.epoch)
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.epoch_started = epoch, time.perf_counter()
@@ -163,24 +163,24 @@ class Reporter:
         )
         self.metrics.epoch.set(new_epoch)
         self.metrics.samples_per_second.set(record.samples_per_second)
-        self.metrics.swarm_peers.set(self.optimizer.tracker.global_progress.num_peers)
+        self.metrics.swarm_peers.set(self.training.num_peers)
         if record.mean_loss is not None:
             self.metrics.loss.set(record.mean_loss)
-        norm = getattr(getattr(self.optimizer, "update_guard", None), "last_norm", None)
+        norm = getattr(self.training.update_guard, "last_norm", None)
         applied = f" | update norm {norm:.4g}" if norm is not None else ""  # of the averaged gradient last applied
         logger.info(self._summary() + applied + f" -> epoch {new_epoch}")
         self._publish(record)
         self._start_epoch(new_epoch)
 
     def _summary(self) -> str:
-        swarm = self.optimizer.tracker.global_progress
+        peers, target = self.training.num_peers, self.training.target_batch_size
         loss = f"{self.loss_sum / self.mini_steps:.3f}" if self.mini_steps else "-"
         rate = self.samples / max(time.perf_counter() - self.epoch_started, 1e-9)
         # The swarm's own counter is already reset when a new epoch begins: compare with the target instead.
-        share = self.samples / max(swarm.target_batch_size, 1)
+        share = self.samples / max(target, 1)
         return (
-            f"epoch {self.epoch} | loss {loss} | {rate:.1f} samples/s | swarm {swarm.num_peers} peers | "
-            f"mine {self.samples} samples ({share:.0%} of the {swarm.target_batch_size}-sample target)"
+            f"epoch {self.epoch} | loss {loss} | {rate:.1f} samples/s | swarm {peers} peers | "
+            f"mine {self.samples} samples ({share:.0%} of the {target}-sample target)"
         )
 
     def _publish(self, record: PeerProgress) -> None:

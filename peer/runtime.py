@@ -1,4 +1,4 @@
-"""Assembles a running peer from its configs (device, model, data, DHT, optimizer, reporting) and takes it down."""
+"""Assembles a running peer from its configs (device, model, data, DHT, training mode, reporting) and takes it down."""
 
 from __future__ import annotations
 
@@ -39,21 +39,21 @@ from peer.swarm import (
     bound_state_downloads,
     build_dht,
     build_optimizer,
-    download_state,
     visible_maddrs,
 )
+from peer.training_mode import SynchronousSwarm, TrainingMode
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Peer:
-    """Everything a running peer holds; ``shutdown`` releases it (optimizer first, then the DHT and its p2pd)."""
+    """Everything a running peer holds; ``shutdown`` releases it (training mode first, then the DHT and its p2pd)."""
 
     config: PeerConfig
     dht: hivemind.DHT
     model: torch.nn.Module
-    optimizer: hivemind.Optimizer | None
+    training: TrainingMode | None
     batches: Iterator[dict]
     device: torch.device
     precision: torch.dtype
@@ -64,9 +64,9 @@ class Peer:
 
     def close(self) -> None:
         """Leave the swarm, first writing a backup of the current state if it is sound."""
-        if self.optimizer is not None and parameters_finite(self.model):
+        if self.training is not None and parameters_finite(self.model):
             try:
-                self.backups.save(self.model, self.optimizer)
+                self.backups.save(self.model, self.training)
             except OSError as error:
                 logger.error(f"Could not write the final backup: {error!r}")
         self.shutdown()
@@ -74,9 +74,9 @@ class Peer:
     def shutdown(self) -> None:
         if self.reporter is not None:
             self.reporter.close()
-        if self.optimizer is not None:
+        if self.training is not None:
             with contextlib.suppress(Exception):
-                self.optimizer.shutdown()
+                self.training.shutdown()
         if self.access is not None:
             self.access.close()
         self.dht.shutdown()
@@ -163,15 +163,16 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
     peer = Peer(config, dht, model, None, batches, device, precision, backups, access=access)
     try:
         membership = MembershipCheck(dht, swarm.run_id, access.authority_key) if access else None
-        peer.optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
+        optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
+        peer.training = SynchronousSwarm(optimizer)
         peer.stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
-        peer.stop.on_stop(peer.optimizer.cancel_averaging)  # a stopped peer waits for no group that may never form
-        bound_state_downloads(peer.optimizer, config.load_state_attempts)
+        peer.stop.on_stop(peer.training.cancel)  # a stopped peer waits for no group that may never form
+        bound_state_downloads(optimizer, config.load_state_attempts)
         metrics = PeerMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port)
         peer.reporter = Reporter(
-            dht, swarm.run_id, peer.optimizer, device_name(device), model_hash, config.metrics_expiration, metrics
+            dht, swarm.run_id, peer.training, device_name(device), model_hash, config.metrics_expiration, metrics
         )
         take_newest_state(peer)
     except BaseException:
@@ -245,15 +246,14 @@ def refuse_if_model_differs(dht: hivemind.DHT, swarm: SwarmConfig, model_hash: s
 def take_newest_state(peer: Peer) -> None:
     """Download the swarm's state before contributing; restore the local backup instead if it is newer."""
     peer.reporter.status("downloading the swarm's state")
+    training = peer.training
     with peer.stop.interruptible():
-        download_state(peer.optimizer)
+        training.load_state_from_peers()
     backup_epoch = peer.backups.latest_epoch()
-    if backup_epoch is not None and backup_epoch > peer.optimizer.local_epoch:
-        logger.info(
-            f"The local backup (epoch {backup_epoch}) is newer than the swarm's (epoch {peer.optimizer.local_epoch})"
-        )
-        peer.backups.restore(backup_epoch, peer.model, peer.optimizer)
-    elif peer.optimizer.local_epoch > 0 and backup_epoch != peer.optimizer.local_epoch:
-        peer.backups.save(peer.model, peer.optimizer)  # a local copy of the state this peer starts from
-    peer.reporter.epoch_done(peer.optimizer.local_epoch)
-    logger.info(f"Starting at epoch {peer.optimizer.local_epoch}")
+    if backup_epoch is not None and backup_epoch > training.epoch:
+        logger.info(f"The local backup (epoch {backup_epoch}) is newer than the swarm's (epoch {training.epoch})")
+        peer.backups.restore(backup_epoch, peer.model, training)
+    elif training.epoch > 0 and backup_epoch != training.epoch:
+        peer.backups.save(peer.model, training)  # a local copy of the state this peer starts from
+    peer.reporter.epoch_done(training.epoch)
+    logger.info(f"Starting at epoch {training.epoch}")

@@ -87,7 +87,9 @@ def command_name(pid: int) -> str:
 class PeerProcess:
     """One trainer peer started through the CLI in its own process group (so it and its p2pd can be killed)."""
 
-    def __init__(self, name: str, workdir: Path, initial_peers: list[str], extra_flags=(), extra_env=None):
+    def __init__(
+        self, name: str, workdir: Path, initial_peers: list[str], extra_flags=(), extra_env=None, module: str = "peer"
+    ):
         self.name, self.backup_dir, self.log_path = name, workdir / name / "backups", workdir / f"{name}.log"
         self.backup_dir.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
@@ -95,7 +97,7 @@ class PeerProcess:
         command = [
             sys.executable,
             "-m",
-            "peer",
+            module,  # "peer", or a test-only variant of it (tests/peer/faulty_peer.py)
             "--run_id",
             RUN_ID,
             "--initial_peers",
@@ -159,8 +161,8 @@ class Swarm:
         self.peers: dict[str, PeerProcess] = {}
         self.history: dict[bytes, dict[int, object]] = defaultdict(dict)  # owner -> epoch -> PeerProgress
 
-    def start_peer(self, name: str, extra_flags=(), extra_env=None) -> PeerProcess:
-        self.peers[name] = PeerProcess(name, self.workdir, self.initial_peers, extra_flags, extra_env)
+    def start_peer(self, name: str, extra_flags=(), extra_env=None, module: str = "peer") -> PeerProcess:
+        self.peers[name] = PeerProcess(name, self.workdir, self.initial_peers, extra_flags, extra_env, module)
         return self.peers[name]
 
     def poll(self) -> dict:

@@ -9,19 +9,21 @@ import time
 import pytest
 import torch
 
-from peer.faults import NAN_GRADS_AT_EPOCH, NAN_GRADS_BATCHES, NAN_PARAMS_AT_EPOCH
 from tests.peer.conftest import process_group_members, wait_until
+from tests.peer.faulty_peer import NAN_GRADS_AT_EPOCH, NAN_GRADS_BATCHES, NAN_PARAMS_AT_EPOCH
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def swarm(make_swarm):
-    """Three peers; "faulty" poisons its gradients at epoch 2 (for 6 batches) and its parameters at epoch 4."""
+    """Three peers; "faulty" (tests/peer/faulty_peer.py) poisons its gradients at epoch 2 (for 6 batches) and its
+    parameters at epoch 4."""
     swarm = make_swarm()
     swarm.start_peer("a")
     swarm.start_peer("b")
-    swarm.start_peer("faulty", extra_env={NAN_GRADS_AT_EPOCH: "2", NAN_GRADS_BATCHES: "6", NAN_PARAMS_AT_EPOCH: "4"})
+    faults = {NAN_GRADS_AT_EPOCH: "2", NAN_GRADS_BATCHES: "6", NAN_PARAMS_AT_EPOCH: "4"}
+    swarm.start_peer("faulty", extra_env=faults, module="tests.peer.faulty_peer")
     swarm.wait_for_epoch(1, peers=3, timeout=180)
     return swarm
 

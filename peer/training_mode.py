@@ -1,0 +1,165 @@
+"""The seam between a peer and the swarm: what the training loop, backups and reports ask of a training mode, and
+today's synchronous mode (``SynchronousSwarm``, around the hivemind.Optimizer that peer/swarm.py builds) behind it.
+
+Nothing outside this module and peer/swarm.py touches hivemind.Optimizer, so a second mode (issue 17's local steps)
+implements ``TrainingMode`` and nothing else, and the tests drive the loop with a small fake
+(tests/peer/test_train_loop.py) or inject faults by wrapping the mode (tests/peer/faulty_peer.py).
+
+Epochs. An epoch is one update of the model made together by the swarm; the run's learning-rate schedule, the
+``--max-epochs`` limit, reports and backups all count in epochs. In terms of epochs:
+
+- ``epoch``: how many swarm updates the local parameters include. It changes only in ``step`` (the update that
+  ends an epoch; more than one at once when this peer catches up) and in ``load_state_from_peers`` or
+  ``load_state_dict`` (it becomes the loaded state's epoch).
+- ``step(batch_size, scaler)``: hand over the gradients of ``batch_size`` samples accumulated in the parameters'
+  ``.grad``. Synchronous mode: hivemind accumulates them; the step that completes the swarm's target batch averages
+  gradients with the other peers and applies one optimizer update, so ``epoch`` advances by one. A local-steps mode
+  would take a local (inner) step on every call and an outer step with the swarm once per epoch. With ``scaler``
+  (fp16), the step is unscaled and skipped if it overflowed.
+- ``zero_grad()``: forget the gradients handed over (after every ``step``, or after a batch skipped as non-finite).
+- ``is_averaging``: the next ``step`` ends an epoch, so it will wait for the swarm (shown to the user, nothing more).
+- ``num_peers``, ``target_batch_size``: the swarm as this peer sees it (the peers training, this one included; the
+  samples one epoch takes). ``progress_expiration``: seconds after which a silent peer is no longer counted, so
+  ``num_peers == 1`` for twice as long means this peer is cut off (peer/rejoin.py).
+- ``state_dict()`` / ``load_state_dict(state)``: what a local backup must hold to resume this mode at its epoch,
+  beside the model's own state dict (keys other than "epoch", "model_hash" and "model"; peer/backup.py writes them
+  side by side in one file). Loading makes the mode use the model's current parameters (load the model first).
+- ``load_state_from_peers()``: take the parameters, optimizer state and epoch from a peer of the swarm; returns the
+  new ``epoch``, or None if no peer could provide one (the local state is kept).
+- ``cancel()``: leaving: cancel the averaging rounds under way and start none (thread-safe; a stop signal calls it
+  from another thread). ``shutdown()``: leave the swarm and release the averagers (once, at the end).
+- ``update_guard`` and ``refused_states``: what this peer refused from the swarm (averaged gradients, downloaded
+  states), exported as metrics; a mode without such checks gives None and 0.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import hivemind
+import torch
+
+from peer.swarm import download_state
+from peer.update_guard import UpdateGuard
+
+
+@runtime_checkable
+class TrainingMode(Protocol):
+    """How a peer trains with the swarm; the module's docstring says what each member means in epochs."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def is_averaging(self) -> bool: ...
+
+    @property
+    def num_peers(self) -> int: ...
+
+    @property
+    def target_batch_size(self) -> int: ...
+
+    @property
+    def progress_expiration(self) -> float: ...
+
+    @property
+    def update_guard(self) -> UpdateGuard | None: ...
+
+    @property
+    def refused_states(self) -> int: ...
+
+    def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def load_state_from_peers(self) -> int | None: ...
+
+    def cancel(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class SynchronousSwarm:
+    """Today's mode: every peer's gradients are averaged into one update per epoch (hivemind.Optimizer).
+
+    Args:
+        optimizer: the optimizer built by ``peer.swarm.build_optimizer`` (a SwarmOptimizer, which can cancel rounds).
+    """
+
+    def __init__(self, optimizer: hivemind.Optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def epoch(self) -> int:
+        return self.optimizer.local_epoch
+
+    @property
+    def is_averaging(self) -> bool:
+        return self.optimizer.tracker.ready_to_update_epoch
+
+    @property
+    def num_peers(self) -> int:
+        return self.optimizer.tracker.global_progress.num_peers
+
+    @property
+    def target_batch_size(self) -> int:
+        return self.optimizer.tracker.global_progress.target_batch_size
+
+    @property
+    def progress_expiration(self) -> float:
+        return self.optimizer.tracker.metadata_expiration
+
+    @property
+    def update_guard(self) -> UpdateGuard | None:
+        return getattr(self.optimizer, "update_guard", None)
+
+    @property
+    def refused_states(self) -> int:
+        return getattr(self.optimizer.state_averager, "refused_states", 0)
+
+    def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
+        if scaler is None:
+            self.optimizer.step(batch_size=batch_size)
+        else:
+            scaler.step(self.optimizer, batch_size=batch_size)
+            scaler.update()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        # hivemind's optimizer state dict carries the epoch; the scheduler lives in its state averager
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.optimizer.state_averager.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.state_averager.scheduler.load_state_dict(state["scheduler"])
+        copy_parameters_into_optimizer(self.optimizer)
+
+    def load_state_from_peers(self) -> int | None:
+        return download_state(self.optimizer)
+
+    def cancel(self) -> None:
+        self.optimizer.cancel_averaging()
+
+    def shutdown(self) -> None:
+        self.optimizer.shutdown()
+
+
+@torch.no_grad()
+def copy_parameters_into_optimizer(optimizer: hivemind.Optimizer) -> None:
+    """Copy the model's parameters into the optimizer's own copies (offloaded to host memory by hivemind).
+
+    Without this, the next optimizer step would write the stale offloaded copies back over the restored model.
+    """
+    for model_group, optimizer_group in zip(optimizer.param_groups, optimizer.opt.param_groups):
+        for model_param, optimizer_param in zip(model_group["params"], optimizer_group["params"]):
+            if optimizer_param is not model_param:
+                optimizer_param.copy_(model_param)
