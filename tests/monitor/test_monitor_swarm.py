@@ -25,7 +25,8 @@ from monitor.records import monitor_validators
 from peer.progress import PROTOCOL_VERSION, PeerProgress, publish_progress
 from peer.run_key import RunKey
 from peer.run_record import check_model_matches
-from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, child_env, chromium, run_cli, wait_until
+from tests.harness import child_env, run_cli, wait_until
+from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, chromium
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"

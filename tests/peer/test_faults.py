@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 
@@ -72,8 +73,8 @@ def test_survivors_keep_stepping_after_kill_9(swarm):
 def seconds_to_full_speed(peer, killed_at: float) -> str:
     """Seconds from the kill until the first epoch no slower than 1.5x the median epoch before it (a measurement)."""
     times = sorted(peer.epoch_times().values())
-    before = [later - earlier for earlier, later in zip(times, times[1:]) if later <= killed_at][-5:]
-    after = [(earlier, later) for earlier, later in zip(times, times[1:]) if later > killed_at]
+    before = [later - earlier for earlier, later in itertools.pairwise(times) if later <= killed_at][-5:]
+    after = [(earlier, later) for earlier, later in itertools.pairwise(times) if later > killed_at]
     if not before or not after:
         return "unknown"
     typical = sorted(before)[len(before) // 2]
