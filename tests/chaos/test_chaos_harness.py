@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from tests.chaos.conftest import network_prefix
-from tests.chaos.netns import Network
+from tests.chaos.netns import Network, network_prefix
 from tests.chaos.processes import ChaosProcess
 from tests.harness import REPO, child_env, wait_until
 
