@@ -106,9 +106,20 @@ def test_metrics_parse_and_agree_with_the_status(run):
     assert len(labelled) == 2
 
 
+CHARTED = ("loss", "samples_per_second", "alive_peers")  # the fields the dashboard's charts over time draw
+
+
+def charted_points(monitor: MonitorProcess, key: str) -> int:
+    """How many points of the monitor's history the dashboard would chart for `key` (numbers only, as it does)."""
+    series = (monitor.get("/api/history") or {}).get("series", [])
+    return sum(isinstance(point.get(key), int | float) for point in series)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed (apt-get install chromium)")
 @pytest.mark.timeout(240)
 def test_live_dashboard_shows_both_peers_and_drawn_charts_in_chromium(run, tmp_path):
+    # run alone, no earlier test has waited for the history: each chart needs two points to draw a line
+    wait_until(lambda: all(charted_points(run.monitor, key) >= 2 for key in CHARTED), 180, "two points of history")
     dom = chromium(run.monitor.url + "/", tmp_path, "--dump-dom")
     peers_table = dom.split('id="peers-table"')[1].split("</table>")[0]
     assert peers_table.count('<tr class="training"') + peers_table.count('<tr class="recovering"') == 2
