@@ -45,7 +45,6 @@ from tests.harness import wait_until
 from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, Process, chromium
 from tests.monitor.crafted_bodies import CRAFTED_BODIES
 
-REPO = Path(__file__).resolve().parents[2]
 PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
 
