@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shlex
@@ -39,6 +38,8 @@ from model import LeanAlbertForMaskedLM, load_config
 from monitor.evaluation import HeldOutSet
 from peer.config import OptimConfig
 from peer.swarm import make_optimizer, make_scheduler, param_groups
+from tests.harness import child_env
+from tests.harness import kill_group as kill_process_group
 
 
 @dataclass
@@ -139,11 +140,6 @@ def astuple(result) -> tuple[float, float]:
     return result.loss, result.accuracy
 
 
-def child_env() -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ALBERT_")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
 def optim_flags(args, epochs: int) -> list[str]:
     optim = optim_config(args, epochs)
     return [
@@ -167,10 +163,7 @@ def spawn(command: list[str], log: Path) -> subprocess.Popen:
 
 
 def kill_group(process: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass
+    kill_process_group(process.pid, signum)
 
 
 def swarm_epoch(http_port: int) -> int:

@@ -6,16 +6,10 @@ then fails the test module if a process, namespace or link was left behind.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.chaos.netns import Network, NetworkUnavailable, check_support
+from tests.chaos.netns import Network, NetworkUnavailable, check_support, network_prefix
 from tests.chaos.swarm import FIGURES, ChaosRun
-
-
-def network_prefix() -> str:
-    return f"as{os.getpid() % 10_000_000}"  # unique per test process; short, as link names have 15 characters
 
 
 @pytest.fixture(scope="session")

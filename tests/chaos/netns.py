@@ -29,6 +29,10 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def network_prefix() -> str:
+    return f"as{os.getpid() % 10_000_000}"  # unique per test process; short, as link names have 15 characters
+
+
 def check_support(prefix: str) -> None:
     """Raise NetworkUnavailable unless root can add a namespace, a veth pair, a tbf qdisc and iptables rules here."""
     if os.geteuid() != 0:

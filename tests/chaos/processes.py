@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -21,39 +19,31 @@ from pathlib import Path
 import torch
 
 from tests.chaos.netns import Node
+from tests.harness import TINY_OPTIM, TINY_PEER, GroupProcess, as_flags
 
-REPO = Path(__file__).absolute().parents[2]  # not resolved: a symlinked copy of the suite runs its own tree
 RUN_ID = "chaos-run"
 # Shorter than the other swarm tests' 15 s averaging timeout: the liveness bound (tests/chaos/swarm.py) follows from
 # these, and each scenario's window must outlast that bound, so they set the suite's length. A round takes ~2 s here.
 # progress_expiration stays at the peer's default (10 s): hivemind refreshes a busy peer's entry only every 10 s.
 MATCHMAKING_TIME, AVERAGING_TIMEOUT, PROGRESS_EXPIRATION, LOAD_STATE_TIMEOUT = 2.0, 8.0, 10.0, 15.0
-# The run's optimizer settings, shared by peers and monitor: epochs of a few seconds on a loaded 2-core machine.
-OPTIM_FLAGS = [
-    "--target_batch_size", "32",
-    "--matchmaking_time", str(MATCHMAKING_TIME),
-    "--averaging_timeout", str(AVERAGING_TIMEOUT),
-    "--load_state_timeout", str(LOAD_STATE_TIMEOUT),
-    "--progress_expiration", str(PROGRESS_EXPIRATION),
-    "--learning_rate", "0.05",
-    "--warmup_epochs", "0",
-    "--total_epochs", "1000",
-    # uncompressed wire formats: after a state averaging round parameters agree up to float rounding
-    "--grad_compression", "none",
-    "--state_compression", "none",
-    # a state round every epoch, not every 10 (the default): agreement after a fault is judged within a minute
-    "--average_state_every", "1",
-]  # fmt: skip
-PEER_FLAGS = [
-    "--torch_threads", "1",
-    "--model", "tiny",
-    "--batch_size", "8",
-    "--max_length", "64",
-    "--backup_every", "1",
-    "--keep_backups", "40",  # ~20 MB each: enough history to compare peers, bounded disk use over a soak
-    "--metrics_expiration", "10",
-    *OPTIM_FLAGS,
-]  # fmt: skip
+# The run's optimizer settings, shared by peers and monitor: the harness's tiny swarm (epochs of a few seconds on a
+# loaded 2-core machine) with the timeouts above.
+OPTIM_FLAGS = as_flags(
+    {
+        **TINY_OPTIM,
+        "matchmaking_time": MATCHMAKING_TIME,
+        "averaging_timeout": AVERAGING_TIMEOUT,
+        "load_state_timeout": LOAD_STATE_TIMEOUT,
+        "progress_expiration": PROGRESS_EXPIRATION,
+        # uncompressed wire formats: after a state averaging round parameters agree up to float rounding
+        "grad_compression": "none",
+        "state_compression": "none",
+        # a state round every epoch, not every 10 (the default): agreement after a fault is judged within a minute
+        "average_state_every": 1,
+    }
+)
+# ~20 MB a backup: 40 are enough history to compare peers, bounded disk use over a soak
+PEER_FLAGS = [*as_flags({**TINY_PEER, "keep_backups": 40}), *OPTIM_FLAGS]
 MONITOR_FLAGS = [
     "--refresh_period", "1",
     "--stale_after", "12",
@@ -67,25 +57,7 @@ EPOCH_LINE = re.compile(r"peer\.report: epoch (\d+) \| loss ([0-9.]+)")
 _STARTED: list[ChaosProcess] = []
 
 
-def child_env() -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ALBERT_")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
-
-
-class ChaosProcess:
+class ChaosProcess(GroupProcess):
     """A command in a node's namespace, in its own process group, logging to a file.
 
     Args:
@@ -96,50 +68,12 @@ class ChaosProcess:
     """
 
     def __init__(self, node: Node, name: str, command: list[str], workdir: Path):
-        self.node, self.name, self.log_path = node, name, workdir / f"{name}.log"
-        self.log = open(self.log_path, "a")  # noqa: SIM115  (open for the process's lifetime, closed by stop)
-        self.process = subprocess.Popen(
-            [*node.exec_prefix(), *command],
-            cwd=REPO,
-            env=child_env(),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pgid = self.process.pid
+        self.node = node
+        super().__init__(name, [*node.exec_prefix(), *command], workdir / f"{name}.log")
         _STARTED.append(self)
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.pgid, signum)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL to the process and everything it started, like a machine losing power."""
-        self.signal_group(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM (a clean leave), then SIGKILL to whatever is left of the group."""
-        self.signal_group(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-        self.log.close()
-
-    def leftovers(self) -> list[int]:
-        return group_members(self.pgid)
+    def stop(self, timeout: float = 20.0) -> int:
+        return super().stop(timeout)
 
 
 @atexit.register

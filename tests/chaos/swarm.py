@@ -24,6 +24,7 @@ from tests.chaos.processes import (
     ChaosProcess,
     Relay,
 )
+from tests.harness import wait_until, wait_until_or_none
 
 # Liveness bound: the longest time the swarm may go without an optimizer step while a fault is injected.
 # A round whose group holds a hung or cut-off peer is abandoned after averaging_timeout (a killed peer's closed
@@ -144,7 +145,7 @@ class ChaosRun:
                         return gaps
             return None
 
-        found = wait_until_or_none(agreed, timeout)
+        found = wait_until_or_none(agreed, timeout, poll=1.0)
         assert found, f"peers {sorted(names)} never agreed after epoch {after_epoch}: gaps by epoch {seen}"
         return found
 
@@ -203,28 +204,12 @@ class ChaosRun:
         for process in reversed(self.processes):
             process.stop(timeout=15)
         nodes = self.network.nodes.values()
-        wait_until_or_none(lambda: not any(node.pids() for node in nodes), 20)  # killed children being reaped
+        # killed children being reaped
+        wait_until_or_none(lambda: not any(node.pids() for node in nodes), 20, poll=1.0)
         left = [f"{p.name}: pids {p.leftovers()}" for p in self.processes if p.leftovers()]
         left += [f"namespace {n.namespace}: pids {n.pids()}" for n in nodes if n.pids()]
         self.network.close()
         return left + [f"network: {name}" for name in self.network.leftovers()]
-
-
-def wait_until_or_none(condition, timeout: float, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(poll)
-    return None
-
-
-def wait_until(condition, timeout: float, message: str, poll: float = 0.5):
-    result = wait_until_or_none(condition, timeout, poll)
-    if not result:
-        pytest.fail(f"timed out after {timeout:.0f} s waiting for {message}")
-    return result
 
 
 def stop_signal_for(seconds: float, process: ChaosProcess) -> None:

@@ -19,7 +19,8 @@ import time
 import pytest
 
 from tests.chaos.processes import AVERAGING_TIMEOUT, PROGRESS_EXPIRATION
-from tests.chaos.swarm import FIGURES, LIVENESS_BOUND, STRAGGLER_LINK, WINDOW, stop_signal_for, wait_until
+from tests.chaos.swarm import FIGURES, LIVENESS_BOUND, STRAGGLER_LINK, WINDOW, stop_signal_for
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.slow]
 PARTITION_SECONDS = float(os.environ.get("ALBERT_CHAOS_PARTITION_SECONDS") or 2 * PROGRESS_EXPIRATION)

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from tests.chaos.conftest import network_prefix
-from tests.chaos.netns import Network
-from tests.chaos.processes import REPO, ChaosProcess, child_env
-from tests.chaos.swarm import wait_until
+from tests.chaos.netns import Network, network_prefix
+from tests.chaos.processes import ChaosProcess
+from tests.harness import REPO, child_env, wait_until
 
 PORT = 5555
 

@@ -3,127 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-MAX_LENGTH = 64
-# The run's optimizer settings, given to peers and monitor alike; small enough for epochs of a few seconds.
-OPTIM_FLAGS = [
-    "--target_batch_size",
-    "32",
-    "--matchmaking_time",
-    "2",
-    "--averaging_timeout",
-    "15",
-    "--load_state_timeout",
-    "15",
-    "--learning_rate",
-    "0.005",
-    "--warmup_epochs",
-    "0",
-    "--total_epochs",
-    "1000",
-]
-PEER_FLAGS = [
-    "--host_maddrs",
-    "/ip4/127.0.0.1/tcp/0",
-    "--torch_threads",
-    "1",
-    "--model",
-    "tiny",
-    "--batch_size",
-    "8",
-    "--max_length",
-    str(MAX_LENGTH),
-    "--backup_every",
-    "1",
-    "--keep_backups",
-    "1000",
-    "--metrics_expiration",
-    "10",
-    *OPTIM_FLAGS,
-]
+from tests.harness import LOOPBACK, TINY_OPTIM, TINY_PEER, GroupProcess, as_flags, free_port, wait_until
+
+MAX_LENGTH = TINY_PEER["max_length"]
+# The run's optimizer settings, given to peers and monitor alike: the harness's tiny swarm, with a lower learning rate.
+OPTIM_FLAGS = as_flags({**TINY_OPTIM, "learning_rate": 0.005})
+PEER_FLAGS = [*LOOPBACK, *as_flags(TINY_PEER), *OPTIM_FLAGS]
 MAXADDR = re.compile(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+")
 
 
-def wait_until(condition, timeout: float, message: str, poll: float = 0.5):
-    """Poll `condition` until it returns something truthy (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {message}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env() -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ALBERT_")}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-class Process:
+class Process(GroupProcess):
     """A command in its own process group (so it and its hivemind children, p2pd included, can be signalled)."""
-
-    def __init__(self, name: str, command: list[str], log_path: Path):
-        self.name, self.log_path = name, log_path
-        self.log = open(log_path, "a")  # noqa: SIM115 -- open while the process runs; close() closes it
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL to the whole group, like a machine dying."""
-        self.signal_group(signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.log.close()
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; then SIGKILL whatever is left of the group. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.signal_group(signal.SIGKILL)
-        code = self.process.wait(timeout=30)
-        self.log.close()
-        return code
-
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.process.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
 
 class MonitorProcess(Process):
@@ -221,31 +121,6 @@ def processes():
     wait_until(lambda: not any(process.group_alive() for process in started), 30, "test processes to exit")
 
 
-def run_cli(args: list[str], timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run a command to completion in its own process group; on timeout kill the whole group (hivemind children)."""
-    process = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env or child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(args[:4])} ... timed out after {timeout} s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
-
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a root, offline, display-less machine: no sandbox, no GPU, and no background calls to Google's hosts.
 CHROMIUM_FLAGS = [
@@ -266,6 +141,7 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> str:
     profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
     result = subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
+        check=False,
         capture_output=True,
         text=True,
         check=False,  # the assertion below shows stderr on failure

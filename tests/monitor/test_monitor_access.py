@@ -41,10 +41,10 @@ from peer.access_tokens import (
     verify_token,
 )
 from peer.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
-from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, Process, chromium, wait_until
-from tests.monitor.test_monitor_fuzz import CRAFTED_BODIES
+from tests.harness import wait_until
+from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, Process, chromium
+from tests.monitor.crafted_bodies import CRAFTED_BODIES
 
-REPO = Path(__file__).resolve().parents[2]
 PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
 

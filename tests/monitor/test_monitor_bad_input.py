@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from peer.config import OptimConfig
 from peer.progress import model_fingerprint
 from peer.run_key import RunKey
 from peer.swarm import make_optimizer, make_scheduler, param_groups
-from tests.monitor.conftest import REPO, MonitorProcess, child_env
+from tests.harness import REPO, child_env, kill_group, process_group_members
+from tests.monitor.conftest import MonitorProcess
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "bad-input-test"
@@ -94,12 +94,12 @@ class CliRun:
         try:
             self.code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            kill_group(self.process.pid)
             pytest.fail(f"{self.name} did not exit within {timeout} s:\n{self.err_path.read_text()[-3000:]}")
         time.sleep(0.5)  # a leftover child (e.g. a DHT process) would still be there: nothing exits that fast
-        self.leftovers = group_members(self.process.pid)
+        self.leftovers = process_group_members(self.process.pid)
         if self.leftovers:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            kill_group(self.process.pid)
         self.stdout, self.stderr = self.out_path.read_text(), self.err_path.read_text()
         return self
 
@@ -110,18 +110,6 @@ class CliRun:
         lines = [line for line in self.stderr.splitlines() if all(fragment in line for fragment in fragments)]
         assert len(lines) == 1, f"{self.name}: expected one line with {fragments}:\n{self.stderr[-3000:]}"
         return lines[0]
-
-
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
 from peer.progress import PROTOCOL_VERSION, PeerProgress, local_public_key, make_validators, publish_progress
-from tests.monitor.conftest import MonitorProcess, wait_until
+from tests.harness import wait_until
+from tests.monitor.conftest import MonitorProcess
 from tests.peer.hostile_peer import LingeringHostilePeer, run_hostile_peer
 
 pytestmark = [pytest.mark.slow]

@@ -20,7 +20,7 @@ import pytest
 from monitor.history import History
 from monitor.launcher import latest_checkpoint
 from peer.run_key import RunKey
-from tests.monitor.conftest import REPO, child_env, free_port, wait_until
+from tests.harness import REPO, child_env, free_port, kill_group, wait_until
 
 pytestmark = pytest.mark.slow
 DURATION = 75
@@ -117,7 +117,7 @@ def two_runs(tmp_path_factory):
         first_output, _ = first.communicate(timeout=DURATION + 300)
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+            kill_group(first.pid)
     first_checkpoint = latest_checkpoint(run_dir / "monitor" / "checkpoints")
     leftovers_after_first = processes_mentioning(str(run_dir))
     backups_after_first = {
@@ -144,7 +144,7 @@ def two_runs(tmp_path_factory):
         second_output, _ = second.communicate(timeout=180)
     finally:
         if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
+            kill_group(second.pid)
     time.sleep(1)  # let the kernel reap the last children before looking at the process table
     yield {
         "run_dir": run_dir,

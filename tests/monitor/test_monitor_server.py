@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,9 +20,9 @@ from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
 from peer.run_key import RunKey
+from tests.harness import REPO
 from tests.monitor.conftest import CHROMIUM, chromium
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-admin-token-0123"
 
 

@@ -13,6 +13,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import hivemind
 import pytest
@@ -25,7 +26,8 @@ from monitor.records import monitor_validators
 from peer.progress import PROTOCOL_VERSION, PeerProgress, publish_progress
 from peer.run_key import RunKey
 from peer.run_record import check_model_matches
-from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, child_env, chromium, run_cli, wait_until
+from tests.harness import child_env, run_cli, wait_until
+from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, chromium
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
@@ -104,9 +106,20 @@ def test_metrics_parse_and_agree_with_the_status(run):
     assert len(labelled) == 2
 
 
+CHARTED = ("loss", "samples_per_second", "alive_peers")  # the fields the dashboard's charts over time draw
+
+
+def charted_points(monitor: MonitorProcess, key: str) -> int:
+    """How many points of the monitor's history the dashboard would chart for `key` (numbers only, as it does)."""
+    series = (monitor.get("/api/history") or {}).get("series", [])
+    return sum(isinstance(point.get(key), int | float) for point in series)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed (apt-get install chromium)")
 @pytest.mark.timeout(240)
 def test_live_dashboard_shows_both_peers_and_drawn_charts_in_chromium(run, tmp_path):
+    # run alone, no earlier test has waited for the history: each chart needs two points to draw a line
+    wait_until(lambda: all(charted_points(run.monitor, key) >= 2 for key in CHARTED), 180, "two points of history")
     dom = chromium(run.monitor.url + "/", tmp_path, "--dump-dom")
     peers_table = dom.split('id="peers-table"')[1].split("</table>")[0]
     assert peers_table.count('<tr class="training"') + peers_table.count('<tr class="recovering"') == 2
@@ -218,9 +231,10 @@ def test_checkpoint_appears_and_downloads_with_a_matching_sha256(run, tmp_path):
     assert "auto_map" in json.loads((out / "config.json").read_text())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(400)  # run alone: the swarm starts and makes its first checkpoint first
 def test_a_truncated_checkpoint_is_detected_and_never_served(run):
-    newest = run.monitor.get("/api/checkpoints")[0]
+    # run alone, no earlier test has waited for the first checkpoint
+    newest = wait_until(lambda: run.monitor.get("/api/checkpoints"), 180, "a checkpoint to damage")[0]
     weights = run.monitor.workdir / "checkpoints" / f"epoch-{newest['epoch']:06d}" / "model.safetensors"
     with open(weights, "r+b") as file:
         file.truncate(weights.stat().st_size // 2)
@@ -233,8 +247,10 @@ def test_a_truncated_checkpoint_is_detected_and_never_served(run):
 
 @pytest.mark.timeout(400)
 def test_restarted_monitor_keeps_its_history_and_checkpoints(run):
+    # at least one checkpoint to keep: run alone, or right after the truncation test hid the only one, there may be none
+    listing = wait_until(lambda: run.monitor.get("/api/checkpoints"), 180, "a checkpoint to keep across the restart")
+    before_checkpoints = [c["epoch"] for c in listing]
     before_history = run.monitor.get("/api/history")
-    before_checkpoints = [c["epoch"] for c in run.monitor.get("/api/checkpoints")]
     before_status = run.monitor.get("/api/status")
     before_maddrs = run.monitor.initial_peers()  # read now: the restart rewrites the same peers file
     assert run.monitor.stop() == 0  # SIGTERM: a clean exit
@@ -352,16 +368,45 @@ def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
     return torch.load(tmp_path / "logits.pt", weights_only=True)
 
 
+def held_checkpoint(run, tmp_path) -> tuple[int, Path]:
+    """The checkpoint of the monitor's state that the newcomer test downloaded, or, where that test did not run (or
+    failed before the end), one made here the same way: on demand through the API, then downloaded."""
+    if hasattr(run, "held_epoch"):
+        return run.held_epoch, run.checkpoint_dir
+    wait_until(lambda: run.monitor.get("/api/status")["state_epoch"] >= 2, 180, "the monitor to hold a state")
+    status, entry = run.monitor.post("/api/checkpoints", TOKEN)
+    assert status == 201, entry
+    out = tmp_path / "checkpoint"
+    downloaded = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "monitor.checkpoint_cli",
+            "download",
+            "--from",
+            run.monitor.url,
+            "--run-key",
+            run_key_of(run.monitor),
+            "--epoch",
+            str(entry["epoch"]),
+            "--out",
+            str(out),
+        ],
+        timeout=120,
+    )
+    assert downloaded.returncode == 0, downloaded.stderr
+    return entry["epoch"], out
+
+
 @pytest.mark.timeout(400)
 def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(run, processes, tmp_path):
-    if not hasattr(run, "held_epoch"):
-        pytest.skip("needs the checkpoint of the previous test")
+    held_epoch, checkpoint_dir = held_checkpoint(run, tmp_path)
     resumed = MonitorProcess(
-        tmp_path / "resumed", "resumed-run", ["--resume_from", str(run.checkpoint_dir)], name="monitor-resumed"
+        tmp_path / "resumed", "resumed-run", ["--resume_from", str(checkpoint_dir)], name="monitor-resumed"
     )
     processes.append(resumed)
     maddrs = resumed.wait_ready()
-    assert resumed.get("/api/status")["state_epoch"] == run.held_epoch
+    assert resumed.get("/api/status")["state_epoch"] == held_epoch
     out = tmp_path / "pulled"
     result = run_cli(
         [
@@ -383,8 +428,8 @@ def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(ru
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert json.loads((out / "manifest.json").read_text())["epoch"] == run.held_epoch
-    pulled, saved = load_file(out / "model.safetensors"), load_file(run.checkpoint_dir / "model.safetensors")
+    assert json.loads((out / "manifest.json").read_text())["epoch"] == held_epoch
+    pulled, saved = load_file(out / "model.safetensors"), load_file(checkpoint_dir / "model.safetensors")
     # the state travels in the run's wire format, uncompressed by default: the pulled weights are the saved ones
     assert pulled.keys() == saved.keys()
     assert all(torch.equal(pulled[name], saved[name]) for name in saved)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,85 +12,31 @@ import pytest
 import torch
 
 from peer.progress import fetch_progress, make_validators
+from tests.harness import (
+    LOOPBACK,
+    TINY_OPTIM,
+    TINY_PEER,
+    GroupProcess,
+    as_flags,
+    child_env,
+    command_name,
+    process_group_members,
+    wait_until,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "test-run"
-# Small enough for epochs of a few seconds with one thread per peer on a shared 2-core machine.
-PEER_FLAGS = [
-    "--host_maddrs",
-    "/ip4/127.0.0.1/tcp/0",
-    "--torch_threads",
-    "1",
-    "--model",
-    "tiny",
-    "--batch_size",
-    "8",
-    "--max_length",
-    "64",
-    "--target_batch_size",
-    "32",
-    "--matchmaking_time",
-    "2",
-    "--averaging_timeout",
-    "15",
-    "--load_state_timeout",
-    "15",
-    "--learning_rate",
-    "0.05",
-    "--warmup_epochs",
-    "0",
-    "--total_epochs",
-    "1000",
-    "--backup_every",
-    "1",
-    "--keep_backups",
-    "1000",
-    "--metrics_expiration",
-    "10",
-]
+# The harness's tiny swarm on loopback: epochs of a few seconds with one thread per peer on a shared 2-core machine.
+PEER_FLAGS = [*LOOPBACK, *as_flags({**TINY_PEER, **TINY_OPTIM})]
 
 
-def wait_until(condition, timeout: float, message: str, poll: float = 0.5):
-    """Poll ``condition`` until it returns a truthy value or ``timeout`` seconds pass (then fail with ``message``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s: {message}")
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Pids of live (non-zombie) processes in a process group, read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(stat.parent.name))
-    return members
-
-
-def command_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-class PeerProcess:
+class PeerProcess(GroupProcess):
     """One trainer peer started through the CLI in its own process group (so it and its p2pd can be killed)."""
 
     def __init__(
         self, name: str, workdir: Path, initial_peers: list[str], extra_flags=(), extra_env=None, module: str = "peer"
     ):
-        self.name, self.backup_dir, self.log_path = name, workdir / name / "backups", workdir / f"{name}.log"
+        self.backup_dir = workdir / name / "backups"
         self.backup_dir.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
-        env = {key: value for key, value in env.items() if not key.startswith("ALBERT_") or key in (extra_env or {})}
         command = [
             sys.executable,
             "-m",
@@ -107,14 +50,8 @@ class PeerProcess:
             str(self.backup_dir),
             *extra_flags,
         ]
-        self.log = open(self.log_path, "w")  # noqa: SIM115 -- open while the peer runs; closed when it stops
-        self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.pgid = self.process.pid
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        # a fresh log: a test reads it for lines this process wrote
+        super().__init__(name, command, workdir / f"{name}.log", env=child_env(extra_env), log_mode="w")
 
     def epoch_times(self) -> dict[int, float]:
         """When this peer reached each epoch (the modification time of the backup it writes at each epoch)."""
@@ -126,27 +63,9 @@ class PeerProcess:
     def parameters(self, epoch: int) -> dict[str, torch.Tensor]:
         return torch.load(self.backup_dir / f"epoch-{epoch:06d}.pt", weights_only=True)["model"]
 
-    def signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.pgid, signum)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """Like a machine dying: SIGKILL to the peer and everything it started (DHT process, averagers, p2pd)."""
-        self.signal_group(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        self.signal_group(signal.SIGKILL)  # whatever is left of the group, p2pd included
-        self.process.wait(timeout=30)
-        self.log.close()
+        """SIGTERM, 20 s to leave cleanly, then SIGKILL to whatever is left of the group, p2pd included."""
+        self.stop(timeout=20)
 
 
 class Swarm:

@@ -15,10 +15,7 @@ records) until killed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,8 +28,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.progress import PROTOCOL_VERSION, local_public_key, metrics_key
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.harness import REPO, kill_group
 
 HONEST_LOOKING = {
     "epoch": 3,
@@ -129,8 +125,7 @@ class LingeringHostilePeer:
         return json.loads(self.stdout.read_text().strip().splitlines()[-1])
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # its DHT process and p2pd too
+        kill_group(self.process.pid)  # its DHT process and p2pd too
         self.process.wait(timeout=30)
 
 
@@ -149,8 +144,7 @@ def run_hostile_peer(initial_peers: list[str], run_id: str, victim_key: bytes, w
         try:
             code = process.wait(timeout=120)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # its DHT process and p2pd, if anything is left
+            kill_group(process.pid)  # its DHT process and p2pd, if anything is left
     assert code == 0, stderr.read_text()[-3000:]
     return json.loads(stdout.read_text().strip().splitlines()[-1])
 

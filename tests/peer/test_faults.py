@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.peer.conftest import process_group_members, wait_until
+from tests.harness import process_group_members, wait_until
 from tests.peer.faulty_peer import NAN_GRADS_AT_EPOCH, NAN_GRADS_BATCHES, NAN_PARAMS_AT_EPOCH
 
 pytestmark = [pytest.mark.slow]

@@ -9,7 +9,7 @@ from hivemind.utils import get_dht_time
 
 from peer.progress import RejectedRecords, counted, fetch_progress, local_public_key, make_validators, publish_progress
 from tests.peer.hostile_peer import run_hostile_peer
-from tests.peer.test_progress import record
+from tests.peer.records import record
 
 RUN_ID = "hostile-test"
 

@@ -5,13 +5,8 @@ finite and keep learning; a joiner and the monitor's state keeper refuse the poi
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import urllib.request
 
@@ -23,49 +18,27 @@ from monitor.state import StateKeeper, build_run_model
 from peer.config import OptimConfig, SwarmConfig
 from peer.state_check import EPOCH_MARGIN
 from peer.update_guard import WARMUP
-from tests.peer.conftest import PEER_FLAGS, REPO, RUN_ID, wait_until
+from tests.harness import TINY_OPTIM, GroupProcess, free_port, wait_until
+from tests.peer.conftest import PEER_FLAGS, RUN_ID
 from tests.peer.poisoner import POISONER_PRIORITY
 
 pytestmark = [pytest.mark.slow]
 
 # the optimizer settings PEER_FLAGS give the peers, for the state keeper built in this process
-TEST_OPTIM = OptimConfig(
-    target_batch_size=32,
-    matchmaking_time=2,
-    averaging_timeout=15,
-    load_state_timeout=15,
-    learning_rate=0.05,
-    warmup_epochs=0,
-    total_epochs=1000,
-)
+TEST_OPTIM = OptimConfig(**TINY_OPTIM)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Poisoner:
+class Poisoner(GroupProcess):
     """tests/peer/poisoner.py in its own process group, output in a file."""
 
     def __init__(self, swarm, name: str, *args: str):
         self.out_path = swarm.workdir / f"{name}.log"
         command = [sys.executable, "-m", "tests.peer.poisoner", *args, "--run_id", RUN_ID, *PEER_FLAGS]
         command += ["--initial_peers", *swarm.initial_peers]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        with open(self.out_path, "w") as out:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        super().__init__(name, command, self.out_path, log_mode="w")
 
     def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # it, its DHT process and its p2pd
-        self.process.wait(timeout=30)
+        return self.log_text()
 
 
 @pytest.fixture(scope="module")

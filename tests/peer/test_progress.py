@@ -15,7 +15,6 @@ from model import load_config
 from peer.progress import (
     MAX_MINI_STEP_LOSS,
     PROTOCOL_VERSION,
-    PeerProgress,
     RejectedRecords,
     counted,
     fetch_progress,
@@ -26,23 +25,9 @@ from peer.progress import (
     publish_progress,
 )
 from tests.peer.hostile_peer import MultiKeySigner
+from tests.peer.records import record
 
 RUN_ID = "progress-test"
-
-
-def record(epoch: int = 3, **changes) -> PeerProgress:
-    values = {
-        "epoch": epoch,
-        "samples_per_second": 12.5,
-        "samples_accumulated": 64,
-        "loss_sum": 18.0,
-        "mini_steps": 2,
-        "device": "cpu",
-        "version": "dev",
-        "time": float(get_dht_time()),
-        "model_hash": "0123456789abcdef",
-    }
-    return PeerProgress(**{**values, **changes})
 
 
 @pytest.fixture(scope="module")

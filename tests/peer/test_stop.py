@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.peer.conftest import process_group_members, wait_until
+from tests.harness import process_group_members, wait_until
 
 pytestmark = [pytest.mark.slow]
 # longer than the stop deadline (12 s), so that a stop waiting for a round to time out would show

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.peer.conftest import wait_until
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.slow]
 
