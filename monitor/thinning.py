@@ -29,7 +29,7 @@ class Tier:
     every: float
 
 
-# Full resolution for a day, one row a minute up to a month, one an hour beyond (documented in the README).
+# Full resolution for a day, one row a minute up to a month, one an hour beyond (documented in docs/operating.md).
 DEFAULT_TIERS = (Tier(after=DAY, every=60.0), Tier(after=30 * DAY, every=3600.0))
 # ~20 ms of SQLite work on one core (measured, tests/benchmarks/bench_history.py): the refresh loop waits that long.
 DEFAULT_BATCH_ROWS = 5000
