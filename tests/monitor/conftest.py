@@ -141,7 +141,6 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> str:
     profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
     result = subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url],
-        check=False,
         capture_output=True,
         text=True,
         check=False,  # the assertion below shows stderr on failure
