@@ -27,8 +27,8 @@ from monitor.records import monitor_validators, read_progress
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
 from peer.access import RunAccess
-from peer.averager_guard import MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
+from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.run_key import RunKey
 from peer.run_record import PROTOCOL_VERSION, RunRecord, publish_run_record
 from peer.swarm import build_dht, visible_maddrs

@@ -19,11 +19,11 @@ from transformers import PreTrainedTokenizerFast
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from monitor.checkpoint import MANIFEST, TRAINING_STATE, verify_directory
-from peer.averager_guard import GuardedTrainingStateAverager, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
 from peer.faults import all_finite
+from peer.hivemind_gaps.averager_guard import GuardedTrainingStateAverager, MembershipCheck
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN, MAX_EPOCH, CheckedTrainingStateAverager
 from peer.progress import model_fingerprint
-from peer.state_check import EPOCH_MARGIN, MAX_EPOCH, CheckedTrainingStateAverager
 from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class StateKeeper:
         """Download the newest state from the swarm; True if the keeper now holds a state at least as new as before.
 
         ``swarm_epoch`` (the epoch the peers' records report) bounds the epoch a donor may claim; without it only the
-        absolute cap of peer/state_check.py applies.
+        absolute cap of peer/hivemind_gaps/state_check.py applies.
         """
         before = self.epoch
         started = time.monotonic()

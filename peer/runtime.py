@@ -25,10 +25,10 @@ from data import (
 from data.sources import resolve_corpus
 from model import LeanAlbertForMaskedLM, load_config
 from peer.access import RunAccess, admit_peer, leave_when_token_expired
-from peer.averager_guard import MembershipCheck
 from peer.backup import Backups
 from peer.config import OptimConfig, PeerConfig, SwarmConfig
 from peer.faults import parameters_finite
+from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.lifecycle import StopSignal
 from peer.progress import PROTOCOL_VERSION, PeerProgress, model_fingerprint, publish_progress, software_version

@@ -17,10 +17,10 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.auth import AuthorizerBase
 from transformers import get_linear_schedule_with_warmup
 
-from peer.averager_guard import GuardedOptimizer, MembershipCheck
 from peer.config import OptimConfig, SwarmConfig
-from peer.consistent_state import SwarmOptimizer
-from peer.update_guard import UpdateGuard
+from peer.hivemind_gaps.averager_guard import GuardedOptimizer, MembershipCheck
+from peer.hivemind_gaps.consistent_state import SwarmOptimizer
+from peer.hivemind_gaps.update_guard import UpdateGuard
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ClippedLamb(torch_optimizer.Lamb):
     """LAMB (as in sahajBERT and RuLeanALBERT) that first clips the gradient it is given to ``max_grad_norm``.
 
     Inside hivemind.Optimizer this gradient is the swarm's averaged one, so clipping acts on the global batch; before
-    that, an UpdateGuard skips the step when that gradient is non-finite or absurdly large (peer/update_guard.py).
+    that, an UpdateGuard skips the step when that gradient is non-finite or absurdly large (peer/hivemind_gaps/update_guard.py).
 
     Args:
         params: parameters or parameter groups.
@@ -184,7 +184,7 @@ def build_optimizer(
     """Build the collaborative optimizer (call in the main thread; restore signal handlers afterwards).
 
     Every option is mapped explicitly. client_mode is read from the DHT because the Optimizer's own flag is ignored
-    by hivemind 1.1.12. The state it serves to joiners is always one epoch's (see peer/consistent_state.py); in a
+    by hivemind 1.1.12. The state it serves to joiners is always one epoch's (see peer/hivemind_gaps/consistent_state.py); in a
     closed run (``membership`` given) its averagers serve run members only.
     """
     optimizer_class = SwarmOptimizer if membership is None else partial(GuardedOptimizer, membership=membership)

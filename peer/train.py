@@ -12,8 +12,8 @@ import time
 import torch
 
 from peer.faults import gradients_finite, parameters_finite, recover_parameters
+from peer.hivemind_gaps.rejoin import Rejoiner
 from peer.lifecycle import ExitCode, StopRequested
-from peer.rejoin import Rejoiner
 from peer.runtime import Peer
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
 - ``is_averaging``: the next ``step`` ends an epoch, so it will wait for the swarm (shown to the user, nothing more).
 - ``num_peers``, ``target_batch_size``: the swarm as this peer sees it (the peers training, this one included; the
   samples one epoch takes). ``progress_expiration``: seconds after which a silent peer is no longer counted, so
-  ``num_peers == 1`` for twice as long means this peer is cut off (peer/rejoin.py).
+  ``num_peers == 1`` for twice as long means this peer is cut off (peer/hivemind_gaps/rejoin.py).
 - ``state_dict()`` / ``load_state_dict(state)``: what a local backup must hold to resume this mode at its epoch,
   beside the model's own state dict (keys other than "epoch", "model_hash" and "model"; peer/backup.py writes them
   side by side in one file). Loading makes the mode use the model's current parameters (load the model first).
@@ -39,8 +39,8 @@ from typing import Protocol, runtime_checkable
 import hivemind
 import torch
 
+from peer.hivemind_gaps.update_guard import UpdateGuard
 from peer.swarm import download_state
-from peer.update_guard import UpdateGuard
 
 
 @runtime_checkable

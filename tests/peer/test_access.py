@@ -30,8 +30,8 @@ from peer.access_tokens import (
     token_payload,
     verify_token,
 )
-from peer.averager_guard import MembershipCheck
 from peer.config import PeerConfig
+from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.progress import local_public_key
 

@@ -10,7 +10,7 @@ import time
 import hivemind
 import pytest
 
-from peer.rejoin import Rejoiner
+from peer.hivemind_gaps.rejoin import Rejoiner
 
 
 async def forget_everyone(_dht, node) -> int:

@@ -73,7 +73,7 @@ def test_parameters_agree_after_an_epoch(swarm):
     # most epochs: on this loaded machine a missed round can part the peers for an epoch or two
     assert sum(gap < AGREEMENT for gap in gaps.values()) >= 3, gaps
     # LAMB's moments are averaged as well: equal in an epoch where both rounds went through (they stayed 40-100%
-    # apart all run long when a download had unlinked them from the averager, see peer/consistent_state.py)
+    # apart all run long when a download had unlinked them from the averager, see peer/hivemind_gaps/consistent_state.py)
     moment_gaps = {}
     for epoch in common[-5:]:
         mine = first_moments(first, epoch)

@@ -24,9 +24,9 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
 from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
-from peer.cancellable_rounds import CancellableRounds
-from peer.consistent_state import ConsistentStateMixin, SwarmOptimizer
-from peer.state_check import CheckedDownloads, FastSchedulerCatchUp
+from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
+from peer.hivemind_gaps.consistent_state import ConsistentStateMixin, SwarmOptimizer
+from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
 
 logger = logging.getLogger(__name__)
 MEMBERS_REFETCH = 1.0  # seconds: unknown callers trigger at most one read of the member list this often

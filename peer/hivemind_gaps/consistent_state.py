@@ -26,8 +26,8 @@ import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from peer.cancellable_rounds import CancellableRounds
-from peer.state_check import EPOCH_MARGIN, CheckedDownloads, FastSchedulerCatchUp
+from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN, CheckedDownloads, FastSchedulerCatchUp
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ConsistentTrainingStateAverager(
     ConsistentStateMixin, FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads, CancellableRounds
 ):
     """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels;
-    a downloaded state is checked before it is applied (peer/state_check.py)."""
+    a downloaded state is checked before it is applied (peer/hivemind_gaps/state_check.py)."""
 
 
 class SwarmOptimizer(hivemind.Optimizer):
