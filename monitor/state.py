@@ -21,8 +21,9 @@ from model import LeanAlbertForMaskedLM, load_config
 from monitor.checkpoint import MANIFEST, TRAINING_STATE, verify_directory
 from peer.config import OptimConfig, SwarmConfig
 from peer.faults import all_finite
-from peer.hivemind_gaps.averager_guard import GuardedTrainingStateAverager, MembershipCheck
-from peer.hivemind_gaps.state_check import EPOCH_MARGIN, MAX_EPOCH, CheckedTrainingStateAverager
+from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.averagers import CheckedTrainingStateAverager, GuardedTrainingStateAverager
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN, MAX_EPOCH
 from peer.progress import model_fingerprint
 from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
 

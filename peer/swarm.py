@@ -18,8 +18,8 @@ from hivemind.utils.auth import AuthorizerBase
 from transformers import get_linear_schedule_with_warmup
 
 from peer.config import OptimConfig, SwarmConfig
-from peer.hivemind_gaps.averager_guard import GuardedOptimizer, MembershipCheck
-from peer.hivemind_gaps.consistent_state import SwarmOptimizer
+from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.update_guard import UpdateGuard
 
 logger = logging.getLogger(__name__)

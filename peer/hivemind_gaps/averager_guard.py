@@ -10,13 +10,10 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 
 import hivemind
 from google.protobuf.message import DecodeError
 from hivemind.averaging import DecentralizedAverager
-from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.proto.auth_pb2 import AccessToken
@@ -24,9 +21,6 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
 from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
-from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
-from peer.hivemind_gaps.consistent_state import ConsistentStateMixin, SwarmOptimizer
-from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
 
 logger = logging.getLogger(__name__)
 MEMBERS_REFETCH = 1.0  # seconds: unknown callers trigger at most one read of the member list this often
@@ -130,43 +124,3 @@ class GuardedAveragerMixin:
     async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace=None, balanced=False) -> None:
         guarded = GuardedHandlers(wrapper or self, self._membership, namespace or "")
         await super().add_p2p_handlers(p2p, guarded, namespace=namespace, balanced=balanced)
-
-    @classmethod
-    def _get_handle_name(cls, namespace, method_name: str) -> str:
-        # hivemind names a handler after the class: keep the parent's name, so every peer (and hivemind's stubs)
-        # addresses the same handlers whatever the subclass
-        unguarded = next(base for base in cls.__mro__ if not issubclass(base, GuardedAveragerMixin))
-        return unguarded._get_handle_name(namespace, method_name)
-
-
-class GuardedGradientAverager(GuardedAveragerMixin, GradientAverager):
-    """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
-
-
-class GuardedTrainingStateAverager(
-    GuardedAveragerMixin,
-    ConsistentStateMixin,
-    FastSchedulerCatchUp,
-    TrainingStateAverager,
-    CheckedDownloads,
-    CancellableRounds,
-):
-    """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
-
-
-class GuardedOptimizer(SwarmOptimizer):
-    """The swarm's optimizer whose gradient and state averagers serve run members only.
-
-    Args:
-        membership: the membership check of this peer.
-        kwargs: passed to ``hivemind.Optimizer``.
-    """
-
-    state_averager_class = GuardedTrainingStateAverager
-
-    def __init__(self, *, membership: MembershipCheck, **kwargs):
-        self._membership = membership
-        super().__init__(grad_averager_factory=partial(GuardedGradientAverager, membership=membership), **kwargs)
-
-    def _state_averager_options(self) -> dict:
-        return {"membership": self._membership}

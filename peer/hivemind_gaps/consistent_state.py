@@ -12,7 +12,8 @@ Two gaps in hivemind 1.1.12's ``TrainingStateAverager``, closed here:
   kept being averaged into the other peers' moments. Measured: two peers' ``exp_avg`` 40-100% apart for a whole run
   in which every averaging round succeeded. Here the loaded values are copied into the averaged tensors instead.
 
-tests/peer/test_consistent_state.py shows both on plain hivemind and their absence here.
+tests/peer/test_consistent_state.py shows both on plain hivemind and their absence here. The averager classes that use
+this mixin are composed in averagers.py.
 """
 
 from __future__ import annotations
@@ -22,12 +23,7 @@ import itertools
 import logging
 import threading
 
-import hivemind
 import torch
-from hivemind.optim.state_averager import TrainingStateAverager
-
-from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
-from peer.hivemind_gaps.state_check import EPOCH_MARGIN, CheckedDownloads, FastSchedulerCatchUp
 
 logger = logging.getLogger(__name__)
 
@@ -96,68 +92,3 @@ class ConsistentStateMixin:
                 if loaded is not tensor:
                     tensor.copy_(loaded)
                     state[key] = tensor
-
-    @classmethod
-    def _get_handle_name(cls, namespace, method_name: str) -> str:
-        # hivemind names RPC handlers after the class: keep hivemind's name, so plain hivemind averagers (the
-        # monitor's) and these address the same handlers
-        return TrainingStateAverager._get_handle_name(namespace, method_name)
-
-
-class ConsistentTrainingStateAverager(
-    ConsistentStateMixin, FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads, CancellableRounds
-):
-    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels;
-    a downloaded state is checked before it is applied (peer/hivemind_gaps/state_check.py)."""
-
-
-class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer built on ``state_averager_class`` (a TrainingStateAverager serving consistent state)."""
-
-    state_averager_class: type[TrainingStateAverager] = ConsistentTrainingStateAverager
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # a donor's epoch may be ahead of what this peer knows of the swarm, but not by more than a margin
-        self.state_averager.epoch_limit = lambda: max(self.local_epoch, self.tracker.global_epoch) + EPOCH_MARGIN
-
-    def cancel_averaging(self) -> None:
-        """Leaving the swarm: cancel the averaging rounds this peer is part of, and start none (thread-safe)."""
-        cancelled = self.state_averager.cancel_averaging()
-        if self.scheduled_grads is not None and not self.scheduled_grads.done() and self.scheduled_grads.cancel():
-            cancelled += 1
-        if cancelled:
-            logger.info(f"Leaving: cancelled {cancelled} averaging round(s) in progress")
-
-    def shutdown(self) -> None:
-        # hivemind first waits for background rounds, each up to its timeout, while the other peers may be leaving
-        self.cancel_averaging()
-        super().shutdown()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # a backup restored: keep the averaged statistics the optimizer's own (see the module's docstring)
-        with self.state_averager.statistics_kept_in_place():
-            super().load_state_dict(state_dict)
-
-    def _state_averager_options(self) -> dict:
-        """Extra keyword arguments for ``state_averager_class`` (subclasses add theirs)."""
-        return {}
-
-    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        # the same arguments as hivemind.Optimizer._make_state_averager (1.1.12), with this class's averager
-        return self.state_averager_class(
-            dht=self.dht,
-            prefix=f"{self.run_id}_state_averager",
-            min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout,
-            shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer,
-            custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel,
-            next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode,
-            auxiliary=self.auxiliary,
-            start=True,
-            **self._state_averager_options(),
-            **kwargs,
-        )

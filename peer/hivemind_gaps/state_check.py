@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import deserialize_torch_tensor
-from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, ValueWithExpiration
@@ -177,12 +176,3 @@ class FastSchedulerCatchUp:
             # the state hivemind's loop leaves after its last step, less one: the step below computes the rates
             scheduler._step_count, scheduler.last_epoch = self.local_epoch, self.local_epoch - 1
         super()._update_scheduler()
-
-
-class CheckedTrainingStateAverager(FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads):
-    """hivemind's TrainingStateAverager that refuses non-finite or implausible downloaded states (the monitor's)."""
-
-    @classmethod
-    def _get_handle_name(cls, namespace, method_name: str) -> str:
-        # hivemind names RPC handlers after the class: keep hivemind's name so every peer addresses the same ones
-        return TrainingStateAverager._get_handle_name(namespace, method_name)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
-from peer.hivemind_gaps.consistent_state import ConsistentTrainingStateAverager
+from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
 from peer.runtime import build_model
 from peer.swarm import build_dht, build_optimizer
 

@@ -13,7 +13,7 @@ import torch
 import torch_optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from peer.hivemind_gaps.consistent_state import ConsistentTrainingStateAverager
+from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
 
 STEP_PAUSE = 8.0  # seconds the step waits halfway for the test's snapshot (the consistent averager makes it wait)
 

@@ -1,0 +1,55 @@
+"""The averager classes the swarm runs: hivemind's averagers with this package's mixins, each composed once.
+
+Each class extends the one before it, so a gap closed for one is closed for the next:
+
+- ``CheckedTrainingStateAverager`` (the monitor's, open run): a downloaded state is checked before it is applied,
+  and the scheduler catches up to any epoch in one step (state_check.py).
+- ``ConsistentTrainingStateAverager`` (a trainer's, open run): also serves one epoch's state and keeps loaded LAMB
+  moments the averaged ones (consistent_state.py); its rounds can be cancelled by a leaving peer
+  (cancellable_rounds.py).
+- ``GuardedTrainingStateAverager`` and ``GuardedGradientAverager`` (closed runs, trainers and monitor): also answer
+  run members only (averager_guard.py).
+
+Mixin order matters: a mixin that overrides ``step`` or ``get_current_state`` comes before TrainingStateAverager,
+one that TrainingStateAverager must call through (CheckedDownloads, CancellableRounds) after it.
+"""
+
+from __future__ import annotations
+
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from peer.hivemind_gaps.averager_guard import GuardedAveragerMixin
+from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
+from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
+from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
+
+
+class HivemindHandleNames:
+    """Put first among the bases of a subclass of a hivemind averager: its RPC handlers keep hivemind's names.
+
+    hivemind names each RPC handler after the class (``ServicerBase._get_handle_name``), so a subclass would serve,
+    and call, handlers that plain hivemind averagers (and peers with another composition) do not know.
+    """
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        hivemind_class = next(base for base in cls.__mro__ if base.__module__.startswith("hivemind."))
+        return hivemind_class._get_handle_name(namespace, method_name)
+
+
+class CheckedTrainingStateAverager(HivemindHandleNames, FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads):
+    """hivemind's TrainingStateAverager that refuses non-finite or implausible downloaded states (the monitor's)."""
+
+
+class ConsistentTrainingStateAverager(ConsistentStateMixin, CheckedTrainingStateAverager, CancellableRounds):
+    """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels;
+    a downloaded state is checked before it is applied (state_check.py)."""
+
+
+class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentTrainingStateAverager):
+    """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
+
+
+class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, GradientAverager):
+    """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""

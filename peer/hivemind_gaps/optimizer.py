@@ -1,0 +1,95 @@
+"""hivemind.Optimizer built on this package's averagers (averagers.py), and able to leave the swarm at once.
+
+hivemind 1.1.12 builds its state averager in the private ``Optimizer._make_state_averager``, with no way to pass
+another class: ``SwarmOptimizer`` overrides it with the same arguments. It also cancels the averaging rounds under
+way on shutdown (cancellable_rounds.py), and keeps LAMB's averaged moments the optimizer's own when a backup is
+restored (consistent_state.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import hivemind
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.averagers import (
+    ConsistentTrainingStateAverager,
+    GuardedGradientAverager,
+    GuardedTrainingStateAverager,
+)
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer built on ``state_averager_class`` (a TrainingStateAverager serving consistent state)."""
+
+    state_averager_class: type[TrainingStateAverager] = ConsistentTrainingStateAverager
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a donor's epoch may be ahead of what this peer knows of the swarm, but not by more than a margin
+        self.state_averager.epoch_limit = lambda: max(self.local_epoch, self.tracker.global_epoch) + EPOCH_MARGIN
+
+    def cancel_averaging(self) -> None:
+        """Leaving the swarm: cancel the averaging rounds this peer is part of, and start none (thread-safe)."""
+        cancelled = self.state_averager.cancel_averaging()
+        if self.scheduled_grads is not None and not self.scheduled_grads.done() and self.scheduled_grads.cancel():
+            cancelled += 1
+        if cancelled:
+            logger.info(f"Leaving: cancelled {cancelled} averaging round(s) in progress")
+
+    def shutdown(self) -> None:
+        # hivemind first waits for background rounds, each up to its timeout, while the other peers may be leaving
+        self.cancel_averaging()
+        super().shutdown()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # a backup restored: keep the averaged statistics the optimizer's own (see consistent_state.py)
+        with self.state_averager.statistics_kept_in_place():
+            super().load_state_dict(state_dict)
+
+    def _state_averager_options(self) -> dict:
+        """Extra keyword arguments for ``state_averager_class`` (subclasses add theirs)."""
+        return {}
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # the same arguments as hivemind.Optimizer._make_state_averager (1.1.12), with this class's averager
+        return self.state_averager_class(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **self._state_averager_options(),
+            **kwargs,
+        )
+
+
+class GuardedOptimizer(SwarmOptimizer):
+    """The swarm's optimizer whose gradient and state averagers serve run members only.
+
+    Args:
+        membership: the membership check of this peer.
+        kwargs: passed to ``hivemind.Optimizer``.
+    """
+
+    state_averager_class = GuardedTrainingStateAverager
+
+    def __init__(self, *, membership: MembershipCheck, **kwargs):
+        self._membership = membership
+        super().__init__(grad_averager_factory=partial(GuardedGradientAverager, membership=membership), **kwargs)
+
+    def _state_averager_options(self) -> dict:
+        return {"membership": self._membership}
