@@ -6,7 +6,8 @@ import sys
 from collections.abc import Callable
 
 from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
-from peer.lifecycle import ExitCode, StopRequested, end_children
+from peer.hivemind_gaps.reaping import end_children
+from peer.lifecycle import ExitCode, StopRequested
 from peer.runtime import Peer, start_peer
 from peer.swarm import SwarmJoinError
 from peer.train import train

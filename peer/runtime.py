@@ -29,6 +29,7 @@ from peer.backup import Backups
 from peer.config import OptimConfig, PeerConfig, SwarmConfig
 from peer.faults import parameters_finite
 from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.bounded_download import bound_state_downloads
 from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.lifecycle import StopSignal
 from peer.progress import PROTOCOL_VERSION, PeerProgress, model_fingerprint, publish_progress, software_version
@@ -36,7 +37,6 @@ from peer.report import PeerMetrics, Reporter
 from peer.run_record import check_model_matches, run_validators
 from peer.swarm import (
     SwarmJoinError,
-    bound_state_downloads,
     build_dht,
     build_optimizer,
     visible_maddrs,

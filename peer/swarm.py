@@ -19,6 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from peer.config import OptimConfig, SwarmConfig
 from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.bounded_download import StateDownloadFailed
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.update_guard import UpdateGuard
 
@@ -34,14 +35,6 @@ COMPRESSION_FACTORIES: dict[str, Callable[[], CompressionBase]] = {
 
 class SwarmJoinError(RuntimeError):
     """The DHT could not start or could not reach any initial peer."""
-
-
-class StateDownloadFailed(KeyboardInterrupt):
-    """Raised after too many failed attempts to download the swarm's state.
-
-    A KeyboardInterrupt subclass because hivemind's ``Optimizer.load_state_from_peers`` retries forever on any other
-    exception; this is the one exception type it lets through.
-    """
 
 
 def build_dht(
@@ -217,31 +210,6 @@ def build_optimizer(
     )
     optimizer.update_guard = guard
     return optimizer
-
-
-def bound_state_downloads(optimizer: hivemind.Optimizer, max_attempts: int) -> None:
-    """Make ``optimizer.load_state_from_peers`` give up (raising StateDownloadFailed) after ``max_attempts`` errors.
-
-    hivemind retries a failing download forever, which would hang a peer whose only source of state is unreachable.
-    """
-    state_averager = optimizer.state_averager
-    download = state_averager.load_state_from_peers
-    failures = 0
-
-    def bounded_download(**kwargs):
-        nonlocal failures
-        try:
-            result = download(**kwargs)
-        except Exception as error:
-            failures += 1
-            if failures >= max_attempts:
-                failures = 0
-                raise StateDownloadFailed(f"gave up downloading state after {max_attempts} attempts") from error
-            raise
-        failures = 0
-        return result
-
-    state_averager.load_state_from_peers = bounded_download
 
 
 def download_state(optimizer: hivemind.Optimizer) -> int | None:

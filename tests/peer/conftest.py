@@ -114,7 +114,7 @@ class Swarm:
 
 def assert_no_p2pd_left(swarm: Swarm) -> None:
     leftovers = [pid for peer in swarm.peers.values() for pid in process_group_members(peer.pgid)]
-    from peer.lifecycle import descendants
+    from peer.hivemind_gaps.reaping import descendants
 
     leftovers += [pid for pid in descendants(os.getpid()) if command_name(pid) == "p2pd"]
     assert not leftovers, f"processes left behind: {[(pid, command_name(pid)) for pid in leftovers]}"
