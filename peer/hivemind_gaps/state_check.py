@@ -2,9 +2,10 @@
 
 hivemind 1.1.12 applies whatever state a donor sends (``TrainingStateAverager.load_state_from_peers``): a NaN
 tensor poisons the joiner (and the monitor's checkpoints), and an epoch of 2**62 makes it step its scheduler once per
-epoch it "catches up", which never ends. Here each download is checked in the averager's process as it arrives (hivemind's loop over
-donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check): a refused state is logged,
-counted and dropped, and the next donor is asked; if none is left, hivemind keeps the local state. The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch.
+epoch it "catches up", which never ends. Here each download is checked in the averager's process as it arrives
+(hivemind's loop over donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check): a refused
+state is logged, counted and dropped, and the next donor is asked; if none is left, hivemind keeps the local state.
+The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch.
 """
 
 from __future__ import annotations
