@@ -13,7 +13,6 @@ monitor/checkpoint_trust.py). Any refusal is one line on stderr and exit code 1;
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -25,7 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from monitor.checkpoint import MANIFEST, verify_directory, write_manifest
+from monitor.checkpoint import MANIFEST, sha256_of, verify_directory, write_manifest
 from monitor.checkpoint_trust import UntrustedCheckpoint, verify_checkpoint
 from monitor.safe_tar import UnsafeArchive, extract_checkpoint
 from peer.run_key import normalize_fingerprint
@@ -94,7 +93,7 @@ def download(
         archive = tmp / "checkpoint.tar"
         got_epoch, expected = _fetch(url, archive, headers, timeout, max_size)
         listed = listing.get(got_epoch, {})
-        actual = sha256_file(archive)
+        actual = sha256_of(archive)
         if not expected or actual != expected or (listed.get("sha256") and listed["sha256"] != actual):
             raise CheckpointError(f"archive sha256 {actual} does not match the monitor's {expected or listed}")
         unpacked = tmp / "unpacked"
@@ -134,14 +133,6 @@ def _fetch(url: str, archive: Path, headers: dict, timeout: float, max_size: int
     except (urllib.error.URLError, OSError, ValueError) as error:  # ValueError: e.g. a malformed header
         raise CheckpointError(f"cannot download {url}: {error}") from error
     return int(got_epoch) if got_epoch.isdigit() else -1, expected
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_out(out: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -44,6 +45,13 @@ MONITOR_FLAGS = [
     "--admin_token",
     TOKEN,
 ]
+
+
+def download_with_cli(monitor: MonitorProcess, epoch: int, out: Path) -> subprocess.CompletedProcess:
+    """`albert-checkpoint download` of one epoch from the run's monitor, verified against its run key."""
+    command = [sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", monitor.url]
+    command += ["--run-key", run_key_of(monitor), "--epoch", str(epoch), "--out", str(out)]
+    return run_cli(command, timeout=120)
 
 
 def run_key_of(monitor: MonitorProcess) -> str:
@@ -202,23 +210,7 @@ def test_checkpoint_appears_and_downloads_with_a_matching_sha256(run, tmp_path):
         archive = response.read()
         assert response.headers["X-Checkpoint-SHA256"] == newest["sha256"] == hashlib.sha256(archive).hexdigest()
     out = tmp_path / "downloaded"
-    result = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "monitor.checkpoint_cli",
-            "download",
-            "--from",
-            run.monitor.url,
-            "--run-key",
-            run_key_of(run.monitor),
-            "--epoch",
-            str(newest["epoch"]),
-            "--out",
-            str(out),
-        ],
-        timeout=120,
-    )
+    result = download_with_cli(run.monitor, newest["epoch"], out)
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["epoch"] == newest["epoch"] and {
@@ -377,23 +369,7 @@ def held_checkpoint(run, tmp_path) -> tuple[int, Path]:
     status, entry = run.monitor.post("/api/checkpoints", TOKEN)
     assert status == 201, entry
     out = tmp_path / "checkpoint"
-    downloaded = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "monitor.checkpoint_cli",
-            "download",
-            "--from",
-            run.monitor.url,
-            "--run-key",
-            run_key_of(run.monitor),
-            "--epoch",
-            str(entry["epoch"]),
-            "--out",
-            str(out),
-        ],
-        timeout=120,
-    )
+    downloaded = download_with_cli(run.monitor, entry["epoch"], out)
     assert downloaded.returncode == 0, downloaded.stderr
     return entry["epoch"], out
 
