@@ -6,6 +6,7 @@ Faults are injected by the tests from outside the loop, through the training mod
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import torch
@@ -14,6 +15,11 @@ from peer.backup import Backups
 from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
+# A peer whose parameters turn non-finite right as it reaches a new epoch finds the other peers still finishing that
+# step: hivemind refuses their states as behind its own epoch (seen in CI: the peer fell back to an older backup).
+# A few retries a few seconds apart take the swarm's state of the new epoch instead.
+PEER_ATTEMPTS = 3
+PEER_RETRY_DELAY = 2.0  # seconds; a tiny-preset epoch step takes ~1 s on 2 cores
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -33,10 +39,13 @@ def parameters_finite(model: torch.nn.Module) -> bool:
 def recover_parameters(model: torch.nn.Module, training: TrainingMode, backups: Backups) -> bool:
     """After non-finite parameters: reload state from peers, else from the newest backup. True if finite again."""
     logger.error(f"Parameters became non-finite at epoch {training.epoch}: reloading state from peers")
-    training.load_state_from_peers()
-    if parameters_finite(model):
-        logger.warning(f"Recovered: parameters reloaded from peers at epoch {training.epoch}")
-        return True
+    for attempt in range(PEER_ATTEMPTS):
+        if attempt:  # the donors were still finishing the step that took this peer to its epoch
+            time.sleep(PEER_RETRY_DELAY)
+        training.load_state_from_peers()
+        if parameters_finite(model):
+            logger.warning(f"Recovered: parameters reloaded from peers at epoch {training.epoch}")
+            return True
     for epoch in reversed(backups.epochs()):
         logger.error(f"Peers could not provide usable state: restoring the local backup of epoch {epoch}")
         if backups.restore(epoch, model, training) and parameters_finite(model):
