@@ -85,9 +85,3 @@ def verify_signature(public_hex: str, message: bytes, signature_hex: str) -> boo
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
-
-
-def public_key_pem(public_hex: str) -> str:
-    """The public key in PEM (SubjectPublicKeyInfo), the form `openssl pkeyutl -verify -pubin` reads."""
-    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()

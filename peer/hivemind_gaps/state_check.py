@@ -133,7 +133,10 @@ class CheckedDownloads(DecentralizedAverager):
         priority = {
             PeerID(peer_id): (float(info.value), random.random())
             for peer_id, info in entries.items()
-            if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
+            # the key is hivemind's, unvalidated: anyone can write a subkey that is not a peer id
+            if isinstance(peer_id, bytes)
+            and isinstance(info, ValueWithExpiration)
+            and isinstance(info.value, (float, int))
         }
         if not priority:
             logger.info("Could not load state from peers: nobody shares a state")
