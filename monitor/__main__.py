@@ -6,23 +6,22 @@ import sys
 
 from monitor.config import parse_monitor_args
 from monitor.node import Monitor
-from peer.swarm import SwarmJoinError
+from peer.swarm.dht import SwarmJoinError
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     swarm, optim, config = parse_monitor_args()
-    monitor = Monitor(swarm, optim, config)
     try:
-        monitor.start()  # in the main thread: hivemind's averager needs it, and it sets SIGINT to be ignored...
-        for signum in (signal.SIGINT, signal.SIGTERM):  # ...so our handlers go in afterwards
-            signal.signal(signum, lambda *_: monitor.stop())
-        monitor.run()
+        # in the main thread: hivemind's averager needs it; a failed start has released what it started
+        monitor = Monitor(swarm, optim, config)
     except (SwarmJoinError, ValueError, OSError) as error:
         logging.getLogger("monitor").error(f"albert-monitor cannot run: {error}")
         return 1
-    finally:
-        monitor.shutdown()
+    with monitor:  # shuts down on the way out
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the averager set SIGINT to be ignored: ours go in after it
+            signal.signal(signum, lambda *_: monitor.stop())
+        monitor.run()
     return 0
 
 

@@ -19,8 +19,8 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from peer.access import RunAccess
-from peer.access_tokens import (
+from peer.swarm.access import RunAccess
+from peer.swarm.access_tokens import (
     MAX_CLOCK_SKEW,
     RateLimitedWarning,
     decode_token,
@@ -81,7 +81,7 @@ class WatchedFile:
 
 
 def read_allowlist(path: Path) -> set[bytes]:
-    """Public keys of the allowlist file: 'ssh-rsa AAAA... [comment]' lines, as `python -m peer.access` prints."""
+    """Public keys of the allowlist file: 'ssh-rsa AAAA... [comment]' lines, as `python -m peer.swarm.access` prints."""
     keys = set()
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         words = line.split()
@@ -142,7 +142,7 @@ class Authority:
             "token": encode_token(token),
             "authority_key": self.public_key.to_bytes().decode(),
             "ttl": self.token_ttl,
-            "monitor_time": get_dht_time(),  # the peer compares it with its clock (peer/join_client.py)
+            "monitor_time": get_dht_time(),  # the peer compares it with its clock (peer/swarm/join_client.py)
         }
 
     def check_member(self, text: str) -> AccessToken:

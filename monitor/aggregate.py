@@ -4,7 +4,7 @@ The monitor calls `aggregate` every refresh period with the reports it just read
 snapshot (which carries the per-peer contribution ledger) and the current time.
 
 Every report comes from a stranger who can sign anything, so before a report counts it must be:
-- in range (the bounds of peer/progress.py: finite, so no sum overflows or turns to inf),
+- in range (the bounds of peer/swarm/progress.py: finite, so no sum overflows or turns to inf),
 - not from the future beyond MAX_CLOCK_SKEW (a future-dated record would stay "alive" until its date: a ghost),
 - at an epoch someone else vouches for. Epoch rule: a report's epoch E is accepted if
   E <= (highest epoch among the OTHER usable alive reports) + MAX_EPOCH_LEAD, or
@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from peer.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
+from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
 
 LAGGING_EPOCHS = 2  # a peer this many epochs behind the swarm is shown as recovering (it reloads state)
 # How far ahead of every other alive peer a report's epoch may be. Honest peers share one global epoch; a peer's
@@ -105,7 +105,7 @@ EMPTY_SNAPSHOT = SwarmSnapshot(
 
 
 def is_sane(report: PeerReport) -> bool:
-    """Whether every number is within the bounds of peer/progress.py (NaN and infinities fail them too).
+    """Whether every number is within the bounds of peer/swarm/progress.py (NaN and infinities fail them too).
 
     The schema checks the same bounds; this keeps aggregation safe whatever built the report.
     """

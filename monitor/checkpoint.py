@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from monitor.history import CheckpointEntry, History
-from peer.run_key import RunKey, verify_signature
-from peer.run_record import PROTOCOL_VERSION
+from peer.swarm.run_key import RunKey, verify_signature
+from peer.swarm.run_record import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from monitor.checkpoint import MANIFEST, sha256_of, verify_directory, write_manifest
 from monitor.checkpoint_trust import UntrustedCheckpoint, verify_checkpoint
 from monitor.safe_tar import UnsafeArchive, extract_checkpoint
-from peer.run_key import normalize_fingerprint
+from peer.swarm.run_key import normalize_fingerprint
 
 logger = logging.getLogger("albert-checkpoint")
 CHUNK = 1 << 20
@@ -57,7 +57,7 @@ def authorization_header(base_url: str, run_secret_file: str | None, join_key_fi
     """For a closed run, `Bearer TOKEN` from the monitor for a run secret or join key; None for an open run."""
     if not (run_secret_file or join_key_file):
         return None
-    from peer.join_client import JoinCredential, http_access_token  # hivemind: imported only when needed
+    from peer.swarm.join_client import JoinCredential, http_access_token  # hivemind: imported only when needed
 
     try:
         return http_access_token(base_url.rstrip("/"), JoinCredential(run_secret_file, join_key_file))
@@ -182,9 +182,9 @@ def pull(args: argparse.Namespace) -> dict:
 
     from monitor.records import monitor_validators
     from monitor.state import StateKeeper, build_run_model
-    from peer.config import OptimConfig, SwarmConfig
-    from peer.run_record import check_model_matches
-    from peer.swarm import build_dht
+    from peer.swarm.config import OptimConfig, SwarmConfig
+    from peer.swarm.dht import build_dht
+    from peer.swarm.run_record import check_model_matches
 
     trusted = trusted_fingerprint(args.run_key)
     swarm = SwarmConfig(

@@ -23,8 +23,8 @@ from monitor.checkpoint import (
     signature_problem,
     verify_directory,
 )
-from peer.run_key import PUBLIC_HEX_CHARS, fingerprint_of
-from peer.run_record import PROTOCOL_VERSION
+from peer.swarm.run_key import PUBLIC_HEX_CHARS, fingerprint_of
+from peer.swarm.run_record import PROTOCOL_VERSION
 
 CODE_MODULES = {name.removesuffix(".py") for name in CODE_FILES}
 

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.config import OptimConfig, SwarmConfig, parse_configs
-from peer.field_docs import help_from_docstring
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.field_docs import help_from_docstring
+from peer.swarm.flags import parse_configs
 
 
 @help_from_docstring
@@ -94,7 +95,7 @@ class MonitorConfig:
         return Path(self.run_dir) / "authority.key"
 
     def run_key_path(self) -> Path:
-        """The run key that signs the run record and every checkpoint manifest (peer/run_key.py): keep it safe."""
+        """The run key that signs the run record and every checkpoint manifest (peer/swarm/run_key.py): keep it safe."""
         return Path(self.run_dir) / "run_key.pem"
 
     def db_path(self) -> Path:

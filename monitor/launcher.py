@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monitor.checkpoint import MANIFEST, verify_directory
-from peer.config import parse_configs
-from peer.field_docs import help_from_docstring
-from peer.run_key import RunKey
+from peer.swarm.field_docs import help_from_docstring
+from peer.swarm.flags import parse_configs
+from peer.swarm.run_key import RunKey
 
 logger = logging.getLogger("albert-swarm")
 

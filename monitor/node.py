@@ -1,11 +1,12 @@
 """The monitor node: DHT bootstrap, the refresh loop (aggregate, record, checkpoint) and the HTTP server around it.
 
-`Monitor.start()` must run in the main thread (hivemind's averager installs signal handlers); the HTTP server runs
-in a background thread; `run()` loops in the main thread until `stop()` is called (e.g. by a signal handler).
+`Monitor(...)` starts the node and must be built in the main thread (hivemind's averager installs signal handlers);
+the HTTP server runs in a background thread; `run()` loops in the main thread until `stop()` is called (e.g. by a signal handler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -13,6 +14,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from typing import Self
 
 from hivemind.utils import get_dht_time
 
@@ -26,12 +28,12 @@ from monitor.metrics import make_registry
 from monitor.records import monitor_validators, read_progress
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
-from peer.access import RunAccess
-from peer.config import OptimConfig, SwarmConfig
 from peer.hivemind_gaps.averager_guard import MembershipCheck
-from peer.run_key import RunKey
-from peer.run_record import PROTOCOL_VERSION, RunRecord, publish_run_record
-from peer.swarm import build_dht, visible_maddrs
+from peer.swarm.access import RunAccess
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.dht import build_dht, visible_maddrs
+from peer.swarm.run_key import RunKey
+from peer.swarm.run_record import PROTOCOL_VERSION, RunRecord, publish_run_record
 
 logger = logging.getLogger(__name__)
 RUN_RECORD_EXPIRATION = 60.0  # seconds; refreshed every refresh period, so a dead monitor's record soon vanishes
@@ -66,54 +68,71 @@ class Monitor:
     """
 
     def __init__(self, swarm: SwarmConfig, optim: OptimConfig, config: MonitorConfig):
+        """Load or build the model, join the DHT, announce the multiaddrs, open history and checkpoints, serve HTTP.
+
+        Every part started is registered with ``self._resources`` as it starts, so a start that fails half-way
+        releases what it took (in reverse order) and raises; ``shutdown`` releases a whole monitor the same way.
+        """
         self.swarm, self.optim, self.config = swarm, optim, config
         self._stop = threading.Event()
         self._requests: queue.Queue[Future] = queue.Queue()
-        self.dht = self.keeper = self.server = None
-        self.authority: Authority | None = None
-        self.access: RunAccess | None = None
         self._refused_logged: set[str] = set()
         self._next_fetch = 0.0  # monotonic time before which scheduled downloads are skipped
         self._next_unvouched_fetch = 0.0  # the same, for downloads an unvouched epoch asks for
         self._errors = RateLimitedLog()
+        self._resources = contextlib.ExitStack()
+        with self._resources:
+            self._start()
+            self._resources = self._resources.pop_all()  # started whole: kept until shutdown
 
-    def start(self) -> None:
-        """Load or build the model, join the DHT, announce the multiaddrs, open history and checkpoints, serve HTTP."""
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def _start(self) -> None:
         cfg = self.config
         self.run_model = build_run_model(cfg.model, cfg.tokenizer, weights_from=cfg.resume_from)
         self.run_key = RunKey.load_or_create(cfg.run_key_path())
         identity = cfg.identity_path(self.swarm)
         identity.parent.mkdir(parents=True, exist_ok=True)
         self.swarm.identity_path = str(identity)
-        self._open_access(identity)
+        self.authority, access = self._open_access(identity)
         self.dht = build_dht(
-            self.swarm, monitor_validators(self.swarm.run_id), self.access.authorizer() if self.access else None
+            self.swarm, monitor_validators(self.swarm.run_id), access.authorizer() if access else None
         )
-        if self.access is not None:
-            self.access.publish_membership(self.dht)
+        self._release_on_shutdown(self.dht.shutdown, "the DHT")
+        if access is not None:
+            access.publish_membership(self.dht)
+            self._release_on_shutdown(access.close, "the member-list publisher")
         self.initial_peers = visible_maddrs(self.dht)
         self._write_peers_file(self.initial_peers)
-        membership = MembershipCheck(self.dht, self.swarm.run_id, self.authority.public_key) if self.access else None
+        membership = MembershipCheck(self.dht, self.swarm.run_id, self.authority.public_key) if access else None
         self.keeper = StateKeeper(self.dht, self.swarm, self.optim, self.run_model, membership=membership)
+        self._release_on_shutdown(self.keeper.shutdown, "the state averager")
         if cfg.resume_from:
             self.keeper.resume(cfg.resume_from)
         self.history = History(cfg.db_path())
+        self._release_on_shutdown(self.history.close, "the history database")
         self.store = CheckpointStore(
             cfg.checkpoint_path(), self.history, keep=cfg.keep, keep_every=cfg.keep_every, run_key=self.run_key
         )
         self.store.reconcile()
-        model_info = {
-            "name": cfg.model,
-            "tokenizer": self.run_model.tokenizer_name,
-            "hash": self.run_model.fingerprint,
-        }
         self.live = LiveState(
             run_id=self.swarm.run_id,
             initial_peers=self.initial_peers,
-            model=model_info,
+            model={"name": cfg.model, "tokenizer": self.run_model.tokenizer_name, "hash": self.run_model.fingerprint},
             snapshot=self._not_behind_held_state(self.history.last_snapshot()),  # a restart goes on from its history
             state_epoch=self.keeper.epoch,
         )
+        self._serve_http()
+        logger.info(f"Run key fingerprint (hand it out with the initial peers): {self.run_key.fingerprint}")
+        print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
+        print(f"--run-key {self.run_key.fingerprint}", flush=True)
+
+    def _serve_http(self) -> None:
+        cfg = self.config
         app = create_app(
             self.live,
             self.history,
@@ -126,26 +145,37 @@ class Monitor:
             # a refresh may block for a whole state download: that is slow, not unhealthy
             refresh_grace=self.optim.load_state_timeout,
         )
-        self.server = ServerThread(app, cfg.http_host, cfg.http_port)
-        self.server.start()
-        self.dashboard_url = f"http://{cfg.http_host}:{self.server.port}/"
-        write_atomically(
-            cfg.url_file_path(), self.dashboard_url + "\n"
-        )  # how a launcher learns a port chosen by the OS
+        server = ServerThread(app, cfg.http_host, cfg.http_port)
+        server.start()
+        self._release_on_shutdown(server.stop, "the HTTP server")
+        self.dashboard_url = f"http://{cfg.http_host}:{server.port}/"
+        write_atomically(cfg.url_file_path(), self.dashboard_url + "\n")  # how a launcher learns a port the OS chose
         logger.info(f"Dashboard, API and /metrics on {self.dashboard_url}")
-        logger.info(f"Run key fingerprint (hand it out with the initial peers): {self.run_key.fingerprint}")
-        print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
-        print(f"--run-key {self.run_key.fingerprint}", flush=True)
 
-    def _open_access(self, identity: Path) -> None:
-        """A closed run: load (or create) the authority key, read the secret / allowlist, issue our own token."""
+    def _release_on_shutdown(self, close, what: str) -> None:
+        """Register a part's release; one part failing to close must not leave the others open."""
+
+        def release() -> None:
+            try:
+                close()
+            except Exception as error:  # noqa: BLE001 -- logged; the remaining parts are still released
+                logger.warning(f"Error while shutting down {what}: {error!r}")
+
+        self._resources.callback(release)
+
+    def _open_access(self, identity: Path) -> tuple[Authority | None, RunAccess | None]:
+        """A closed run: load (or create) the authority key, read the secret / allowlist, issue our own token.
+
+        An open run has neither (None, None).
+        """
         cfg = self.config
         if not cfg.closed_run:
-            return
-        self.authority = Authority(cfg.authority_key_path(), cfg.token_ttl, cfg.run_secret_file, cfg.allowlist_file)
-        self.access = monitor_access(self.authority, self.swarm.run_id, identity)
+            return None, None
+        authority = Authority(cfg.authority_key_path(), cfg.token_ttl, cfg.run_secret_file, cfg.allowlist_file)
+        access = monitor_access(authority, self.swarm.run_id, identity)
         files = [path for path in (cfg.run_secret_file, cfg.allowlist_file) if path]
         logger.info(f"Closed run {self.swarm.run_id!r}: peers join via POST /api/join with a credential of {files}")
+        return authority, access
 
     def _write_peers_file(self, maddrs: list[str]) -> None:
         path = self.config.peers_file_path()
@@ -324,21 +354,13 @@ class Monitor:
             request.set_exception(RuntimeError(str(error)))
 
     def shutdown(self) -> None:
-        """Stop serving, stop sharing, leave the DHT (also after a partial start)."""
+        """Stop serving, stop sharing, leave the DHT, close the history (in reverse order of the start)."""
         self.stop()
         while not self._requests.empty():
             pending = self._requests.get_nowait()
             if pending is not None and pending.set_running_or_notify_cancel():
                 pending.set_exception(RuntimeError("the monitor is shutting down"))
-        parts = ((self.server, "stop"), (self.keeper, "shutdown"), (self.access, "close"), (self.dht, "shutdown"))
-        for part, close in parts:
-            if part is not None:
-                try:
-                    getattr(part, close)()
-                except Exception as error:  # noqa: BLE001 -- one part failing to close must not leave the others open
-                    logger.warning(f"Error while shutting down {type(part).__name__}: {error!r}")
-        if getattr(self, "history", None) is not None:
-            self.history.close()
+        self._resources.close()
 
 
 def write_atomically(path: Path, text: str) -> None:

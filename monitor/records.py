@@ -20,8 +20,8 @@ from hivemind.dht.validation import RecordValidatorBase
 
 from monitor.aggregate import MAX_PEER_ROWS, PeerReport
 from monitor.live import MAX_REFUSED_PEERS
-from peer.progress import PROTOCOL_VERSION, PeerProgress, RejectedRecords, counted, fetch_progress
-from peer.run_record import run_validators
+from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, RejectedRecords, counted, fetch_progress
+from peer.swarm.run_record import run_validators
 
 logger = logging.getLogger(__name__)
 MAX_RECORDS_PER_READ = MAX_PEER_ROWS  # subkeys parsed per read; more would not fit the peers table anyway

@@ -85,7 +85,7 @@ MEMBER_ERRORS = {  # declared in a closed run only
 BEARER = HTTPBearer(auto_error=False, description="A closed run's access token (POST /api/join issues them)")
 HOW_TO_JOIN = (
     "this run is closed: send a member's access token as 'Authorization: Bearer TOKEN'; get one with your run "
-    "secret or join key from POST /api/join (peer.join_client.http_access_token, or albert-checkpoint download "
+    "secret or join key from POST /api/join (peer.swarm.join_client.http_access_token, or albert-checkpoint download "
     "--run-secret-file / --join-key-file)"
 )
 

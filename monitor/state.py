@@ -19,13 +19,13 @@ from transformers import PreTrainedTokenizerFast
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from monitor.checkpoint import MANIFEST, TRAINING_STATE, verify_directory
-from peer.config import OptimConfig, SwarmConfig
-from peer.faults import all_finite
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import CheckedTrainingStateAverager, GuardedTrainingStateAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN, MAX_EPOCH
-from peer.progress import model_fingerprint
-from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.finite import all_finite
+from peer.swarm.optimizer import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
+from peer.swarm.progress import model_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
+from peer.config import PeerConfig
 from peer.hivemind_gaps.reaping import end_children
 from peer.lifecycle import ExitCode, StopRequested
 from peer.runtime import Peer, start_peer
-from peer.swarm import SwarmJoinError
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.dht import SwarmJoinError
+from peer.swarm.flags import parse_configs
 from peer.train import train
 
 logger = logging.getLogger("peer")

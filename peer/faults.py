@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 
 import torch
 
 from peer.backup import Backups
+from peer.swarm.finite import all_finite
 from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
@@ -20,12 +20,6 @@ logger = logging.getLogger(__name__)
 # A few retries a few seconds apart take the swarm's state of the new epoch instead.
 PEER_ATTEMPTS = 3
 PEER_RETRY_DELAY = 2.0  # seconds; a tiny-preset epoch step takes ~1 s on 2 cores
-
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one device sync, not one per tensor)."""
-    flags = [torch.isfinite(tensor).all() for tensor in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def gradients_finite(model: torch.nn.Module) -> bool:

@@ -11,7 +11,7 @@ from hivemind.utils import get_dht_time
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tqdm import tqdm
 
-from peer.progress import (
+from peer.swarm.progress import (
     MAX_MINI_STEP_LOSS,
     MAX_SAMPLES_PER_SECOND,
     PROTOCOL_VERSION,

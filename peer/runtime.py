@@ -7,7 +7,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hivemind
@@ -24,23 +24,20 @@ from data import (
 )
 from data.sources import resolve_corpus
 from model import LeanAlbertForMaskedLM, load_config
-from peer.access import RunAccess, admit_peer, leave_when_token_expired
 from peer.backup import Backups
-from peer.config import OptimConfig, PeerConfig, SwarmConfig
+from peer.config import PeerConfig
 from peer.faults import parameters_finite
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.bounded_download import bound_state_downloads
-from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.lifecycle import StopSignal
-from peer.progress import PROTOCOL_VERSION, PeerProgress, model_fingerprint, publish_progress, software_version
 from peer.report import PeerMetrics, Reporter
-from peer.run_record import check_model_matches, run_validators
-from peer.swarm import (
-    SwarmJoinError,
-    build_dht,
-    build_optimizer,
-    visible_maddrs,
-)
+from peer.swarm.access import RunAccess, admit_peer, leave_when_token_expired
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.dht import SwarmJoinError, build_dht, visible_maddrs
+from peer.swarm.join_client import JoinCredential, JoinRefused, JoinUnavailable
+from peer.swarm.optimizer import build_optimizer
+from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, model_fingerprint, publish_progress, software_version
+from peer.swarm.run_record import check_model_matches, run_validators
 from peer.training_mode import SynchronousSwarm, TrainingMode
 
 logger = logging.getLogger(__name__)
@@ -48,23 +45,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Peer:
-    """Everything a running peer holds; ``shutdown`` releases it (training mode first, then the DHT and its p2pd)."""
+    """Everything a running peer holds, built whole by ``start_peer``; ``shutdown`` releases it.
+
+    ``resources`` releases, in reverse order of acquisition: the reporter, the training mode, the member-list
+    publisher of a closed run, then the DHT and its p2pd. A start that fails half-way releases what it took itself.
+    """
 
     config: PeerConfig
     dht: hivemind.DHT
     model: torch.nn.Module
-    training: TrainingMode | None
+    training: TrainingMode
     batches: Iterator[dict]
     device: torch.device
     precision: torch.dtype
     backups: Backups
-    reporter: Reporter | None = None
-    stop: StopSignal | None = None
-    access: RunAccess | None = None
+    reporter: Reporter
+    stop: StopSignal
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def close(self) -> None:
         """Leave the swarm, first writing a backup of the current state if it is sound."""
-        if self.training is not None and parameters_finite(self.model):
+        if parameters_finite(self.model):
             try:
                 self.backups.save(self.model, self.training)
             except OSError as error:
@@ -72,14 +73,7 @@ class Peer:
         self.shutdown()
 
     def shutdown(self) -> None:
-        if self.reporter is not None:
-            self.reporter.close()
-        if self.training is not None:
-            with contextlib.suppress(Exception):
-                self.training.shutdown()
-        if self.access is not None:
-            self.access.close()
-        self.dht.shutdown()
+        self.resources.close()
         logger.info("Left the swarm")
 
 
@@ -139,46 +133,52 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    access = join_closed_run(swarm, config)  # first: a refused peer learns it at once
-    tokenizer, model = build_model(config, device)
-    model_hash = model_fingerprint(model.config, tokenizer)
-    # Refusals that need no swarm come before the DHT, so that a refused peer never starts a DHT process and p2pd.
-    backups = Backups(config.backup_dir, config.keep_backups, model_hash)
-    resolve_corpus(config.corpus)
+    with contextlib.ExitStack() as resources:  # on any failure below, what was started so far is released
+        access = join_closed_run(swarm, config)  # first: a refused peer learns it at once
+        tokenizer, model = build_model(config, device)
+        model_hash = model_fingerprint(model.config, tokenizer)
+        # Refusals that need no swarm come before the DHT, so that a refused peer never starts a DHT process and p2pd.
+        backups = Backups(config.backup_dir, config.keep_backups, model_hash)
+        resolve_corpus(config.corpus)
 
-    dht = build_access_dht(swarm, access)
-    try:
+        dht = build_access_dht(swarm, access)
+        # else the DHT process and its p2pd outlive a refused peer (__main__ ends with os._exit)
+        resources.callback(dht.shutdown)
         logger.info(
             f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}"
         )
         if access is not None:
             access.publish_membership(dht, on_expired=leave_when_token_expired)
+            resources.callback(access.close)
         refuse_if_model_differs(dht, swarm, model_hash, device_name(device))
         batches = build_batches(config, tokenizer, str(dht.peer_id))
-    except BaseException:
-        if access is not None:
-            access.close()
-        dht.shutdown()  # else the DHT process and its p2pd outlive the refused peer (__main__ ends with os._exit)
-        raise
-    peer = Peer(config, dht, model, None, batches, device, precision, backups, access=access)
-    try:
+
         membership = MembershipCheck(dht, swarm.run_id, access.authority_key) if access else None
         optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
-        peer.training = SynchronousSwarm(optimizer)
-        peer.stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
-        peer.stop.on_stop(peer.training.cancel)  # a stopped peer waits for no group that may never form
+        training = SynchronousSwarm(optimizer)
+        resources.callback(shut_down_quietly, training)
+        stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
+        stop.on_stop(training.cancel)  # a stopped peer waits for no group that may never form
         bound_state_downloads(optimizer, config.load_state_attempts)
         metrics = PeerMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port)
-        peer.reporter = Reporter(
-            dht, swarm.run_id, peer.training, device_name(device), model_hash, config.metrics_expiration, metrics
+        reporter = Reporter(
+            dht, swarm.run_id, training, device_name(device), model_hash, config.metrics_expiration, metrics
         )
+        resources.callback(reporter.close)
+        peer = Peer(config, dht, model, training, batches, device, precision, backups, reporter, stop)
         take_newest_state(peer)
-    except BaseException:
-        peer.shutdown()
-        raise
+        peer.resources = resources.pop_all()
     return peer
+
+
+def shut_down_quietly(training: TrainingMode) -> None:
+    """Shut the training mode down on the way out; a failure there must not keep the DHT from being released."""
+    try:
+        training.shutdown()
+    except Exception as error:  # noqa: BLE001 - whatever hivemind raises on shutdown, the DHT must still go
+        logger.warning(f"The training mode did not shut down cleanly: {error!r}")
 
 
 def join_closed_run(swarm: SwarmConfig, config: PeerConfig) -> RunAccess | None:

@@ -1,7 +1,7 @@
 """The seam between a peer and the swarm: what the training loop, backups and reports ask of a training mode, and
-today's synchronous mode (``SynchronousSwarm``, around the hivemind.Optimizer that peer/swarm.py builds) behind it.
+today's synchronous mode (``SynchronousSwarm``, around the hivemind.Optimizer that peer/swarm/optimizer.py builds) behind it.
 
-Nothing outside this module and peer/swarm.py touches hivemind.Optimizer, so a second mode (issue 17's local steps)
+Nothing outside this module and peer/swarm/optimizer.py touches hivemind.Optimizer, so a second mode (issue 17's local steps)
 implements ``TrainingMode`` and nothing else, and the tests drive the loop with a small fake
 (tests/peer/test_train_loop.py) or inject faults by wrapping the mode (tests/peer/faulty_peer.py).
 
@@ -40,7 +40,7 @@ import hivemind
 import torch
 
 from peer.hivemind_gaps.update_guard import UpdateGuard
-from peer.swarm import download_state
+from peer.swarm.optimizer import download_state
 
 
 @runtime_checkable
@@ -87,7 +87,7 @@ class SynchronousSwarm:
     """Today's mode: every peer's gradients are averaged into one update per epoch (hivemind.Optimizer).
 
     Args:
-        optimizer: the optimizer built by ``peer.swarm.build_optimizer`` (a SwarmOptimizer, which can cancel rounds).
+        optimizer: the optimizer built by ``peer.swarm.optimizer.build_optimizer`` (a SwarmOptimizer, which can cancel rounds).
     """
 
     def __init__(self, optimizer: hivemind.Optimizer):

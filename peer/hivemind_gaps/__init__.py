@@ -58,7 +58,7 @@
       test_sigterm_exits_quickly_with_a_backup_and_no_p2pd check that nothing is left here)
 12  All-reduce averages whatever members     update_guard.py, called by the      refuses non-finite or
     send: one NaN or 1e30 reaches every      optimizer hivemind steps            outsized parts (robust
-    peer's step (no robust aggregation).     (peer/swarm.py: guarded_step)       aggregation)
+    peer's step (no robust aggregation).     (swarm/optimizer.py guarded_step)   aggregation)
     Proved on plain hivemind: partly: tests/peer/test_update_guard.py::
       test_without_the_guard_one_nan_in_the_averaged_gradient_poisons_parameters_and_moments (the step hivemind
       calls, given a NaN average); no test shows the all-reduce passing it on (tests/peer/test_poisoning.py shows
@@ -66,15 +66,15 @@
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 
-- peer/access.py ``RunAuthorizer`` presets hivemind's private ``TokenAuthorizerBase._local_access_token`` (the token
-  received at admission, so the DHT does not fetch another at start).
-- peer/swarm.py: the Optimizer's ``client_mode=`` is ignored (read from the DHT instead); 8-bit quantized
+- peer/swarm/access.py ``RunAuthorizer`` presets hivemind's private ``TokenAuthorizerBase._local_access_token`` (the
+  token received at admission, so the DHT does not fetch another at start).
+- peer/swarm/optimizer.py: the Optimizer's ``client_mode=`` is ignored (read from the DHT instead); 8-bit quantized
   compressions cannot be decoded with numpy >= 2.4 (left out of ``COMPRESSION_FACTORIES``); a dead peer's progress
   entry keeps the others waiting until it expires (``tracker_opts={"metadata_expiration": ...}``).
-- peer/config.py: ``--state-compression`` defaults to none (fp16 zeroes LAMB's tiny second moments).
+- peer/swarm/config.py: ``--state-compression`` defaults to none (fp16 zeroes LAMB's tiny second moments).
 - peer/lifecycle.py: ``StopRequested`` is a KeyboardInterrupt (the one exception hivemind's retry loops let
   through), and signal handlers are installed after the Optimizer is built (its averagers set SIGINT to ignore).
-- Not hivemind: peer/config.py ``EnvArgumentParser`` overrides transformers' private
+- Not hivemind: peer/swarm/flags.py ``EnvArgumentParser`` overrides transformers' private
   ``HfArgumentParser._parse_dataclass_field``.
 - Tests only: tests/peer/intruder.py calls DHTProtocol.call_find/call_store and the averagers' get_stub directly,
   tests/peer/test_rejoin.py empties a routing table, tests/peer/test_access.py sets ``_local_access_token``.

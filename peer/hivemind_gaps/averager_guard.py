@@ -20,7 +20,7 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
-from peer.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
+from peer.swarm.access_tokens import RateLimitedWarning, members_key, token_expiry, verify_token
 
 logger = logging.getLogger(__name__)
 MEMBERS_REFETCH = 1.0  # seconds: unknown callers trigger at most one read of the member list this often

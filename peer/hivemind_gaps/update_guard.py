@@ -2,7 +2,7 @@
 
 hivemind averages the members' gradients as they are sent. One member (broken or hostile) that sends NaN, inf or
 1e30 makes the average non-finite or huge on every peer at once, and a clipped step by a NaN norm writes NaN into
-every parameter and LAMB moment. The optimizer that hivemind calls with the averaged gradient (peer/swarm.py) asks
+every parameter and LAMB moment. The optimizer that hivemind calls with the averaged gradient (peer/swarm/optimizer.py) asks
 this guard first and skips the step when it refuses: parameters and optimizer moments stay as they were.
 
 Why the bound is safe for honest gradients (tests/peer/test_poisoning.py prints the same figure for its run):

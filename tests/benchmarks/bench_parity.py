@@ -1,7 +1,7 @@
 """Parity: does a swarm learn as well as one process on the same samples? Run by hand, never by CI.
 
 Runs (same preset, tokenizer, corpus, effective batch, LAMB + linear schedule, total samples):
-  reference  one process, a plain loop with peer.swarm's optimizer and scheduler, no hivemind
+  reference  one process, a plain loop with peer.swarm.optimizer's optimizer and scheduler, no hivemind
   swarm-2    2 peers on loopback (a monitor bootstraps them)
   swarm-4    4 peers
   churn-4    4 peers, one SIGKILLed and a fresh one started every --churn-every epochs
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 from data import MLMDataset, WholeWordMaskCollator, load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from monitor.evaluation import HeldOutSet
-from peer.config import OptimConfig
-from peer.swarm import make_optimizer, make_scheduler, param_groups
+from peer.swarm.config import OptimConfig
+from peer.swarm.optimizer import make_optimizer, make_scheduler, param_groups
 from tests.harness import child_env
 from tests.harness import kill_group as kill_process_group
 

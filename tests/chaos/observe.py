@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.checkpoint_cli import CheckpointError, download
-from peer.run_key import RunKey
+from peer.swarm.run_key import RunKey
 from tests.chaos.processes import ChaosMonitor, ChaosPeer
 
 # A checkpoint that fails one of these checks was served damaged; other download errors are the monitor being away.

@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 from monitor.config import MonitorConfig
-from peer.config import OptimConfig, PeerConfig, SwarmConfig, env_var
+from peer.config import PeerConfig
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.flags import env_var
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -32,7 +32,7 @@ from monitor.http_guard import MAX_BODY_BYTES
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
-from peer.access_tokens import (
+from peer.swarm.access_tokens import (
     encode_token,
     expiration_text,
     join_message,
@@ -40,7 +40,7 @@ from peer.access_tokens import (
     token_payload,
     verify_token,
 )
-from peer.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
+from peer.swarm.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
 from tests.harness import wait_until
 from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, Process, chromium
 from tests.monitor.crafted_bodies import CRAFTED_BODIES
@@ -342,7 +342,7 @@ def skewed_client(url: str, secret_file: Path, offset: float) -> JoinClient:
 def test_a_skewed_clock_is_warned_about_once_and_refused_where_tokens_would_fail(closed_monitor, caplog):
     secret = closed_monitor.dir / "run.secret"
     in_sync = skewed_client(closed_monitor.url, secret, 0.0)
-    with caplog.at_level(logging.INFO, logger="peer.join_client"):
+    with caplog.at_level(logging.INFO, logger="peer.swarm.join_client"):
         in_sync()
         assert abs(in_sync.skew) < 2 and "clock" not in caplog.text
         drifting = skewed_client(closed_monitor.url, secret, 12.0)

@@ -26,10 +26,10 @@ from model import LeanAlbertForMaskedLM, load_config
 from monitor.checkpoint import TRAINING_STATE, CheckpointStore, write_manifest
 from monitor.history import History
 from monitor.state import build_run_model
-from peer.config import OptimConfig
-from peer.progress import model_fingerprint
-from peer.run_key import RunKey
-from peer.swarm import make_optimizer, make_scheduler, param_groups
+from peer.swarm.config import OptimConfig
+from peer.swarm.optimizer import make_optimizer, make_scheduler, param_groups
+from peer.swarm.progress import model_fingerprint
+from peer.swarm.run_key import RunKey
 from tests.harness import REPO, child_env, kill_group, process_group_members
 from tests.monitor.conftest import MonitorProcess
 

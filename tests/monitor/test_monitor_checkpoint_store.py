@@ -17,8 +17,8 @@ from monitor.checkpoint import (
 )
 from monitor.history import History
 from monitor.state import NonFiniteState
-from peer.run_key import RunKey, verify_signature
-from peer.run_record import PROTOCOL_VERSION
+from peer.swarm.run_key import RunKey, verify_signature
+from peer.swarm.run_record import PROTOCOL_VERSION
 
 
 def fill_with(payload: bytes):

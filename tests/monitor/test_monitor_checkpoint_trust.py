@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from monitor.checkpoint import CODE_FILES, MANIFEST, SIGNATURE, write_archive, write_manifest
-from peer.run_key import RunKey
+from peer.swarm.run_key import RunKey
 from tests.harness import REPO, child_env
 
 MARKER_CODE = "import pathlib\npathlib.Path({marker!r}).write_text('foreign code ran')\n"

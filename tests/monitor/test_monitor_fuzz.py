@@ -34,7 +34,7 @@ from monitor.http_guard import MAX_BODY_BYTES
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
-from peer.join_client import JoinCredential, http_access_token
+from peer.swarm.join_client import JoinCredential, http_access_token
 from tests.monitor.crafted_bodies import CRAFTED_BODIES, JOIN
 
 TOKEN = "fuzz-admin-token-0123456789"

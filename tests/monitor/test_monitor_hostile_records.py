@@ -20,7 +20,7 @@ import pytest
 from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
-from peer.progress import PROTOCOL_VERSION, PeerProgress, local_public_key, make_validators, publish_progress
+from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, local_public_key, make_validators, publish_progress
 from tests.harness import wait_until
 from tests.monitor.conftest import MonitorProcess
 from tests.peer.hostile_peer import LingeringHostilePeer, run_hostile_peer

@@ -19,7 +19,7 @@ import pytest
 
 from monitor.history import History
 from monitor.launcher import latest_checkpoint
-from peer.run_key import RunKey
+from peer.swarm.run_key import RunKey
 from tests.harness import REPO, child_env, free_port, kill_group, wait_until
 
 pytestmark = pytest.mark.slow

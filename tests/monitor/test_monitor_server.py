@@ -19,7 +19,7 @@ from monitor.history import History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
 from monitor.server import ServerThread, create_app
-from peer.run_key import RunKey
+from peer.swarm.run_key import RunKey
 from tests.harness import REPO
 from tests.monitor.conftest import CHROMIUM, chromium
 

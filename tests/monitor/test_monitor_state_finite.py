@@ -10,7 +10,7 @@ import torch
 from monitor.checkpoint import CheckpointStore, write_manifest
 from monitor.history import History
 from monitor.state import NonFiniteState, StateKeeper, build_run_model
-from peer.config import OptimConfig, SwarmConfig
+from peer.swarm.config import OptimConfig, SwarmConfig
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from monitor.records import monitor_validators
-from peer.progress import PROTOCOL_VERSION, PeerProgress, publish_progress
-from peer.run_key import RunKey
-from peer.run_record import check_model_matches
+from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, publish_progress
+from peer.swarm.run_key import RunKey
+from peer.swarm.run_record import check_model_matches
 from tests.harness import child_env, run_cli, wait_until
 from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, chromium
 

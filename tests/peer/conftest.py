@@ -11,7 +11,7 @@ import hivemind
 import pytest
 import torch
 
-from peer.progress import fetch_progress, make_validators
+from peer.swarm.progress import fetch_progress, make_validators
 from tests.harness import (
     LOOPBACK,
     TINY_OPTIM,

@@ -27,7 +27,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.progress import PROTOCOL_VERSION, local_public_key, metrics_key
+from peer.swarm.progress import PROTOCOL_VERSION, local_public_key, metrics_key
 from tests.harness import REPO, kill_group
 
 HONEST_LOOKING = {

@@ -21,10 +21,13 @@ import time
 
 import torch
 
-from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
+from peer.config import PeerConfig
 from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
 from peer.runtime import build_model
-from peer.swarm import build_dht, build_optimizer
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.dht import build_dht
+from peer.swarm.flags import parse_configs
+from peer.swarm.optimizer import build_optimizer
 
 HUGE = 1e30
 HUGE_EPOCH = 2**62

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hivemind.utils import get_dht_time
 
-from peer.progress import PeerProgress
+from peer.swarm.progress import PeerProgress
 
 
 def record(epoch: int = 3, **changes) -> PeerProgress:

@@ -18,9 +18,11 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from peer.access import MembershipPublisher, RunAuthorizer
-from peer.access import main as access_cli
-from peer.access_tokens import (
+from peer.config import PeerConfig
+from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.swarm.access import MembershipPublisher, RunAuthorizer
+from peer.swarm.access import main as access_cli
+from peer.swarm.access_tokens import (
     expiration_text,
     identity_peer_id,
     join_message,
@@ -30,10 +32,8 @@ from peer.access_tokens import (
     token_payload,
     verify_token,
 )
-from peer.config import PeerConfig
-from peer.hivemind_gaps.averager_guard import MembershipCheck
-from peer.join_client import JoinCredential, JoinRefused, JoinUnavailable
-from peer.progress import local_public_key
+from peer.swarm.join_client import JoinCredential, JoinRefused, JoinUnavailable
+from peer.swarm.progress import local_public_key
 
 AUTHORITY = RSAPrivateKey()
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -88,7 +88,7 @@ def test_secret_proof_is_an_hmac_and_the_secret_file_is_checked(tmp_path):
 
 def test_join_key_cli_creates_a_key_whose_signature_verifies(tmp_path, capsys):
     path = tmp_path / "join.key"
-    assert access_cli(["new-join-key", str(path)]) == 0  # python -m peer.access new-join-key PATH
+    assert access_cli(["new-join-key", str(path)]) == 0  # python -m peer.swarm.access new-join-key PATH
     line = capsys.readouterr().out.strip()
     assert line.startswith("ssh-rsa ") and oct(path.stat().st_mode)[-3:] == "600"
     assert access_cli(["new-join-key", str(path)]) == 1
@@ -152,7 +152,7 @@ def test_a_request_from_a_skewed_clock_is_refused_naming_the_skew_not_the_token(
         return request
 
     receiver = authorizer(member)
-    with caplog.at_level(logging.WARNING, logger="peer.access"):
+    with caplog.at_level(logging.WARNING, logger="peer.swarm.access"):
         assert asyncio.run(receiver.validate_request(request_signed_at(20.0)))  # within hivemind's minute
         assert not caplog.text
         assert not asyncio.run(receiver.validate_request(request_signed_at(-120.0)))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
 
-from peer.config import COMPRESSIONS
-from peer.swarm import COMPRESSION_FACTORIES
+from peer.swarm.config import COMPRESSIONS
+from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
 
 def test_every_offered_compression_has_a_factory():

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from peer.config import OptimConfig, PeerConfig, SwarmConfig, env_var, parse_configs
+from peer.config import PeerConfig
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.flags import env_var, parse_configs
 
 ALL = (SwarmConfig, OptimConfig, PeerConfig)
 

@@ -6,11 +6,13 @@ import dataclasses
 
 import pytest
 
+from docs.flags_doc import flags_markdown
 from monitor.config import MonitorConfig
-from monitor.flags_doc import flags_markdown
 from monitor.launcher import LocalSwarmConfig
-from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
-from peer.field_docs import args_section, help_from_docstring
+from peer.config import PeerConfig
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.field_docs import args_section, help_from_docstring
+from peer.swarm.flags import parse_configs
 
 CONFIGS = (SwarmConfig, OptimConfig, PeerConfig, MonitorConfig, LocalSwarmConfig)
 

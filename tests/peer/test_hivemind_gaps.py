@@ -40,11 +40,11 @@ PRIVATE_METHODS = [
     (TrainingStateAverager, "_update_scheduler"),  # state_check.py FastSchedulerCatchUp
     (DecentralizedAverager, "_load_state_from_peers"),  # state_check.py CheckedDownloads
     (ServicerBase, "_get_handle_name"),  # averagers.py HivemindHandleNames
-    (HfArgumentParser, "_parse_dataclass_field"),  # peer/config.py (transformers)
+    (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
 ]
 # private attributes set in __init__, found in the class's source
 PRIVATE_ATTRIBUTES = [
-    (TokenAuthorizerBase, "self._local_access_token"),  # peer/access.py RunAuthorizer
+    (TokenAuthorizerBase, "self._local_access_token"),  # peer/swarm/access.py RunAuthorizer
     (DecentralizedAverager, "self._outer_pipe"),  # state_check.py CheckedDownloads.load_state_from_peers
     (DecentralizedAverager, "self._matchmaking"),  # state_check.py CheckedDownloads._donors
     (DHTProtocol, "self.routing_table"),  # rejoin.py

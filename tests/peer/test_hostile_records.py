@@ -7,7 +7,14 @@ import hivemind
 import pytest
 from hivemind.utils import get_dht_time
 
-from peer.progress import RejectedRecords, counted, fetch_progress, local_public_key, make_validators, publish_progress
+from peer.swarm.progress import (
+    RejectedRecords,
+    counted,
+    fetch_progress,
+    local_public_key,
+    make_validators,
+    publish_progress,
+)
 from tests.peer.hostile_peer import run_hostile_peer
 from tests.peer.records import record
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from monitor.state import StateKeeper, build_run_model
-from peer.config import OptimConfig, SwarmConfig
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.update_guard import WARMUP
+from peer.swarm.config import OptimConfig, SwarmConfig
 from tests.harness import TINY_OPTIM, GroupProcess, free_port, wait_until
 from tests.peer.conftest import PEER_FLAGS, RUN_ID
 from tests.peer.poisoner import POISONER_PRIORITY

@@ -12,7 +12,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from model import load_config
-from peer.progress import (
+from peer.swarm.progress import (
     MAX_MINI_STEP_LOSS,
     PROTOCOL_VERSION,
     RejectedRecords,

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow]
 # and for an epoch or two the peers are 0.1-2 updates apart, then exactly together again. Peers that train apart drift
 # further with every epoch. So: under one update, in most of five epochs.
 AGREEMENT = 1.0
-# a state round every epoch (the default is every 10, see peer/config.py): these checks look at consecutive epochs
+# a state round every epoch (the default is every 10, see peer/swarm/config.py): these checks look at consecutive epochs
 EXACT = ["--grad_compression", "none", "--state_compression", "none", "--average_state_every", "1"]
 
 

@@ -10,10 +10,10 @@ import torch
 import torch_optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from peer.config import OptimConfig
 from peer.hivemind_gaps.state_check import MAX_EPOCH, FastSchedulerCatchUp, StateRefused, check_state
 from peer.hivemind_gaps.update_guard import ABOVE_CAP, NON_FINITE, OUTLIER, WARMUP, UpdateGuard
-from peer.swarm import make_optimizer, make_scheduler
+from peer.swarm.config import OptimConfig
+from peer.swarm.optimizer import make_optimizer, make_scheduler
 
 
 def grads_of_norm(norm: float, size: int = 1000) -> list[torch.Tensor]:

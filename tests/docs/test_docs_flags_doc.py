@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from monitor.flags_doc import BEGIN, DOC, END, flags_markdown, replace_block
+from docs.flags_doc import BEGIN, DOC, END, flags_markdown, replace_block
 from monitor.launcher import LocalSwarmConfig
 from peer.config import PeerConfig
 
@@ -13,7 +13,7 @@ def test_reference_flag_table_matches_the_code():
     text = REFERENCE.read_text()
     assert BEGIN in text and END in text, f"{DOC} lost its generated flags block"
     current = text[text.index(BEGIN) : text.index(END) + len(END)]
-    assert current == flags_markdown(), f"{DOC}'s flag table is stale: run `python -m monitor.flags_doc --write {DOC}`"
+    assert current == flags_markdown(), f"{DOC}'s flag table is stale: run `python -m docs.flags_doc --write {DOC}`"
 
 
 def test_table_names_every_field_with_its_environment_variable():

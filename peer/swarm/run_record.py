@@ -1,7 +1,7 @@
 """The run record a monitor publishes under ``{run_id}_run``: which model and protocol the run uses, checked by peers.
 
 One signed subkey per monitor (so nobody else can overwrite it), and the record is also signed by the monitor's run
-key (peer/run_key.py): any peer can publish a record under its own subkey, but only the organiser's monitor can sign
+key (peer/swarm/run_key.py): any peer can publish a record under its own subkey, but only the organiser's monitor can sign
 one with the run key whose fingerprint the organiser hands out. A peer whose model fingerprint or protocol version
 differs from the run's refuses to join, and announces itself once so that the monitor can tell its organiser why
 (both sides log it).
@@ -17,8 +17,8 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from peer.progress import PROTOCOL_VERSION, local_public_key, make_validators
-from peer.run_key import PUBLIC_HEX_CHARS, SIGNATURE_HEX_CHARS, RunKey, fingerprint_of, verify_signature
+from peer.swarm.progress import PROTOCOL_VERSION, local_public_key, make_validators
+from peer.swarm.run_key import PUBLIC_HEX_CHARS, SIGNATURE_HEX_CHARS, RunKey, fingerprint_of, verify_signature
 
 RUN_FIELD = "run"
 

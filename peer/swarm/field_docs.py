@@ -1,7 +1,7 @@
 """One description per config field: the class docstring's ``Args:`` entry is the field's ``--help`` text.
 
-Every config dataclass (peer/config.py, monitor/config.py, monitor/launcher.py) is decorated with
-`help_from_docstring`, so the docstring, ``--help`` and the README's generated flags table (monitor/flags_doc.py)
+Every config dataclass (peer/swarm/config.py, peer/config.py, monitor/config.py, monitor/launcher.py) is decorated with
+`help_from_docstring`, so the docstring, ``--help`` and the README's generated flags table (docs/flags_doc.py)
 say the same thing and cannot drift. A field without an entry, an entry without a field, or a help text written in
 the field itself fails at import time, naming the class and the field.
 """

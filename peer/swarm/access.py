@@ -1,6 +1,6 @@
 """Closed runs, peer side: the DHT's token authorizer, this peer's entry in the run's member list, and admission.
 
-Run ``python -m peer.access new-join-key PATH`` to create a join key and print its allowlist line.
+Run ``python -m peer.swarm.access new-join-key PATH`` to create a join key and print its allowlist line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from peer.access_tokens import (
+from peer.swarm.access_tokens import (
     RateLimitedWarning,
     identity_peer_id,
     members_key,
@@ -31,8 +31,8 @@ from peer.access_tokens import (
     verify_token,
     write_private_key,
 )
-from peer.join_client import JoinClient, JoinCredential, JoinRefused, JoinUnavailable
-from peer.progress import local_public_key
+from peer.swarm.join_client import JoinClient, JoinCredential, JoinRefused, JoinUnavailable
+from peer.swarm.progress import local_public_key
 
 logger = logging.getLogger(__name__)
 RETRY_PERIOD = 5.0  # seconds between two attempts to renew a token while the monitor does not answer
@@ -268,9 +268,9 @@ def new_join_key(path: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m peer.access new-join-key PATH``: print the allowlist line of a new join key."""
+    """``python -m peer.swarm.access new-join-key PATH``: print the allowlist line of a new join key."""
     if len(argv) != 2 or argv[0] not in ("new-join-key", "allowlist-line"):
-        print("usage: python -m peer.access new-join-key PATH | allowlist-line PATH", file=sys.stderr)
+        print("usage: python -m peer.swarm.access new-join-key PATH | allowlist-line PATH", file=sys.stderr)
         return 2
     try:
         if argv[0] == "new-join-key":

@@ -22,7 +22,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-from peer.access_tokens import (
+from peer.swarm.access_tokens import (
     MAX_CLOCK_SKEW,
     decode_token,
     encode_token,

@@ -1,4 +1,4 @@
-"""Joining the swarm: the DHT, and the deterministic optimizer/scheduler factories behind ``hivemind.Optimizer``.
+"""The deterministic optimizer and scheduler factories behind ``hivemind.Optimizer``, and the optimizer itself.
 
 The monitor builds its ``TrainingStateAverager`` from the same factories, so the training state has the same layout.
 """
@@ -6,22 +6,20 @@ The monitor builds its ``TrainingStateAverager`` from the same factories, so the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 
 import hivemind
 import torch
 import torch_optimizer
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
-from hivemind.dht.validation import RecordValidatorBase
-from hivemind.utils.auth import AuthorizerBase
 from transformers import get_linear_schedule_with_warmup
 
-from peer.config import OptimConfig, SwarmConfig
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.bounded_download import StateDownloadFailed
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.update_guard import UpdateGuard
+from peer.swarm.config import OptimConfig, SwarmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,48 +29,6 @@ COMPRESSION_FACTORIES: dict[str, Callable[[], CompressionBase]] = {
     "fp16": Float16Compression,
     "scaled-fp16": ScaledFloat16Compression,
 }
-
-
-class SwarmJoinError(RuntimeError):
-    """The DHT could not start or could not reach any initial peer."""
-
-
-def build_dht(
-    swarm: SwarmConfig,
-    record_validators: Iterable[RecordValidatorBase] = (),
-    authorizer: AuthorizerBase | None = None,
-    identity_path: str | None = None,
-) -> hivemind.DHT:
-    """Start this process's DHT node (and its p2pd daemon) and join the swarm through ``swarm.initial_peers``.
-
-    A closed run passes its ``authorizer`` and an ``identity_path`` made just before (so the peer id the access
-    token names is known before the DHT starts); hivemind's check that such an identity is unused is then skipped.
-    """
-    if identity_path is None:
-        identity = {"identity_path": swarm.identity_path}
-    else:
-        identity = {"identity_path": identity_path, "check_if_identity_free": False}
-    try:
-        return hivemind.DHT(
-            initial_peers=swarm.initial_peers,
-            start=True,
-            client_mode=swarm.client_mode,
-            host_maddrs=swarm.host_maddrs,
-            announce_maddrs=swarm.announce_maddrs or None,
-            use_relay=swarm.use_relay,
-            use_auto_relay=swarm.use_auto_relay,
-            record_validators=list(record_validators),
-            authorizer=authorizer,
-            **identity,
-        )
-    except Exception as error:
-        peers = ", ".join(swarm.initial_peers) or "none (starting a new swarm)"
-        raise SwarmJoinError(f"could not join the swarm (initial peers: {peers}): {error!r}") from error
-
-
-def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    """Multiaddrs other peers can pass as --initial-peers to join through this one."""
-    return [str(maddr) for maddr in dht.get_visible_maddrs()]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,87 @@
+"""Config dataclasses from CLI flags and ALBERT_* environment variables, for every node's command line.
+
+A flag wins over its environment variable (``--run-id`` over ``ALBERT_RUN_ID``), which wins over the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shlex
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import fields
+
+from transformers import HfArgumentParser
+
+ENV_PREFIX = "ALBERT_"
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets a config field, e.g. run_id -> ALBERT_RUN_ID."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def require_positive(config, *names: str) -> None:
+    """Raise ValueError naming the first of ``names`` whose value is not above zero."""
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)!r}")
+
+
+def require_non_negative(config, *names: str) -> None:
+    """Raise ValueError naming the first of ``names`` whose value is below zero."""
+    for name in names:
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name} must be zero or positive, got {getattr(config, name)!r}")
+
+
+class EnvArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose defaults come from ALBERT_* environment variables, named in every --help line."""
+
+    def __init__(self, dataclass_types, environ: dict | None = None, **kwargs):
+        self.environ = os.environ if environ is None else environ
+        super().__init__(dataclass_types, **kwargs)
+
+    def _parse_dataclass_field(self, parser, dataclass_field):
+        # a copy, so that the class's own field metadata is not rewritten each time a parser is built
+        annotated = copy.copy(dataclass_field)
+        help_text = f"{dataclass_field.metadata.get('help', '')} [env {env_var(dataclass_field.name)}]"
+        annotated.metadata = types.MappingProxyType({**dataclass_field.metadata, "help": help_text})
+        super()._parse_dataclass_field(parser, annotated)
+
+    def env_arguments(self) -> list[str]:
+        """Command-line tokens equivalent to the ALBERT_* variables that are set (placed before the real flags)."""
+        tokens = []
+        for dataclass_type in self.dataclass_types:
+            for dataclass_field in fields(dataclass_type):
+                value = self.environ.get(env_var(dataclass_field.name))
+                if value is None or value.strip() == "":
+                    continue
+                if getattr(dataclass_field.type, "__origin__", None) is list:
+                    # lists come as space- or comma-separated words, e.g. ALBERT_INITIAL_PEERS="/ip4/... /ip4/..."
+                    tokens += [f"--{dataclass_field.name}", *shlex.split(value.replace(",", " "))]
+                else:
+                    tokens.append(f"--{dataclass_field.name}={value}")
+        return tokens
+
+    def error(self, message: str):
+        in_env = [name for name in self.environ if name.startswith(ENV_PREFIX)]
+        if in_env:
+            message += f" (values may come from the environment: {', '.join(sorted(in_env))})"
+        super().error(message)
+
+
+def parse_configs(*dataclass_types: type, args: Sequence[str] | None = None, environ: dict | None = None):
+    """Parse the given config dataclasses from ALBERT_* variables then flags; exit with a clear message if invalid.
+
+    Returns one instance per type, in order. Validation errors from ``__post_init__`` exit with status 2 like
+    argparse's own errors, naming the offending value.
+    """
+    parser = EnvArgumentParser(dataclass_types, environ=environ)
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        return parser.parse_args_into_dataclasses(args=parser.env_arguments() + argv, look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))
