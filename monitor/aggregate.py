@@ -37,7 +37,7 @@ MAX_PEER_ROWS = 1024  # rows of the peers table (and its SQLite copy); a key flo
 
 
 @dataclass(frozen=True)
-class PeerReport:
+class PeerProgress:
     """One peer's progress for one epoch, as read from its signed DHT record.
 
     Args:
@@ -104,7 +104,7 @@ EMPTY_SNAPSHOT = SwarmSnapshot(
 )
 
 
-def is_sane(report: PeerReport) -> bool:
+def is_sane(report: PeerProgress) -> bool:
     """Whether every number is within the bounds of peer/swarm/progress.py (NaN and infinities fail them too).
 
     The schema checks the same bounds; this keeps aggregation safe whatever built the report.
@@ -119,7 +119,7 @@ def is_sane(report: PeerReport) -> bool:
     )
 
 
-def refusal(report: PeerReport, now: float) -> str | None:
+def refusal(report: PeerProgress, now: float) -> str | None:
     """Why a report cannot count at all ("range" or "future"), or None."""
     if not is_sane(report):
         return "range"
@@ -128,7 +128,7 @@ def refusal(report: PeerReport, now: float) -> str | None:
     return None
 
 
-def vouched(alive: Mapping[str, PeerReport], held_epoch: int, held_lead: int) -> tuple[set[str], set[str]]:
+def vouched(alive: Mapping[str, PeerProgress], held_epoch: int, held_lead: int) -> tuple[set[str], set[str]]:
     """Split alive peers into those whose epoch is vouched for (see the module's epoch rule) and those not."""
     epochs = sorted(((r.epoch, pid) for pid, r in alive.items()), reverse=True)
     accepted, unconfirmed = set(), set()
@@ -143,7 +143,7 @@ def vouched(alive: Mapping[str, PeerReport], held_epoch: int, held_lead: int) ->
 
 
 def aggregate(
-    reports: Iterable[PeerReport],
+    reports: Iterable[PeerProgress],
     now: float,
     previous: SwarmSnapshot = EMPTY_SNAPSHOT,
     invalid_records: int = 0,
@@ -169,7 +169,7 @@ def aggregate(
         max_rows: most rows kept in the peers table.
     """
     refused: Counter[str] = Counter()
-    newest: dict[str, PeerReport] = {}
+    newest: dict[str, PeerProgress] = {}
     for report in reports:
         reason = refusal(report, now)
         if reason is not None:
@@ -223,7 +223,7 @@ def aggregate(
     )
 
 
-def _new_samples(report: PeerReport, counted: tuple[int, int] | None) -> int | None:
+def _new_samples(report: PeerProgress, counted: tuple[int, int] | None) -> int | None:
     """Samples of this report not yet counted, or None if the report is older than what was counted."""
     if counted is None or report.epoch > counted[0]:
         return report.samples_accumulated
@@ -232,7 +232,7 @@ def _new_samples(report: PeerReport, counted: tuple[int, int] | None) -> int | N
     return None
 
 
-def _row(report: PeerReport, contribution: int, alive: bool, swarm_epoch: int) -> PeerRow:
+def _row(report: PeerProgress, contribution: int, alive: bool, swarm_epoch: int) -> PeerRow:
     if not alive:
         status = "gone"
     elif report.epoch <= swarm_epoch - LAGGING_EPOCHS:

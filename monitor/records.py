@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from hivemind import DHT
 from hivemind.dht.validation import RecordValidatorBase
 
-from monitor.aggregate import MAX_PEER_ROWS, PeerReport
+from monitor.aggregate import MAX_PEER_ROWS, PeerProgress
 from monitor.live import MAX_REFUSED_PEERS
-from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, RejectedRecords, counted, fetch_progress
+from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, RejectedRecords, counted, fetch_progress
 from peer.swarm.run_record import run_validators
 
 logger = logging.getLogger(__name__)
@@ -49,19 +49,19 @@ def peer_label(owner: bytes) -> str:
 
 @dataclass
 class ProgressRead:
-    """One read of the metrics key: usable reports, records refused since the last read, refused peers with why.
+    """One read of the progress key: usable reports, records refused since the last read, refused peers with why.
 
     `refused_count` counts every refused peer; `refused` names at most MAX_REFUSED_PEERS of them.
     """
 
-    reports: list[PeerReport] = field(default_factory=list)
+    reports: list[PeerProgress] = field(default_factory=list)
     invalid: int = 0
     invalid_by_reason: dict[str, int] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     refused_count: int = 0
 
 
-def why_refused(progress: PeerProgress, model_hash: str) -> str | None:
+def why_refused(progress: ProgressRecord, model_hash: str) -> str | None:
     """Why a valid record cannot be aggregated into this run (another protocol version or model), or None."""
     if progress.protocol != PROTOCOL_VERSION:
         return (
@@ -99,7 +99,7 @@ def read_progress(dht: DHT, run_id: str, model_hash: str, known: Callable[[str],
                 result.refused[label] = reason
             continue
         result.reports.append(
-            PeerReport(
+            PeerProgress(
                 peer_id=label,
                 epoch=progress.epoch,
                 samples_per_second=progress.samples_per_second,

@@ -34,7 +34,8 @@ class PeerConfig:
         backup_every: Write a backup every this many epochs (0: only on exit).
         keep_backups: Number of most recent backups to keep.
         metrics_port: Port of this peer's Prometheus /metrics (0: off).
-        metrics_expiration: Seconds this peer's signed progress record stays in the DHT unrefreshed.
+        record_expiration: Seconds this peer's signed progress record stays in the DHT unrefreshed (the monitor shows
+            the peer until then).
         seed: Seed of model initialisation and data order (the data order also mixes in the peer id).
         torch_threads: CPU threads used by torch (0: torch's default).
         max_epochs: Stop once the swarm reaches this epoch (0: train until stopped).
@@ -59,7 +60,7 @@ class PeerConfig:
     backup_every: int = 10
     keep_backups: int = 2
     metrics_port: int = 0
-    metrics_expiration: float = 30.0
+    record_expiration: float = 30.0
     seed: int = 0
     torch_threads: int = 0
     max_epochs: int = 0
@@ -69,7 +70,7 @@ class PeerConfig:
     join_key_file: str | None = None
 
     def __post_init__(self):
-        require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "metrics_expiration")
+        require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "record_expiration")
         require_positive(self, "load_state_attempts")
         require_non_negative(self, "backup_every", "torch_threads", "max_epochs", "metrics_port")
         if self.metrics_port > 65535:

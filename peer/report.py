@@ -15,7 +15,7 @@ from peer.swarm.progress import (
     MAX_MINI_STEP_LOSS,
     MAX_SAMPLES_PER_SECOND,
     PROTOCOL_VERSION,
-    PeerProgress,
+    ProgressRecord,
     publish_progress,
     software_version,
 )
@@ -86,7 +86,7 @@ class Reporter:
 
     Args:
         dht: the peer's DHT (records are stored through it).
-        run_id: the run's name (the record's key is ``{run_id}_metrics``).
+        run_id: the run's name (the record's key is ``{run_id}_progress``).
         training: the peer's training mode (read for the swarm's progress and the guards' refusals).
         device: device name written into the record.
         model_hash: architecture fingerprint written into the record.
@@ -107,7 +107,7 @@ class Reporter:
         self.dht, self.run_id, self.training, self.metrics = dht, run_id, training, metrics
         self.device, self.model_hash, self.record_expiration = device[:64], model_hash, record_expiration
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
-        self.record: PeerProgress | None = None
+        self.record: ProgressRecord | None = None
         self.last_published, self.last_status = -float("inf"), ""
         metrics.watch_training(training)
         self._start_epoch(training.epoch)
@@ -147,7 +147,7 @@ class Reporter:
     def epoch_done(self, new_epoch: int) -> None:
         """Publish the statistics of the epoch that just ended, then start counting the next one."""
         elapsed = max(time.perf_counter() - self.epoch_started, 1e-9)
-        record = PeerProgress(
+        record = ProgressRecord(
             epoch=new_epoch,
             # clamped into the record's bounds: an epoch that ends within microseconds or a loss beyond
             # MAX_MINI_STEP_LOSS must not make this peer's own record invalid (nor crash it here)
@@ -183,7 +183,7 @@ class Reporter:
             f"mine {self.samples} samples ({share:.0%} of the {target}-sample target)"
         )
 
-    def _publish(self, record: PeerProgress) -> None:
+    def _publish(self, record: ProgressRecord) -> None:
         self.record, self.last_published = record, time.monotonic()
         try:  # in the background: reporting must never hold up or stop training
             stored = publish_progress(self.dht, self.run_id, record, self.record_expiration, wait=False)

@@ -36,7 +36,7 @@ from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.dht import SwarmJoinError, build_dht, visible_maddrs
 from peer.swarm.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.swarm.optimizer import build_optimizer
-from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, model_fingerprint, publish_progress, software_version
+from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, model_fingerprint, publish_progress, software_version
 from peer.swarm.run_record import check_model_matches, run_validators
 from peer.training_mode import SynchronousSwarm, TrainingMode
 
@@ -164,7 +164,7 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         if config.metrics_port:
             metrics.serve(config.metrics_port)
         reporter = Reporter(
-            dht, swarm.run_id, training, device_name(device), model_hash, config.metrics_expiration, metrics
+            dht, swarm.run_id, training, device_name(device), model_hash, config.record_expiration, metrics
         )
         resources.callback(reporter.close)
         peer = Peer(config, dht, model, training, batches, device, precision, backups, reporter, stop)
@@ -227,7 +227,7 @@ def refuse_if_model_differs(dht: hivemind.DHT, swarm: SwarmConfig, model_hash: s
     refusal = check_model_matches(dht, run_id, model_hash, swarm.run_key)
     if refusal is None:
         return
-    announcement = PeerProgress(
+    announcement = ProgressRecord(
         epoch=0,
         samples_per_second=0.0,
         samples_accumulated=0,

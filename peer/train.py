@@ -26,7 +26,7 @@ def train(peer: Peer) -> int:
     scaler = torch.amp.GradScaler(peer.device.type) if peer.precision == torch.float16 else None
     epoch = training.epoch
     # alone for two progress lifetimes: the others' entries expired, so they are unreachable rather than slow
-    rejoiner = Rejoiner(peer.dht, patience=2 * training.progress_expiration)
+    rejoiner = Rejoiner(peer.dht, patience=2 * training.presence_expiration)
     model.train()
 
     while not peer.stop.requested:

@@ -19,7 +19,7 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
 - ``zero_grad()``: forget the gradients handed over (after every ``step``, or after a batch skipped as non-finite).
 - ``is_averaging``: the next ``step`` ends an epoch, so it will wait for the swarm (shown to the user, nothing more).
 - ``num_peers``, ``target_batch_size``: the swarm as this peer sees it (the peers training, this one included; the
-  samples one epoch takes). ``progress_expiration``: seconds after which a silent peer is no longer counted, so
+  samples one epoch takes). ``presence_expiration``: seconds after which a silent peer is no longer counted, so
   ``num_peers == 1`` for twice as long means this peer is cut off (peer/hivemind_gaps/rejoin.py).
 - ``state_dict()`` / ``load_state_dict(state)``: what a local backup must hold to resume this mode at its epoch,
   beside the model's own state dict (keys other than "epoch", "model_hash" and "model"; peer/backup.py writes them
@@ -60,7 +60,7 @@ class TrainingMode(Protocol):
     def target_batch_size(self) -> int: ...
 
     @property
-    def progress_expiration(self) -> float: ...
+    def presence_expiration(self) -> float: ...
 
     @property
     def update_guard(self) -> UpdateGuard | None: ...
@@ -110,7 +110,7 @@ class SynchronousSwarm:
         return self.optimizer.tracker.global_progress.target_batch_size
 
     @property
-    def progress_expiration(self) -> float:
+    def presence_expiration(self) -> float:
         return self.optimizer.tracker.metadata_expiration
 
     @property

@@ -198,6 +198,6 @@ TINY_PEER = {
     "max_length": 64,
     "backup_every": 1,
     "keep_backups": 1000,
-    "metrics_expiration": 10,
+    "record_expiration": 10,
 }
 LOOPBACK = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]

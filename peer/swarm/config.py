@@ -75,8 +75,8 @@ class OptimConfig:
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
             downloads the state whenever it joins; out-of-sync peers reload it at once).
-        progress_expiration: Seconds a peer's hivemind progress entry lives unrefreshed: how soon survivors forget a
-            dead peer.
+        presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
+            target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce.
         state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
             zeroes LAMB's second moments).
@@ -101,7 +101,7 @@ class OptimConfig:
     # peers still averaging parameters miss the gradient round and the swarm splits into noisier sub-groups. Measured
     # with 4 peers (README "Does it learn?"): every epoch +4.3% held-out loss against one process, every 10 -0.54%
     average_state_every: int = 10
-    progress_expiration: float = 10.0
+    presence_expiration: float = 10.0
     grad_compression: Literal["none", "fp16", "scaled-fp16"] = "scaled-fp16"
     # "none" by default: LAMB's second moments (~1e-10) fall below fp16's smallest value, so fp16 state transfers
     # zero them (measured: 96% zeros in a newcomer's downloaded state) and newcomers then take oversized steps
@@ -114,7 +114,7 @@ class OptimConfig:
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
         require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")
-        require_positive(self, "progress_expiration")
+        require_positive(self, "presence_expiration")
         require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm")
         if self.warmup_epochs > self.total_epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds total_epochs ({self.total_epochs})")

@@ -161,7 +161,7 @@ def build_optimizer(
         # hivemind warns (rare matchmaking deadlocks) unless requests time out faster than matchmaking
         averager_opts={"bandwidth": optim.bandwidth, "request_timeout": min(3.0, optim.matchmaking_time / 2)},
         # a dead peer's progress entry keeps the survivors waiting for it until it expires: keep it short
-        tracker_opts={"metadata_expiration": optim.progress_expiration},
+        tracker_opts={"metadata_expiration": optim.presence_expiration},
         verbose=True,
     )
     optimizer.update_guard = guard

@@ -1,4 +1,4 @@
-"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_metrics``.
+"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_progress``.
 
 Records are checked by a schema validator, a size limit and an RSA signature validator: only a record's owner can
 write it. Every number has a range (a stranger's record can sign any value), and a record dated in the future beyond
@@ -27,7 +27,7 @@ MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 # The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
 # change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
 # It lives here, not in run_record (which re-exports it), because run_record imports this module.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: the progress records moved from the key {run_id}_metrics to {run_id}_progress
 # Largest count a record may carry: every integer of a record stays exact as a float (2**53), and sums of a capped
 # number of them stay far below SQLite's INTEGER limit (2**63 - 1).
 MAX_COUNT = 2**53
@@ -41,7 +41,7 @@ MAX_MINI_STEP_LOSS = 1000.0
 # tolerate one minute of skew between machines, and so do we. A record dated further ahead is refused (it would stay
 # "alive" until its date), and one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
 MAX_CLOCK_SKEW = 60.0
-METRICS_FIELD = "metrics"
+PROGRESS_FIELD = "progress"
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -70,7 +70,7 @@ class LossOutOfRange(pydantic.PydanticValueError):
     msg_template = "loss_sum {loss_sum} is above {limit} per mini-step over {mini_steps} mini-steps"
 
 
-class PeerProgress(pydantic.BaseModel):
+class ProgressRecord(pydantic.BaseModel):
     """One peer's report for one epoch (strict types: the DHT's schema validator refuses any conversion).
 
     Bounds (NaN and infinities fail them too) keep any sum of records finite and storable; `time` is checked
@@ -119,14 +119,14 @@ class PeerProgress(pydantic.BaseModel):
         return self.loss_sum / self.mini_steps if self.mini_steps else None
 
 
-class MetricsSchema(pydantic.BaseModel):
-    """DHT schema: the key ``{run_id}_metrics`` maps each owner's public key (the subkey) to its PeerProgress."""
+class ProgressSchema(pydantic.BaseModel):
+    """DHT schema: the key ``{run_id}_progress`` maps each owner's public key (the subkey) to its ProgressRecord."""
 
-    metrics: dict[BytesWithPublicKey, PeerProgress]
+    progress: dict[BytesWithPublicKey, ProgressRecord]
 
 
 class RecordSizeValidator(RecordValidatorBase):
-    """Refuses records above ``max_bytes`` under the given DHT keys, so a peer cannot flood the metrics key.
+    """Refuses records above ``max_bytes`` under the given DHT keys, so a peer cannot flood the progress key.
 
     Args:
         keys: raw DHT keys to guard.
@@ -147,7 +147,7 @@ class RecordSizeValidator(RecordValidatorBase):
 
 
 def refusal_reason(error: pydantic.ValidationError) -> str:
-    """Why a record failed PeerProgress: "schema" (shape or types), "future" (time ahead) or "range" (a number)."""
+    """Why a record failed ProgressRecord: "schema" (shape or types), "future" (time ahead) or "range" (a number)."""
     kinds = [item["type"] for item in error.errors()]
     if not all(kind.startswith("value_error.") for kind in kinds):
         return "schema"
@@ -165,7 +165,7 @@ def schema_refusal_reason(record: DHTRecord) -> str:
     if not isinstance(value, dict):
         return "schema"
     try:
-        PeerProgress.parse_obj(value)
+        ProgressRecord.parse_obj(value)
     except pydantic.ValidationError as error:
         return refusal_reason(error)
     return "schema"  # it parses alone, so the validator refused a type conversion or another key's record
@@ -246,20 +246,20 @@ def counted(validators: Iterable[RecordValidatorBase], rejected: RejectedRecords
     return [CountingValidator(validator, rejected, reasons.get(type(validator), "other")) for validator in validators]
 
 
-def metrics_key(run_id: str) -> str:
+def progress_key(run_id: str) -> str:
     """The DHT key holding every peer's progress record of a run."""
-    return f"{run_id}_{METRICS_FIELD}"
+    return f"{run_id}_{PROGRESS_FIELD}"
 
 
 def make_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> list[RecordValidatorBase]:
-    """Validators for the run's metrics key: schema, size limit and signatures.
+    """Validators for the run's progress key: schema, size limit and signatures.
 
     Records are signed with ``private_key``, by default this process's RSA key (the one hivemind's ProgressTracker
     signs with too: a DHT keeps a single signature validator, the first one given).
     """
     return [
-        SchemaValidator(MetricsSchema, prefix=run_id),
-        RecordSizeValidator([metrics_key(run_id)]),
+        SchemaValidator(ProgressSchema, prefix=run_id),
+        RecordSizeValidator([progress_key(run_id)]),
         RSASignatureValidator(private_key),
     ]
 
@@ -272,7 +272,7 @@ def local_public_key(private_key: RSAPrivateKey | None = None) -> bytes:
 def publish_progress(
     dht: DHT,
     run_id: str,
-    progress: PeerProgress,
+    progress: ProgressRecord,
     expiration: float,
     wait: bool = True,
     private_key: RSAPrivateKey | None = None,
@@ -282,7 +282,7 @@ def publish_progress(
     Returns whether it was stored, or (``wait=False``) a future of that.
     """
     return dht.store(
-        key=metrics_key(run_id),
+        key=progress_key(run_id),
         subkey=local_public_key(private_key),
         value=progress.dict(),
         expiration_time=get_dht_time() + expiration,
@@ -296,7 +296,7 @@ def fetch_progress(
     rejected: RejectedRecords | None = None,
     limit: int | None = None,
     first: Callable[[bytes], bool] | None = None,
-) -> dict[bytes, PeerProgress]:
+) -> dict[bytes, ProgressRecord]:
     """All unexpired, valid records of the run, keyed by their owner's public key.
 
     A record that reaches this reader but does not parse is skipped and counted in `rejected` by reason, like the
@@ -306,7 +306,7 @@ def fetch_progress(
     With `limit`, at most that many subkeys are parsed (the owners `first` picks, e.g. known peers, before others);
     the rest are counted as "too_many", so a flood of keys costs a bounded amount of work per read.
     """
-    found = dht.get(metrics_key(run_id), latest=True)
+    found = dht.get(progress_key(run_id), latest=True)
     if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
         return {}
     entries = list(found.value.items())
@@ -319,7 +319,7 @@ def fetch_progress(
     records = {}
     for owner, entry in entries:
         try:
-            records[owner] = PeerProgress.parse_obj(entry.value)
+            records[owner] = ProgressRecord.parse_obj(entry.value)
         except pydantic.ValidationError as error:
             if rejected is not None:
                 rejected.add(refusal_reason(error))

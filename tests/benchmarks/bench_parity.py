@@ -202,7 +202,7 @@ def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Ru
                     *("--corpus", args.corpus, "--batch_size", str(args.batch_size)),
                     *("--max_length", str(args.max_length), "--max_epochs", str(epochs)),
                     *("--backup_dir", str(workdir / "backups" / f"peer-{index}"), "--keep_backups", "100000"),
-                    *("--backup_every", str(args.eval_every), "--metrics_expiration", "15"),
+                    *("--backup_every", str(args.eval_every), "--record_expiration", "15"),
                     *optim_flags(args, epochs),
                     *shlex.split(args.peer_args),
                 ],

@@ -24,8 +24,8 @@ from tests.harness import TINY_OPTIM, TINY_PEER, GroupProcess, as_flags
 RUN_ID = "chaos-run"
 # Shorter than the other swarm tests' 15 s averaging timeout: the liveness bound (tests/chaos/swarm.py) follows from
 # these, and each scenario's window must outlast that bound, so they set the suite's length. A round takes ~2 s here.
-# progress_expiration stays at the peer's default (10 s): hivemind refreshes a busy peer's entry only every 10 s.
-MATCHMAKING_TIME, AVERAGING_TIMEOUT, PROGRESS_EXPIRATION, LOAD_STATE_TIMEOUT = 2.0, 8.0, 10.0, 15.0
+# presence_expiration stays at the peer's default (10 s): hivemind refreshes a busy peer's entry only every 10 s.
+MATCHMAKING_TIME, AVERAGING_TIMEOUT, PRESENCE_EXPIRATION, LOAD_STATE_TIMEOUT = 2.0, 8.0, 10.0, 15.0
 # The run's optimizer settings, shared by peers and monitor: the harness's tiny swarm (epochs of a few seconds on a
 # loaded 2-core machine) with the timeouts above.
 OPTIM_FLAGS = as_flags(
@@ -34,7 +34,7 @@ OPTIM_FLAGS = as_flags(
         "matchmaking_time": MATCHMAKING_TIME,
         "averaging_timeout": AVERAGING_TIMEOUT,
         "load_state_timeout": LOAD_STATE_TIMEOUT,
-        "progress_expiration": PROGRESS_EXPIRATION,
+        "presence_expiration": PRESENCE_EXPIRATION,
         # uncompressed wire formats: after a state averaging round parameters agree up to float rounding
         "grad_compression": "none",
         "state_compression": "none",

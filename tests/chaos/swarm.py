@@ -18,7 +18,7 @@ from tests.chaos.observe import AGREEMENT, Observer, Window, agreement_at, judge
 from tests.chaos.processes import (
     AVERAGING_TIMEOUT,
     MATCHMAKING_TIME,
-    PROGRESS_EXPIRATION,
+    PRESENCE_EXPIRATION,
     ChaosMonitor,
     ChaosPeer,
     ChaosProcess,
@@ -29,10 +29,10 @@ from tests.harness import wait_until, wait_until_or_none
 # Liveness bound: the longest time the swarm may go without an optimizer step while a fault is injected.
 # A round whose group holds a hung or cut-off peer is abandoned after averaging_timeout (a killed peer's closed
 # connections fail it sooner); the survivors then step with what they have. Until the lost peer's progress entry
-# expires (progress_expiration) they still count it and may match with it again; matchmaking takes its time; and the
+# expires (presence_expiration) they still count it and may match with it again; matchmaking takes its time; and the
 # next epoch's samples must be computed (32 samples, ~4-8 s on a loaded 2-core machine with one torch thread each).
 COMPUTE_MARGIN = 8.0
-LIVENESS_BOUND = MATCHMAKING_TIME + AVERAGING_TIMEOUT + PROGRESS_EXPIRATION + COMPUTE_MARGIN  # 28 s
+LIVENESS_BOUND = MATCHMAKING_TIME + AVERAGING_TIMEOUT + PRESENCE_EXPIRATION + COMPUTE_MARGIN  # 28 s
 WINDOW = LIVENESS_BOUND + 2.0  # a scenario is watched longer than the bound, so a stalled swarm fails it
 # 50 ms added to the round trip (25 ms each way), 20 Mbit/s each way, 1% of packets dropped in each direction
 STRAGGLER_LINK = {"delay_ms": 25.0, "mbit": 20.0, "loss": 0.01}

@@ -18,12 +18,12 @@ import time
 
 import pytest
 
-from tests.chaos.processes import AVERAGING_TIMEOUT, PROGRESS_EXPIRATION
+from tests.chaos.processes import AVERAGING_TIMEOUT, PRESENCE_EXPIRATION
 from tests.chaos.swarm import FIGURES, LIVENESS_BOUND, STRAGGLER_LINK, WINDOW, stop_signal_for
 from tests.harness import wait_until
 
 pytestmark = [pytest.mark.slow]
-PARTITION_SECONDS = float(os.environ.get("ALBERT_CHAOS_PARTITION_SECONDS") or 2 * PROGRESS_EXPIRATION)
+PARTITION_SECONDS = float(os.environ.get("ALBERT_CHAOS_PARTITION_SECONDS") or 2 * PRESENCE_EXPIRATION)
 CHURN_SECONDS = float(os.environ.get("ALBERT_CHAOS_CHURN_SECONDS") or 20)
 MIN_RATIO = 0.3  # steps under a fault, relative to the fault-free rate: robust on a shared, noisy machine
 

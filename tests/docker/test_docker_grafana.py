@@ -17,7 +17,7 @@ from docker_files import DOCKER, load_yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.aggregate import PeerReport, aggregate
+from monitor.aggregate import PeerProgress, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.history import History
 from monitor.live import LiveState
@@ -51,7 +51,7 @@ def exported(tmp_path_factory) -> dict[str, set[str]]:
     root = tmp_path_factory.mktemp("monitor")
     history = History(root / "history.sqlite")
     # one alive peer, so that the monitor's per-peer series have samples as in a live run
-    peer = PeerReport("peer-a", epoch=3, samples_per_second=9.0, samples_accumulated=32, loss_sum=8.0,
+    peer = PeerProgress("peer-a", epoch=3, samples_per_second=9.0, samples_accumulated=32, loss_sum=8.0,
                       mini_steps=4, time=time.time(), device="cpu")  # fmt: skip
     live = LiveState(run_id="dashboard-test")
     live.update(aggregate([peer], now=time.time()), invalid=0, refused={})

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from monitor.aggregate import PeerReport, aggregate
+from monitor.aggregate import PeerProgress, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.history import SCHEMA, History
 from monitor.live import LiveState
@@ -86,7 +86,8 @@ def fill(directory):
 def serve(history: History, root: Path, now: float, epoch: int) -> ServerThread:
     """A monitor's HTTP side as a dashboard viewer meets it: ten alive peers, three checkpoints."""
     reports = [
-        PeerReport(f"12D3KooWPeer{i:040d}", epoch, 40.0 + i, 32, 64.0, 16, now, "cuda:NVIDIA A100") for i in range(10)
+        PeerProgress(f"12D3KooWPeer{i:040d}", epoch, 40.0 + i, 32, 64.0, 16, now, "cuda:NVIDIA A100")
+        for i in range(10)
     ]
     live = LiveState(run_id="ninety-days", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmTest"], model={"name": "base"})
     live.update(aggregate(reports, now=now), invalid=0, refused={})

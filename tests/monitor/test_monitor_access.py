@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from monitor.access import Authority
-from monitor.aggregate import PeerReport, aggregate
+from monitor.aggregate import PeerProgress, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
 from monitor.history import History
@@ -54,7 +54,7 @@ def fill_checkpoint(directory: Path) -> None:
 
 
 def populated_snapshot():
-    report = PeerReport("peer-a", epoch=3, samples_per_second=9.0, samples_accumulated=32, loss_sum=8.0,
+    report = PeerProgress("peer-a", epoch=3, samples_per_second=9.0, samples_accumulated=32, loss_sum=8.0,
                         mini_steps=4, time=time.time(), device="cpu")  # fmt: skip
     return aggregate([report], now=time.time())
 

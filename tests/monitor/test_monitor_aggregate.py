@@ -10,7 +10,7 @@ from monitor.aggregate import (
     MAX_EPOCH_LEAD,
     MAX_PEER_ROWS,
     MAX_TOTAL,
-    PeerReport,
+    PeerProgress,
     aggregate,
 )
 from monitor.history import History
@@ -18,7 +18,7 @@ from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_SAMPLES_PER_SECON
 
 
 def report(peer="A", epoch=3, sps=10.0, samples=64, loss_sum=8.0, steps=4, t=100.0, **kw):
-    return PeerReport(
+    return PeerProgress(
         peer_id=peer,
         epoch=epoch,
         samples_per_second=sps,

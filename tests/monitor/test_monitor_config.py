@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitor.aggregate import PeerReport, aggregate
+from monitor.aggregate import PeerProgress, aggregate
 from monitor.config import parse_monitor_args
 
 
@@ -38,7 +38,7 @@ def test_bad_settings_exit_with_a_message_naming_the_problem(flags, problem, cap
 
 
 reports = st.builds(
-    PeerReport,
+    PeerProgress,
     peer_id=st.sampled_from("abc"),
     epoch=st.integers(0, 5),
     samples_per_second=st.floats(0, 100),

@@ -27,7 +27,7 @@ from schemathesis.config import SchemathesisConfig
 REJECTED_STATUSES = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429", "5xx"]
 
 from monitor.access import Authority
-from monitor.aggregate import PeerReport, aggregate
+from monitor.aggregate import PeerProgress, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.history import History
 from monitor.http_guard import MAX_BODY_BYTES
@@ -65,7 +65,7 @@ def serve(root: Path, authority: Authority | None = None):
     (root / "checkpoints" / "secret.txt").write_bytes(SECRET)
     snapshot = None
     for step in range(4):
-        report = PeerReport(
+        report = PeerProgress(
             "peer-a",
             epoch=step,
             samples_per_second=10.0,

@@ -6,14 +6,14 @@ import threading
 
 import pytest
 
-from monitor.aggregate import PeerReport, SwarmSnapshot, aggregate
+from monitor.aggregate import PeerProgress, SwarmSnapshot, aggregate
 from monitor.history import MAX_POINTS, CheckpointEntry, History
 from monitor.thinning import Tier
 from tests.monitor.long_run import DAY, START, build, thin_pass
 
 
 def snapshot_at(t, epoch, previous=None):
-    rep = PeerReport(
+    rep = PeerProgress(
         peer_id="A",
         epoch=epoch,
         samples_per_second=5.0,

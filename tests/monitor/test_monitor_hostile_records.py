@@ -20,7 +20,7 @@ import pytest
 from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
-from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, local_public_key, make_validators, publish_progress
+from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, local_public_key, make_validators, publish_progress
 from tests.harness import wait_until
 from tests.monitor.conftest import MonitorProcess
 from tests.peer.hostile_peer import LingeringHostilePeer, run_hostile_peer
@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.slow]
 RUN_ID = "hostile-monitor-test"
 
 
-def honest_record(epoch: int, model_hash: str) -> PeerProgress:
-    return PeerProgress(
+def honest_record(epoch: int, model_hash: str) -> ProgressRecord:
+    return ProgressRecord(
         epoch=epoch,
         samples_per_second=5.0,
         samples_accumulated=32,

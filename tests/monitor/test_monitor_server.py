@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.aggregate import PeerReport, aggregate
+from monitor.aggregate import PeerProgress, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.checkpoint_cli import CheckpointError, download
 from monitor.history import History
@@ -35,7 +35,7 @@ def populated(history: History) -> LiveState:
     snapshot = None
     for step in range(6):
         reports = [
-            PeerReport(
+            PeerProgress(
                 f"peer-{name}",
                 epoch=step,
                 samples_per_second=10.0 + i,

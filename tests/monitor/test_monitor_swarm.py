@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from monitor.records import monitor_validators
-from peer.swarm.progress import PROTOCOL_VERSION, PeerProgress, publish_progress
+from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, publish_progress
 from peer.swarm.run_key import RunKey
 from peer.swarm.run_record import check_model_matches
 from tests.harness import child_env, run_cli, wait_until
@@ -168,7 +168,7 @@ def test_a_peer_with_another_model_is_refused(run):
         record_validators=monitor_validators(RUN_ID),
     )
     try:
-        foreign = PeerProgress(
+        foreign = ProgressRecord(
             epoch=1,
             samples_per_second=1.0,
             samples_accumulated=8,

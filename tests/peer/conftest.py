@@ -78,7 +78,7 @@ class Swarm:
         )
         self.initial_peers = [str(maddr) for maddr in self.dht.get_visible_maddrs()]
         self.peers: dict[str, PeerProcess] = {}
-        self.history: dict[bytes, dict[int, object]] = defaultdict(dict)  # owner -> epoch -> PeerProgress
+        self.history: dict[bytes, dict[int, object]] = defaultdict(dict)  # owner -> epoch -> ProgressRecord
 
     def start_peer(self, name: str, extra_flags=(), extra_env=None, module: str = "peer") -> PeerProcess:
         self.peers[name] = PeerProcess(name, self.workdir, self.initial_peers, extra_flags, extra_env, module)

@@ -27,7 +27,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.swarm.progress import PROTOCOL_VERSION, local_public_key, metrics_key
+from peer.swarm.progress import PROTOCOL_VERSION, local_public_key, progress_key
 from tests.harness import REPO, kill_group
 
 HONEST_LOOKING = {
@@ -179,7 +179,7 @@ def main() -> None:
         expiration = get_dht_time() + (3600 if args.linger else 60)
         results = {}
         for name, subkey, value in records:
-            stored = dht.store(metrics_key(args.run_id), subkey=subkey, value=value, expiration_time=expiration)
+            stored = dht.store(progress_key(args.run_id), subkey=subkey, value=value, expiration_time=expiration)
             results[name] = bool(stored)
         print(json.dumps(results), flush=True)
         while args.linger:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hivemind.utils import get_dht_time
 
-from peer.swarm.progress import PeerProgress
+from peer.swarm.progress import ProgressRecord
 
 
-def record(epoch: int = 3, **changes) -> PeerProgress:
+def record(epoch: int = 3, **changes) -> ProgressRecord:
     values = {
         "epoch": epoch,
         "samples_per_second": 12.5,
@@ -19,4 +19,4 @@ def record(epoch: int = 3, **changes) -> PeerProgress:
         "time": float(get_dht_time()),
         "model_hash": "0123456789abcdef",
     }
-    return PeerProgress(**{**values, **changes})
+    return ProgressRecord(**{**values, **changes})

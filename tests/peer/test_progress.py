@@ -20,8 +20,8 @@ from peer.swarm.progress import (
     fetch_progress,
     local_public_key,
     make_validators,
-    metrics_key,
     model_fingerprint,
+    progress_key,
     publish_progress,
 )
 from tests.peer.hostile_peer import MultiKeySigner
@@ -60,7 +60,7 @@ def test_nobody_overwrites_another_peers_record(dhts):
     honest, attacker, _ = dhts
     assert publish_progress(honest, RUN_ID, record(epoch=4), expiration=30)
     forged = attacker.store(
-        metrics_key(RUN_ID),
+        progress_key(RUN_ID),
         subkey=local_public_key(),
         value=record(epoch=99).dict(),
         expiration_time=get_dht_time() + 60,
@@ -80,7 +80,7 @@ def test_nobody_overwrites_another_peers_record(dhts):
 def test_malformed_or_oversized_records_are_refused(dhts, bad_value):
     honest, _, _ = dhts
     assert not honest.store(
-        metrics_key(RUN_ID), subkey=local_public_key(), value=bad_value, expiration_time=get_dht_time() + 30
+        progress_key(RUN_ID), subkey=local_public_key(), value=bad_value, expiration_time=get_dht_time() + 30
     )
 
 
@@ -129,7 +129,7 @@ def test_out_of_bounds_records_are_refused_on_store_and_counted_by_reason(name):
     try:
         value = hostile_value(changes)
         assert not node.store(
-            metrics_key(RUN_ID), subkey=local_public_key(), value=value, expiration_time=get_dht_time() + 30
+            progress_key(RUN_ID), subkey=local_public_key(), value=value, expiration_time=get_dht_time() + 30
         )
         assert rejected.counts()[reason] >= 1, rejected.counts()
     finally:
@@ -158,7 +158,7 @@ def test_a_reader_re_checks_what_another_node_accepted(tmp_path):
         }
         for name, value in values.items():
             subkey = local_public_key(keys[name])
-            assert writer.store(metrics_key(RUN_ID), subkey=subkey, value=value, expiration_time=get_dht_time() + 30)
+            assert writer.store(progress_key(RUN_ID), subkey=subkey, value=value, expiration_time=get_dht_time() + 30)
         rejected = RejectedRecords()
         records = fetch_progress(reader, RUN_ID, rejected)
         assert list(records) == [local_public_key(keys["honest"])]
@@ -177,7 +177,9 @@ def test_an_older_peers_record_without_protocol_travels_and_reads_as_protocol_0(
     honest, attacker, _ = dhts
     old = {key: value for key, value in record(epoch=6).dict().items() if key != "protocol"}
     assert "protocol" not in old
-    assert honest.store(metrics_key(RUN_ID), subkey=local_public_key(), value=old, expiration_time=get_dht_time() + 30)
+    assert honest.store(
+        progress_key(RUN_ID), subkey=local_public_key(), value=old, expiration_time=get_dht_time() + 30
+    )
     assert fetch_progress(attacker, RUN_ID)[local_public_key()].protocol == 0
     # a current peer's record carries its version
     assert publish_progress(honest, RUN_ID, record(epoch=7, protocol=PROTOCOL_VERSION), expiration=30)

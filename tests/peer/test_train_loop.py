@@ -58,7 +58,7 @@ class FakeSwarm:
     def __init__(self, model: torch.nn.Module, target_batch_size: int = 2 * BATCH_SIZE):
         self.model, self.sgd = model, torch.optim.SGD(model.parameters(), lr=0.1)
         self.epoch, self.samples, self.target_batch_size = 0, 0, target_batch_size
-        self.num_peers, self.progress_expiration, self.update_guard, self.refused_states = 2, 30.0, None, 0
+        self.num_peers, self.presence_expiration, self.update_guard, self.refused_states = 2, 30.0, None, 0
         self.at_epoch: dict[int, Callable[[], None]] = {}
         self.peer_state: dict | None = None
         self.calls: list[tuple[str, int]] = []  # (method, epoch afterwards)
@@ -141,7 +141,10 @@ def make_peer(tmp_path, training_factory=FakeSwarm, **config) -> Peer:
     backups = Backups(config.backup_dir, config.keep_backups, MODEL_HASH)
     stop = StopSignal(shutdown_deadline=1e6)  # its watchdog must never end the test process
     cpu = torch.device("cpu")
-    return Peer(config, dht, model, training, regression_batches(), cpu, torch.float32, backups, reporter, stop)
+    peer = Peer(config, dht, model, training, regression_batches(), cpu, torch.float32, backups, reporter, stop)
+    for release in (dht.shutdown, training.shutdown, reporter.close):  # as start_peer registers them
+        peer.resources.callback(release)
+    return peer
 
 
 def metric(peer: Peer, name: str) -> float:
