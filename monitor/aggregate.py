@@ -26,7 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
+from peer.swarm.clock import MAX_CLOCK_SKEW
+from peer.swarm.progress import MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
 
 LAGGING_EPOCHS = 2  # a peer this many epochs behind the swarm is shown as recovering (it reloads state)
 # How far ahead of every other alive peer a report's epoch may be. Honest peers share one global epoch; a peer's

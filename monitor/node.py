@@ -248,7 +248,7 @@ class Monitor:
         for reason, count in snapshot.refused.items():
             by_reason[reason] = by_reason.get(reason, 0) + count
         self.history.record(snapshot)  # first: a refresh that cannot save its snapshot is not a successful one
-        self.live.update(snapshot, sum(by_reason.values()), read.refused, by_reason, read.refused_count)
+        self.live.update(snapshot, snapshot.invalid_records, read.refused, by_reason, read.refused_count)
         self._keep_state(snapshot)
 
     def _log_refused(self, refused: dict[str, str]) -> None:

@@ -23,6 +23,10 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+# A record dated further ahead of the reader's clock than MAX_CLOCK_SKEW is refused (it would stay "alive" until its
+# date); one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
+from peer.swarm.clock import MAX_CLOCK_SKEW
+
 MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 # The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
 # change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
@@ -37,10 +41,6 @@ MAX_SAMPLES_PER_SECOND = 1e6
 # Largest plausible mean loss of one mini-step. An untrained MLM starts near ln(vocab) (about 10 for 30k tokens);
 # 1000 is ~100x that, so a diverging peer's record still shows on the dashboard, while 1e308 cannot reach the sums.
 MAX_MINI_STEP_LOSS = 1000.0
-# How far ahead of the reader's clock a record's time may be. DHT time is wall time; hivemind's own access tokens
-# tolerate one minute of skew between machines, and so do we. A record dated further ahead is refused (it would stay
-# "alive" until its date), and one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
-MAX_CLOCK_SKEW = 60.0
 PROGRESS_FIELD = "progress"
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
@@ -175,12 +175,13 @@ class RejectedRecords:
     """Counts the records a node refused, by reason.
 
     The DHT's validators count signature, size and schema refusals (schema ones split into "range" and "future"
-    when a number or the time is out of bounds); the monitor's reader adds "epoch" (an epoch nobody vouches for)
-    and "too_many" (subkeys over the per-read cap). The counts live in shared memory: create this before the DHT
-    starts, and the DHT's own process (a fork of this one) counts into it while this process reads it.
+    when a number or the time is out of bounds); the monitor's reader adds "too_many" (subkeys over the per-read
+    cap). (Records refused while aggregating, e.g. an "epoch" nobody vouches for, are counted by the aggregation.)
+    The counts live in shared memory: create this before the DHT starts, and the DHT's own process (a fork of this
+    one) counts into it while this process reads it.
     """
 
-    REASONS = ("signature", "size", "schema", "range", "future", "epoch", "too_many", "other")
+    REASONS = ("signature", "size", "schema", "range", "future", "too_many", "other")
 
     def __init__(self):
         self._counts = multiprocessing.Array("q", len(self.REASONS))
