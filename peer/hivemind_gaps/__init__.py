@@ -67,8 +67,9 @@
     .process_wide) is drawn anew at every    (presets the private                from a file
     start: a restarted peer's records have   RSAPrivateKey._process_wide_key)
     a new owner (a new contributor).
-    Proved on plain hivemind: no test yet (tests/monitor/test_contributors_swarm.py shows a restarted peer keeping
-      its contributor row here)
+    Proved on plain hivemind: tests/peer/test_hivemind_gaps.py::
+      test_hivemind_alone_signs_with_a_new_key_in_every_process (tests/monitor/test_contributors_swarm.py shows a
+      restarted peer keeping its key and contributor row here)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 
