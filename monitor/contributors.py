@@ -101,6 +101,15 @@ def update_contributors(
 def _merge(before: Contributor | None, row: PeerRow, elapsed: float) -> Contributor:
     was_alive = before is not None and before.status != "gone"
     gained = max(0.0, elapsed) if row.alive and was_alive else 0.0
+    if before is not None and row.last_seen < before.last_seen:  # an older record read late: only its totals count
+        return replace(
+            before,
+            samples=max(row.samples_total, before.samples),
+            compute_seconds=max(row.compute_seconds_total, before.compute_seconds),
+            uptime_seconds=before.uptime_seconds + gained,
+            first_seen=min(row.last_seen, before.first_seen),
+            status=row.status if row.alive else "gone",
+        )
     return Contributor(
         peer_id=row.peer_id,
         name=row.name,
@@ -108,7 +117,7 @@ def _merge(before: Contributor | None, row: PeerRow, elapsed: float) -> Contribu
         compute_seconds=max(row.compute_seconds_total, before.compute_seconds if before else 0.0),
         uptime_seconds=(before.uptime_seconds if before else 0.0) + gained,
         first_seen=min(row.last_seen, before.first_seen) if before else row.last_seen,
-        last_seen=max(row.last_seen, before.last_seen if before else row.last_seen),
+        last_seen=row.last_seen,
         device=row.device,
         status=row.status if row.alive else "gone",
         epoch=row.epoch,

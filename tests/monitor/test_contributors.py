@@ -58,8 +58,9 @@ def test_the_largest_total_read_is_kept_and_missed_records_lose_nothing():
     run.refresh(101.0, report("a", 101.0, total=48, name="Ann", compute=6.0))
     assert run.table["a"].samples == 48 and run.table["a"].compute_seconds == 6.0
     # a late, older record (another node served it) never lowers the total
-    run.refresh(102.0, report("a", 100.5, total=16, name="Ann"))
-    assert run.table["a"].samples == 48 and run.table["a"].name == "Ann"
+    run.refresh(102.0, report("a", 100.5, total=16, name="Old name", epoch=0))
+    assert run.table["a"].samples == 48 and run.table["a"].name == "Ann" and run.table["a"].epoch == 1
+    assert run.table["a"].last_seen == 101.0
 
 
 def test_uptime_counts_only_refreshes_that_found_the_peer_alive_twice():
