@@ -189,7 +189,10 @@ class Reporter:
     def _claim(self, record: ProgressRecord, wait: float = 0.0) -> None:
         """Save the totals, log them, then publish them: what this peer logs it has contributed is on disk first, so
         a restart after any crash goes on from at least the last logged total (the monitor keeps the largest)."""
-        self.contribution.save()
+        try:
+            self.contribution.save()
+        except OSError as error:  # e.g. a full disk: the work was done all the same, and reporting never stops it
+            logger.warning(f"Could not save the contribution totals to {self.contribution.path}: {error!r}")
         logger.info(
             f"Contributed {record.samples_total} samples in total ({record.compute_seconds_total:.1f} s of compute) "
             f"as {self.label}" + (f" ({self.name})" if self.name else "")
