@@ -8,6 +8,7 @@ async function showContributor() {
   const badge = document.getElementById("connection");
   try {
     const response = await fetch(`/api/contributors/${encodeURIComponent(id)}`, { cache: "no-store" });
+    if (response.status === 401) throw new Error("members only: this run is closed");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const { contributor, points } = await response.json();
     document.getElementById("contributor-name").textContent = contributor.name || "(no name)";
