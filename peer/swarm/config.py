@@ -85,6 +85,12 @@ class OptimConfig:
             --delay-optimizer-step).
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
         bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
+        local_steps: Low-communication (DiLoCo) mode when above 0: each peer takes inner LAMB steps on its own
+            batches, and the swarm makes one outer step (one epoch) per local_steps x target_batch_size samples it
+            accumulates, all-reducing the pseudo-gradients (outer weights minus local weights, in
+            --grad-compression) and applying an outer Nesterov SGD. 0: every epoch all-reduces the gradients.
+        outer_learning_rate: Learning rate of the outer Nesterov SGD in local-steps mode (DiLoCo's 0.7).
+        outer_momentum: Nesterov momentum of the outer SGD in local-steps mode (DiLoCo's 0.9).
     """
 
     target_batch_size: int = 4096
@@ -110,12 +116,20 @@ class OptimConfig:
     delay_grad_averaging: bool = False
     offload_optimizer: bool = True
     bandwidth: float = 100.0
+    local_steps: int = 0
+    outer_learning_rate: float = 0.7
+    outer_momentum: float = 0.9
 
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
         require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")
         require_positive(self, "presence_expiration")
-        require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm")
+        require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm", "local_steps")
+        require_positive(self, "outer_learning_rate")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.local_steps and self.delay_optimizer_step:
+            raise ValueError("--local-steps takes no --delay-optimizer-step (its outer round is not delayed yet)")
         if self.warmup_epochs > self.total_epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds total_epochs ({self.total_epochs})")
         for name in ("grad_compression", "state_compression"):
