@@ -54,7 +54,8 @@ class LocalStepsSwarm:
         model: the model; its parameters are the local (inner) weights.
         optim: the run's optimizer settings.
         tracker: hivemind's progress tracker over ``local_steps x target_batch_size`` samples.
-        make_averager: builds the outer averager, given its averaged tensors and the state provider.
+        make_averager: builds an averager over the given tensors: with a state provider, the pseudo-gradients'
+            (in --grad-compression, serving the outer state); without, the outer state's re-sync (uncompressed).
     """
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, tracker: ProgressTracker, make_averager):
@@ -69,6 +70,11 @@ class LocalStepsSwarm:
         self.inner, self.scheduler = self._fresh_inner_optimizer()
         self.averager = make_averager([torch.zeros_like(weight) for weight in self.outer], self._served_state)
         self.averager.epoch_limit = lambda: self.tracker.global_epoch + EPOCH_MARGIN
+        try:
+            self.resync = make_averager([torch.zeros_like(tensor) for tensor in (*self.outer, *self.momentum)])
+        except BaseException:
+            self.averager.shutdown()
+            raise
 
     def _fresh_inner_optimizer(self):
         # no relative bound on local gradients (they are one batch's, noisier than a swarm average): finite and the
@@ -148,11 +154,38 @@ class LocalStepsSwarm:
                     lr = self.optim.outer_learning_rate
                     nesterov_outer_step(self.outer, averaged, self.momentum, lr, self.optim.outer_momentum)
                 self._epoch += 1
+            if self._epoch % self.optim.average_state_every == 0:
+                self._resync_outer_state()
             copy_into(self.parameters, self.outer)
             self._samples = 0
             set_schedule_epoch(self.scheduler, self._epoch)
             self.tracker.update_epoch(self._epoch)
         logger.info(f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers")
+
+    def _resync_outer_state(self) -> None:
+        """Average the outer weights and momentum with the swarm, uncompressed (every --average-state-every epochs).
+
+        With a lossy --grad-compression each peer receives the swarm's mean pseudo-gradient plus its own rounding of
+        it (hivemind sends the reduced parts as compressed deltas), so the peers' outer states drift apart round after
+        round (tests/peer/test_pseudo_gradient_codecs.py measures it). This round brings them back together.
+        """
+        with self.resync.get_tensors() as buffers, self._state_lock:
+            copy_into(buffers, [*self.outer, *self.momentum])
+        try:
+            gathered = self.resync.step(weight=1.0, timeout=self.optim.averaging_timeout, wait=False).result()
+        except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
+            logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
+            return
+        if not gathered:
+            return
+        with self.resync.get_tensors() as buffers:
+            averaged = [buffer.clone() for buffer in buffers]
+        if not all_finite(averaged):
+            logger.error("The swarm's averaged outer state is not finite: keeping this peer's own")
+            return
+        with self._state_lock:
+            copy_into([*self.outer, *self.momentum], averaged)
+        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {self._epoch}")
 
     def _restart_round(self) -> None:
         """Drop this round's local work: back to the outer weights (the epoch is unchanged)."""
@@ -231,10 +264,12 @@ class LocalStepsSwarm:
 
     def cancel(self) -> None:
         self.averager.cancel_averaging()
+        self.resync.cancel_averaging()
 
     def shutdown(self) -> None:
         self.tracker.shutdown(timeout=SHUTDOWN_TIMEOUT)
         self.averager.shutdown()
+        self.resync.shutdown()
 
 
 def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:
@@ -265,20 +300,21 @@ def build_local_steps(
         start=True,
     )
     averager_class = OuterAverager if membership is None else partial(GuardedOuterAverager, membership=membership)
-    compression = COMPRESSION_FACTORIES[optim.grad_compression]
 
-    def make_averager(buffers, state_provider):
+    def make_averager(buffers, state_provider=None):
+        pseudo_gradients = state_provider is not None
         return averager_class(
             buffers,
             dht,
-            state_provider=state_provider,
+            state_provider=state_provider or serves_nothing,
+            allow_state_sharing=not dht.client_mode and pseudo_gradients,
             start=True,
-            prefix=f"{swarm.run_id}_outer",
+            prefix=f"{swarm.run_id}_outer" if pseudo_gradients else f"{swarm.run_id}_outer_sync",
             min_matchmaking_time=optim.matchmaking_time,
             request_timeout=min(3.0, optim.matchmaking_time / 2),
             allreduce_timeout=optim.averaging_timeout,
             next_chunk_timeout=optim.matchmaking_time,  # as hivemind.Optimizer: a silent member is dropped soon
-            compression=compression(),
+            compression=COMPRESSION_FACTORIES[optim.grad_compression if pseudo_gradients else "none"](),
             state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
             bandwidth=optim.bandwidth,
             client_mode=dht.client_mode,
@@ -289,3 +325,8 @@ def build_local_steps(
     except BaseException:
         tracker.shutdown()
         raise
+
+
+def serves_nothing():
+    """The state of an averager that shares none (hivemind asks only when sharing is allowed)."""
+    return None, [], None

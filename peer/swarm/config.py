@@ -74,7 +74,8 @@ class OptimConfig:
         averaging_timeout: Seconds before an averaging round is abandoned (about 2x a normal all-reduce).
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
-            downloads the state whenever it joins; out-of-sync peers reload it at once).
+            downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: the
+            outer weights and momentum, uncompressed, undoing the drift a lossy --grad-compression causes.
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce.

@@ -14,12 +14,11 @@ from tests.peer.conftest import RUN_ID
 pytestmark = [pytest.mark.slow]
 
 # 2 x the tiny swarm's 32-sample target per outer step: each of two peers (8 samples a batch) takes ~4 inner steps.
-# Pseudo-gradients uncompressed: hivemind's all-reduce hands each peer the average as its own part plus a delta
-# sent in --grad-compression, so with fp16 every peer's average differs by that delta's rounding, and the outer
-# weights drift apart round after round (measured: 0.7% of their norm after 23 rounds, see the module docstring of
-# peer/local_steps.py). With fp32 the only difference is fp32 rounding.
-LOCAL_STEPS = ["--local_steps", "2", "--grad_compression", "none"]
-# ||outer_a - outer_b|| as a fraction of ||outer_a||, same epoch, uncompressed
+# fp16 pseudo-gradients leave each peer its own rounding of the mean (tests/peer/test_pseudo_gradient_codecs.py), so
+# the outer weights drift apart a little each round; the uncompressed re-sync every 2 epochs undoes it.
+LOCAL_STEPS = ["--local_steps", "2", "--grad_compression", "fp16", "--average_state_every", "2"]
+# ||outer_a - outer_b|| / ||outer_a|| at the same epoch, right after a re-sync (fp32 rounding only). Without the
+# re-sync (fp16, no re-sync) this grew steadily: 1.2e-2 after 19 rounds, 7e-3 after 23 (measured here)
 AGREEMENT = 1e-5
 
 
@@ -73,9 +72,11 @@ def test_outer_weights_agree_after_each_round(swarm):
         return both if len(both) >= 5 else None
 
     common = wait_until(common_epochs, 180, "five epochs backed up by both peers")
-    gaps = {epoch: gap(first, second, epoch) for epoch in common[-4:]}
-    # a round that fails (on a loaded machine) makes each peer step alone once; most rounds must be joint
-    assert sum(value < AGREEMENT for value in gaps.values()) >= 3, gaps
+    resynced = {epoch: gap(first, second, epoch) for epoch in common[-6:] if epoch % 2 == 0}
+    drifted = {epoch: gap(first, second, epoch) for epoch in common[-6:] if epoch % 2}
+    print(f"outer weights apart after a re-sync {resynced}, after one fp16 round {drifted}")
+    # a round that fails (on a loaded machine) leaves the peers apart until the next re-sync; most must succeed
+    assert sum(value < AGREEMENT for value in resynced.values()) >= 2, resynced
 
 
 @pytest.mark.timeout(300)
