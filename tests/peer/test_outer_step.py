@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from monitor.launcher import LocalRunConfig
 from peer.local_steps import LocalStepsSwarm, set_schedule_epoch
 from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig
@@ -93,3 +94,11 @@ def test_local_steps_default_to_the_synchronous_mode_and_diloco_outer_settings()
 def test_the_local_steps_mode_has_every_member_of_the_seam():
     members = {name for name in dir(TrainingMode) if not name.startswith("_")}
     assert members <= set(dir(LocalStepsSwarm)), members - set(dir(LocalStepsSwarm))
+
+
+def test_albert_swarm_hands_local_steps_to_every_process():
+    flags = LocalRunConfig(local_steps=3).optimizer_flags()  # given to the monitor and to each peer alike
+    assert flags[flags.index("--local_steps") + 1] == "3"
+    assert LocalRunConfig().optimizer_flags()[flags.index("--local_steps") + 1] == "0"
+    with pytest.raises(ValueError, match="local_steps must be zero or positive, got -1"):
+        LocalRunConfig(local_steps=-1)
