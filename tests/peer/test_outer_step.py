@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monitor.launcher import LocalRunConfig
+from monitor.launcher import LocalSwarmConfig
 from peer.local_steps import LocalStepsSwarm, set_schedule_epoch
 from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig
@@ -97,8 +97,8 @@ def test_the_local_steps_mode_has_every_member_of_the_seam():
 
 
 def test_albert_swarm_hands_local_steps_to_every_process():
-    flags = LocalRunConfig(local_steps=3).optimizer_flags()  # given to the monitor and to each peer alike
+    flags = LocalSwarmConfig(local_steps=3).optimizer_flags()  # given to the monitor and to each peer alike
     assert flags[flags.index("--local_steps") + 1] == "3"
-    assert LocalRunConfig().optimizer_flags()[flags.index("--local_steps") + 1] == "0"
+    assert LocalSwarmConfig().optimizer_flags()[flags.index("--local_steps") + 1] == "0"
     with pytest.raises(ValueError, match="local_steps must be zero or positive, got -1"):
-        LocalRunConfig(local_steps=-1)
+        LocalSwarmConfig(local_steps=-1)
