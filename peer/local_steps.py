@@ -38,7 +38,7 @@ from peer.hivemind_gaps.update_guard import UpdateGuard
 from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.finite import all_finite
-from peer.swarm.optimizer import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
+from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optimizer, make_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last report
@@ -77,11 +77,7 @@ class LocalStepsSwarm:
             raise
 
     def _fresh_inner_optimizer(self):
-        # no relative bound on local gradients (they are one batch's, noisier than a swarm average): finite and the
-        # absolute cap only; the averaged pseudo-gradient has its own guard
-        inner = make_optimizer(
-            param_groups(self.model, self.optim.weight_decay), self.optim, UpdateGuard(float("inf"))
-        )
+        inner = make_inner_optimizer(param_groups(self.model, self.optim.weight_decay), self.optim)
         scheduler = make_scheduler(inner, self.optim)
         set_schedule_epoch(scheduler, self._epoch)
         return inner, scheduler
@@ -270,6 +266,42 @@ class LocalStepsSwarm:
         self.tracker.shutdown(timeout=SHUTDOWN_TIMEOUT)
         self.averager.shutdown()
         self.resync.shutdown()
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW (DiLoCo's inner optimizer) that refuses non-finite or absurd gradients and clips them first.
+
+    Args:
+        params: parameters or parameter groups.
+        max_grad_norm: L2 norm to clip to; 0 disables clipping.
+        guard: admits or refuses each step.
+        kwargs: passed to ``torch.optim.AdamW``.
+    """
+
+    def __init__(self, params, max_grad_norm: float, guard: UpdateGuard, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm, self.guard = max_grad_norm, guard
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return guarded_step(self, self.guard, self.max_grad_norm, super().step, closure)
+
+
+def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The inner optimizer: LAMB as the synchronous mode's, or AdamW (DiLoCo's, with its paper's betas)."""
+    # no relative bound on local gradients (one batch's, noisier than a swarm average): finite and the absolute cap
+    # only; the averaged pseudo-gradient has its own guard
+    guard = UpdateGuard(factor=float("inf"))
+    if optim.inner_optimizer == "adamw":
+        return ClippedAdamW(
+            params,
+            optim.max_grad_norm,
+            guard,
+            lr=optim.learning_rate,
+            betas=(0.9, 0.95),
+            weight_decay=optim.weight_decay,
+        )
+    return make_optimizer(params, optim, guard)
 
 
 def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:

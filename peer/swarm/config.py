@@ -92,6 +92,9 @@ class OptimConfig:
             --grad-compression) and applying an outer Nesterov SGD. 0: every epoch all-reduces the gradients.
         outer_learning_rate: Learning rate of the outer Nesterov SGD in local-steps mode (DiLoCo's 0.7).
         outer_momentum: Nesterov momentum of the outer SGD in local-steps mode (DiLoCo's 0.9).
+        inner_optimizer: Inner optimizer of local-steps mode: lamb (--optimizer's) or adamw (DiLoCo's; its update
+            does not scale with the weights' norm, LAMB's does and the outer momentum compounds it); with adamw,
+            --learning-rate is AdamW's.
     """
 
     target_batch_size: int = 4096
@@ -120,6 +123,7 @@ class OptimConfig:
     local_steps: int = 0
     outer_learning_rate: float = 0.7
     outer_momentum: float = 0.9
+    inner_optimizer: Literal["lamb", "adamw"] = "lamb"
 
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
@@ -129,6 +133,8 @@ class OptimConfig:
         require_positive(self, "outer_learning_rate")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.inner_optimizer not in ("lamb", "adamw"):
+            raise ValueError(f"inner_optimizer must be lamb or adamw, got {self.inner_optimizer!r}")
         if self.local_steps and self.delay_optimizer_step:
             raise ValueError("--local-steps takes no --delay-optimizer-step (its outer round is not delayed yet)")
         if self.warmup_epochs > self.total_epochs:

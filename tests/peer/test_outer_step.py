@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monitor.launcher import LocalSwarmConfig
-from peer.local_steps import LocalStepsSwarm, set_schedule_epoch
+from peer.local_steps import LocalStepsSwarm, make_inner_optimizer, set_schedule_epoch
 from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import make_scheduler
@@ -102,3 +102,21 @@ def test_albert_swarm_hands_local_steps_to_every_process():
     assert LocalSwarmConfig().optimizer_flags()[flags.index("--local_steps") + 1] == "0"
     with pytest.raises(ValueError, match="local_steps must be zero or positive, got -1"):
         LocalSwarmConfig(local_steps=-1)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("lamb", "ClippedLamb"), ("adamw", "ClippedAdamW")])
+def test_the_inner_optimizer_is_chosen_by_flag_and_skips_a_non_finite_gradient(name, kind):
+    weight = torch.nn.Parameter(torch.ones(3))
+    inner = make_inner_optimizer([{"params": [weight]}], OptimConfig(inner_optimizer=name, learning_rate=0.1))
+    assert type(inner).__name__ == kind
+    weight.grad = torch.tensor([1.0, float("nan"), 0.0])
+    inner.step()
+    assert weight.tolist() == [1.0, 1.0, 1.0] and inner.guard.refused()["non_finite"] == 1
+    weight.grad = torch.tensor([1.0, -1.0, 0.5])
+    inner.step()
+    assert weight[0] < 1.0 < weight[1]
+
+
+def test_an_unknown_inner_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="inner_optimizer must be lamb or adamw, got 'sgd'"):
+        OptimConfig(inner_optimizer="sgd")
