@@ -65,7 +65,7 @@ class LocalStepsSwarm:
         self.momentum = [torch.zeros_like(weight) for weight in self.outer]
         self._state_lock = threading.Lock()  # outer state and epoch change together; a joiner reads them together
         self._epoch, self._samples, self.dropped_samples = 0, 0, 0
-        self._failed_catch_up = -1  # the swarm epoch whose download last failed: not retried at every step
+        self._refused_here = 0  # downloaded states of another layout (the averager counts the non-finite ones)
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
         self.inner, self.scheduler = self._fresh_inner_optimizer()
         self.averager = make_averager([torch.zeros_like(weight) for weight in self.outer], self._served_state)
@@ -108,12 +108,11 @@ class LocalStepsSwarm:
 
     @property
     def refused_states(self) -> int:
-        return self.averager.refused_states
+        return self.averager.refused_states + self._refused_here
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
-        if self.tracker.global_epoch > self._epoch:
-            self._catch_up()  # the swarm made an outer step without this peer: its round's work is stale
-            return
+        if self.tracker.global_epoch > self._epoch and self._caught_up():
+            return  # this batch's gradients were computed on the stale local weights
         if scaler is None:
             self.inner.step()
         else:
@@ -127,13 +126,23 @@ class LocalStepsSwarm:
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
 
-    def _catch_up(self) -> None:
+    def _caught_up(self) -> bool:
+        """The swarm made an outer step without this peer: take its outer state, dropping this round's work.
+
+        If no peer can give it, this peer joins the swarm's epoch with its own outer weights (the next re-sync,
+        every --average-state-every epochs, brings them in line) rather than train apart. True if it downloaded.
+        """
         swarm_epoch = self.tracker.global_epoch
-        if swarm_epoch == self._failed_catch_up:
-            return
         logger.warning(f"The swarm is at epoch {swarm_epoch}, this peer at {self._epoch}: taking the swarm's state")
-        if self.load_state_from_peers() is None:
-            self._failed_catch_up = swarm_epoch
+        if self.load_state_from_peers() is not None:
+            return True
+        logger.warning(f"Joining epoch {swarm_epoch} with this peer's own outer weights")
+        with self._state_lock:
+            self._epoch = max(self._epoch, swarm_epoch)
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self._epoch)
+        set_schedule_epoch(self.scheduler, self._epoch)
+        return False
 
     def _outer_round(self) -> None:
         with self.tracker.pause_updates():
@@ -241,6 +250,7 @@ class LocalStepsSwarm:
                 raise ValueError(f"it has {len(tensors)} tensors, the outer state {2 * count}")
             self._take_outer_state(metadata["epoch"], tensors[:count], tensors[count:])
         except ValueError as error:
+            self._refused_here += 1
             logger.error(f"Refused the downloaded outer state: {error}; going on with the local state")
             return None
         self.dropped_samples += self._samples
