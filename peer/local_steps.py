@@ -333,8 +333,9 @@ def build_local_steps(
     """The local-steps mode of a peer (call in the main thread); in a closed run its averager serves members only."""
     tracker = ProgressTracker(
         dht,
-        # its key {run_id}_outer_progress: {run_id}_progress holds the run's ProgressRecords, which hivemind's
-        # tracker cannot parse (its thread died on them, and shutdown then waited for it forever)
+        # its own key, {run_id}_outer_progress: a round's samples are not a synchronous epoch's, and a peer started
+        # in the other mode by mistake must not count toward them (at this branch's base, {run_id}_progress also
+        # held the run's ProgressRecords, which hivemind's tracker cannot parse: its thread died on them)
         prefix=f"{swarm.run_id}_outer",
         target_batch_size=optim.local_steps * optim.target_batch_size,
         client_mode=dht.client_mode,

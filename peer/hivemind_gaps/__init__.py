@@ -63,7 +63,7 @@
       test_without_the_guard_one_nan_in_the_averaged_gradient_poisons_parameters_and_moments (the step hivemind
       calls, given a NaN average); no test shows the all-reduce passing it on (tests/peer/test_poisoning.py shows
       the guard in a real swarm)
-13  All-reduce hands each peer the mean as   peer/local_steps.py:                 sends each reduced part itself
+14  All-reduce hands each peer the mean as   peer/local_steps.py:                 sends each reduced part itself
     its own part plus deltas sent in the     LocalStepsSwarm._resync_outer_state  (not a delta) so that every
     codec: with fp16 the peers' results      (an uncompressed average of the      peer can hold the same value
     differ (3.3e-4 relative), and DiLoCo's   outer state every

@@ -41,9 +41,7 @@ MAX_MINI_STEP_LOSS = 1000.0
 # tolerate one minute of skew between machines, and so do we. A record dated further ahead is refused (it would stay
 # "alive" until its date), and one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
 MAX_CLOCK_SKEW = 60.0
-PROGRESS_FIELD = (
-    "progress_records"  # LEAD (uncommitted, merged on main): hivemind's ProgressTracker owns {run_id}_progress
-)
+PROGRESS_FIELD = "progress"
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -124,7 +122,7 @@ class ProgressRecord(pydantic.BaseModel):
 class ProgressSchema(pydantic.BaseModel):
     """DHT schema: the key ``{run_id}_progress`` maps each owner's public key (the subkey) to its ProgressRecord."""
 
-    progress_records: dict[BytesWithPublicKey, ProgressRecord]
+    progress: dict[BytesWithPublicKey, ProgressRecord]
 
 
 class RecordSizeValidator(RecordValidatorBase):
