@@ -51,6 +51,8 @@ class LocalSwarmConfig:
         threads_per_peer: CPU threads each peer's torch uses.
         host: Address every process of the run listens on; 0.0.0.0 lets peers on other machines join.
         run_secret_file: Close the run: only peers presenting this secret join (see "Closed runs" in the README).
+        local_steps: Train in low-communication (DiLoCo) mode: one outer step per local_steps x target_batch_size
+            samples (0: synchronous, every target batch averages gradients); see --local-steps of albert-peer.
     """
 
     run_dir: str = "albert-swarm-run"
@@ -69,6 +71,7 @@ class LocalSwarmConfig:
     threads_per_peer: int = 1
     host: str = "127.0.0.1"
     run_secret_file: str | None = None
+    local_steps: int = 0
 
     def __post_init__(self):
         for name in ("peers", "target_batch_size", "batch_size", "learning_rate", "checkpoint_every"):
@@ -78,6 +81,8 @@ class LocalSwarmConfig:
             raise ValueError(
                 f"host must be 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces), got {self.host}"
             )
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps must be zero or positive, got {self.local_steps}")
         if self.duration < 0:
             raise ValueError(f"duration must be zero or positive, got {self.duration}")
 
@@ -98,6 +103,8 @@ class LocalSwarmConfig:
             "30",
             "--load_state_timeout",
             "60",
+            "--local_steps",
+            str(self.local_steps),
         ]
 
 

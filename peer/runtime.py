@@ -32,6 +32,7 @@ from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.bounded_download import bound_state_downloads
 from peer.hivemind_gaps.signing_key import signing_key_path, use_signing_key
 from peer.lifecycle import StopSignal
+from peer.local_steps import build_local_steps
 from peer.report import PeerMetrics, Reporter
 from peer.swarm.access import RunAccess, admit_peer, leave_when_token_expired
 from peer.swarm.config import OptimConfig, SwarmConfig
@@ -159,12 +160,10 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         batches = build_batches(config, tokenizer, str(dht.peer_id))
 
         membership = MembershipCheck(dht, swarm.run_id, access.authority_key) if access else None
-        optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
-        training = SynchronousSwarm(optimizer)
+        training = build_training_mode(dht, model, swarm, optim, config, membership)
         resources.callback(shut_down_quietly, training)
         stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
         stop.on_stop(training.cancel)  # a stopped peer waits for no group that may never form
-        bound_state_downloads(optimizer, config.load_state_attempts)
         metrics = PeerMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port)
@@ -184,6 +183,23 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         take_newest_state(peer)
         peer.resources = resources.pop_all()
     return peer
+
+
+def build_training_mode(
+    dht: hivemind.DHT,
+    model: torch.nn.Module,
+    swarm: SwarmConfig,
+    optim: OptimConfig,
+    config: PeerConfig,
+    membership: MembershipCheck | None,
+) -> TrainingMode:
+    """The run's training mode: local steps (DiLoCo) when --local-steps is above 0, else synchronous."""
+    if optim.local_steps:
+        logger.info(f"Local-steps mode: an outer step every {optim.local_steps} x {optim.target_batch_size} samples")
+        return build_local_steps(dht, model, swarm, optim, membership)
+    optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step, membership)
+    bound_state_downloads(optimizer, config.load_state_attempts)
+    return SynchronousSwarm(optimizer)
 
 
 def shut_down_quietly(training: TrainingMode) -> None:

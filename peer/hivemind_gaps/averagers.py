@@ -9,12 +9,17 @@ Each class extends the one before it, so a gap closed for one is closed for the 
   (cancellable_rounds.py).
 - ``GuardedTrainingStateAverager`` and ``GuardedGradientAverager`` (closed runs, trainers and monitor): also answer
   run members only (averager_guard.py).
+- ``OuterAverager`` (local-steps mode, peer/local_steps.py): all-reduces pseudo-gradients, serves the outer state a
+  callable gives, checks downloaded states and cancels its rounds like the others; ``GuardedOuterAverager`` answers
+  run members only.
 
 Mixin order matters: a mixin that overrides ``step`` or ``get_current_state`` comes before TrainingStateAverager,
 one that TrainingStateAverager must call through (CheckedDownloads, CancellableRounds) after it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -53,3 +58,24 @@ class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentTrainingState
 
 class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, GradientAverager):
     """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
+
+
+class OuterAverager(HivemindHandleNames, CheckedDownloads, CancellableRounds):
+    """A DecentralizedAverager whose averaged tensors are pseudo-gradients and whose served state is not them.
+
+    Args:
+        state_provider: called (in this process, by hivemind's state-serving thread) for what a joiner downloads:
+            ``(metadata, tensors, infos)`` as ``DecentralizedAverager.get_current_state`` returns.
+        args, kwargs: as ``DecentralizedAverager``.
+    """
+
+    def __init__(self, *args, state_provider: Callable[[], tuple], **kwargs):
+        self._state_provider = state_provider
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        return self._state_provider()
+
+
+class GuardedOuterAverager(GuardedAveragerMixin, OuterAverager):
+    """The local-steps averager of a closed run: averages with and serves run members only (pass ``membership=``)."""

@@ -74,7 +74,8 @@ class OptimConfig:
         averaging_timeout: Seconds before an averaging round is abandoned (about 2x a normal all-reduce).
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
-            downloads the state whenever it joins; out-of-sync peers reload it at once).
+            downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: the
+            outer weights and momentum, uncompressed, undoing the drift a lossy --grad-compression causes.
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce.
@@ -85,6 +86,15 @@ class OptimConfig:
             --delay-optimizer-step).
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
         bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
+        local_steps: Low-communication (DiLoCo) mode when above 0: each peer takes inner LAMB steps on its own
+            batches, and the swarm makes one outer step (one epoch) per local_steps x target_batch_size samples it
+            accumulates, all-reducing the pseudo-gradients (outer weights minus local weights, in
+            --grad-compression) and applying an outer Nesterov SGD. 0: every epoch all-reduces the gradients.
+        outer_learning_rate: Learning rate of the outer Nesterov SGD in local-steps mode (DiLoCo's 0.7).
+        outer_momentum: Nesterov momentum of the outer SGD in local-steps mode (DiLoCo's 0.9).
+        inner_optimizer: Inner optimizer of local-steps mode: lamb (--optimizer's) or adamw (DiLoCo's; its update
+            does not scale with the weights' norm, LAMB's does and the outer momentum compounds it); with adamw,
+            --learning-rate is AdamW's.
     """
 
     target_batch_size: int = 4096
@@ -110,12 +120,23 @@ class OptimConfig:
     delay_grad_averaging: bool = False
     offload_optimizer: bool = True
     bandwidth: float = 100.0
+    local_steps: int = 0
+    outer_learning_rate: float = 0.7
+    outer_momentum: float = 0.9
+    inner_optimizer: Literal["lamb", "adamw"] = "lamb"
 
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
         require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")
         require_positive(self, "presence_expiration")
-        require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm")
+        require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm", "local_steps")
+        require_positive(self, "outer_learning_rate")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.inner_optimizer not in ("lamb", "adamw"):
+            raise ValueError(f"inner_optimizer must be lamb or adamw, got {self.inner_optimizer!r}")
+        if self.local_steps and self.delay_optimizer_step:
+            raise ValueError("--local-steps takes no --delay-optimizer-step (its outer round is not delayed yet)")
         if self.warmup_epochs > self.total_epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds total_epochs ({self.total_epochs})")
         for name in ("grad_compression", "state_compression"):

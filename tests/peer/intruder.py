@@ -2,7 +2,10 @@
 members' peer ids, holds no access token, and tries to read and write the run's DHT records, join an averaging group,
 send huge gradients and download the training state. It prints one line per attempt: REFUSED or ACCEPTED.
 
-    python tests/peer/intruder.py --run_id RUN --initial_peers MADDR... --targets PEER_ID...
+    python tests/peer/intruder.py --run_id RUN --initial_peers MADDR... --targets PEER_ID... [--local_steps]
+
+With --local_steps it attacks the averager of the local-steps mode (``{run_id}_outer``, peer/local_steps.py), which
+answers all three RPCs, instead of the synchronous mode's gradient and state averagers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from functools import partial
 
 import hivemind
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import serialize_torch_tensor
 from hivemind.dht.routing import DHTID
 from hivemind.optim.grad_averager import GradientAverager
@@ -62,10 +66,15 @@ def huge_gradients() -> averaging_pb2.AveragingData:
     return averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"intruder", tensor_part=tensor)
 
 
-async def attack_averagers(p2p, run_id: str, peer: PeerID) -> None:
-    grad = GradientAverager.get_stub(p2p, peer, namespace=f"{run_id}_grad_averager")
-    state = TrainingStateAverager.get_stub(p2p, peer, namespace=f"{run_id}_state_averager")
-    join = averaging_pb2.JoinRequest(expiration=get_dht_time() + 30, group_key=f"{run_id}_grad_averager.0b")
+async def attack_averagers(p2p, run_id: str, peer: PeerID, local_steps: bool = False) -> None:
+    if local_steps:  # one averager serves matchmaking, all-reduce and the state; it keeps hivemind's handler names
+        grad = state = DecentralizedAverager.get_stub(p2p, peer, namespace=f"{run_id}_outer")
+        group_key = f"{run_id}_outer.0b"
+    else:
+        grad = GradientAverager.get_stub(p2p, peer, namespace=f"{run_id}_grad_averager")
+        state = TrainingStateAverager.get_stub(p2p, peer, namespace=f"{run_id}_state_averager")
+        group_key = f"{run_id}_grad_averager.0b"
+    join = averaging_pb2.JoinRequest(expiration=get_dht_time() + 30, group_key=group_key)
     attempts = {
         "rpc_join_group": lambda: grad.rpc_join_group(join),
         "rpc_aggregate_part": lambda: grad.rpc_aggregate_part(_stream(huge_gradients(), 4)),
@@ -93,6 +102,7 @@ def main() -> int:
     parser.add_argument("--run_id", required=True)
     parser.add_argument("--initial_peers", nargs="+", required=True)
     parser.add_argument("--targets", nargs="+", required=True, help="peer ids of run members to attack")
+    parser.add_argument("--local_steps", action="store_true", help="attack the local-steps mode's averager")
     args = parser.parse_args()
     torch.set_num_threads(1)
     targets = [PeerID.from_base58(target) for target in args.targets]
@@ -109,7 +119,7 @@ def main() -> int:
         async def attack_all():
             p2p = await dht.replicate_p2p()
             for peer in targets:
-                await attack_averagers(p2p, args.run_id, peer)
+                await attack_averagers(p2p, args.run_id, peer, args.local_steps)
 
         asyncio.run(attack_all())
     finally:

@@ -27,7 +27,9 @@ from peer.hivemind_gaps.averagers import (
     CheckedTrainingStateAverager,
     ConsistentTrainingStateAverager,
     GuardedGradientAverager,
+    GuardedOuterAverager,
     GuardedTrainingStateAverager,
+    OuterAverager,
 )
 from peer.hivemind_gaps.optimizer import SwarmOptimizer
 from tests.harness import REPO, run_cli
@@ -131,6 +133,8 @@ def test_a_subclass_of_a_hivemind_averager_renames_its_handlers():
         (ConsistentTrainingStateAverager, TrainingStateAverager),
         (GuardedTrainingStateAverager, TrainingStateAverager),
         (GuardedGradientAverager, GradientAverager),
+        (OuterAverager, DecentralizedAverager),
+        (GuardedOuterAverager, DecentralizedAverager),
     ],
 )
 def test_our_averagers_serve_and_call_hiveminds_handler_names(ours, hiveminds):

@@ -1,0 +1,375 @@
+"""Local-steps (DiLoCo) training: the second ``TrainingMode`` (peer/training_mode.py), chosen by ``--local-steps``.
+
+Each peer steps its own inner optimizer (LAMB, as the synchronous mode) on every batch. One epoch is one outer step:
+when the swarm has accumulated ``local_steps x target_batch_size`` samples (hivemind's ProgressTracker, as
+hivemind.Optimizer counts its target batch), the peers all-reduce their pseudo-gradients (outer weights at the
+round's start minus local weights), weighted by the samples behind each, and apply the average to the outer weights
+with Nesterov SGD (peer/outer_step.py); the new outer weights become every peer's local weights.
+
+Why a slow peer does not stall a fast one: the round starts on the swarm's sample count, not on each peer's step
+count. A peer that misses a round (it was late, or its work was not finite) finds the swarm's epoch ahead of its own
+at its next step, drops its local work (counted in ``dropped_samples``) and downloads the outer state.
+
+What a joiner downloads: the outer weights, the outer momentum and the epoch (served by ``OuterAverager`` under the
+DHT prefix ``{run_id}_outer``). The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never
+averages them), serving them would triple the download, and a donor's moments follow its own batches, not the
+joiner's; LAMB's bias correction makes a fresh start take full-sized steps at once. A backup holds all of it,
+inner state included, so a restarted peer resumes its own trajectory.
+
+Not here yet (issue 17): the outer all-reduce overlapping the next inner phase, our own 8-bit/4-bit codecs with
+error feedback, per-round byte counters, and the monitor keeping and checkpointing the outer state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from functools import partial
+
+import hivemind
+import torch
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN
+from peer.hivemind_gaps.update_guard import UpdateGuard
+from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.finite import all_finite
+from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optimizer, make_scheduler, param_groups
+
+logger = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last report
+STATE_FORMAT = "local-steps/1"  # in every served state's metadata: a state of another layout is refused by name
+
+
+class LocalStepsSwarm:
+    """Inner steps on every batch, one outer step with the swarm per epoch (see the module docstring).
+
+    Build it with ``build_local_steps`` (in the main thread: hivemind's averager sets signal handlers).
+
+    Args:
+        model: the model; its parameters are the local (inner) weights.
+        optim: the run's optimizer settings.
+        tracker: hivemind's progress tracker over ``local_steps x target_batch_size`` samples.
+        make_averager: builds an averager over the given tensors: with a state provider, the pseudo-gradients'
+            (in --grad-compression, serving the outer state); without, the outer state's re-sync (uncompressed).
+    """
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, tracker: ProgressTracker, make_averager):
+        self.model, self.optim, self.tracker = model, optim, tracker
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.outer = [parameter.detach().float().cpu().clone() for parameter in self.parameters]
+        self.momentum = [torch.zeros_like(weight) for weight in self.outer]
+        self._state_lock = threading.Lock()  # outer state and epoch change together; a joiner reads them together
+        self._epoch, self._samples, self.dropped_samples = 0, 0, 0
+        self._refused_here = 0  # downloaded states of another layout (the averager counts the non-finite ones)
+        self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
+        self.inner, self.scheduler = self._fresh_inner_optimizer()
+        self.averager = make_averager([torch.zeros_like(weight) for weight in self.outer], self._served_state)
+        self.averager.epoch_limit = lambda: self.tracker.global_epoch + EPOCH_MARGIN
+        try:
+            self.resync = make_averager([torch.zeros_like(tensor) for tensor in (*self.outer, *self.momentum)])
+        except BaseException:
+            self.averager.shutdown()
+            raise
+
+    def _fresh_inner_optimizer(self):
+        inner = make_inner_optimizer(param_groups(self.model, self.optim.weight_decay), self.optim)
+        scheduler = make_scheduler(inner, self.optim)
+        set_schedule_epoch(scheduler, self._epoch)
+        return inner, scheduler
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def is_averaging(self) -> bool:
+        return self.tracker.ready_to_update_epoch
+
+    @property
+    def num_peers(self) -> int:
+        return self.tracker.global_progress.num_peers
+
+    @property
+    def target_batch_size(self) -> int:
+        return self.tracker.target_batch_size
+
+    @property
+    def presence_expiration(self) -> float:
+        return self.tracker.metadata_expiration
+
+    @property
+    def update_guard(self) -> UpdateGuard:
+        return self.outer_guard
+
+    @property
+    def refused_states(self) -> int:
+        return self.averager.refused_states + self._refused_here
+
+    def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
+        if self.tracker.global_epoch > self._epoch and self._caught_up():
+            return  # this batch's gradients were computed on the stale local weights
+        if scaler is None:
+            self.inner.step()
+        else:
+            scaler.step(self.inner)
+            scaler.update()
+        self._samples += batch_size
+        self.tracker.report_local_progress(self._epoch, self._samples)
+        if self.tracker.ready_to_update_epoch:
+            self._outer_round()
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def _caught_up(self) -> bool:
+        """The swarm made an outer step without this peer: take its outer state, dropping this round's work.
+
+        If no peer can give it, this peer joins the swarm's epoch with its own outer weights (the next re-sync,
+        every --average-state-every epochs, brings them in line) rather than train apart. True if it downloaded.
+        """
+        swarm_epoch = self.tracker.global_epoch
+        logger.warning(f"The swarm is at epoch {swarm_epoch}, this peer at {self._epoch}: taking the swarm's state")
+        if self.load_state_from_peers() is not None:
+            return True
+        logger.warning(f"Joining epoch {swarm_epoch} with this peer's own outer weights")
+        with self._state_lock:
+            self._epoch = max(self._epoch, swarm_epoch)
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self._epoch)
+        set_schedule_epoch(self.scheduler, self._epoch)
+        return False
+
+    def _outer_round(self) -> None:
+        with self.tracker.pause_updates():
+            if self.tracker.global_epoch > self._epoch:
+                return  # caught up at the next step
+            pseudo = pseudo_gradients(self.outer, self.parameters)
+            if not all_finite(pseudo):
+                logger.error("This peer's pseudo-gradient is not finite: it sits this round out and drops its work")
+                self._restart_round()
+                return
+            averaged, peers = self._average(pseudo)
+            with self._state_lock:
+                if self.outer_guard.admit(averaged):
+                    lr = self.optim.outer_learning_rate
+                    nesterov_outer_step(self.outer, averaged, self.momentum, lr, self.optim.outer_momentum)
+                self._epoch += 1
+            if self._epoch % self.optim.average_state_every == 0:
+                self._resync_outer_state()
+            copy_into(self.parameters, self.outer)
+            self._samples = 0
+            set_schedule_epoch(self.scheduler, self._epoch)
+            self.tracker.update_epoch(self._epoch)
+        logger.info(f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers")
+
+    def _resync_outer_state(self) -> None:
+        """Average the outer weights and momentum with the swarm, uncompressed (every --average-state-every epochs).
+
+        With a lossy --grad-compression each peer receives the swarm's mean pseudo-gradient plus its own rounding of
+        it (hivemind sends the reduced parts as compressed deltas), so the peers' outer states drift apart round after
+        round (tests/peer/test_pseudo_gradient_codecs.py measures it). This round brings them back together.
+        """
+        with self.resync.get_tensors() as buffers, self._state_lock:
+            copy_into(buffers, [*self.outer, *self.momentum])
+        try:
+            gathered = self.resync.step(weight=1.0, timeout=self.optim.averaging_timeout, wait=False).result()
+        except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
+            logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
+            return
+        if not gathered:
+            return
+        with self.resync.get_tensors() as buffers:
+            averaged = [buffer.clone() for buffer in buffers]
+        if not all_finite(averaged):
+            logger.error("The swarm's averaged outer state is not finite: keeping this peer's own")
+            return
+        with self._state_lock:
+            copy_into([*self.outer, *self.momentum], averaged)
+        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {self._epoch}")
+
+    def _restart_round(self) -> None:
+        """Drop this round's local work: back to the outer weights (the epoch is unchanged)."""
+        self.dropped_samples += self._samples
+        self._samples = 0
+        copy_into(self.parameters, self.outer)
+        self.tracker.report_local_progress(self._epoch, 0, update_global_samples=False)
+
+    def _average(self, pseudo: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """The swarm's sample-weighted mean of the pseudo-gradients, or this peer's own if no round succeeded."""
+        with self.averager.get_tensors() as buffers:
+            copy_into(buffers, pseudo)
+        try:
+            control = self.averager.step(
+                gather=self._epoch, weight=float(self._samples), timeout=self.optim.averaging_timeout, wait=False
+            )
+            gathered = control.result()
+        except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
+            logger.warning(f"Outer round failed ({error!r}): stepping with this peer's own pseudo-gradient")
+            return pseudo, 1
+        if not gathered:
+            return pseudo, 1
+        with self.averager.get_tensors() as buffers:
+            return [buffer.clone() for buffer in buffers], len(gathered)
+
+    def _served_state(self):
+        with self._state_lock:
+            metadata = {"epoch": self._epoch, "format": STATE_FORMAT}
+            return metadata, [tensor.clone() for tensor in (*self.outer, *self.momentum)], None
+
+    def state_dict(self) -> dict:
+        with self._state_lock:
+            outer = {"outer": [t.clone() for t in self.outer], "momentum": [t.clone() for t in self.momentum]}
+        return {"local_steps": {**outer, "inner": self.inner.state_dict(), "scheduler": self.scheduler.state_dict()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "local_steps" not in state:
+            raise ValueError("the backup holds no local-steps state (written in synchronous mode?): not restored")
+        saved = state["local_steps"]
+        self._take_outer_state(state["epoch"], saved["outer"], saved["momentum"])
+        self.inner.load_state_dict(saved["inner"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        # the backup's model holds the local weights of its moment (not necessarily the outer ones): keep them
+        self._samples = 0
+
+    def load_state_from_peers(self) -> int | None:
+        loaded = self.averager.load_state_from_peers(timeout=self.optim.load_state_timeout)
+        if loaded is None:
+            logger.warning("Could not download the swarm's outer state; going on with the local state")
+            return None
+        metadata, tensors = loaded
+        count = len(self.outer)
+        try:
+            if metadata.get("format") != STATE_FORMAT:
+                raise ValueError(f"its format is {metadata.get('format')!r}, not {STATE_FORMAT!r}")
+            if len(tensors) != 2 * count:
+                raise ValueError(f"it has {len(tensors)} tensors, the outer state {2 * count}")
+            self._take_outer_state(metadata["epoch"], tensors[:count], tensors[count:])
+        except ValueError as error:
+            self._refused_here += 1
+            logger.error(f"Refused the downloaded outer state: {error}; going on with the local state")
+            return None
+        self.dropped_samples += self._samples
+        self._samples = 0
+        copy_into(self.parameters, self.outer)
+        self.inner, self.scheduler = self._fresh_inner_optimizer()
+        logger.info(f"Took the swarm's outer state of epoch {self._epoch}")
+        return self._epoch
+
+    def _take_outer_state(self, epoch: int, outer, momentum) -> None:
+        """Replace the outer weights, momentum and epoch (ValueError, nothing changed, if a shape differs)."""
+        with self._state_lock:
+            copy_into([*self.outer, *self.momentum], [*outer, *momentum])
+            self._epoch = epoch
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(epoch)
+
+    def cancel(self) -> None:
+        self.averager.cancel_averaging()
+        self.resync.cancel_averaging()
+
+    def shutdown(self) -> None:
+        self.tracker.shutdown(timeout=SHUTDOWN_TIMEOUT)
+        self.averager.shutdown()
+        self.resync.shutdown()
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW (DiLoCo's inner optimizer) that refuses non-finite or absurd gradients and clips them first.
+
+    Args:
+        params: parameters or parameter groups.
+        max_grad_norm: L2 norm to clip to; 0 disables clipping.
+        guard: admits or refuses each step.
+        kwargs: passed to ``torch.optim.AdamW``.
+    """
+
+    def __init__(self, params, max_grad_norm: float, guard: UpdateGuard, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm, self.guard = max_grad_norm, guard
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return guarded_step(self, self.guard, self.max_grad_norm, super().step, closure)
+
+
+def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The inner optimizer: LAMB as the synchronous mode's, or AdamW (DiLoCo's, with its paper's betas)."""
+    # no relative bound on local gradients (one batch's, noisier than a swarm average): finite and the absolute cap
+    # only; the averaged pseudo-gradient has its own guard
+    guard = UpdateGuard(factor=float("inf"))
+    if optim.inner_optimizer == "adamw":
+        return ClippedAdamW(
+            params,
+            optim.max_grad_norm,
+            guard,
+            lr=optim.learning_rate,
+            betas=(0.9, 0.95),
+            weight_decay=optim.weight_decay,
+        )
+    return make_optimizer(params, optim, guard)
+
+
+def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:
+    """Set the inner learning rates to the schedule's value at ``epoch`` (the schedule counts outer steps)."""
+    scheduler.last_epoch = epoch
+    rates = [base * factor(epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
+def build_local_steps(
+    dht: hivemind.DHT,
+    model: torch.nn.Module,
+    swarm: SwarmConfig,
+    optim: OptimConfig,
+    membership: MembershipCheck | None = None,
+) -> LocalStepsSwarm:
+    """The local-steps mode of a peer (call in the main thread); in a closed run its averager serves members only."""
+    tracker = ProgressTracker(
+        dht,
+        # its own key, {run_id}_outer_progress: a round's samples are not a synchronous epoch's, and a peer started
+        # in the other mode by mistake must not count toward them (at this branch's base, {run_id}_progress also
+        # held the run's ProgressRecords, which hivemind's tracker cannot parse: its thread died on them)
+        prefix=f"{swarm.run_id}_outer",
+        target_batch_size=optim.local_steps * optim.target_batch_size,
+        client_mode=dht.client_mode,
+        metadata_expiration=optim.presence_expiration,
+        start=True,
+    )
+    averager_class = OuterAverager if membership is None else partial(GuardedOuterAverager, membership=membership)
+
+    def make_averager(buffers, state_provider=None):
+        pseudo_gradients = state_provider is not None
+        return averager_class(
+            buffers,
+            dht,
+            state_provider=state_provider or serves_nothing,
+            allow_state_sharing=not dht.client_mode and pseudo_gradients,
+            start=True,
+            prefix=f"{swarm.run_id}_outer" if pseudo_gradients else f"{swarm.run_id}_outer_sync",
+            min_matchmaking_time=optim.matchmaking_time,
+            request_timeout=min(3.0, optim.matchmaking_time / 2),
+            allreduce_timeout=optim.averaging_timeout,
+            next_chunk_timeout=optim.matchmaking_time,  # as hivemind.Optimizer: a silent member is dropped soon
+            compression=COMPRESSION_FACTORIES[optim.grad_compression if pseudo_gradients else "none"](),
+            state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
+            bandwidth=optim.bandwidth,
+            client_mode=dht.client_mode,
+        )
+
+    try:
+        return LocalStepsSwarm(model, optim, tracker, make_averager)
+    except BaseException:
+        tracker.shutdown()
+        raise
+
+
+def serves_nothing():
+    """The state of an averager that shares none (hivemind asks only when sharing is allowed)."""
+    return None, [], None
