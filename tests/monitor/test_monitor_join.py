@@ -60,7 +60,7 @@ def test_a_peer_with_only_the_join_string_trains_with_the_runs_settings(run, pro
     peer = Process("joiner", command, work / "joiner.log", env=peer_env(work, "joiner"))
     processes.append(peer)
     backups = work / "joiner" / "backups"
-    wait_until(lambda: sorted(backups.glob("epoch-*.pt"))[2:], 300, "the joiner to back up its third epoch")
+    wait_until(lambda: "-> epoch 3" in peer.log_text() and list(backups.glob("epoch-*.pt")), 300, "three epochs")
     log = peer.log_text()
 
     adopted = json.loads(log.split(ADOPTED, 1)[1].splitlines()[0])
