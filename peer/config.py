@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 from peer.swarm.field_docs import help_from_docstring
-from peer.swarm.flags import require_non_negative, require_positive
+from peer.swarm.flags import require_non_negative, require_positive, scoped
 
 
+@scoped("per-peer", model="run-wide", tokenizer="run-wide", corpus="run-default")
 @help_from_docstring
 @dataclass
 class PeerConfig:
@@ -49,8 +50,6 @@ class PeerConfig:
             manifest from the monitor and adopts every run-wide setting; no other flag is needed.
         cache_dir: Where a peer started with --join keeps what it fetched from the run (tokenizers, model configs).
     """
-
-    SCOPES: ClassVar[dict[str, str]] = {"model": "run-wide", "tokenizer": "run-wide", "corpus": "run-default"}
 
     model: str = "tiny"
     tokenizer: str | None = None

@@ -8,15 +8,17 @@ Both the trainer peers and the monitor read these (the monitor builds its copy o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 from peer.swarm.field_docs import help_from_docstring
-from peer.swarm.flags import require_non_negative, require_positive
+from peer.swarm.flags import require_non_negative, require_positive, scoped
 from peer.swarm.run_key import normalize_fingerprint
 
 COMPRESSIONS = ("none", "fp16", "scaled-fp16")
 
 
+# with --join, the run id and run key come from the join string; --initial-peers adds to its peers
+@scoped("per-peer", run_id="run-wide", run_key="run-wide")
 @help_from_docstring
 @dataclass
 class SwarmConfig:
@@ -35,9 +37,6 @@ class SwarmConfig:
         run_key: Fingerprint of the run key the organiser hands out (the monitor prints it); the run is then trusted
             only if its monitor signs with that key (its run record, its checkpoints).
     """
-
-    # with --join, the run id and run key come from the join string; --initial-peers adds to its peers
-    SCOPES: ClassVar[dict[str, str]] = {"run_id": "run-wide", "run_key": "run-wide"}
 
     run_id: str = "albert-swarm"
     initial_peers: list[str] = field(default_factory=list)
@@ -59,6 +58,8 @@ class SwarmConfig:
                 raise ValueError(f"{maddr!r} is not a multiaddr (expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...)")
 
 
+# every field is the run's (the manifest carries it), but for those that only shape this peer's own load
+@scoped("run-wide", bandwidth="per-peer", offload_optimizer="per-peer")
 @help_from_docstring
 @dataclass
 class OptimConfig:
@@ -89,10 +90,6 @@ class OptimConfig:
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
         bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
     """
-
-    # every field is the run's (peer/swarm/manifest.py carries it), but for those that only shape this peer's load
-    DEFAULT_SCOPE: ClassVar[str] = "run-wide"
-    SCOPES: ClassVar[dict[str, str]] = {"bandwidth": "per-peer", "offload_optimizer": "per-peer"}
 
     target_batch_size: int = 4096
     learning_rate: float = 0.00176

@@ -42,13 +42,27 @@ SCOPES = ("run-wide", "per-peer", "run-default")
 SCOPE_MARKS = {"run-wide": " [run-wide: --join takes it from the run]", "run-default": " [run default with --join]"}
 
 
-def field_scope(config_type: type, name: str) -> str:
-    """Whether a config field is run-wide, per-peer or a run default (peer/swarm/manifest.py says what each means).
+def scoped(default: str = "per-peer", **exceptions: str):
+    """Class decorator: the scope of each field of a config dataclass (peer/swarm/manifest.py says what each means).
 
-    A config class names its exceptions in ``SCOPES`` and the rest in ``DEFAULT_SCOPE`` (class variables), so that a
-    field added to it takes the class's scope without further edits; a class with neither is per-peer.
+    `default` covers every field not named in `exceptions`, so a field added to the class later takes the class's
+    scope without further edits. Set after the dataclass is made: scopes are no fields.
     """
-    return getattr(config_type, "SCOPES", {}).get(name, getattr(config_type, "DEFAULT_SCOPE", "per-peer"))
+    for scope in (default, *exceptions.values()):
+        if scope not in SCOPES:
+            raise ValueError(f"a field scope is one of {SCOPES}, got {scope!r}")
+
+    def mark(config_type: type) -> type:
+        config_type.field_scopes = (default, exceptions)
+        return config_type
+
+    return mark
+
+
+def field_scope(config_type: type, name: str) -> str:
+    """Whether a config field is run-wide, per-peer or a run default; a class without `scoped` is per-peer."""
+    default, exceptions = getattr(config_type, "field_scopes", ("per-peer", {}))
+    return exceptions.get(name, default)
 
 
 class EnvArgumentParser(HfArgumentParser):
