@@ -127,6 +127,7 @@ class Monitor:
             run_id=self.swarm.run_id,
             initial_peers=self.initial_peers,
             model={"name": cfg.model, "tokenizer": self.run_model.tokenizer_name, "hash": self.run_model.fingerprint},
+            join=self.join_string,
             snapshot=self._not_behind_held_state(self.history.last_snapshot()),  # a restart goes on from its history
             state_epoch=self.keeper.epoch,
         )

@@ -55,7 +55,7 @@ def peer_env(work, name: str, **extra) -> dict:
 
 def test_a_peer_with_only_the_join_string_trains_with_the_runs_settings(run, processes):
     work, monitor, join = run
-    assert join in monitor.log_text()  # printed as well as written
+    assert join in monitor.log_text() and monitor.get("/api/status")["join"] == join  # printed, written, served
     command = [sys.executable, "-m", "peer", "--join", join]
     peer = Process("joiner", command, work / "joiner.log", env=peer_env(work, "joiner"))
     processes.append(peer)
