@@ -61,16 +61,20 @@ def join_run(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig, explici
         if name in explicit and getattr(swarm, name) != value:
             raise SettingContradicts(_contradiction(name, getattr(swarm, name), value))
     try:
-        return asyncio.run(_join(join, swarm, optim, config, explicit))
+        # a loop left open, not asyncio.run's: p2pd's exit may be reported to it afterwards, which a closed loop
+        # logs as a warning below the one line that says why the peer stops
+        return asyncio.new_event_loop().run_until_complete(_join(join, swarm, optim, config, explicit))
     except (P2PDaemonError, ProtocolError, OSError) as error:
         raise SwarmJoinError(
-            f"could not fetch run {join.run_id!r}'s manifest from its monitor ({error}): is the monitor up, and can "
+            f"could not fetch the manifest of run {join.run_id!r} from its monitor ({error}): is the monitor up, and can "
             "this machine reach the addresses in the join string?"
         ) from error
 
 
 async def _join(join: JoinString, swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig, explicit) -> Joined:
-    p2p = await P2P.create(initial_peers=list(join.initial_peers), identity_path=swarm.identity_path)
+    # a throwaway identity (the peer's own may be checked for being in use when its DHT starts right after), and
+    # no port mapping or reachability probes: this daemon only dials out, for a few seconds
+    p2p = await P2P.create(initial_peers=list(join.initial_peers), auto_nat=False, nat_port_map=False)
     try:
         monitor, document = await _fetch_manifest(p2p, join)
         manifest = verify_manifest(document, join.run_key, join.run_id)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import sys
 
 import hivemind
 import pytest
@@ -24,9 +25,11 @@ from peer.swarm.join_string import JoinString, JoinStringError
 from peer.swarm.manifest import ManifestError, build_manifest, canonical, sign_manifest, verify_manifest
 from peer.swarm.manifest_protocol import ProtocolError, ask
 from peer.swarm.run_key import RunKey
+from tests.harness import child_env, free_port, run_cli
 
 RUN = "join-test"
-MAADDR = "/ip4/127.0.0.1/tcp/31337/p2p/QmPdP1Z8yDsphdKjGdt8SAQoSk3zY7vzsxwxunPz5L1JdC"
+PEER_ID = "QmPdP1Z8yDsphdKjGdt8SAQoSk3zY7vzsxwxunPz5L1JdC"
+MAADDR = f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER_ID}"
 JOIN = JoinString(RUN, "ab" * 32, (MAADDR, MAADDR.replace("31337", "31338")))
 
 
@@ -178,3 +181,15 @@ def test_the_server_serves_listed_files_only_and_bounds_answers(serving):
         fetch(dht, lambda p2p, monitor: ask(p2p, monitor, {"get": "tokenizer", "name": "../run_key.pem"}, 10**6))
     with pytest.raises(ProtocolError, match="at most 10 were asked for"):
         fetch(dht, lambda p2p, monitor: ask(p2p, monitor, {"get": "manifest"}, 10))
+
+
+def test_a_join_string_whose_monitor_is_down_exits_3_naming_it(tmp_path):
+    """Nothing listens at the string's address: one line that says what failed and what to check, no traceback."""
+    down = JoinString(RUN, "ab" * 32, (f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER_ID}",)).encode()
+    env = child_env({"HOME": str(tmp_path), "ALBERT_JOIN": down})
+    result = run_cli([sys.executable, "-m", "peer", "--backup_dir", str(tmp_path / "backups")], 120, env=env)
+    assert result.returncode == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "could not fetch the manifest of run 'join-test' from its monitor" in last and "is the monitor up" in last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "backups").exists()
