@@ -21,7 +21,6 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from peer.swarm.access import RunAccess
 from peer.swarm.access_tokens import (
-    MAX_CLOCK_SKEW,
     RateLimitedWarning,
     decode_token,
     encode_token,
@@ -30,10 +29,11 @@ from peer.swarm.access_tokens import (
     join_message,
     read_private_key,
     read_secrets,
-    token_expiry,
     token_payload,
+    token_problem,
     write_private_key,
 )
+from peer.swarm.clock import MAX_CLOCK_SKEW
 
 logger = logging.getLogger(__name__)
 MAX_FIELD_CHARS = 4096  # a join request's fields are a few hundred characters; anything far larger is abuse
@@ -155,16 +155,11 @@ class Authority:
             raise AdmissionRefused(f"the access token is over {MAX_TOKEN_CHARS} characters: not one of this run's")
         try:
             token = decode_token(text)
-            expiry = token_expiry(token)
-        except (ValueError, OverflowError, DecodeError) as error:
+        except (ValueError, DecodeError) as error:
             raise AdmissionRefused(f"the credential is not an access token ({type(error).__name__})") from error
-        if not self.public_key.verify(
-            token_payload(token.username, token.public_key, token.expiration_time), token.signature
-        ):
-            raise AdmissionRefused("the access token is not signed by this run's authority")
-        left = expiry - get_dht_time()
-        if left <= 0:
-            raise AdmissionRefused(f"the access token expired {-left:.0f} s ago")
+        problem = token_problem(token, self.public_key)
+        if problem is not None:
+            raise AdmissionRefused(problem)
         return token
 
     def _admit(self, request: object) -> tuple[bytes, str]:

@@ -26,7 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
+from peer.swarm.clock import MAX_CLOCK_SKEW
+from peer.swarm.progress import MAX_COUNT, MAX_MINI_STEP_LOSS, MAX_SAMPLES_PER_SECOND
 
 LAGGING_EPOCHS = 2  # a peer this many epochs behind the swarm is shown as recovering (it reloads state)
 # How far ahead of every other alive peer a report's epoch may be. Honest peers share one global epoch; a peer's
@@ -50,6 +51,9 @@ class PeerProgress:
         time: DHT time (seconds since the epoch) at which the record was made.
         device: device name, e.g. "cpu" or "NVIDIA A100".
         version: software version of the peer.
+        name: the peer's display name ("" if none): shown, never trusted.
+        samples_total: samples the peer says it contributed over its whole life under this key (its signed claim).
+        compute_seconds_total: seconds of forward/backward the peer says it spent over the same life.
     """
 
     peer_id: str
@@ -61,6 +65,9 @@ class PeerProgress:
     time: float
     device: str = ""
     version: str = ""
+    name: str = ""
+    samples_total: int = 0
+    compute_seconds_total: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,11 @@ class PeerRow:
     contribution: int  # samples contributed over the whole run, as far as this monitor saw
     alive: bool
     status: str  # "training", "recovering" (lagging behind the swarm's epoch) or "gone"
+    name: str = ""  # the latest report's display name
+    samples_total: int = (
+        0  # the latest report's lifetime totals (the peer's signed claim; see monitor/contributors.py)
+    )
+    compute_seconds_total: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,8 @@ def is_sane(report: PeerProgress) -> bool:
         and 0.0 <= report.samples_per_second <= MAX_SAMPLES_PER_SECOND
         and 0.0 <= report.loss_sum <= MAX_MINI_STEP_LOSS * report.mini_steps
         and 0.0 <= report.time <= MAX_COUNT
+        and 0 <= report.samples_total <= MAX_COUNT
+        and 0.0 <= report.compute_seconds_total <= MAX_COUNT
     )
 
 
@@ -250,4 +264,7 @@ def _row(report: PeerProgress, contribution: int, alive: bool, swarm_epoch: int)
         contribution=contribution,
         alive=alive,
         status=status,
+        name=report.name,
+        samples_total=report.samples_total,
+        compute_seconds_total=report.compute_seconds_total,
     )

@@ -85,7 +85,8 @@ def write_manifest(directory: Path, run_key: RunKey | None = None, **fields) -> 
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE)):
         files[path.relative_to(directory).as_posix()] = {"sha256": sha256_of(path), "size": path.stat().st_size}
     code = {name: files[name]["sha256"] for name in CODE_FILES if name in files}
-    manifest = {"format": 1, "protocol": PROTOCOL_VERSION, **fields, "model_code": code, "files": files}
+    signer = {} if run_key is None else {"run_key": run_key.public_hex}  # named before signing: written once
+    manifest = {"format": 1, "protocol": PROTOCOL_VERSION, **fields, **signer, "model_code": code, "files": files}
     (directory / SIGNATURE).unlink(missing_ok=True)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     if run_key is not None:

@@ -22,6 +22,8 @@ from monitor.access import Authority, monitor_access
 from monitor.aggregate import MAX_EPOCH_LEAD, SwarmSnapshot, aggregate
 from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
+from monitor.contributor_store import ContributorStore
+from monitor.contributors import update_contributors
 from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
 from monitor.manifest_server import ManifestServer, run_manifest, tokenizer_dir
@@ -119,6 +121,9 @@ class Monitor:
             self.keeper.resume(cfg.resume_from)
         self.history = History(cfg.db_path())
         self._release_on_shutdown(self.history.close, "the history database")
+        self.contributors = ContributorStore(cfg.db_path())
+        self._release_on_shutdown(self.contributors.close, "the contributors table")
+        self._contributor_rows = self.contributors.load()
         self.store = CheckpointStore(
             cfg.checkpoint_path(), self.history, keep=cfg.keep, keep_every=cfg.keep_every, run_key=self.run_key
         )
@@ -156,6 +161,7 @@ class Monitor:
             self.history,
             self.store,
             make_registry(self.live, self.store),
+            contributors=self.contributors,
             admin_token=cfg.admin_token,
             request_checkpoint=self.request_checkpoint,
             authority=self.authority,
@@ -266,8 +272,15 @@ class Monitor:
         for reason, count in snapshot.refused.items():
             by_reason[reason] = by_reason.get(reason, 0) + count
         self.history.record(snapshot)  # first: a refresh that cannot save its snapshot is not a successful one
-        self.live.update(snapshot, sum(by_reason.values()), read.refused, by_reason, read.refused_count)
+        self._count_contributions(snapshot)
+        self.live.update(snapshot, snapshot.invalid_records, read.refused, by_reason, read.refused_count)
         self._keep_state(snapshot)
+
+    def _count_contributions(self, snapshot: SwarmSnapshot) -> None:
+        """Fold the snapshot into the contributors table and save it (the table in memory follows only once saved)."""
+        update = update_contributors(self._contributor_rows, snapshot, previous_time=self.live.snapshot.time)
+        self.contributors.save(update)
+        self._contributor_rows = update.contributors
 
     def _log_refused(self, refused: dict[str, str]) -> None:
         """Log each refused peer once; past MAX_REFUSED_LOGGED remembered peers, new ones are only counted."""

@@ -10,7 +10,6 @@ protocol version are valid but refused, with the reason kept per peer (at most M
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,14 @@ from hivemind.dht.validation import RecordValidatorBase
 
 from monitor.aggregate import MAX_PEER_ROWS, PeerProgress
 from monitor.live import MAX_REFUSED_PEERS
-from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, RejectedRecords, counted, fetch_progress
+from peer.swarm.progress import (
+    PROTOCOL_VERSION,
+    ProgressRecord,
+    RejectedRecords,
+    counted,
+    fetch_progress,
+    peer_label,
+)
 from peer.swarm.run_record import run_validators
 
 logger = logging.getLogger(__name__)
@@ -40,11 +46,6 @@ def rejected_records(run_id: str) -> RejectedRecords:
 def monitor_validators(run_id: str) -> list[RecordValidatorBase]:
     """Every validator of the run's records (progress schema, size limit, signatures, run record), counting refusals."""
     return counted(run_validators(run_id), rejected_records(run_id))
-
-
-def peer_label(owner: bytes) -> str:
-    """A short stable name for a record's owner: its signing key (a record carries no peer id of its own)."""
-    return "key-" + hashlib.sha256(owner).hexdigest()[:12]
 
 
 @dataclass
@@ -109,6 +110,9 @@ def read_progress(dht: DHT, run_id: str, model_hash: str, known: Callable[[str],
                 time=progress.time,
                 device=progress.device,
                 version=progress.version,
+                name=progress.name,
+                samples_total=progress.samples_total,
+                compute_seconds_total=progress.compute_seconds_total,
             )
         )
     return result

@@ -22,6 +22,7 @@ from typing import Annotated
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -30,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from monitor.access import MAX_FIELD_CHARS, MAX_TIMESTAMP, AdmissionRefused, Authority
 from monitor.checkpoint import CheckpointNotFound, CheckpointStore
+from monitor.contributor_store import ContributorStore
 from monitor.history import MAX_POINTS, CheckpointEntry, History
 from monitor.http_guard import BodySizeLimit, MalformedBody, parse_json_object
 from monitor.live import LiveState
@@ -45,6 +47,8 @@ CHECKPOINT_ON_DEMAND_ERRORS = {
     503: {"description": "No checkpoint could be made (no training state yet, or the request timed out)"},
     **TOO_LARGE,
 }
+CONTRIBUTOR_ERRORS = {404: {"description": "No contributor with that id (ids look like key-0123456789ab)"}}
+PEER_ID_PATTERN = r"^key-[0-9a-f]{12}$"  # monitor/records.py peer_label: nothing else can name a contributor
 HEALTH_ERRORS = {503: {"description": "The monitor has not refreshed for several refresh periods (stuck or failing)"}}
 UNHEALTHY_REFRESH_PERIODS = 3  # refreshes missed before /healthz says 503: one slow DHT read is not unhealthy
 DOWNLOAD_ERRORS = {404: {"description": "No verified checkpoint (of that epoch)"}}
@@ -100,6 +104,7 @@ def create_app(
     authority: Authority | None = None,
     refresh_period: float | None = None,
     refresh_grace: float = 0.0,
+    contributors: ContributorStore | None = None,
 ) -> FastAPI:
     """Build the app; `request_checkpoint` (blocking, returns the new entry) backs POST /api/checkpoints.
 
@@ -107,6 +112,8 @@ def create_app(
     Given the `refresh_period` of the loop that updates `live`, /healthz answers 503 once the last successful
     refresh (or the start, before the first) is older than UNHEALTHY_REFRESH_PERIODS refresh periods plus
     `refresh_grace` (how long one refresh may rightly block); without one (no refresh loop), it always answers 200.
+    With `contributors`, /api/contributors serves the contributors table (members only in a closed run, like
+    /api/peers) and /contributor?id=... a page of one contributor's history.
     """
     unhealthy_after = (
         math.inf if refresh_period is None else UNHEALTHY_REFRESH_PERIODS * refresh_period + refresh_grace
@@ -121,6 +128,10 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / "dashboard.html").read_text(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/contributor", response_class=HTMLResponse, include_in_schema=False)
+    def contributor_page() -> HTMLResponse:
+        return HTMLResponse((STATIC_DIR / "contributor.html").read_text(), headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", responses=HEALTH_ERRORS)
     def healthz() -> JSONResponse:
@@ -189,6 +200,19 @@ def create_app(
     @app.get("/api/peers", dependencies=members, responses=member_errors)
     def peers() -> list[dict]:
         return [asdict(row) for row in live.snapshot.peers]
+
+    @app.get("/api/contributors", dependencies=members, responses=member_errors)
+    def contributors_table() -> list[dict]:
+        """Who contributed what: samples and compute time are each peer's signed lifetime claim (largest read)."""
+        return contributors.contributors() if contributors is not None else []
+
+    @app.get("/api/contributors/{peer_id}", dependencies=members, responses={**CONTRIBUTOR_ERRORS, **member_errors})
+    def contributor(peer_id: str = PathParam(..., pattern=PEER_ID_PATTERN)) -> dict:
+        """One contributor's row and the history of its records (loss, samples/s, lifetime samples over time)."""
+        found = contributors.history(peer_id) if contributors is not None else None
+        if found is None:
+            raise HTTPException(404, f"no contributor {peer_id}")
+        return found
 
     @app.get("/api/checkpoints", dependencies=members, responses=member_errors)
     def checkpoints(

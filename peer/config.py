@@ -13,6 +13,7 @@ from typing import Literal
 
 from peer.swarm.field_docs import help_from_docstring
 from peer.swarm.flags import require_non_negative, require_positive, scoped
+from peer.swarm.names import why_refused_as_own_name
 
 
 @scoped("per-peer", model="run-wide", tokenizer="run-wide", corpus="run-default")
@@ -22,6 +23,8 @@ class PeerConfig:
     """What this trainer peer trains on and how it behaves locally.
 
     Args:
+        name: Display name shown on the monitor's contributors table (at most 32 printable characters, no markup;
+            names are not unique: the dashboard also shows a short id). Keep --identity-path to keep your history.
         model: Model preset (tiny, base, ...) or path to a config.json.
         tokenizer: Tokenizer directory (default: the bundled tokenizer).
         corpus: Text corpus, a file or a directory (default: the bundled corpus).
@@ -51,6 +54,7 @@ class PeerConfig:
         cache_dir: Where a peer started with --join keeps what it fetched from the run (tokenizers, model configs).
     """
 
+    name: str = ""
     model: str = "tiny"
     tokenizer: str | None = None
     corpus: str | None = None
@@ -86,6 +90,9 @@ class PeerConfig:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         self._check_access()
+        reason = why_refused_as_own_name(self.name) if self.name else None
+        if reason is not None:
+            raise ValueError(f"--name {self.name!r} {reason}: a display name is short plain text, shown to everyone")
 
     def _check_access(self) -> None:
         credentials = [name for name in ("run_secret_file", "join_key_file") if getattr(self, name)]

@@ -11,17 +11,21 @@ from hivemind.utils import get_dht_time
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tqdm import tqdm
 
+from peer.contribution import Contribution
 from peer.swarm.progress import (
     MAX_MINI_STEP_LOSS,
     MAX_SAMPLES_PER_SECOND,
     PROTOCOL_VERSION,
     ProgressRecord,
+    local_public_key,
+    peer_label,
     publish_progress,
     software_version,
 )
 from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
+FINAL_PUBLISH_TIMEOUT = 10.0  # seconds a leaving peer waits for its last record to be stored
 
 
 class PeerMetrics:
@@ -86,12 +90,14 @@ class Reporter:
 
     Args:
         dht: the peer's DHT (records are stored through it).
-        run_id: the run's name (the record's key is ``{run_id}_progress``).
+        run_id: the run's name (the record's key is ``{run_id}_progress_records``).
         training: the peer's training mode (read for the swarm's progress and the guards' refusals).
         device: device name written into the record.
         model_hash: architecture fingerprint written into the record.
         record_expiration: seconds a record lives; it is re-published every third of that.
         metrics: this peer's Prometheus metrics.
+        name: this peer's display name (--name), written into the record.
+        contribution: this peer's lifetime totals, carried by every record and logged at each publication.
     """
 
     def __init__(
@@ -103,8 +109,12 @@ class Reporter:
         model_hash: str,
         record_expiration: float,
         metrics: PeerMetrics,
+        name: str = "",
+        contribution: Contribution | None = None,
     ):
         self.dht, self.run_id, self.training, self.metrics = dht, run_id, training, metrics
+        self.name, self.contribution = name, contribution or Contribution(None)
+        self.label = peer_label(local_public_key())  # how the monitor names this peer (beside its display name)
         self.device, self.model_hash, self.record_expiration = device[:64], model_hash, record_expiration
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
         self.record: ProgressRecord | None = None
@@ -131,6 +141,7 @@ class Reporter:
             self.mini_steps + 1,
             self.samples + samples,
         )
+        self.contribution.add(samples, compute_seconds)
         self.metrics.samples.inc(samples)
         self.metrics.compute_seconds.inc(compute_seconds)
         self.metrics.step_seconds.inc(step_seconds)
@@ -160,6 +171,9 @@ class Reporter:
             time=float(get_dht_time()),
             model_hash=self.model_hash,
             protocol=PROTOCOL_VERSION,
+            name=self.name,
+            samples_total=self.contribution.samples,
+            compute_seconds_total=self.contribution.compute_seconds,
         )
         self.metrics.epoch.set(new_epoch)
         self.metrics.samples_per_second.set(record.samples_per_second)
@@ -169,8 +183,21 @@ class Reporter:
         norm = getattr(self.training.update_guard, "last_norm", None)
         applied = f" | update norm {norm:.4g}" if norm is not None else ""  # of the averaged gradient last applied
         logger.info(self._summary() + applied + f" -> epoch {new_epoch}")
-        self._publish(record)
+        self._claim(record)
         self._start_epoch(new_epoch)
+
+    def _claim(self, record: ProgressRecord, wait: float = 0.0) -> None:
+        """Save the totals, log them, then publish them: what this peer logs it has contributed is on disk first, so
+        a restart after any crash goes on from at least the last logged total (the monitor keeps the largest)."""
+        try:
+            self.contribution.save()
+        except OSError as error:  # e.g. a full disk: the work was done all the same, and reporting never stops it
+            logger.warning(f"Could not save the contribution totals to {self.contribution.path}: {error!r}")
+        logger.info(
+            f"Contributed {record.samples_total} samples in total ({record.compute_seconds_total:.1f} s of compute) "
+            f"as {self.label}" + (f" ({self.name})" if self.name else "")
+        )
+        self._publish(record, wait)
 
     def _summary(self) -> str:
         peers, target = self.training.num_peers, self.training.target_batch_size
@@ -183,15 +210,28 @@ class Reporter:
             f"mine {self.samples} samples ({share:.0%} of the {target}-sample target)"
         )
 
-    def _publish(self, record: ProgressRecord) -> None:
+    def _publish(self, record: ProgressRecord, wait: float = 0.0) -> None:
+        """Store the record in the background; with ``wait``, wait up to that many seconds for the store."""
         self.record, self.last_published = record, time.monotonic()
         try:  # in the background: reporting must never hold up or stop training
             stored = publish_progress(self.dht, self.run_id, record, self.record_expiration, wait=False)
             stored.add_done_callback(_warn_if_refused)
+            if wait:
+                stored.result(timeout=wait)
         except Exception as error:  # noqa: BLE001 -- reporting must never stop training
             logger.warning(f"Could not publish the progress record: {error!r}")
 
     def close(self) -> None:
+        """Publish the totals of the unfinished epoch (the last words of a clean leave), then close the line."""
+        if self.record is not None and self.contribution.samples > self.record.samples_total:
+            final = self.record.copy(
+                update={
+                    "samples_total": self.contribution.samples,
+                    "compute_seconds_total": self.contribution.compute_seconds,
+                    "time": float(get_dht_time()),
+                }
+            )
+            self._claim(final, wait=FINAL_PUBLISH_TIMEOUT)
         self.line.close()
 
 

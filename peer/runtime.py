@@ -26,9 +26,11 @@ from data.sources import resolve_corpus
 from model import LeanAlbertForMaskedLM, load_config
 from peer.backup import Backups
 from peer.config import PeerConfig
+from peer.contribution import Contribution, contribution_path
 from peer.faults import parameters_finite
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.bounded_download import bound_state_downloads
+from peer.hivemind_gaps.signing_key import signing_key_path, use_signing_key
 from peer.lifecycle import StopSignal
 from peer.report import PeerMetrics, Reporter
 from peer.swarm.access import RunAccess, admit_peer, leave_when_token_expired
@@ -133,6 +135,9 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
+    if swarm.identity_path:  # before anything signs: the same key across restarts keeps this peer's records its own
+        use_signing_key(signing_key_path(swarm.identity_path))
+    contribution = Contribution(contribution_path(swarm.identity_path))
     with contextlib.ExitStack() as resources:  # on any failure below, what was started so far is released
         access = join_closed_run(swarm, config)  # first: a refused peer learns it at once
         tokenizer, model = build_model(config, device)
@@ -164,7 +169,15 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         if config.metrics_port:
             metrics.serve(config.metrics_port)
         reporter = Reporter(
-            dht, swarm.run_id, training, device_name(device), model_hash, config.record_expiration, metrics
+            dht,
+            swarm.run_id,
+            training,
+            device_name(device),
+            model_hash,
+            config.record_expiration,
+            metrics,
+            name=config.name,
+            contribution=contribution,
         )
         resources.callback(reporter.close)
         peer = Peer(config, dht, model, training, batches, device, precision, backups, reporter, stop)

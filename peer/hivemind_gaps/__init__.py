@@ -63,6 +63,13 @@
       test_without_the_guard_one_nan_in_the_averaged_gradient_poisons_parameters_and_moments (the step hivemind
       calls, given a NaN average); no test shows the all-reduce passing it on (tests/peer/test_poisoning.py shows
       the guard in a real swarm)
+13  A peer's signing key (RSAPrivateKey      signing_key.py: use_signing_key     loads the process-wide key
+    .process_wide) is drawn anew at every    (presets the private                from a file
+    start: a restarted peer's records have   RSAPrivateKey._process_wide_key)
+    a new owner (a new contributor).
+    Proved on plain hivemind: tests/peer/test_hivemind_gaps.py::
+      test_hivemind_alone_signs_with_a_new_key_in_every_process (tests/monitor/test_contributors_swarm.py shows a
+      restarted peer keeping its key and contributor row here)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

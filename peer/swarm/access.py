@@ -31,6 +31,7 @@ from peer.swarm.access_tokens import (
     verify_token,
     write_private_key,
 )
+from peer.swarm.clock import MAX_CLOCK_SKEW
 from peer.swarm.join_client import JoinClient, JoinCredential, JoinRefused, JoinUnavailable
 from peer.swarm.progress import local_public_key
 
@@ -39,8 +40,6 @@ RETRY_PERIOD = 5.0  # seconds between two attempts to renew a token while the mo
 # a token is renewed when less than half of its lifetime is left: a slow monitor or DHT (a loaded machine) then
 # still has time before other members stop accepting it
 REFRESH_FRACTION = 1 / 2
-# how far a request's time may be from the receiver's clock: hivemind's TokenAuthorizerBase (utils/auth.py) fixes it
-REQUEST_TIME_TOLERANCE = 60.0
 
 
 class RunAuthorizer(TokenAuthorizerBase):
@@ -102,12 +101,12 @@ class RunAuthorizer(TokenAuthorizerBase):
         if valid:
             return valid
         # hivemind refuses a request from a skewed clock like one without a token: say which it was
-        if abs(skew) > REQUEST_TIME_TOLERANCE and self.is_token_valid(request.auth.client_access_token):
+        if abs(skew) > MAX_CLOCK_SKEW and self.is_token_valid(request.auth.client_access_token):
             direction = "ahead of" if skew > 0 else "behind"
             self._refusals(
                 "clock",
                 f"Refused a DHT request of a member of run {self.run_id!r} whose clock is {abs(skew):.0f} s "
-                f"{direction} this one (at most {REQUEST_TIME_TOLERANCE:.0f} s allowed): synchronize the clocks (NTP)",
+                f"{direction} this one (at most {MAX_CLOCK_SKEW:.0f} s allowed): synchronize the clocks (NTP)",
             )
         else:
             self._refusals(

@@ -17,7 +17,6 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
-MAX_CLOCK_SKEW = 60.0  # seconds a join proof's timestamp may differ from the monitor's clock
 MEMBERS_FIELD = "members"
 
 
@@ -45,17 +44,25 @@ def expiration_text(expiry: float) -> str:
     return datetime.fromtimestamp(expiry, UTC).isoformat()
 
 
-def verify_token(token: AccessToken, authority_key: RSAPublicKey, now: float | None = None) -> bool:
-    """True if the authority signed this token and it has not expired."""
+def token_problem(token: AccessToken, authority_key: RSAPublicKey, now: float | None = None) -> str | None:
+    """What is wrong with this token (unparsable expiry, expired, not the authority's signature), or None if valid."""
     try:
         expiry = token_expiry(token)
-    except (ValueError, OverflowError):
-        return False
-    if expiry <= (get_dht_time() if now is None else now):
-        return False
-    return authority_key.verify(
+    except (ValueError, OverflowError) as error:
+        return f"the access token's expiry is unreadable ({type(error).__name__})"
+    left = expiry - (get_dht_time() if now is None else now)
+    if left <= 0:
+        return f"the access token expired {-left:.0f} s ago"
+    if not authority_key.verify(
         token_payload(token.username, token.public_key, token.expiration_time), token.signature
-    )
+    ):
+        return "the access token is not signed by this run's authority"
+    return None
+
+
+def verify_token(token: AccessToken, authority_key: RSAPublicKey, now: float | None = None) -> bool:
+    """True if the authority signed this token and it has not expired."""
+    return token_problem(token, authority_key, now) is None
 
 
 def encode_token(token: AccessToken) -> str:

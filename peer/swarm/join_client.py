@@ -23,7 +23,6 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from peer.swarm.access_tokens import (
-    MAX_CLOCK_SKEW,
     decode_token,
     encode_token,
     join_message,
@@ -31,6 +30,7 @@ from peer.swarm.access_tokens import (
     read_secrets,
     verify_token,
 )
+from peer.swarm.clock import MAX_CLOCK_SKEW
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT = 5.0  # seconds for one HTTP join request: the DHT waits on it, so it must stay short

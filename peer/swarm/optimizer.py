@@ -45,8 +45,8 @@ def guarded_step(optimizer: torch.optim.Optimizer, guard: UpdateGuard, max_grad_
     grads_of = [param for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
     if not guard.admit(param.grad for param in grads_of):
         return None  # nothing touched: parameters and moments stay as they were
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(grads_of, max_grad_norm)
+    if max_grad_norm > 0:  # with the norm the guard just took: computing it twice cost a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(grads_of, max_grad_norm, torch.tensor(guard.last_norm))
     return step(closure)
 
 

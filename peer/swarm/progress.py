@@ -1,4 +1,4 @@
-"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_progress``.
+"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_progress_records``.
 
 Records are checked by a schema validator, a size limit and an RSA signature validator: only a record's owner can
 write it. Every number has a range (a stranger's record can sign any value), and a record dated in the future beyond
@@ -23,11 +23,18 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+# A record dated further ahead of the reader's clock than MAX_CLOCK_SKEW is refused (it would stay "alive" until its
+# date); one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
+from peer.swarm.clock import MAX_CLOCK_SKEW
+from peer.swarm.names import MAX_NAME_CHARS, why_unprintable
+
 MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 # The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
 # change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
 # It lives here, not in run_record (which re-exports it), because run_record imports this module.
-PROTOCOL_VERSION = 3  # 3: the progress records moved from the key {run_id}_metrics to {run_id}_progress
+# 3: the progress records moved from the key {run_id}_metrics to {run_id}_progress_records, and carry the peer's
+# display name and cumulative contribution
+PROTOCOL_VERSION = 3
 # Largest count a record may carry: every integer of a record stays exact as a float (2**53), and sums of a capped
 # number of them stay far below SQLite's INTEGER limit (2**63 - 1).
 MAX_COUNT = 2**53
@@ -37,11 +44,12 @@ MAX_SAMPLES_PER_SECOND = 1e6
 # Largest plausible mean loss of one mini-step. An untrained MLM starts near ln(vocab) (about 10 for 30k tokens);
 # 1000 is ~100x that, so a diverging peer's record still shows on the dashboard, while 1e308 cannot reach the sums.
 MAX_MINI_STEP_LOSS = 1000.0
-# How far ahead of the reader's clock a record's time may be. DHT time is wall time; hivemind's own access tokens
-# tolerate one minute of skew between machines, and so do we. A record dated further ahead is refused (it would stay
-# "alive" until its date), and one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
-MAX_CLOCK_SKEW = 60.0
-PROGRESS_FIELD = "progress"
+# Not "progress": hivemind's ProgressTracker stores its own records under {run_id}_progress, subkeyed by the same
+# process-wide RSA key, so the two records would overwrite each other (and each reader would refuse the other's).
+PROGRESS_FIELD = "progress_records"
+# Fields a record leaves out when they hold their default, so that a record without them (an older peer's, or a
+# peer with no name) passes hivemind's "no conversion" check; see ProgressRecord.dict.
+OMITTED_AT_DEFAULT = ("protocol", "name", "samples_total", "compute_seconds_total")
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -70,6 +78,11 @@ class LossOutOfRange(pydantic.PydanticValueError):
     msg_template = "loss_sum {loss_sum} is above {limit} per mini-step over {mini_steps} mini-steps"
 
 
+class UnprintableName(pydantic.PydanticValueError):
+    code = "name"
+    msg_template = "the name {reason}"
+
+
 class ProgressRecord(pydantic.BaseModel):
     """One peer's report for one epoch (strict types: the DHT's schema validator refuses any conversion).
 
@@ -89,6 +102,19 @@ class ProgressRecord(pydantic.BaseModel):
     model_hash: pydantic.constr(max_length=64, strict=True)
     # 0: a peer older than the protocol field (its record has none), so that it still parses and is refused by name
     protocol: pydantic.conint(ge=0, le=2**31, strict=True) = 0
+    # display only (peer/swarm/names.py); "" when the peer gave no --name
+    name: pydantic.constr(max_length=MAX_NAME_CHARS, strict=True) = ""
+    # what the peer contributed over its whole life under this signing key, across restarts (peer/contribution.py):
+    # the monitor keeps the largest total it has read, so a record it missed loses nothing
+    samples_total: pydantic.conint(ge=0, le=MAX_COUNT, strict=True) = 0
+    compute_seconds_total: pydantic.confloat(ge=0.0, le=MAX_COUNT, strict=True) = 0.0
+
+    @pydantic.validator("name")
+    def printable_name(cls, name: str) -> str:
+        reason = why_unprintable(name)
+        if reason is not None:
+            raise UnprintableName(reason=reason)
+        return name
 
     @pydantic.validator("time")
     def not_from_the_future(cls, time: float) -> float:
@@ -108,10 +134,12 @@ class ProgressRecord(pydantic.BaseModel):
     def dict(self, **kwargs) -> dict:
         # hivemind's SchemaValidator refuses a record whose parsed form differs from what was sent ("no conversion").
         # An older peer sends no `protocol`: leaving the default 0 out lets its record through the DHT, so the
-        # monitor can refuse it by name (another protocol version) instead of as a malformed record.
+        # monitor can refuse it by name (another protocol version) instead of as a malformed record. The same holds
+        # for every field of OMITTED_AT_DEFAULT.
         values = super().dict(**kwargs)
-        if values.get("protocol") == 0:
-            del values["protocol"]
+        for name in OMITTED_AT_DEFAULT:
+            if name in values and values[name] == self.__fields__[name].default:
+                del values[name]
         return values
 
     @property
@@ -120,9 +148,9 @@ class ProgressRecord(pydantic.BaseModel):
 
 
 class ProgressSchema(pydantic.BaseModel):
-    """DHT schema: the key ``{run_id}_progress`` maps each owner's public key (the subkey) to its ProgressRecord."""
+    """DHT schema: the key ``{run_id}_progress_records`` maps each owner's public key (the subkey) to its ProgressRecord."""
 
-    progress: dict[BytesWithPublicKey, ProgressRecord]
+    progress_records: dict[BytesWithPublicKey, ProgressRecord]  # the field name makes the key: PROGRESS_FIELD
 
 
 class RecordSizeValidator(RecordValidatorBase):
@@ -175,12 +203,13 @@ class RejectedRecords:
     """Counts the records a node refused, by reason.
 
     The DHT's validators count signature, size and schema refusals (schema ones split into "range" and "future"
-    when a number or the time is out of bounds); the monitor's reader adds "epoch" (an epoch nobody vouches for)
-    and "too_many" (subkeys over the per-read cap). The counts live in shared memory: create this before the DHT
-    starts, and the DHT's own process (a fork of this one) counts into it while this process reads it.
+    when a number or the time is out of bounds); the monitor's reader adds "too_many" (subkeys over the per-read
+    cap). (Records refused while aggregating, e.g. an "epoch" nobody vouches for, are counted by the aggregation.)
+    The counts live in shared memory: create this before the DHT starts, and the DHT's own process (a fork of this
+    one) counts into it while this process reads it.
     """
 
-    REASONS = ("signature", "size", "schema", "range", "future", "epoch", "too_many", "other")
+    REASONS = ("signature", "size", "schema", "range", "future", "too_many", "other")
 
     def __init__(self):
         self._counts = multiprocessing.Array("q", len(self.REASONS))
@@ -262,6 +291,11 @@ def make_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> li
         RecordSizeValidator([progress_key(run_id)]),
         RSASignatureValidator(private_key),
     ]
+
+
+def peer_label(owner: bytes) -> str:
+    """A short stable name for a record's owner (its subkey, the signing public key): how every node names a peer."""
+    return "key-" + hashlib.sha256(owner).hexdigest()[:12]
 
 
 def local_public_key(private_key: RSAPrivateKey | None = None) -> bytes:

@@ -14,7 +14,8 @@ from monitor.aggregate import (
     aggregate,
 )
 from monitor.history import History
-from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, MAX_SAMPLES_PER_SECOND
+from peer.swarm.clock import MAX_CLOCK_SKEW
+from peer.swarm.progress import MAX_COUNT, MAX_SAMPLES_PER_SECOND
 
 
 def report(peer="A", epoch=3, sps=10.0, samples=64, loss_sum=8.0, steps=4, t=100.0, **kw):

@@ -2,12 +2,14 @@
 
 python -m tests.peer.hostile_peer --initial-peers MADDR... --run-id RUN --victim-key HEX [--flood N]
 python -m tests.peer.hostile_peer --initial-peers MADDR... --run-id RUN --bounds --model-hash HASH [--linger]
+python -m tests.peer.hostile_peer --initial-peers MADDR... --run-id RUN --names --model-hash HASH [--linger]
 
 The first form writes a forged, oversized and malformed records. The second (--bounds) writes well-formed, validly
 signed records whose numbers are out of bounds (2**64 - 1 samples, 1e308 loss or speed, epoch 2**62), one dated an
 hour ahead, one at an epoch nobody vouches for and one of another protocol version: each under a key of its own, so
 each record's fate is independent. It skips the run's schema and size validators, so nothing stops it locally (its
 own node stores them all): only the other peers' validators can refuse what it sends, or what they read from it.
+The third (--names) writes honest-looking records whose display names are hostile (HOSTILE_NAMES), one key each.
 Prints one JSON line: what each store returned; with --linger it then stays up (its node keeps serving the
 records) until killed.
 """
@@ -68,6 +70,14 @@ OUT_OF_BOUNDS = [
 ]
 
 
+# Display names a stranger may sign (peer/swarm/names.py). Expected fate in the comment.
+HOSTILE_NAMES = [
+    ("markup", "<img src=x onerror=alert(1)>"),  # passes the schema: every page must show it as text
+    ("bidi", "Ada\u202egnp.exe"),  # schema: a right-to-left override makes one name read as another
+    ("long", "x" * 33),  # schema: over MAX_NAME_CHARS
+]
+
+
 class MultiKeySigner(RecordValidatorBase):
     """Signs each record with whichever of its keys owns the subkey, and accepts everything (a hostile node)."""
 
@@ -103,16 +113,23 @@ def out_of_bounds(model_hash: str) -> list[tuple[str, dict]]:
     return records
 
 
-class LingeringHostilePeer:
-    """`--bounds --linger` in a process of its own: it stays up, serving its records, until `stop()`."""
+def hostile_names(model_hash: str) -> list[tuple[str, dict]]:
+    """(name, value) of every --names record: an honest record of the run's model, under a hostile display name."""
+    now = float(get_dht_time())
+    value = dict(HONEST_LOOKING, model_hash=model_hash, time=now, protocol=PROTOCOL_VERSION)
+    return [(name, dict(value, name=display)) for name, display in HOSTILE_NAMES]
 
-    def __init__(self, initial_peers: list[str], run_id: str, model_hash: str, workdir: Path):
-        self.stdout = workdir / "hostile-bounds.out"
+
+class LingeringHostilePeer:
+    """`--bounds --linger` (or another `mode`) in a process of its own: it serves its records until `stop()`."""
+
+    def __init__(self, initial_peers: list[str], run_id: str, model_hash: str, workdir: Path, mode: str = "--bounds"):
+        self.stdout = workdir / f"hostile-{mode.lstrip('-')}.out"
         command = [
             *(sys.executable, "-m", "tests.peer.hostile_peer", "--initial-peers", *initial_peers, "--run-id", run_id),
-            *("--bounds", "--model-hash", model_hash, "--linger"),
+            *(mode, "--model-hash", model_hash, "--linger"),
         ]
-        with open(self.stdout, "w") as out, open(workdir / "hostile-bounds.err", "w") as err:
+        with open(self.stdout, "w") as out, open(workdir / f"hostile-{mode.lstrip('-')}.err", "w") as err:
             self.process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
 
     def stored(self, timeout: float = 120.0) -> dict:
@@ -156,14 +173,14 @@ def main() -> None:
     parser.add_argument("--victim-key", default="", help="hex of the public key (subkey) of a peer to impersonate")
     parser.add_argument("--flood", type=int, default=1, help="how many oversized records to write")
     parser.add_argument("--bounds", action="store_true", help="write the out-of-bounds records instead")
+    parser.add_argument("--names", action="store_true", help="write records with hostile display names instead")
     parser.add_argument("--model-hash", default=HONEST_LOOKING["model_hash"], help="the run's model fingerprint")
     parser.add_argument("--linger", action="store_true", help="stay up after the stores, until killed")
     args = parser.parse_args()
-    if args.bounds:
-        keys = [RSAPrivateKey() for _ in OUT_OF_BOUNDS]
-        records = [
-            (name, local_public_key(key), value) for key, (name, value) in zip(keys, out_of_bounds(args.model_hash))
-        ]
+    if args.bounds or args.names:
+        named = out_of_bounds(args.model_hash) if args.bounds else hostile_names(args.model_hash)
+        keys = [RSAPrivateKey() for _ in named]
+        records = [(name, local_public_key(key), value) for key, (name, value) in zip(keys, named)]
         validator = MultiKeySigner(keys)
     else:
         keys = [RSAPrivateKey()]

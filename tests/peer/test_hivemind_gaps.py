@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import hivemind
@@ -18,6 +19,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import ServicerBase
 from hivemind.utils.auth import TokenAuthorizerBase
+from hivemind.utils.crypto import RSAPrivateKey
 from transformers import HfArgumentParser
 
 import peer.hivemind_gaps
@@ -28,7 +30,7 @@ from peer.hivemind_gaps.averagers import (
     GuardedTrainingStateAverager,
 )
 from peer.hivemind_gaps.optimizer import SwarmOptimizer
-from tests.harness import REPO
+from tests.harness import REPO, run_cli
 
 INDEX = peer.hivemind_gaps.__doc__
 ROOM = Path(peer.hivemind_gaps.__file__).parent
@@ -49,6 +51,11 @@ PRIVATE_ATTRIBUTES = [
     (DecentralizedAverager, "self._matchmaking"),  # state_check.py CheckedDownloads._donors
     (DHTProtocol, "self.routing_table"),  # rejoin.py
 ]
+# private class attributes
+PRIVATE_CLASS_ATTRIBUTES = [
+    (RSAPrivateKey, "_process_wide_key"),  # signing_key.py
+    (RSAPrivateKey, "_process_wide_key_lock"),  # signing_key.py
+]
 
 
 def test_hivemind_is_the_version_the_index_was_written_for():
@@ -63,6 +70,34 @@ def test_the_private_methods_the_workarounds_override_still_exist(owner, name):
 @pytest.mark.parametrize(("owner", "name"), PRIVATE_ATTRIBUTES, ids=lambda value: getattr(value, "__name__", value))
 def test_the_private_attributes_the_workarounds_use_are_still_set(owner, name):
     assert f"{name} = " in inspect.getsource(owner), f"{owner.__name__} no longer sets {name}: {REVIEW}"
+
+
+@pytest.mark.parametrize(("owner", "name"), PRIVATE_CLASS_ATTRIBUTES, ids=str)
+def test_the_private_class_attributes_the_workarounds_set_still_exist(owner, name):
+    assert name in vars(owner), f"{owner.__name__}.{name} is gone: {REVIEW}"
+
+
+SIGNING_KEY = "print(RSAPrivateKey.process_wide().get_public_key().to_bytes().decode())"
+
+
+def signing_key_of_a_process(preamble: str = "") -> str:
+    """The public key a fresh Python process signs its DHT records with (after `preamble`)."""
+    code = f"from hivemind.utils.crypto import RSAPrivateKey\n{preamble}\n{SIGNING_KEY}"
+    result = run_cli([sys.executable, "-c", code], timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+def test_hivemind_alone_signs_with_a_new_key_in_every_process():
+    assert signing_key_of_a_process() != signing_key_of_a_process()
+
+
+def test_a_signing_key_file_keeps_one_key_across_processes(tmp_path):
+    path = tmp_path / "identity.key.signing-key"
+    load = f"from peer.hivemind_gaps.signing_key import use_signing_key; use_signing_key({str(path)!r})"
+    first = signing_key_of_a_process(load)
+    assert first == signing_key_of_a_process(load) and first.startswith("ssh-rsa ")
+    assert path.stat().st_mode & 0o777 == 0o600  # a private key: its owner's only
 
 
 def keyword_arguments(method) -> dict[str, str]:
