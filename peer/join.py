@@ -72,6 +72,7 @@ def join_run(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig, explici
 
 
 async def _join(join: JoinString, swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig, explicit) -> Joined:
+    logger.info(f"Fetching the signed manifest of run {join.run_id!r} from its monitor ({join.initial_peers[0]}, ...)")
     # a throwaway identity (the peer's own may be checked for being in use when its DHT starts right after), and
     # no port mapping or reachability probes: this daemon only dials out, for a few seconds
     p2p = await P2P.create(initial_peers=list(join.initial_peers), auto_nat=False, nat_port_map=False)
