@@ -146,15 +146,14 @@ start_swarm() {
         [ $SECONDS -lt $deadline ] || fail "the monitor did not answer /api/status within 180 s"
         sleep 2
     done
-    # Exactly what a volunteer is given: the monitor's multiaddrs from its peers file.
-    INITIAL_PEERS=$(podman exec "$MONITOR" cat /data/initial_peers.txt | tr '\n' ' ')
-    [ -n "${INITIAL_PEERS// /}" ] || fail "the monitor wrote no initial peers"
-    log "monitor up; initial peers: $INITIAL_PEERS"
+    # Exactly what a volunteer is given: the join string; every run-wide setting comes from the signed manifest.
+    JOIN=$(podman exec "$MONITOR" cat /data/join.txt)
+    [ -n "$JOIN" ] || fail "the monitor wrote no join string"
+    log "monitor up; join string: $JOIN"
     local peer
     for peer in "${PEERS[@]}"; do
-        podman run -d --name "$peer" --network "$NETWORK" --shm-size 512m "${RUN_SETTINGS[@]}" \
-            -e ALBERT_INITIAL_PEERS="$INITIAL_PEERS" -e ALBERT_BATCH_SIZE=8 -e ALBERT_MATCHMAKING_TIME=3 \
-            "localhost/albert-swarm-peer:$TAG" >/dev/null
+        podman run -d --name "$peer" --network "$NETWORK" --shm-size 512m -e ALBERT_JOIN="$JOIN" \
+            -e ALBERT_BATCH_SIZE=8 -e ALBERT_TORCH_THREADS=1 "localhost/albert-swarm-peer:$TAG" >/dev/null
     done
     log "two peer containers started"
 }
@@ -201,7 +200,7 @@ check_containers() {
 
 # compose.yaml as shipped, minus what cannot run offline: local images instead of builds, no published ports (this
 # host is shared), no Prometheus/Grafana, and service_started instead of service_healthy (podman runs no health
-# timers without systemd). The peers' entrypoint, the shared peers file and the ALBERT_* wiring stay as shipped.
+# timers without systemd). The peers' entrypoint, the shared join.txt and the ALBERT_* wiring stay as shipped.
 write_offline_compose() {
     "$PYTHON" - "$REPO/docker/compose.yaml" "$1" "$TAG" <<'EOF'
 import sys
@@ -217,9 +216,11 @@ for name in ("monitor", "peer"):
     service.pop("ports", None)
     service.pop("healthcheck", None)
     service["image"] = f"localhost/albert-swarm-{name}:{sys.argv[3]}"
-    service["environment"].update(ALBERT_RUN_ID="compose-test", ALBERT_TARGET_BATCH_SIZE="64",
-                                  ALBERT_MATCHMAKING_TIME="3", ALBERT_TORCH_THREADS="1")
-compose["services"]["monitor"]["environment"]["ALBERT_CHECKPOINT_EVERY"] = "0"
+    service["environment"]["ALBERT_TORCH_THREADS"] = "1"
+# run-wide settings to the monitor only: the peers adopt them from its manifest through the join string
+compose["services"]["monitor"]["environment"].update(
+    ALBERT_RUN_ID="compose-test", ALBERT_TARGET_BATCH_SIZE="64", ALBERT_MATCHMAKING_TIME="3", ALBERT_CHECKPOINT_EVERY="0"
+)
 compose["services"]["peer"]["depends_on"] = {"monitor": {"condition": "service_started"}}
 yaml.safe_dump(compose, open(sys.argv[2], "w"), sort_keys=False)
 EOF

@@ -22,7 +22,10 @@ class MonitorConfig:
 
     Args:
         model: The run's model preset (tiny, base, ...) or config.json path; peers with another model are refused.
-        tokenizer: The run's tokenizer directory (default: the bundled tokenizer).
+        tokenizer: The run's tokenizer directory (default: the bundled tokenizer); peers joining with --join fetch
+            its files from the monitor.
+        corpus: The corpus peers joining with --join train on unless they name their own copy (a hub dataset name,
+            or a path that exists on the peers' machines; default: the bundled corpus).
         run_dir: Directory of the monitor's files (identity, run key, history, checkpoints, peers file) unless set
             one by one.
         http_host: Address of the dashboard, API and metrics server.
@@ -46,6 +49,7 @@ class MonitorConfig:
 
     model: str = "tiny"
     tokenizer: str | None = None
+    corpus: str | None = None
     run_dir: str = "albert-swarm-run/monitor"
     http_host: str = "0.0.0.0"
     http_port: int = 8080
@@ -106,6 +110,10 @@ class MonitorConfig:
 
     def peers_file_path(self) -> Path:
         return Path(self.peers_file) if self.peers_file else Path(self.run_dir) / "initial_peers.txt"
+
+    def join_file_path(self) -> Path:
+        """Holds the join string (the one token a volunteer needs), rewritten at every start."""
+        return Path(self.run_dir) / "join.txt"
 
     def url_file_path(self) -> Path:
         """Holds the dashboard's URL once the HTTP server listens (the port may have been chosen by the OS)."""

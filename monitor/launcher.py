@@ -119,7 +119,8 @@ class LocalSwarm:
         self.monitor: subprocess.Popen | None = None
         self.peers: list[subprocess.Popen] = []
         self.url = ""
-        self.run_key = ""  # the monitor's run key fingerprint, shown in the join and download commands
+        self.run_key = ""  # the monitor's run key fingerprint, shown in the download command
+        self.join = ""  # the monitor's join string: what every peer is started with
 
     def _spawn(self, name: str, module: str, flags: list[str]) -> subprocess.Popen:
         env = {**os.environ, "ALBERT_ADMIN_TOKEN": self.admin_token, "PYTHONUNBUFFERED": "1"}
@@ -139,7 +140,8 @@ class LocalSwarm:
         monitor_dir = self.run_dir / "monitor"
         peers_file = monitor_dir / "initial_peers.txt"
         url_file = monitor_dir / "dashboard_url.txt"
-        for stale in (peers_file, url_file):  # left by an earlier run in this directory
+        join_file = monitor_dir / "join.txt"
+        for stale in (peers_file, url_file, join_file):  # left by an earlier run in this directory
             stale.unlink(missing_ok=True)
         flags = [
             *cfg.optimizer_flags(),
@@ -162,12 +164,15 @@ class LocalSwarm:
         ]
         if cfg.run_secret_file:
             flags += ["--run_secret_file", cfg.run_secret_file]
+        if cfg.corpus:  # into the run manifest, so that the string's peers train on it too
+            flags += ["--corpus", cfg.corpus]
         resume = latest_checkpoint(monitor_dir / "checkpoints")
         if resume is not None:
             print(f"Resuming from checkpoint {resume}")
             flags += ["--resume_from", str(resume)]
         self.monitor = self._spawn("monitor", "monitor", flags)
         initial_peers = self._wait_for_file(peers_file, 180.0).split()
+        self.join = self._wait_for_file(join_file, 60.0).strip()
         self.url = self._wait_for_file(url_file, 60.0).strip()  # with --http-port 0 the OS chose the port
         # the monitor made (or loaded) its run key before writing the peers file, so this only reads it
         self.run_key = RunKey.load_or_create(monitor_dir / "run_key.pem").fingerprint
@@ -185,16 +190,14 @@ class LocalSwarm:
             time.sleep(0.2)
         return path.read_text()
 
-    def start_peers(self, initial_peers: list[str]) -> None:
+    def start_peers(self) -> None:
+        """Each peer gets the join string as a volunteer would; the run's settings come from the monitor's manifest."""
         cfg = self.config
         for index in range(cfg.peers):
             peer_dir = self.run_dir / f"peer-{index}"
             flags = [
-                *cfg.optimizer_flags(),
-                "--model",
-                cfg.model,
-                "--initial_peers",
-                *initial_peers,
+                "--join",
+                self.join,
                 "--host_maddrs",
                 f"/ip4/{cfg.host}/tcp/0",
                 "--identity_path",
@@ -210,8 +213,6 @@ class LocalSwarm:
                 "--seed",
                 str(index),
             ]
-            if cfg.corpus:
-                flags += ["--corpus", cfg.corpus]
             if cfg.run_secret_file:  # a closed run: each peer proves the secret to the monitor for its access token
                 flags += ["--run_secret_file", cfg.run_secret_file, "--join_url", self.url.rstrip("/")]
             peer_dir.mkdir(parents=True, exist_ok=True)
@@ -299,19 +300,10 @@ def download_command(url: str, run_key: str, epoch: int | None = None) -> str:
     return f"albert-checkpoint download --from {url.rstrip('/')} --run-key {run_key}{epoch_flag} --out ./checkpoint"
 
 
-def print_join_command(config: LocalSwarmConfig, initial_peers: list[str], run_key: str, url: str = "") -> None:
-    """The line a peer on another machine pastes; only the monitor's non-loopback addresses are of use there."""
-    remote = [maddr for maddr in initial_peers if not maddr.startswith("/ip4/127.")]
-    if config.host == "0.0.0.0" and remote:
-        print(
-            f"A peer on another machine joins with:\n  albert-peer --run-id {config.run_id} "
-            f"--initial-peers {' '.join(remote)} --run-key {run_key}"
-        )
-    else:
-        print(
-            f"Peers join with:\n  albert-peer --run-id {config.run_id} --initial-peers {' '.join(initial_peers)} "
-            f"--run-key {run_key}"
-        )
+def print_join_command(config: LocalSwarmConfig, join: str, run_key: str, url: str = "") -> None:
+    """The line a peer pastes: the join string carries the monitor's addresses, the run id and the run key."""
+    print(f"Peers join with:\n  albert-peer --join {join}")
+    if config.host != "0.0.0.0":
         print(
             "(this run listens on 127.0.0.1 only: start albert-swarm with --host 0.0.0.0 to let other machines join)"
         )
@@ -361,10 +353,10 @@ def main(args: list[str] | None = None) -> int:
     exit_code = 0
     try:
         print(f"Starting the monitor (logs in {swarm.logs})...")
-        initial_peers = swarm.start_monitor()
-        swarm.start_peers(initial_peers)
+        swarm.start_monitor()
+        swarm.start_peers()
         print(f"Dashboard: {swarm.url}")
-        print_join_command(config, initial_peers, swarm.run_key, swarm.url)
+        print_join_command(config, swarm.join, swarm.run_key, swarm.url)
         print(f"{config.peers} peers training the '{config.model}' preset; Ctrl-C stops the run.")
         watch(swarm, config.duration, lambda: bool(stopping))
     except RuntimeError as error:

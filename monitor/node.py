@@ -26,6 +26,7 @@ from monitor.contributor_store import ContributorStore
 from monitor.contributors import update_contributors
 from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
+from monitor.manifest_server import ManifestServer, run_manifest, tokenizer_dir
 from monitor.metrics import make_registry
 from monitor.records import monitor_validators, read_progress
 from monitor.server import ServerThread, create_app
@@ -34,6 +35,8 @@ from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.swarm.access import RunAccess
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.dht import build_dht, visible_maddrs
+from peer.swarm.join_string import JoinString
+from peer.swarm.manifest import sign_manifest
 from peer.swarm.run_key import RunKey
 from peer.swarm.run_record import PROTOCOL_VERSION, RunRecord, publish_run_record
 
@@ -110,6 +113,7 @@ class Monitor:
             self._release_on_shutdown(access.close, "the member-list publisher")
         self.initial_peers = visible_maddrs(self.dht)
         self._write_peers_file(self.initial_peers)
+        self._serve_manifest()
         membership = MembershipCheck(self.dht, self.swarm.run_id, self.authority.public_key) if access else None
         self.keeper = StateKeeper(self.dht, self.swarm, self.optim, self.run_model, membership=membership)
         self._release_on_shutdown(self.keeper.shutdown, "the state averager")
@@ -128,6 +132,7 @@ class Monitor:
             run_id=self.swarm.run_id,
             initial_peers=self.initial_peers,
             model={"name": cfg.model, "tokenizer": self.run_model.tokenizer_name, "hash": self.run_model.fingerprint},
+            join=self.join_string,
             snapshot=self._not_behind_held_state(self.history.last_snapshot()),  # a restart goes on from its history
             state_epoch=self.keeper.epoch,
         )
@@ -135,6 +140,19 @@ class Monitor:
         logger.info(f"Run key fingerprint (hand it out with the initial peers): {self.run_key.fingerprint}")
         print(f"--initial-peers {' '.join(self.initial_peers)}", flush=True)
         print(f"--run-key {self.run_key.fingerprint}", flush=True)
+        print(f"--join {self.join_string}", flush=True)
+
+    def _serve_manifest(self) -> None:
+        """Sign the run manifest, serve it (and the tokenizer) over p2p, write and print the join string."""
+        cfg = self.config
+        self.manifest = run_manifest(self.swarm.run_id, self.optim, cfg, self.run_model)
+        files = list(self.manifest["tokenizer"]["files"])
+        document = sign_manifest(self.manifest, self.run_key)
+        server = ManifestServer(self.dht, self.swarm.run_id, document, tokenizer_dir(cfg), files)
+        self._release_on_shutdown(server.shutdown, "the manifest server")
+        self.join_string = JoinString(self.swarm.run_id, self.run_key.fingerprint, tuple(self.initial_peers)).encode()
+        write_atomically(cfg.join_file_path(), self.join_string + "\n")
+        logger.info(f"Peers join with --join (or ALBERT_JOIN=) {self.join_string}; it is in {cfg.join_file_path()}")
 
     def _serve_http(self) -> None:
         cfg = self.config

@@ -173,6 +173,7 @@ def create_app(
             "refused_peers": live.refused_peers,
             "initial_peers": list(live.initial_peers),
             "initial_peers_string": live.initial_peers_string,
+            "join": live.join,
             "model": live.model,
             "latest_checkpoint": entries[0].epoch if entries else None,
             "admin_enabled": bool(admin_token and request_checkpoint),

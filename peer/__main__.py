@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 from peer.config import PeerConfig
 from peer.hivemind_gaps.reaping import end_children
+from peer.join import join_run
 from peer.lifecycle import ExitCode, StopRequested
 from peer.runtime import Peer, start_peer
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.dht import SwarmJoinError
-from peer.swarm.flags import parse_configs
+from peer.swarm.flags import explicit_fields, parse_configs
 from peer.train import train
 
 logger = logging.getLogger("peer")
@@ -23,6 +24,10 @@ def run(prepare: Callable[[Peer], None] | None = None) -> int:
     logging.getLogger("hivemind.optim.progress_tracker").setLevel(logging.WARNING)  # it logs twice a second
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig)
     try:
+        if config.join:  # the run's signed manifest decides every run-wide setting
+            explicit = explicit_fields(SwarmConfig, OptimConfig, PeerConfig)
+            joined = join_run(swarm, optim, config, explicit)
+            swarm, optim, config = joined.swarm, joined.optim, joined.config
         peer = start_peer(swarm, optim, config)
     except ValueError as error:  # includes the data package's CorpusError and TokenizerError
         logger.critical(f"Invalid setting: {error}")

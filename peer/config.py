@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from peer.swarm.field_docs import help_from_docstring
-from peer.swarm.flags import require_non_negative, require_positive
+from peer.swarm.flags import require_non_negative, require_positive, scoped
 from peer.swarm.names import why_refused_as_own_name
 
 
+@scoped("per-peer", model="run-wide", tokenizer="run-wide", corpus="run-default")
 @help_from_docstring
 @dataclass
 class PeerConfig:
@@ -48,6 +49,9 @@ class PeerConfig:
             renewal; needs --join-url).
         join_key_file: Closed runs: join key (`python -m peer.swarm.access new-join-key PATH`) whose public key the monitor
             allowlists (needs --join-url).
+        join: The join string the run's organiser hands out (albert1....): the peer fetches the run's signed
+            manifest from the monitor and adopts every run-wide setting; no other flag is needed.
+        cache_dir: Where a peer started with --join keeps what it fetched from the run (tokenizers, model configs).
     """
 
     name: str = ""
@@ -72,6 +76,8 @@ class PeerConfig:
     join_url: str | None = None
     run_secret_file: str | None = None
     join_key_file: str | None = None
+    join: str | None = None
+    cache_dir: str = "~/.cache/albert-swarm"
 
     def __post_init__(self):
         require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "record_expiration")

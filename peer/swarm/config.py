@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peer.swarm.field_docs import help_from_docstring
-from peer.swarm.flags import require_non_negative, require_positive
+from peer.swarm.flags import require_non_negative, require_positive, scoped
 from peer.swarm.run_key import normalize_fingerprint
 
 COMPRESSIONS = ("none", "fp16", "scaled-fp16")
 
 
+# with --join, the run id and run key come from the join string; --initial-peers adds to its peers
+@scoped("per-peer", run_id="run-wide", run_key="run-wide")
 @help_from_docstring
 @dataclass
 class SwarmConfig:
@@ -56,6 +58,8 @@ class SwarmConfig:
                 raise ValueError(f"{maddr!r} is not a multiaddr (expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...)")
 
 
+# every field is the run's (the manifest carries it), but for those that only shape this peer's own load
+@scoped("run-wide", bandwidth="per-peer", offload_optimizer="per-peer")
 @help_from_docstring
 @dataclass
 class OptimConfig:

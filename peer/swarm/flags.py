@@ -5,6 +5,7 @@ A flag wins over its environment variable (``--run-id`` over ``ALBERT_RUN_ID``),
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import shlex
@@ -37,6 +38,33 @@ def require_non_negative(config, *names: str) -> None:
             raise ValueError(f"{name} must be zero or positive, got {getattr(config, name)!r}")
 
 
+SCOPES = ("run-wide", "per-peer", "run-default")
+SCOPE_MARKS = {"run-wide": " [run-wide: --join takes it from the run]", "run-default": " [run default with --join]"}
+
+
+def scoped(default: str = "per-peer", **exceptions: str):
+    """Class decorator: the scope of each field of a config dataclass (peer/swarm/manifest.py says what each means).
+
+    `default` covers every field not named in `exceptions`, so a field added to the class later takes the class's
+    scope without further edits. Set after the dataclass is made: scopes are no fields.
+    """
+    for scope in (default, *exceptions.values()):
+        if scope not in SCOPES:
+            raise ValueError(f"a field scope is one of {SCOPES}, got {scope!r}")
+
+    def mark(config_type: type) -> type:
+        config_type.field_scopes = (default, exceptions)
+        return config_type
+
+    return mark
+
+
+def field_scope(config_type: type, name: str) -> str:
+    """Whether a config field is run-wide, per-peer or a run default; a class without `scoped` is per-peer."""
+    default, exceptions = getattr(config_type, "field_scopes", ("per-peer", {}))
+    return exceptions.get(name, default)
+
+
 class EnvArgumentParser(HfArgumentParser):
     """HfArgumentParser whose defaults come from ALBERT_* environment variables, named in every --help line."""
 
@@ -44,10 +72,15 @@ class EnvArgumentParser(HfArgumentParser):
         self.environ = os.environ if environ is None else environ
         super().__init__(dataclass_types, **kwargs)
 
+    def _add_dataclass_arguments(self, dtype):
+        self._adding = dtype  # which class the fields below belong to, for their scope
+        super()._add_dataclass_arguments(dtype)
+
     def _parse_dataclass_field(self, parser, dataclass_field):
         # a copy, so that the class's own field metadata is not rewritten each time a parser is built
         annotated = copy.copy(dataclass_field)
-        help_text = f"{dataclass_field.metadata.get('help', '')} [env {env_var(dataclass_field.name)}]"
+        mark = SCOPE_MARKS.get(field_scope(self._adding, dataclass_field.name), "")
+        help_text = f"{dataclass_field.metadata.get('help', '')}{mark} [env {env_var(dataclass_field.name)}]"
         annotated.metadata = types.MappingProxyType({**dataclass_field.metadata, "help": help_text})
         super()._parse_dataclass_field(parser, annotated)
 
@@ -85,3 +118,22 @@ def parse_configs(*dataclass_types: type, args: Sequence[str] | None = None, env
         return parser.parse_args_into_dataclasses(args=parser.env_arguments() + argv, look_for_args_file=False)
     except ValueError as error:
         parser.error(str(error))
+
+
+def explicit_fields(
+    *dataclass_types: type, args: Sequence[str] | None = None, environ: dict | None = None
+) -> set[str]:
+    """Names of the fields set by a flag or an ALBERT_* variable rather than left at their default.
+
+    The same parser with every default suppressed: what remains in the namespace was given (argparse's own prefix
+    matching and --no-x negations included). Call it after ``parse_configs``, which has rejected bad input.
+    """
+    parser = EnvArgumentParser(dataclass_types, environ=environ)
+    names = {item.name for kind in dataclass_types for item in fields(kind)}
+    # on the actions themselves: a parser-level default (set_defaults) would be put in the namespace and converted
+    for action in parser._actions:  # argparse offers no public list of a parser's actions
+        if action.dest in names:
+            action.default = argparse.SUPPRESS
+    argv = list(sys.argv[1:] if args is None else args)
+    namespace, _ = parser.parse_known_args(parser.env_arguments() + argv)
+    return set(vars(namespace))

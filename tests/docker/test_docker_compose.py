@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -9,6 +10,10 @@ import subprocess
 
 import pytest
 from docker_files import DOCKER, MONITOR_ENV_VARS, PEER_ENV_VARS, load_yaml, stage_env
+
+from peer.config import PeerConfig
+from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.flags import env_var, field_scope
 
 SERVICES = {"monitor", "peer", "prometheus", "grafana"}
 
@@ -38,16 +43,32 @@ def test_every_albert_variable_is_read_by_its_cli(compose):
     assert set(gpu["services"]["peer"]["environment"]) <= PEER_ENV_VARS
 
 
-def test_peers_find_the_monitor_through_its_peers_file(compose):
+def test_peers_join_with_the_join_string_the_monitor_writes(compose):
     monitor, peer = compose["services"]["monitor"], compose["services"]["peer"]
     monitor_volume = next(v.split(":")[0] for v in monitor["volumes"] if v.split(":")[1] == "/data")
     peer_mount = next(v for v in peer["volumes"] if v.startswith(f"{monitor_volume}:"))
     mount_point = peer_mount.split(":")[1]
     assert peer_mount.endswith(":ro"), "peers only read the monitor's files"
     script = " ".join(peer["entrypoint"])
-    assert f"{mount_point}/initial_peers.txt" in script and "ALBERT_INITIAL_PEERS" in script
+    assert f"{mount_point}/join.txt" in script and "ALBERT_JOIN" in script
     assert "exec albert-peer" in script, "albert-peer must replace the shell to receive SIGTERM"
     assert peer["depends_on"]["monitor"]["condition"] == "service_healthy"
+
+
+def test_peers_get_no_run_wide_setting_the_manifest_decides(compose):
+    """A run-wide variable given to peers too could only agree with the manifest or stop every peer (exit 2)."""
+    passed = [key for key in compose["services"]["peer"]["environment"] if key.startswith("ALBERT_")]
+    run_wide = [key for key in passed if scope_of_variable(key) != "per-peer"]
+    assert passed and run_wide == [], f"peers get run-wide settings: {run_wide}"
+
+
+def scope_of_variable(name: str) -> str:
+    scopes = {
+        env_var(item.name): field_scope(kind, item.name)
+        for kind in (SwarmConfig, OptimConfig, PeerConfig)
+        for item in dataclasses.fields(kind)
+    }
+    return scopes[name]
 
 
 def test_gpu_override_reserves_an_nvidia_gpu_per_peer():

@@ -19,6 +19,7 @@ import pytest
 
 from monitor.history import History
 from monitor.launcher import latest_checkpoint
+from peer.swarm.join_string import JoinString
 from peer.swarm.run_key import RunKey
 from tests.harness import REPO, child_env, free_port, kill_group, wait_until
 
@@ -174,8 +175,12 @@ def _rows_since(run_dir: Path, since: float) -> int:
 def test_first_run_stops_by_itself_and_leaves_a_verified_checkpoint(two_runs):
     assert two_runs["first"].returncode == 0, two_runs["first_output"]
     assert "Dashboard: http://127.0.0.1:" in two_runs["first_output"]
-    assert "albert-peer --run-id albert-swarm-local --initial-peers /ip4/127.0.0.1/tcp/" in two_runs["first_output"]
     fingerprint = RunKey.load_or_create(two_runs["run_dir"] / "monitor" / "run_key.pem").fingerprint
+    join = JoinString.decode(two_runs["first_output"].split("albert-peer --join ", 1)[1].split()[0])
+    assert (join.run_id, join.run_key) == ("albert-swarm-local", fingerprint)
+    assert join.initial_peers[0].startswith("/ip4/127.0.0.1/tcp/")
+    peer_log = (two_runs["run_dir"] / "logs" / "peer-0.log").read_text()
+    assert "Adopted the signed manifest of run 'albert-swarm-local'" in peer_log, "the peers joined by the string"
     assert f"--run-key {fingerprint}" in two_runs["first_output"]
     assert "albert-checkpoint download --from http://127.0.0.1:" in two_runs["first_output"]
     assert two_runs["first_checkpoint"] is not None, two_runs["first_output"]
