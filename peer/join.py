@@ -138,7 +138,12 @@ def adopt_optim(optim: OptimConfig, manifest: dict, explicit: set[str]) -> Optim
         if name in explicit and getattr(optim, name) != value:
             raise SettingContradicts(_contradiction(name, getattr(optim, name), value))
         values[name] = value
-    return dataclasses.replace(optim, **values)
+    adopted = dataclasses.replace(optim, **values)
+    if adopted.training_mode != manifest.get("training_mode"):  # signed, so a bug of the monitor's, not an attack
+        raise ManifestError(
+            f"the run manifest names mode {manifest.get('training_mode')!r} but its settings make {adopted.training_mode!r}"
+        )
+    return adopted
 
 
 async def _adopt_peer_settings(config: PeerConfig, manifest: dict, explicit, p2p: P2P, monitor: PeerID) -> PeerConfig:

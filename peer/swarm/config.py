@@ -129,6 +129,11 @@ class OptimConfig:
     outer_momentum: float = 0.9
     inner_optimizer: Literal["lamb", "adamw"] = "lamb"
 
+    @property
+    def training_mode(self) -> str:
+        """How the swarm trains: "synchronous" (one all-reduced gradient per epoch) or "local-steps" (DiLoCo)."""
+        return "local-steps" if self.local_steps else "synchronous"
+
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
         require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")

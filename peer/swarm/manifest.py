@@ -23,8 +23,7 @@ from peer.swarm.progress import PROTOCOL_VERSION
 from peer.swarm.run_key import RunKey, fingerprint_of, verify_signature
 
 FORMAT = 1
-TRAINING_MODE = "synchronous"  # the only mode today; a string so that issue 17's local-steps mode is one more value
-TRAINING_MODES = (TRAINING_MODE,)  # the modes this peer can train in
+TRAINING_MODES = ("synchronous", "local-steps")  # the modes this peer can train in (OptimConfig.training_mode)
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_TOKENIZER_FILES = 32
 MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
@@ -83,7 +82,7 @@ def build_manifest(
         "format": FORMAT,
         "run_id": run_id,
         "protocol": PROTOCOL_VERSION,
-        "training_mode": TRAINING_MODE,
+        "training_mode": optim.training_mode,
         "model": {"name": model_name, "config": model_config, "hash": model_hash, "scope": "run-wide"},
         "tokenizer": {"files": tokenizer_listing(tokenizer_dir), "scope": "run-wide"},
         "corpus": {"spec": corpus, "scope": "run-default"},
