@@ -15,6 +15,7 @@ from peer.swarm.flags import require_non_negative, require_positive
 from peer.swarm.run_key import normalize_fingerprint
 
 COMPRESSIONS = ("none", "fp16", "scaled-fp16")
+AGGREGATIONS = ("mean", "centered-clip")
 
 
 @help_from_docstring
@@ -85,6 +86,9 @@ class OptimConfig:
             --delay-optimizer-step).
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
         bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
+        aggregation: How each peer reducing a part of the gradient all-reduce combines the members' parts: mean
+            (hivemind's weighted mean) or centered-clip (robust to a minority of Byzantine members, who are scored;
+            docs/robust-aggregation.md). Run-wide: a mean reducer averages attackers in.
     """
 
     target_batch_size: int = 4096
@@ -110,6 +114,7 @@ class OptimConfig:
     delay_grad_averaging: bool = False
     offload_optimizer: bool = True
     bandwidth: float = 100.0
+    aggregation: Literal["mean", "centered-clip"] = "mean"
 
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
@@ -123,6 +128,8 @@ class OptimConfig:
                 raise ValueError(f"{name} must be one of {COMPRESSIONS}, got {getattr(self, name)!r}")
         if self.delay_grad_averaging and not self.delay_optimizer_step:
             raise ValueError("--delay-grad-averaging needs --delay-optimizer-step")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.optimizer not in ("lamb", "lamb-8bit"):
             raise ValueError(f"optimizer must be lamb or lamb-8bit, got {self.optimizer!r}")
         if self.optimizer == "lamb-8bit" and self.offload_optimizer:
