@@ -49,9 +49,9 @@ def flat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([part.reshape(-1) for part in parts])
 
 
-def robust_vector(gradients, settings: ClipSettings = ClipSettings()) -> tuple[torch.Tensor, int]:
+def robust_vector(gradients) -> tuple[torch.Tensor, int]:
     """The whole vector as the reducers would aggregate it, part by part; and the most iterations a part took."""
-    results = [centered_clip(parts, torch.ones(len(gradients)), settings) for parts in stacked_parts(gradients)]
+    results = [centered_clip(parts, torch.ones(len(gradients))) for parts in stacked_parts(gradients)]
     return flat([result.centre for result in results]), max(result.iterations for result in results)
 
 
