@@ -22,11 +22,16 @@ def honest_parts(count: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
 
 
 def test_without_outliers_it_is_the_weighted_mean():
+    """Exactly, once every part lies within tau of the centre (here: tau at 1.5 median distances); at the default
+    tau (one median distance) the farthest honest parts are pulled in a little."""
     parts, weights = honest_parts(5), torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0])
-    result = centered_clip(parts, weights)
     expected = (weights @ parts) / weights.sum()
+    result = centered_clip(parts, weights, ClipSettings(tau_factor=1.5))
     assert torch.allclose(result.centre, expected, atol=1e-5)
     assert max(result.scores) < 1.5 and min(result.scores) > 0.5, result.scores
+    default = centered_clip(parts, weights).centre
+    spread = float((parts - expected).norm(dim=1).mean())
+    assert float((default - expected).norm()) < 0.05 * spread
 
 
 @pytest.mark.parametrize("magnitude", [10.0, 1e3, 1e6, 1e30])
