@@ -25,7 +25,7 @@ from monitor.config import MonitorConfig
 from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
-from monitor.records import monitor_validators, read_progress
+from monitor.records import monitor_validators, read_progress, read_suspects
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
 from peer.hivemind_gaps.averager_guard import MembershipCheck
@@ -249,6 +249,7 @@ class Monitor:
             by_reason[reason] = by_reason.get(reason, 0) + count
         self.history.record(snapshot)  # first: a refresh that cannot save its snapshot is not a successful one
         self.live.update(snapshot, sum(by_reason.values()), read.refused, by_reason, read.refused_count)
+        self.live.suspects = read_suspects(self.dht, self.swarm.run_id)
         self._keep_state(snapshot)
 
     def _log_refused(self, refused: dict[str, str]) -> None:

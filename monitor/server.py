@@ -189,6 +189,11 @@ def create_app(
     def peers() -> list[dict]:
         return [asdict(row) for row in live.snapshot.peers]
 
+    @app.get("/api/suspects", dependencies=members, responses=member_errors)
+    def api_suspects() -> list[dict]:
+        """Senders scored by the robust reducers (--aggregation centered-clip), most suspicious first."""
+        return [suspect.as_dict() for suspect in live.suspects]
+
     @app.get("/api/checkpoints", dependencies=members, responses=member_errors)
     def checkpoints(
         request: Request, limit: int = Query(100, ge=1, le=1000, description="The newest this many")
