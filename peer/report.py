@@ -90,7 +90,7 @@ class Reporter:
 
     Args:
         dht: the peer's DHT (records are stored through it).
-        run_id: the run's name (the record's key is ``{run_id}_progress``).
+        run_id: the run's name (the record's key is ``{run_id}_metrics``).
         training: the peer's training mode (read for the swarm's progress and the guards' refusals).
         device: device name written into the record.
         model_hash: architecture fingerprint written into the record.

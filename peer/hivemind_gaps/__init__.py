@@ -63,6 +63,14 @@
       test_without_the_guard_one_nan_in_the_averaged_gradient_poisons_parameters_and_moments (the step hivemind
       calls, given a NaN average); no test shows the all-reduce passing it on (tests/peer/test_poisoning.py shows
       the guard in a real swarm)
+13  No robust aggregation: each reducer's    robust_allreduce.py:                aggregates parts robustly, or
+    TensorPartReducer sums every sender's    CenteredClipReducer (hivemind's     takes a reducer factory
+    part, so one member drags the average    accumulate_part, keeping parts),
+    anywhere with finite values.             RobustAllReduceRunner,
+                                             RobustAggregation._run_allreduce_inplace_ (hivemind's body, our runner)
+    Proved on plain hivemind: tests/peer/test_centered_clip.py::
+      test_hiveminds_reducer_lets_one_sender_drag_the_average (tests/peer/test_byzantine.py shows CenteredClip in a
+      real swarm)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

@@ -1,4 +1,4 @@
-"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_progress``.
+"""The signed progress record each peer publishes once per epoch under the DHT key ``{run_id}_metrics``.
 
 Records are checked by a schema validator, a size limit and an RSA signature validator: only a record's owner can
 write it. Every number has a range (a stranger's record can sign any value), and a record dated in the future beyond
@@ -27,7 +27,7 @@ MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 # The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
 # change makes an older peer unable to train with a newer one; peers and monitors of other versions refuse each other.
 # It lives here, not in run_record (which re-exports it), because run_record imports this module.
-PROTOCOL_VERSION = 3  # 3: the progress records moved from the key {run_id}_metrics to {run_id}_progress
+PROTOCOL_VERSION = 3  # 3: ProgressRecord (key {run_id}_metrics: {run_id}_progress is hivemind's ProgressTracker's)
 # Largest count a record may carry: every integer of a record stays exact as a float (2**53), and sums of a capped
 # number of them stay far below SQLite's INTEGER limit (2**63 - 1).
 MAX_COUNT = 2**53
@@ -41,7 +41,10 @@ MAX_MINI_STEP_LOSS = 1000.0
 # tolerate one minute of skew between machines, and so do we. A record dated further ahead is refused (it would stay
 # "alive" until its date), and one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
 MAX_CLOCK_SKEW = 60.0
-PROGRESS_FIELD = "progress"
+# Not "progress": hivemind's ProgressTracker stores its own records under {run_id}_progress, signed with the same
+# process-wide RSA key (the same subkey), so a ProgressRecord there overwrites the tracker's entry and the schema
+# refuses the tracker's: peers stop seeing each other ("swarm 0 peers"; seen in tests/peer/test_byzantine.py).
+PROGRESS_FIELD = "metrics"
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -120,7 +123,7 @@ class ProgressRecord(pydantic.BaseModel):
 
 
 class ProgressSchema(pydantic.BaseModel):
-    """DHT schema: the key ``{run_id}_progress`` maps each owner's public key (the subkey) to its ProgressRecord."""
+    """DHT schema: the key ``{run_id}_metrics`` maps each owner's public key (the subkey) to its ProgressRecord."""
 
     progress: dict[BytesWithPublicKey, ProgressRecord]
 

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import torch
+from hivemind.averaging.partition import TensorPartReducer
 
 from peer.hivemind_gaps.robust_allreduce import CenteredClipReducer
 from peer.swarm.centered_clip import MAX_SCORE, ClipSettings, centered_clip, coordinate_median
@@ -121,3 +122,24 @@ def test_the_reducer_scores_nothing_for_a_sender_that_failed():
 
     result, scores = asyncio.run(reduce())
     assert torch.allclose(result, honest_parts(2).mean(dim=0), atol=1e-5) and set(scores) == {0, 1}
+
+
+def reduce_one_part(make_reducer, parts: torch.Tensor) -> torch.Tensor:
+    async def reduce() -> torch.Tensor:
+        reducer = make_reducer()  # in the event loop: hivemind's reducer binds its futures to it
+        results = await asyncio.gather(*(reducer.accumulate_part(i, 0, part) for i, part in enumerate(parts)))
+        return results[0]
+
+    return asyncio.run(reduce())
+
+
+def test_hiveminds_reducer_lets_one_sender_drag_the_average():
+    """Gap 13 on plain hivemind: its reducer returns the mean, so one sender of four sets it wherever it likes;
+    the CenteredClipReducer on the same parts stays with the honest senders."""
+    honest = honest_parts(3)
+    target = torch.full((DIM,), 1e6)
+    parts = torch.cat([honest, (4 * target - honest.sum(dim=0))[None]])  # chosen so that the mean is the target
+    hiveminds = reduce_one_part(lambda: TensorPartReducer([torch.Size([DIM])], 4), parts)
+    assert torch.allclose(hiveminds, target, rtol=1e-3)
+    ours = reduce_one_part(lambda: CenteredClipReducer([torch.Size([DIM])], 4, ClipSettings()), parts)
+    assert float((ours - honest.mean(dim=0)).norm()) < float((honest - honest.mean(dim=0)).norm(dim=1).mean())

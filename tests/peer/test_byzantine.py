@@ -1,0 +1,118 @@
+"""A Byzantine member in a real 4-peer swarm that aggregates with CenteredClip: three honest peers and one that flips
+and scales its gradients (x -1000) from an epoch on. The honest peers keep learning with finite parameters that
+agree, the reducers' signed scores single the attacker out for the monitor's suspicion reader, and the time robust
+aggregation takes per round is measured against the round's time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import statistics
+import sys
+
+import pytest
+import torch
+
+from monitor.suspicion import suspects
+from peer.swarm.scores import fetch_scores
+from tests.harness import GroupProcess, wait_until
+from tests.peer.conftest import PEER_FLAGS, RUN_ID
+
+pytestmark = [pytest.mark.slow]
+
+ROBUST = ["--aggregation", "centered-clip"]
+ATTACK_FROM = 4  # epochs of honest training first: the loss has started to fall when the attack begins
+ATTACK_EPOCHS = 12
+HONEST = ("a", "b", "c")
+
+
+class Byzantine(GroupProcess):
+    """tests/peer/byzantine.py in its own process group, output in a file."""
+
+    def __init__(self, swarm, name: str, *args: str):
+        self.out_path = swarm.workdir / f"{name}.log"
+        backups = swarm.workdir / name / "backups"
+        command = [sys.executable, "-m", "tests.peer.byzantine", *args, "--run_id", RUN_ID, *PEER_FLAGS]
+        command += ["--initial_peers", *swarm.initial_peers, "--backup_dir", str(backups)]
+        super().__init__(name, command, self.out_path, log_mode="w")
+
+    def peer_id(self) -> str | None:
+        found = re.search(r"^PEER_ID (\w+)$", self.log_text(), re.MULTILINE)
+        return found.group(1) if found else None
+
+    def attacked_epochs(self) -> list[int]:
+        return [int(epoch) for epoch in re.findall(r"^ATTACK sign-flip epoch (\d+)$", self.log_text(), re.MULTILINE)]
+
+
+def honest_peer_id(peer) -> str:
+    return re.search(r"Joined run '[^']+' as (\w+)", peer.log_text()).group(1)
+
+
+def mean_losses(swarm, epochs) -> float:
+    losses = [
+        record.mean_loss
+        for records in swarm.history.values()
+        for epoch, record in records.items()
+        if epoch in epochs and record.mini_steps
+    ]
+    return sum(losses) / len(losses)
+
+
+def aggregation_rounds(log: str) -> list[tuple[int, float]]:
+    """(rounds, milliseconds) of each epoch's robust aggregation, from a peer's log."""
+    found = re.findall(r"Robust aggregation: \d+ parts of (\d+) round\(s\) in ([0-9.]+) ms", log)
+    return [(int(rounds), float(ms)) for rounds, ms in found]
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    swarm = make_swarm()
+    for name in HONEST:
+        swarm.start_peer(name, extra_flags=ROBUST)
+    swarm.attacker = Byzantine(swarm, "attacker", "--attack", "sign-flip", "--from_epoch", str(ATTACK_FROM), *ROBUST)
+    yield swarm
+    swarm.attacker.stop(timeout=20)
+
+
+@pytest.mark.timeout(1500)
+def test_a_sign_flipper_is_outvoted_and_flagged(swarm):
+    attacker = swarm.attacker
+    wait_until(lambda: len(attacker.attacked_epochs()) >= 1, 600, f"the attack to start; {attacker.out_path}")
+    started = attacker.attacked_epochs()[0]
+    swarm.wait_for_epoch(started + ATTACK_EPOCHS, peers=len(HONEST), timeout=900)
+    assert attacker.alive() and len(attacker.attacked_epochs()) >= ATTACK_EPOCHS // 2, attacker.log_text()[-3000:]
+
+    early = mean_losses(swarm, range(1, 3))
+    late_epochs = range(max(swarm.epochs()) - 2, max(swarm.epochs()) + 1)
+    late = mean_losses(swarm, late_epochs)
+    print(f"mean loss: epochs 1-2 {early:.3f}, epochs {list(late_epochs)} {late:.3f} (attack from epoch {started})")
+    assert late < early - 0.25
+
+    common = max(set.intersection(*(set(swarm.peers[name].backup_epochs()) for name in HONEST)))
+    parameters = [swarm.peers[name].parameters(common) for name in HONEST]
+    for name, params in zip(HONEST, parameters):
+        assert all(torch.isfinite(tensor).all() for tensor in params.values()), f"peer {name} was poisoned"
+    gaps = [
+        float((params[key] - parameters[0][key]).norm() / parameters[0][key].norm().clamp(min=1e-12))
+        for params in parameters[1:]
+        for key in params
+    ]
+    print(f"honest parameters at epoch {common}: largest relative gap between peers {max(gaps):.2e}")
+    assert max(gaps) < 0.05
+
+    ranked = suspects(fetch_scores(swarm.dht, RUN_ID, limit=64).values())
+    print("suspects: " + ", ".join(f"{row.peer_id[-8:]} {row.suspicion:.3g} ({row.reporters})" for row in ranked))
+    honest_ids = {honest_peer_id(swarm.peers[name]) for name in HONEST}
+    assert ranked[0].peer_id == attacker.peer_id() and ranked[0].suspicious, ranked
+    assert not any(row.suspicious for row in ranked if row.peer_id in honest_ids), ranked
+
+    rounds = [item for name in HONEST for item in aggregation_rounds(swarm.peers[name].log_text())]
+    per_round = statistics.median(ms / count for count, ms in rounds)
+    times = sorted(swarm.peers["a"].epoch_times().values())
+    epoch_ms = statistics.median(later - earlier for earlier, later in itertools.pairwise(times)) * 1e3
+    print(
+        f"CenteredClip per round and reducer: median {per_round:.1f} ms over {len(rounds)} epochs; an epoch takes "
+        f"{epoch_ms:.0f} ms: {per_round / epoch_ms:.1%} of it (on this shared 2-core machine)"
+    )
+    assert per_round < 0.5 * epoch_ms
