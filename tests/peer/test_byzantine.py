@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from monitor.suspicion import suspects
+from peer.hivemind_gaps.update_guard import WARMUP
 from peer.swarm.scores import fetch_scores
 from tests.harness import GroupProcess, wait_until
 from tests.peer.conftest import PEER_FLAGS, RUN_ID
@@ -50,12 +51,14 @@ def honest_peer_id(peer) -> str:
 
 
 def mean_losses(swarm, epochs) -> float:
+    """The honest peers' mean loss over `epochs`, from the line each peer logs per epoch."""
     losses = [
-        record.mean_loss
-        for records in swarm.history.values()
-        for epoch, record in records.items()
-        if epoch in epochs and record.mini_steps
+        float(loss)
+        for name in HONEST
+        for epoch, loss in re.findall(r"epoch (\d+) \| loss ([0-9.]+) \|", swarm.peers[name].log_text())
+        if int(epoch) in epochs
     ]
+    assert losses, f"no loss logged for epochs {epochs}"
     return sum(losses) / len(losses)
 
 
@@ -65,28 +68,52 @@ def aggregation_rounds(log: str) -> list[tuple[int, float]]:
     return [(int(rounds), float(ms)) for rounds, ms in found]
 
 
-@pytest.fixture(scope="module")
-def swarm(make_swarm):
+def attacked_swarm(make_swarm, aggregation: list[str], from_epoch: int = ATTACK_FROM):
     swarm = make_swarm()
     for name in HONEST:
-        swarm.start_peer(name, extra_flags=ROBUST)
-    swarm.attacker = Byzantine(swarm, "attacker", "--attack", "sign-flip", "--from_epoch", str(ATTACK_FROM), *ROBUST)
-    yield swarm
+        swarm.start_peer(name, extra_flags=aggregation)
+    attack = ["--attack", "sign-flip", "--from_epoch", str(from_epoch), *aggregation]
+    swarm.attacker = Byzantine(swarm, "attacker", *attack)
+    return swarm
+
+
+def stop(swarm) -> None:
+    """Stop the peers now, so the next test's swarm has the CPUs (make_swarm's teardown checks for leftovers)."""
     swarm.attacker.stop(timeout=20)
+    for peer in swarm.peers.values():
+        peer.close()
 
 
-@pytest.mark.timeout(1500)
-def test_a_sign_flipper_is_outvoted_and_flagged(swarm):
+def run_attack(swarm) -> int:
+    """Wait for the attack to start and last ATTACK_EPOCHS epochs of the honest peers; returns its first epoch."""
     attacker = swarm.attacker
     wait_until(lambda: len(attacker.attacked_epochs()) >= 1, 600, f"the attack to start; {attacker.out_path}")
     started = attacker.attacked_epochs()[0]
     swarm.wait_for_epoch(started + ATTACK_EPOCHS, peers=len(HONEST), timeout=900)
     assert attacker.alive() and len(attacker.attacked_epochs()) >= ATTACK_EPOCHS // 2, attacker.log_text()[-3000:]
+    return started
 
+
+def skipped_steps(swarm) -> int:
+    return sum(swarm.peers[name].log_text().count("Skipping the optimizer step") for name in HONEST)
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    swarm = attacked_swarm(make_swarm, ROBUST)
+    yield swarm
+    stop(swarm)
+
+
+@pytest.mark.timeout(1500)
+def test_a_sign_flipper_is_outvoted_and_flagged(swarm):
+    attacker = swarm.attacker
+    started = run_attack(swarm)
     early = mean_losses(swarm, range(1, 3))
-    late_epochs = range(max(swarm.epochs()) - 2, max(swarm.epochs()) + 1)
+    late_epochs = range(started + ATTACK_EPOCHS - 3, started + ATTACK_EPOCHS)
     late = mean_losses(swarm, late_epochs)
     print(f"mean loss: epochs 1-2 {early:.3f}, epochs {list(late_epochs)} {late:.3f} (attack from epoch {started})")
+    print(f"honest optimizer steps skipped by the update guard: {skipped_steps(swarm)}")
     assert late < early - 0.25
 
     common = max(set.intersection(*(set(swarm.peers[name].backup_epochs()) for name in HONEST)))
@@ -116,3 +143,21 @@ def test_a_sign_flipper_is_outvoted_and_flagged(swarm):
         f"{epoch_ms:.0f} ms: {per_round / epoch_ms:.1%} of it (on this shared 2-core machine)"
     )
     assert per_round < 0.5 * epoch_ms
+
+
+@pytest.mark.timeout(1500)
+def test_the_same_attack_on_a_mean_swarm_stops_its_learning(swarm, make_swarm):
+    """The control: the attack matters. With hivemind's mean, every round the attacker joins averages -250x the
+    gradient: the update guard skips those steps (nothing is corrupted), and the swarm stops learning."""
+    stop(swarm)
+    # from past the update guard's warm-up, so that it can tell the poisoned averages (else they are taken, clipped)
+    mean_swarm = attacked_swarm(make_swarm, ["--aggregation", "mean"], from_epoch=WARMUP + 2)
+    try:
+        started = run_attack(mean_swarm)
+        before = mean_losses(mean_swarm, range(started - 2, started + 1))
+        after = mean_losses(mean_swarm, range(started + ATTACK_EPOCHS - 3, started + ATTACK_EPOCHS))
+        skipped = skipped_steps(mean_swarm)
+        print(f"mean swarm: loss {before:.3f} before the attack, {after:.3f} after; {skipped} honest steps skipped")
+        assert skipped >= ATTACK_EPOCHS and after > before - 0.1
+    finally:
+        stop(mean_swarm)

@@ -11,6 +11,7 @@ from hivemind.averaging.partition import TensorPartReducer
 
 from peer.hivemind_gaps.robust_allreduce import CenteredClipReducer
 from peer.swarm.centered_clip import MAX_SCORE, ClipSettings, centered_clip, coordinate_median
+from peer.swarm.config import OptimConfig
 
 DIM = 4096
 
@@ -143,3 +144,10 @@ def test_hiveminds_reducer_lets_one_sender_drag_the_average():
     assert torch.allclose(hiveminds, target, rtol=1e-3)
     ours = reduce_one_part(lambda: CenteredClipReducer([torch.Size([DIM])], 4, ClipSettings()), parts)
     assert float((ours - honest.mean(dim=0)).norm()) < float((honest - honest.mean(dim=0)).norm(dim=1).mean())
+
+
+def test_the_aggregation_setting_is_checked_and_mean_by_default():
+    assert OptimConfig().aggregation == "mean"
+    assert OptimConfig(aggregation="centered-clip").aggregation == "centered-clip"
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        OptimConfig(aggregation="median")
