@@ -62,6 +62,17 @@ def mean_losses(swarm, epochs) -> float:
     return sum(losses) / len(losses)
 
 
+def parameter_gap(swarm, epoch: int) -> float:
+    """The largest relative distance between two honest peers' parameters (all tensors together) at `epoch`."""
+    params = [swarm.peers[name].parameters(epoch) for name in HONEST]
+
+    def distance(first, second) -> float:
+        return float(torch.sqrt(sum(((first[key] - second[key]) ** 2).sum() for key in first)))
+
+    norm = float(torch.sqrt(sum((tensor**2).sum() for tensor in params[0].values())))
+    return max(distance(first, second) for first, second in itertools.combinations(params, 2)) / norm
+
+
 def aggregation_rounds(log: str) -> list[tuple[int, float]]:
     """(rounds, milliseconds) of each epoch's robust aggregation, from a peer's log."""
     found = re.findall(r"Robust aggregation: \d+ parts of (\d+) round\(s\) in ([0-9.]+) ms", log)
@@ -117,16 +128,16 @@ def test_a_sign_flipper_is_outvoted_and_flagged(swarm):
     assert late < early - 0.25
 
     common = max(set.intersection(*(set(swarm.peers[name].backup_epochs()) for name in HONEST)))
-    parameters = [swarm.peers[name].parameters(common) for name in HONEST]
-    for name, params in zip(HONEST, parameters):
+    for name in HONEST:
+        params = swarm.peers[name].parameters(common)
         assert all(torch.isfinite(tensor).all() for tensor in params.values()), f"peer {name} was poisoned"
-    gaps = [
-        float((params[key] - parameters[0][key]).norm() / parameters[0][key].norm().clamp(min=1e-12))
-        for params in parameters[1:]
-        for key in params
-    ]
-    print(f"honest parameters at epoch {common}: largest relative gap between peers {max(gaps):.2e}")
-    assert max(gaps) < 0.05
+    # peers start from their own initialisation and merge states every --average-state-every epochs, so honest
+    # parameters differ by a few percent in this swarm with or without an attack: the gap must not grow with it
+    at_start, at_end = parameter_gap(swarm, started), parameter_gap(swarm, common)
+    print(
+        f"largest relative gap between honest parameters: {at_start:.2e} at epoch {started}, {at_end:.2e} at {common}"
+    )
+    assert at_end < max(2 * at_start, 0.01)
 
     ranked = suspects(fetch_scores(swarm.dht, RUN_ID, limit=64).values())
     print("suspects: " + ", ".join(f"{row.peer_id[-8:]} {row.suspicion:.3g} ({row.reporters})" for row in ranked))
