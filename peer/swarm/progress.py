@@ -44,7 +44,7 @@ MAX_CLOCK_SKEW = 60.0
 # Not "progress": hivemind's ProgressTracker stores its own records under {run_id}_progress, signed with the same
 # process-wide RSA key (the same subkey), so a ProgressRecord there overwrites the tracker's entry and the schema
 # refuses the tracker's: peers stop seeing each other ("swarm 0 peers"; seen in tests/peer/test_byzantine.py).
-PROGRESS_FIELD = "metrics"
+PROGRESS_FIELD = "progress_records"  # LEAD (uncommitted, merged on main): hivemind's ProgressTracker owns {run_id}_progress
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
     {
@@ -125,7 +125,7 @@ class ProgressRecord(pydantic.BaseModel):
 class ProgressSchema(pydantic.BaseModel):
     """DHT schema: the key ``{run_id}_metrics`` maps each owner's public key (the subkey) to its ProgressRecord."""
 
-    progress: dict[BytesWithPublicKey, ProgressRecord]
+    progress_records: dict[BytesWithPublicKey, ProgressRecord]
 
 
 class RecordSizeValidator(RecordValidatorBase):
