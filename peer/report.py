@@ -19,7 +19,7 @@ from peer.swarm.progress import (
     publish_progress,
     software_version,
 )
-from peer.swarm.scores import epoch_record, publish_scores
+from peer.swarm.scores import ScoreWindow, publish_scores
 from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class Reporter:
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
         self.record: ProgressRecord | None = None
         self.last_published, self.last_status = -float("inf"), ""
+        self.score_window = ScoreWindow()  # the sender scores of the last rounds this peer reduced robustly
         metrics.watch_training(training)
         self._start_epoch(training.epoch)
 
@@ -199,8 +200,9 @@ class Reporter:
     def _publish_scores(self, epoch: int) -> None:
         """Publish the scores this peer gave the senders it reduced robustly (--aggregation centered-clip)."""
         rounds = self.training.take_round_scores()
-        record = epoch_record(epoch, rounds)
-        if record is None:
+        self.score_window.add(rounds)
+        record = self.score_window.record(epoch)
+        if record is None or not rounds:
             return
         seconds = sum(round_scores.aggregation_seconds for round_scores in rounds)
         parts = sum(round_scores.parts for round_scores in rounds)

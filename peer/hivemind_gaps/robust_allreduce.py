@@ -32,6 +32,8 @@ from hivemind.utils.asyncio import as_aiter, azip
 from peer.swarm.centered_clip import ClipSettings, centered_clip
 
 logger = logging.getLogger(__name__)
+# Two senders are each as far from their midpoint, the median: both score 1 whoever lies. Only 3 or more can outvote.
+MIN_SENDERS_TO_SCORE = 3
 MAX_QUEUED_ROUNDS = 64  # rounds whose scores wait for the peer to read them; later ones are dropped, not buffered
 
 
@@ -108,9 +110,10 @@ class CenteredClipReducer(TensorPartReducer):
         parts = torch.stack([part.reshape(-1).float() for _, part, _ in self.received])
         weights = torch.tensor([float(weight) for _, _, weight in self.received])
         result = centered_clip(parts, weights, self.settings)
-        for sender, score in zip(senders, result.scores):
-            self.score_sums[sender] += score
-            self.parts_scored[sender] += 1
+        if len(senders) >= MIN_SENDERS_TO_SCORE:
+            for sender, score in zip(senders, result.scores):
+                self.score_sums[sender] += score
+                self.parts_scored[sender] += 1
         self.aggregation_seconds += time.perf_counter() - started
         self.parts_reduced += 1
         return result.centre.reshape(shape)
@@ -193,6 +196,9 @@ class RobustAggregation:
         scores = runner.round_scores()
         if not scores.parts:
             return  # this peer reduced nothing (a client-mode peer): nobody to score
+        # in the averager's process: never wait at exit for the peer to read what is still queued (a full pipe
+        # would hang the shutdown); unread scores of a leaving peer are worth nothing
+        self._round_scores.cancel_join_thread()
         try:
             self._round_scores.put_nowait(scores)
         except queue.Full:

@@ -44,7 +44,9 @@ MAX_CLOCK_SKEW = 60.0
 # Not "progress": hivemind's ProgressTracker stores its own records under {run_id}_progress, signed with the same
 # process-wide RSA key (the same subkey), so a ProgressRecord there overwrites the tracker's entry and the schema
 # refuses the tracker's: peers stop seeing each other ("swarm 0 peers"; seen in tests/peer/test_byzantine.py).
-PROGRESS_FIELD = "progress_records"  # LEAD (uncommitted, merged on main): hivemind's ProgressTracker owns {run_id}_progress
+PROGRESS_FIELD = (
+    "progress_records"  # LEAD (uncommitted, merged on main): hivemind's ProgressTracker owns {run_id}_progress
+)
 # config entries that change nothing about the trained weights, left out of the fingerprint
 VOLATILE_CONFIG_KEYS = frozenset(
     {

@@ -10,6 +10,7 @@ only says what its owner claims: readers combine many owners' records (monitor/s
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 
 import pydantic.v1 as pydantic
@@ -24,7 +25,10 @@ from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, FromTheFuture, Reject
 SCORES_FIELD = "scores"
 MAX_SCORED_PEERS = 32  # senders per record: ~60 bytes each keeps a record under MAX_SCORE_RECORD_BYTES
 MAX_SCORE_RECORD_BYTES = 4096
-PEER_ID_MAX_LENGTH = 64  # a base58 libp2p peer id is 46-52 characters
+PEER_ID_MAX_LENGTH = 64
+# A record covers this peer's last rounds, not only the last epoch's: in one epoch an attacker may share no scored
+# group with this reducer (a group of two is not scored), and the monitor reads only each reporter's latest record.
+SCORE_WINDOW_ROUNDS = 10  # a base58 libp2p peer id is 46-52 characters
 
 PeerIdText = pydantic.constr(
     min_length=1, max_length=PEER_ID_MAX_LENGTH, regex=r"^[1-9A-HJ-NP-Za-km-z]+$", strict=True
@@ -64,9 +68,22 @@ def scores_key(run_id: str) -> str:
     return f"{run_id}_{SCORES_FIELD}"
 
 
+class ScoreWindow:
+    """The last SCORE_WINDOW_ROUNDS rounds this peer reduced and scored, and the record they make."""
+
+    def __init__(self, size: int = SCORE_WINDOW_ROUNDS):
+        self.rounds: deque[RoundScores] = deque(maxlen=size)
+
+    def add(self, rounds: Iterable[RoundScores]) -> None:
+        self.rounds.extend(round_scores for round_scores in rounds if round_scores.scores)
+
+    def record(self, epoch: int) -> ScoreRecord | None:
+        return epoch_record(epoch, self.rounds)
+
+
 def epoch_record(epoch: int, rounds: Iterable[RoundScores]) -> ScoreRecord | None:
-    """One epoch's record from the rounds this peer reduced: each sender's mean score over the rounds that scored
-    it, the highest MAX_SCORED_PEERS kept; None if no round was reduced."""
+    """A record from the rounds this peer reduced: each sender's mean score over the rounds that scored it, the
+    highest MAX_SCORED_PEERS kept; None if no round scored anyone."""
     rounds = list(rounds)
     totals: dict[str, list[float]] = {}
     for round_scores in rounds:
@@ -74,6 +91,7 @@ def epoch_record(epoch: int, rounds: Iterable[RoundScores]) -> ScoreRecord | Non
             totals.setdefault(peer_id, []).append(score)
     if not totals:
         return None
+    rounds = [round_scores for round_scores in rounds if round_scores.scores]
     means = {peer_id: min(sum(values) / len(values), MAX_SCORE) for peer_id, values in totals.items()}
     highest = sorted(means.items(), key=lambda item: -item[1])[:MAX_SCORED_PEERS]
     return ScoreRecord(epoch=epoch, time=float(get_dht_time()), rounds=len(rounds), scores=dict(highest))

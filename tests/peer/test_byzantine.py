@@ -17,7 +17,7 @@ import torch
 from monitor.suspicion import suspects
 from peer.hivemind_gaps.update_guard import WARMUP
 from peer.swarm.scores import fetch_scores
-from tests.harness import GroupProcess, wait_until
+from tests.harness import GroupProcess, wait_until, wait_until_or_none
 from tests.peer.conftest import PEER_FLAGS, RUN_ID
 
 pytestmark = [pytest.mark.slow]
@@ -138,7 +138,12 @@ def test_a_sign_flipper_is_outvoted_and_flagged(swarm):
     )
     assert at_end < max(2 * at_start, 0.01)
 
-    ranked = suspects(fetch_scores(swarm.dht, RUN_ID, limit=64).values())
+    def attacker_first():
+        ranked = suspects(fetch_scores(swarm.dht, RUN_ID, limit=64).values())
+        return ranked if ranked and ranked[0].peer_id == attacker.peer_id() else None
+
+    # what the monitor reads each refresh: the reporters' latest records, each over their last rounds
+    ranked = wait_until_or_none(attacker_first, 60) or suspects(fetch_scores(swarm.dht, RUN_ID, limit=64).values())
     print("suspects: " + ", ".join(f"{row.peer_id[-8:]} {row.suspicion:.3g} ({row.reporters})" for row in ranked))
     honest_ids = {honest_peer_id(swarm.peers[name]) for name in HONEST}
     assert ranked[0].peer_id == attacker.peer_id() and ranked[0].suspicious, ranked

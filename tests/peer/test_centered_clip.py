@@ -115,14 +115,27 @@ def test_the_reducer_returns_the_robust_average_and_scores_each_sender():
 
 def test_the_reducer_scores_nothing_for_a_sender_that_failed():
     async def reduce() -> tuple[torch.Tensor, dict[int, float]]:
-        reducer = CenteredClipReducer([torch.Size([DIM])], 3, ClipSettings())
-        reducer.on_sender_failed(2)
+        reducer = CenteredClipReducer([torch.Size([DIM])], 4, ClipSettings())
+        reducer.on_sender_failed(3)
+        parts = honest_parts(3)
+        results = await asyncio.gather(*(reducer.accumulate_part(i, 0, parts[i]) for i in range(3)))
+        return results[0], reducer.mean_scores()
+
+    result, scores = asyncio.run(reduce())
+    assert torch.allclose(result, centered_clip(honest_parts(3), torch.ones(3)).centre) and set(scores) == {0, 1, 2}
+
+
+def test_two_senders_are_averaged_but_not_scored():
+    """Each of two senders is as far from their midpoint: no majority can tell which one lies."""
+
+    async def reduce() -> tuple[torch.Tensor, dict[int, float]]:
+        reducer = CenteredClipReducer([torch.Size([DIM])], 2, ClipSettings())
         parts = honest_parts(2)
         results = await asyncio.gather(*(reducer.accumulate_part(i, 0, parts[i]) for i in range(2)))
         return results[0], reducer.mean_scores()
 
     result, scores = asyncio.run(reduce())
-    assert torch.allclose(result, honest_parts(2).mean(dim=0), atol=1e-5) and set(scores) == {0, 1}
+    assert torch.allclose(result, honest_parts(2).mean(dim=0), atol=1e-5) and scores == {}
 
 
 def reduce_one_part(make_reducer, parts: torch.Tensor) -> torch.Tensor:

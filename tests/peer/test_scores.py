@@ -17,7 +17,15 @@ from peer.hivemind_gaps.robust_allreduce import RoundScores
 from peer.swarm.centered_clip import MAX_SCORE
 from peer.swarm.progress import progress_key
 from peer.swarm.run_record import run_validators
-from peer.swarm.scores import MAX_SCORED_PEERS, ScoreRecord, epoch_record, fetch_scores, publish_scores, scores_key
+from peer.swarm.scores import (
+    MAX_SCORED_PEERS,
+    ScoreRecord,
+    ScoreWindow,
+    epoch_record,
+    fetch_scores,
+    publish_scores,
+    scores_key,
+)
 
 RUN = "scores-run"
 HONEST_ID = "12D3KooWNij6fPTbCX4pNDvvw1JSkjP7W1i7RKj2pkLTmEbzWbaN"
@@ -72,6 +80,16 @@ def test_an_epoch_record_keeps_the_highest_scores_averaged_over_rounds():
     assert epoch_record(7, []) is None
     many = [RoundScores({fake_id(index): float(index) for index in range(1, 60)}, 1, 0.0, 0.0)]
     assert len(epoch_record(1, many).scores) == MAX_SCORED_PEERS and min(epoch_record(1, many).scores.values()) > 20
+
+
+def test_a_window_keeps_the_last_rounds_that_scored_anyone():
+    window = ScoreWindow(size=3)
+    window.add([RoundScores({ATTACKER_ID: 1000.0, HONEST_ID: 1.0}, 2, 0.0, 0.0)])
+    window.add([RoundScores({}, 2, 0.0, 0.0)] * 5)  # groups of two: averaged, not scored, not kept
+    window.add([RoundScores({HONEST_ID: 1.0}, 2, 0.0, 0.0)] * 2)
+    assert window.record(9).scores == {ATTACKER_ID: 1000.0, HONEST_ID: 1.0} and window.record(9).rounds == 3
+    window.add([RoundScores({HONEST_ID: 1.0}, 2, 0.0, 0.0)])
+    assert window.record(10).scores == {HONEST_ID: 1.0}  # the attacker's round left the window
 
 
 def test_one_lying_reporter_neither_frames_nor_clears():
