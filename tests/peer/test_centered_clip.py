@@ -12,6 +12,7 @@ from hivemind.averaging.partition import TensorPartReducer
 from peer.hivemind_gaps.robust_allreduce import CenteredClipReducer
 from peer.swarm.centered_clip import MAX_SCORE, ClipSettings, centered_clip, coordinate_median
 from peer.swarm.config import OptimConfig
+from tests.peer import byzantine
 
 DIM = 4096
 
@@ -164,3 +165,22 @@ def test_the_aggregation_setting_is_checked_and_mean_by_default():
     assert OptimConfig(aggregation="centered-clip").aggregation == "centered-clip"
     with pytest.raises(ValueError, match="aggregation must be one of"):
         OptimConfig(aggregation="median")
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "constant", "gaussian"])
+def test_each_attack_of_the_test_attacker_is_finite_and_1000x_the_honest_norm(attack):
+    """tests/peer/byzantine.py's corruptions on a real model's gradient: outside the honest spread by the same
+    factor, finite (they pass hivemind's and the update guard's finiteness checks), the constant one fixed."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    model(torch.randn(32, 16)).square().mean().backward()
+    honest = [param.grad.clone() for param in model.parameters()]
+    direction = byzantine.unit_direction(model, seed=1)
+    byzantine.corrupt(model, attack, 1000.0, direction)
+    sent = [param.grad.clone() for param in model.parameters()]
+    ratio = byzantine.gradient_norm(model) / float(torch.sqrt(sum((grad**2).sum() for grad in honest)))
+    assert all(torch.isfinite(grad).all() for grad in sent) and 800 < ratio < 1200, ratio
+    if attack == "sign-flip":
+        assert all(torch.equal(grad, -1000 * before) for grad, before in zip(sent, honest))
+    if attack == "constant":
+        cosine = sum((grad * fixed).sum() for grad, fixed in zip(sent, direction)) / byzantine.gradient_norm(model)
+        assert float(cosine) > 0.999

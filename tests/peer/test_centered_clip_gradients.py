@@ -126,4 +126,6 @@ def test_time_per_round_against_hiveminds_mean(gradients):
         f"{PEERS} senders x {values} values in {len(shapes)} parts: hivemind mean {mean_seconds * 1e3:.1f} ms, "
         f"CenteredClip {clip_seconds * 1e3:.1f} ms, ratio {clip_seconds / mean_seconds:.1f}x"
     )
-    assert clip_seconds < 5.0  # a tiny round's all-reduce takes seconds; the precise share is the swarm test's
+    # both slow down alike on a loaded machine (measured 25x with torch.sort, 7.7x with the sorting network); the
+    # share of a round's time is what matters, printed by tests/peer/test_byzantine.py (2.1%)
+    assert clip_seconds / mean_seconds < 30
