@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from monitor.aggregate import EMPTY_SNAPSHOT, SwarmSnapshot
+from monitor.suspicion import Suspect
 
 MAX_REFUSED_PEERS = 64  # refused peers shown (API); a stranger can make any number of keys, so the rest are counted
 
@@ -37,6 +38,7 @@ class LiveState:
     last_refresh: float = 0.0  # wall time of the last successful refresh (0: none yet)
     refresh_errors: int = 0  # refreshes (or run-loop turns) that failed for any reason, since this monitor started
     state_epoch: int = -1  # epoch of the training state this monitor holds and shares (-1: none)
+    suspects: tuple[Suspect, ...] = ()  # senders the robust reducers scored, most suspicious first (bounded)
     started_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -68,6 +68,11 @@ class SwarmCollector(Collector):
         yield _gauge(
             "albert_monitor_last_refresh_timestamp_seconds", "Unix time of the last refresh.", live.last_refresh
         )
+        yield _gauge(
+            "albert_swarm_suspicious_peers",
+            "Senders whose median score from the robust reducers is above the suspicion threshold.",
+            sum(suspect.suspicious for suspect in live.suspects),
+        )
         yield from self._checkpoint_metrics()
         yield from self._peer_metrics()
 
@@ -101,6 +106,14 @@ class SwarmCollector(Collector):
                 epoch.add_metric([row.peer_id], row.epoch)
         yield speed
         yield epoch
+        suspicion = GaugeMetricFamily(
+            PER_PEER_PREFIX + "suspicion",
+            "Median score the robust reducers gave one sender (libp2p peer id): honest about 1, attackers far above.",
+            labels=["peer_id"],
+        )
+        for suspect in self.live.suspects:
+            suspicion.add_metric([suspect.peer_id], suspect.suspicion)
+        yield suspicion
 
 
 class SwarmLevelView:

@@ -28,7 +28,7 @@ from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
 from monitor.manifest_server import ManifestServer, run_manifest, tokenizer_dir
 from monitor.metrics import make_registry
-from monitor.records import monitor_validators, read_progress
+from monitor.records import monitor_validators, read_progress, read_suspects
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
 from peer.hivemind_gaps.averager_guard import MembershipCheck
@@ -274,6 +274,7 @@ class Monitor:
         self.history.record(snapshot)  # first: a refresh that cannot save its snapshot is not a successful one
         self._count_contributions(snapshot)
         self.live.update(snapshot, snapshot.invalid_records, read.refused, by_reason, read.refused_count)
+        self.live.suspects = read_suspects(self.dht, self.swarm.run_id)
         self._keep_state(snapshot)
 
     def _count_contributions(self, snapshot: SwarmSnapshot) -> None:

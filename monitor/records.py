@@ -1,4 +1,5 @@
-"""What the monitor reads from the DHT: the peers' progress records, with every refused record counted and logged.
+"""What the monitor reads from the DHT: the peers' progress records, with every refused record counted and logged,
+and the robust reducers' score records (read_suspects).
 
 Forged (bad signature), oversized, malformed (schema-violating), out-of-range and future-dated records are refused by
 the validators of the monitor's own DHT node, whether a peer tries to store them there or another node serves them,
@@ -19,6 +20,7 @@ from hivemind.dht.validation import RecordValidatorBase
 
 from monitor.aggregate import MAX_PEER_ROWS, PeerProgress
 from monitor.live import MAX_REFUSED_PEERS
+from monitor.suspicion import Suspect, suspects
 from peer.swarm.progress import (
     PROTOCOL_VERSION,
     ProgressRecord,
@@ -28,6 +30,7 @@ from peer.swarm.progress import (
     peer_label,
 )
 from peer.swarm.run_record import run_validators
+from peer.swarm.scores import fetch_scores
 
 logger = logging.getLogger(__name__)
 MAX_RECORDS_PER_READ = MAX_PEER_ROWS  # subkeys parsed per read; more would not fit the peers table anyway
@@ -116,3 +119,10 @@ def read_progress(dht: DHT, run_id: str, model_hash: str, known: Callable[[str],
             )
         )
     return result
+
+
+def read_suspects(dht: DHT, run_id: str) -> tuple[Suspect, ...]:
+    """The senders the run's robust reducers scored, most suspicious first; unparsable score records are counted
+    with the refused records (at most MAX_RECORDS_PER_READ reporters read)."""
+    records = fetch_scores(dht, run_id, MAX_RECORDS_PER_READ, rejected_records(run_id))
+    return tuple(suspects(records.values()))

@@ -214,6 +214,11 @@ def create_app(
             raise HTTPException(404, f"no contributor {peer_id}")
         return found
 
+    @app.get("/api/suspects", dependencies=members, responses=member_errors)
+    def api_suspects() -> list[dict]:
+        """Senders scored by the robust reducers (--aggregation centered-clip), most suspicious first."""
+        return [suspect.as_dict() for suspect in live.suspects]
+
     @app.get("/api/checkpoints", dependencies=members, responses=member_errors)
     def checkpoints(
         request: Request, limit: int = Query(100, ge=1, le=1000, description="The newest this many")

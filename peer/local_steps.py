@@ -123,6 +123,10 @@ class LocalStepsSwarm:
         if self.tracker.ready_to_update_epoch:
             self._outer_round()
 
+    def take_round_scores(self) -> list:
+        """None: the outer all-reduce takes the mean (centered-clip is refused with --local-steps, OptimConfig)."""
+        return []
+
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
 

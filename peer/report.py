@@ -22,6 +22,7 @@ from peer.swarm.progress import (
     publish_progress,
     software_version,
 )
+from peer.swarm.scores import ScoreWindow, publish_scores
 from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class PeerMetrics:
             "albert_peer_skipped_batches", "Batches skipped for a non-finite loss or gradient"
         )
         self.recoveries = counter("albert_peer_recoveries", "Times parameters were reloaded after becoming non-finite")
+        self.aggregation_seconds = counter(
+            "albert_peer_robust_aggregation_seconds", "Seconds this peer spent in CenteredClip on the parts it reduced"
+        )
 
     def watch_training(self, training: TrainingMode) -> None:
         """Export what the training mode's guards refused (read at each scrape: the counts live in the guards, which
@@ -119,6 +123,7 @@ class Reporter:
         self.line = tqdm(bar_format="{desc}", disable=None, dynamic_ncols=True)  # no line when not on a terminal
         self.record: ProgressRecord | None = None
         self.last_published, self.last_status = -float("inf"), ""
+        self.score_window = ScoreWindow()  # the sender scores of the last rounds this peer reduced robustly
         metrics.watch_training(training)
         self._start_epoch(training.epoch)
 
@@ -184,6 +189,7 @@ class Reporter:
         applied = f" | update norm {norm:.4g}" if norm is not None else ""  # of the averaged gradient last applied
         logger.info(self._summary() + applied + f" -> epoch {new_epoch}")
         self._claim(record)
+        self._publish_scores(new_epoch)
         self._start_epoch(new_epoch)
 
     def _claim(self, record: ProgressRecord, wait: float = 0.0) -> None:
@@ -220,6 +226,26 @@ class Reporter:
                 stored.result(timeout=wait)
         except Exception as error:  # noqa: BLE001 -- reporting must never stop training
             logger.warning(f"Could not publish the progress record: {error!r}")
+
+    def _publish_scores(self, epoch: int) -> None:
+        """Publish the scores this peer gave the senders it reduced robustly (--aggregation centered-clip)."""
+        rounds = self.training.take_round_scores()
+        self.score_window.add(rounds)
+        record = self.score_window.record(epoch)
+        if record is None or not rounds:
+            return
+        seconds = sum(round_scores.aggregation_seconds for round_scores in rounds)
+        parts = sum(round_scores.parts for round_scores in rounds)
+        self.metrics.aggregation_seconds.inc(seconds)
+        worst = max(record.scores.items(), key=lambda item: item[1])
+        logger.info(
+            f"Robust aggregation: {parts} parts of {len(rounds)} round(s) in {seconds * 1e3:.1f} ms; "
+            f"highest sender score {worst[1]:.3g} ({worst[0]})"
+        )
+        try:  # in the background, like the progress record
+            publish_scores(self.dht, self.run_id, record, self.record_expiration, wait=False)
+        except Exception as error:  # noqa: BLE001 -- reporting must never stop training
+            logger.warning(f"Could not publish the sender scores: {error!r}")
 
     def close(self) -> None:
         """Publish the totals of the unfinished epoch (the last words of a clean leave), then close the line."""

@@ -39,6 +39,7 @@ from typing import Protocol, runtime_checkable
 import hivemind
 import torch
 
+from peer.hivemind_gaps.robust_allreduce import RobustAggregation, RoundScores
 from peer.hivemind_gaps.update_guard import UpdateGuard
 from peer.swarm.optimizer import download_state
 
@@ -69,6 +70,10 @@ class TrainingMode(Protocol):
     def refused_states(self) -> int: ...
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None: ...
+
+    def take_round_scores(self) -> list[RoundScores]:
+        """Sender scores of the all-reduce rounds this peer reduced robustly since the last call ([] with mean)."""
+        ...
 
     def zero_grad(self) -> None: ...
 
@@ -120,6 +125,10 @@ class SynchronousSwarm:
     @property
     def refused_states(self) -> int:
         return getattr(self.optimizer.state_averager, "refused_states", 0)
+
+    def take_round_scores(self) -> list[RoundScores]:
+        averager = self.optimizer.grad_averager
+        return averager.take_round_scores() if isinstance(averager, RobustAggregation) else []
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
         if scaler is None:

@@ -103,6 +103,23 @@ function renderCheckpoints(checkpoints) {
   }
 }
 
+// Robust aggregation's scores: a section of its own, shown once a reducer has scored anyone (open runs; a closed
+// run's are for members, GET /api/suspects with a token).
+function renderSuspects(suspects) {
+  document.getElementById("suspects").hidden = suspects.length === 0;
+  const body = document.querySelector("#suspects-table tbody");
+  body.replaceChildren();
+  for (const suspect of suspects) {
+    const row = body.insertRow();
+    row.className = suspect.suspicious ? "suspicious" : "";
+    row.dataset.peerId = suspect.peer_id;
+    cell(row, suspect.peer_id.slice(-12)).title = suspect.peer_id;
+    cell(row, formatNumber(suspect.suspicion), "num");
+    cell(row, suspect.reporters, "num");
+    cell(row, suspect.suspicious ? "suspicious" : "ok");
+  }
+}
+
 async function getJson(path) {
   const response = await fetch(path, { cache: "no-store" });
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
@@ -135,6 +152,7 @@ async function refreshMemberData() {
   renderPeers(peers);
   renderCheckpoints(checkpoints);
   renderContributors(contributors);
+  renderSuspects(await getJson("/api/suspects"));
 }
 
 async function refresh() {

@@ -77,6 +77,14 @@
     outer weights drift apart every round.   --average-state-every epochs)
     Proved on plain hivemind's all-reduce: tests/peer/test_pseudo_gradient_codecs.py (OuterAverager changes only the
       served state); tests/peer/test_local_steps.py::test_outer_weights_agree_after_each_round shows the re-sync
+15  No robust aggregation: each reducer's    robust_allreduce.py:                aggregates parts robustly, or
+    TensorPartReducer sums every sender's    CenteredClipReducer (hivemind's     takes a reducer factory
+    part, so one member drags the average    accumulate_part, keeping parts),
+    anywhere with finite values.             RobustAllReduceRunner,
+                                             RobustAggregation._run_allreduce_inplace_ (hivemind's body, our runner)
+    Proved on plain hivemind: tests/peer/test_centered_clip.py::
+      test_hiveminds_reducer_lets_one_sender_drag_the_average (tests/peer/test_byzantine.py shows CenteredClip in a
+      real swarm)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

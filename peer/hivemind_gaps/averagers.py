@@ -12,6 +12,8 @@ Each class extends the one before it, so a gap closed for one is closed for the 
 - ``OuterAverager`` (local-steps mode, peer/local_steps.py): all-reduces pseudo-gradients, serves the outer state a
   callable gives, checks downloaded states and cancels its rounds like the others; ``GuardedOuterAverager`` answers
   run members only.
+- ``RobustGradientAverager`` and ``GuardedRobustGradientAverager`` (``--aggregation centered-clip``): the parts this
+  peer reduces are aggregated with CenteredClip and their senders scored (robust_allreduce.py).
 
 Mixin order matters: a mixin that overrides ``step`` or ``get_current_state`` comes before TrainingStateAverager,
 one that TrainingStateAverager must call through (CheckedDownloads, CancellableRounds) after it.
@@ -27,6 +29,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from peer.hivemind_gaps.averager_guard import GuardedAveragerMixin
 from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
 from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
+from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
 
 
@@ -79,3 +82,11 @@ class OuterAverager(HivemindHandleNames, CheckedDownloads, CancellableRounds):
 
 class GuardedOuterAverager(GuardedAveragerMixin, OuterAverager):
     """The local-steps averager of a closed run: averages with and serves run members only (pass ``membership=``)."""
+
+
+class RobustGradientAverager(HivemindHandleNames, RobustAggregation, GradientAverager):
+    """hivemind's GradientAverager reducing its parts with CenteredClip (pass ``clip_settings=``, optional)."""
+
+
+class GuardedRobustGradientAverager(HivemindHandleNames, GuardedAveragerMixin, RobustAggregation, GradientAverager):
+    """The closed run's GradientAverager (run members only) reducing its parts with CenteredClip."""

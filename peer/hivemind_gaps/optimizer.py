@@ -82,14 +82,16 @@ class GuardedOptimizer(SwarmOptimizer):
 
     Args:
         membership: the membership check of this peer.
+        grad_averager_class: the gradient averager (a guarded one: GuardedGradientAverager or
+            GuardedRobustGradientAverager).
         kwargs: passed to ``hivemind.Optimizer``.
     """
 
     state_averager_class = GuardedTrainingStateAverager
 
-    def __init__(self, *, membership: MembershipCheck, **kwargs):
+    def __init__(self, *, membership: MembershipCheck, grad_averager_class=GuardedGradientAverager, **kwargs):
         self._membership = membership
-        super().__init__(grad_averager_factory=partial(GuardedGradientAverager, membership=membership), **kwargs)
+        super().__init__(grad_averager_factory=partial(grad_averager_class, membership=membership), **kwargs)
 
     def _state_averager_options(self) -> dict:
         return {"membership": self._membership}

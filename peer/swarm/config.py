@@ -15,6 +15,7 @@ from peer.swarm.flags import require_non_negative, require_positive, scoped
 from peer.swarm.run_key import normalize_fingerprint
 
 COMPRESSIONS = ("none", "fp16", "scaled-fp16")
+AGGREGATIONS = ("mean", "centered-clip")
 
 
 # with --join, the run id and run key come from the join string; --initial-peers adds to its peers
@@ -99,6 +100,9 @@ class OptimConfig:
         inner_optimizer: Inner optimizer of local-steps mode: lamb (--optimizer's) or adamw (DiLoCo's; its update
             does not scale with the weights' norm, LAMB's does and the outer momentum compounds it); with adamw,
             --learning-rate is AdamW's.
+        aggregation: How each peer reducing a part of the gradient all-reduce combines the members' parts: mean
+            (hivemind's weighted mean) or centered-clip (robust to a minority of Byzantine members, who are scored;
+            docs/robust-aggregation.md). Run-wide: a mean reducer averages attackers in.
     """
 
     target_batch_size: int = 4096
@@ -134,6 +138,8 @@ class OptimConfig:
         """How the swarm trains: "synchronous" (one all-reduced gradient per epoch) or "local-steps" (DiLoCo)."""
         return "local-steps" if self.local_steps else "synchronous"
 
+    aggregation: Literal["mean", "centered-clip"] = "mean"
+
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
         require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")
@@ -144,6 +150,8 @@ class OptimConfig:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
         if self.inner_optimizer not in ("lamb", "adamw"):
             raise ValueError(f"inner_optimizer must be lamb or adamw, got {self.inner_optimizer!r}")
+        if self.local_steps and self.aggregation != "mean":
+            raise ValueError("--aggregation centered-clip works in the synchronous mode only: drop it or --local-steps")
         if self.local_steps and self.delay_optimizer_step:
             raise ValueError("--local-steps takes no --delay-optimizer-step (its outer round is not delayed yet)")
         if self.warmup_epochs > self.total_epochs:
@@ -153,6 +161,8 @@ class OptimConfig:
                 raise ValueError(f"{name} must be one of {COMPRESSIONS}, got {getattr(self, name)!r}")
         if self.delay_grad_averaging and not self.delay_optimizer_step:
             raise ValueError("--delay-grad-averaging needs --delay-optimizer-step")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.optimizer not in ("lamb", "lamb-8bit"):
             raise ValueError(f"optimizer must be lamb or lamb-8bit, got {self.optimizer!r}")
         if self.optimizer == "lamb-8bit" and self.offload_optimizer:

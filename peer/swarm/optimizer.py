@@ -16,6 +16,7 @@ from hivemind.compression import CompressionBase, Float16Compression, NoCompress
 from transformers import get_linear_schedule_with_warmup
 
 from peer.hivemind_gaps.averager_guard import MembershipCheck
+from peer.hivemind_gaps.averagers import GuardedRobustGradientAverager, RobustGradientAverager
 from peer.hivemind_gaps.bounded_download import StateDownloadFailed
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.update_guard import UpdateGuard
@@ -122,6 +123,18 @@ def averaged_statistics(optim: OptimConfig) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq") if optim.optimizer == "lamb" else ()
 
 
+def optimizer_with_averagers(
+    optim: OptimConfig, membership: MembershipCheck | None
+) -> Callable[..., hivemind.Optimizer]:
+    """The optimizer class, its gradient averager chosen: guarded in a closed run, robust with centered-clip."""
+    robust = optim.aggregation == "centered-clip"
+    if membership is None:
+        return partial(SwarmOptimizer, grad_averager_factory=RobustGradientAverager) if robust else SwarmOptimizer
+    if robust:
+        return partial(GuardedOptimizer, membership=membership, grad_averager_class=GuardedRobustGradientAverager)
+    return partial(GuardedOptimizer, membership=membership)
+
+
 def build_optimizer(
     dht: hivemind.DHT,
     model: torch.nn.Module,
@@ -136,7 +149,7 @@ def build_optimizer(
     by hivemind 1.1.12. The state it serves to joiners is always one epoch's (see peer/hivemind_gaps/consistent_state.py); in a
     closed run (``membership`` given) its averagers serve run members only.
     """
-    optimizer_class = SwarmOptimizer if membership is None else partial(GuardedOptimizer, membership=membership)
+    optimizer_class = optimizer_with_averagers(optim, membership)
     guard = UpdateGuard()  # shared by every optimizer hivemind builds from the factory; read by the metrics
     optimizer = optimizer_class(
         dht=dht,

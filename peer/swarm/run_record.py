@@ -17,8 +17,9 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from peer.swarm.progress import PROTOCOL_VERSION, local_public_key, make_validators
+from peer.swarm.progress import PROTOCOL_VERSION, RecordSizeValidator, local_public_key, make_validators
 from peer.swarm.run_key import PUBLIC_HEX_CHARS, SIGNATURE_HEX_CHARS, RunKey, fingerprint_of, verify_signature
+from peer.swarm.scores import MAX_SCORE_RECORD_BYTES, ScoresSchema, scores_key
 
 RUN_FIELD = "run"
 
@@ -64,8 +65,14 @@ def run_key(run_id: str) -> str:
 
 
 def run_validators(run_id: str) -> list[RecordValidatorBase]:
-    """Every validator of the run's DHT records: progress schema, size limit, signatures, and the run record's schema."""
-    return [*make_validators(run_id), SchemaValidator(RunSchema, prefix=run_id)]
+    """Every validator of the run's DHT records: progress schema, size limit, signatures, the run record's schema, and
+    the score records' schema and size limit (scores.py)."""
+    return [
+        *make_validators(run_id),
+        SchemaValidator(RunSchema, prefix=run_id),
+        SchemaValidator(ScoresSchema, prefix=run_id),
+        RecordSizeValidator([scores_key(run_id)], MAX_SCORE_RECORD_BYTES),
+    ]
 
 
 def publish_run_record(dht: DHT, run_id: str, record: RunRecord, expiration: float) -> bool:

@@ -28,10 +28,13 @@ from peer.hivemind_gaps.averagers import (
     ConsistentTrainingStateAverager,
     GuardedGradientAverager,
     GuardedOuterAverager,
+    GuardedRobustGradientAverager,
     GuardedTrainingStateAverager,
     OuterAverager,
+    RobustGradientAverager,
 )
 from peer.hivemind_gaps.optimizer import SwarmOptimizer
+from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from tests.harness import REPO, run_cli
 
 INDEX = peer.hivemind_gaps.__doc__
@@ -44,6 +47,7 @@ PRIVATE_METHODS = [
     (TrainingStateAverager, "_update_scheduler"),  # state_check.py FastSchedulerCatchUp
     (DecentralizedAverager, "_load_state_from_peers"),  # state_check.py CheckedDownloads
     (ServicerBase, "_get_handle_name"),  # averagers.py HivemindHandleNames
+    (DecentralizedAverager, "_run_allreduce_inplace_"),  # robust_allreduce.py RobustAggregation
     (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
 ]
 # private attributes set in __init__, found in the class's source
@@ -115,6 +119,12 @@ def test_our_state_averager_gets_the_arguments_hiveminds_does():
     assert theirs and ours == theirs, REVIEW
 
 
+def test_our_allreduce_builds_its_runner_with_the_arguments_hiveminds_does():
+    ours = keyword_arguments(RobustAggregation._run_allreduce_inplace_)
+    theirs = keyword_arguments(DecentralizedAverager._run_allreduce_inplace_)
+    assert theirs and ours == {**theirs, "clip_settings": "self.clip_settings"}, REVIEW
+
+
 def test_a_subclass_of_a_hivemind_averager_renames_its_handlers():
     """Gap 7 on plain hivemind: a subclass's handlers would be ones no plain averager calls."""
 
@@ -135,6 +145,8 @@ def test_a_subclass_of_a_hivemind_averager_renames_its_handlers():
         (GuardedGradientAverager, GradientAverager),
         (OuterAverager, DecentralizedAverager),
         (GuardedOuterAverager, DecentralizedAverager),
+        (RobustGradientAverager, GradientAverager),
+        (GuardedRobustGradientAverager, GradientAverager),
     ],
 )
 def test_our_averagers_serve_and_call_hiveminds_handler_names(ours, hiveminds):

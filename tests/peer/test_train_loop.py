@@ -79,6 +79,9 @@ class FakeSwarm:
     def zero_grad(self) -> None:
         self.sgd.zero_grad(set_to_none=True)
 
+    def take_round_scores(self) -> list:
+        return []  # a mean swarm: nothing reduced robustly
+
     def state_dict(self) -> dict:
         return {"optimizer": self.sgd.state_dict(), "samples": self.samples}
 

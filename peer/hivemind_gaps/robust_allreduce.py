@@ -1,0 +1,205 @@
+"""Robust all-reduce: each reducer of hivemind's butterfly all-reduce aggregates its part with CenteredClip.
+
+hivemind 1.1.12 averages whatever the members send: ``TensorPartReducer.accumulate_part`` adds every sender's part
+into one running sum, so one member moves every peer's gradient as far as it likes. Here ``CenteredClipReducer``
+keeps the received parts of the current part index instead and, once all live senders have sent theirs, returns
+their CenteredClip (peer/swarm/centered_clip.py) and scores each sender on it. ``RobustAllReduceRunner`` is
+hivemind's ``AllReduceRunner`` with that reducer; ``RobustAggregation`` is an averager mixin whose
+``_run_allreduce_inplace_`` (hivemind's, same body) builds that runner, and which hands each round's scores from the
+averager's process to the peer's through a bounded queue.
+
+Everything else of the protocol is hivemind's: senders, deltas, timeouts, bans. A peer running this averages with
+peers running hivemind's mean (the wire format is the same); only the parts it reduces are robust, which is why
+``--aggregation`` is a run-wide setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+from peer.swarm.centered_clip import ClipSettings, centered_clip
+
+logger = logging.getLogger(__name__)
+# Two senders are each as far from their midpoint, the median: both score 1 whoever lies. Only 3 or more can outvote.
+MIN_SENDERS_TO_SCORE = 3
+MAX_QUEUED_ROUNDS = 64  # rounds whose scores wait for the peer to read them; later ones are dropped, not buffered
+
+
+@dataclass
+class RoundScores:
+    """What one reducer saw in one all-reduce round: each sender's mean score over the parts it reduced (keyed by
+    base58 peer id), how many parts, and the seconds CenteredClip took."""
+
+    scores: dict[str, float]
+    parts: int
+    aggregation_seconds: float
+    finished_at: float
+
+
+class CenteredClipReducer(TensorPartReducer):
+    """hivemind's TensorPartReducer that returns the CenteredClip of each part instead of its weighted mean.
+
+    Args:
+        part_shapes: shapes of the parts this peer reduces.
+        num_senders: senders in the group.
+        settings: CenteredClip's settings.
+    """
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, settings: ClipSettings):
+        self.settings = settings
+        self.received: list[tuple[int, torch.Tensor, float]] = []  # (sender, part, weight) of the current part
+        self.score_sums, self.parts_scored = [0.0] * num_senders, [0] * num_senders
+        self.aggregation_seconds, self.parts_reduced = 0.0, 0
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self.received = []
+        super().reset_accumulators()
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        """hivemind's accumulate_part (1.1.12), keeping the part instead of adding it to a sum."""
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await self._wait_for_previous_part()
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.received.append((sender_index, tensor_part, weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    async def _wait_for_previous_part(self) -> None:
+        await asyncio.wait(
+            {self.current_part_future, asyncio.create_task(self.finished.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self.finished.is_set():
+            raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            self.current_part_future.set_result(self._robust_average())
+            self.reset_accumulators()
+
+    def _robust_average(self) -> torch.Tensor:
+        shape = self.part_shapes[self.current_part_index]
+        if not self.received:  # every sender failed: hivemind's mean would be 0/0 too
+            return torch.full(shape, float("nan"))
+        started = time.perf_counter()
+        senders = [sender for sender, _, _ in self.received]
+        parts = torch.stack([part.reshape(-1).float() for _, part, _ in self.received])
+        weights = torch.tensor([float(weight) for _, _, weight in self.received])
+        result = centered_clip(parts, weights, self.settings)
+        if len(senders) >= MIN_SENDERS_TO_SCORE:
+            for sender, score in zip(senders, result.scores):
+                self.score_sums[sender] += score
+                self.parts_scored[sender] += 1
+        self.aggregation_seconds += time.perf_counter() - started
+        self.parts_reduced += 1
+        return result.centre.reshape(shape)
+
+    def mean_scores(self) -> dict[int, float]:
+        """Each sender's mean score over the parts it was scored on (senders of no scored part left out)."""
+        return {
+            sender: total / count
+            for sender, (total, count) in enumerate(zip(self.score_sums, self.parts_scored))
+            if count
+        }
+
+
+class RobustAllReduceRunner(AllReduceRunner):
+    """hivemind's AllReduceRunner whose reducer is a CenteredClipReducer (built with ``clip_settings``)."""
+
+    def __init__(self, *, clip_settings: ClipSettings, **kwargs):
+        super().__init__(**kwargs)
+        # nothing ran yet: the runner's tasks start when it is iterated, so the mean reducer is simply replaced
+        self.tensor_part_reducer = CenteredClipReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), clip_settings
+        )
+
+    def round_scores(self) -> RoundScores:
+        reducer = self.tensor_part_reducer
+        scores = {self.sender_peer_ids[index].to_base58(): score for index, score in reducer.mean_scores().items()}
+        return RoundScores(scores, reducer.parts_reduced, reducer.aggregation_seconds, get_dht_time())
+
+
+class RobustAggregation:
+    """Averager mixin: the parts this peer reduces are aggregated with CenteredClip, and each round's sender scores
+    can be read with ``take_round_scores`` from the process that built the averager.
+
+    Args:
+        clip_settings: CenteredClip's settings (its defaults if None).
+        kwargs: passed to the hivemind averager.
+    """
+
+    def __init__(self, *args, clip_settings: ClipSettings | None = None, **kwargs):
+        self.clip_settings = clip_settings or ClipSettings()
+        # made before hivemind forks the averager's process (in super().__init__), which puts into it
+        self._round_scores: multiprocessing.Queue = multiprocessing.Queue(maxsize=MAX_QUEUED_ROUNDS)
+        super().__init__(*args, **kwargs)
+
+    def take_round_scores(self) -> list[RoundScores]:
+        """The rounds reduced since the previous call, oldest first (thread-safe, never blocks)."""
+        rounds = []
+        while True:
+            try:
+                rounds.append(self._round_scores.get_nowait())
+            except queue.Empty:
+                return rounds
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
+        """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12) with a RobustAllReduceRunner."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = RobustAllReduceRunner(
+            clip_settings=self.clip_settings,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+        self._report(runner)
+
+    def _report(self, runner: RobustAllReduceRunner) -> None:
+        scores = runner.round_scores()
+        if not scores.parts:
+            return  # this peer reduced nothing (a client-mode peer): nobody to score
+        # in the averager's process: never wait at exit for the peer to read what is still queued (a full pipe
+        # would hang the shutdown); unread scores of a leaving peer are worth nothing
+        self._round_scores.cancel_join_thread()
+        try:
+            self._round_scores.put_nowait(scores)
+        except queue.Full:
+            logger.debug("Sender scores not read by the peer: dropping a round's")
