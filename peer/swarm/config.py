@@ -151,7 +151,9 @@ class OptimConfig:
         if self.inner_optimizer not in ("lamb", "adamw"):
             raise ValueError(f"inner_optimizer must be lamb or adamw, got {self.inner_optimizer!r}")
         if self.local_steps and self.aggregation != "mean":
-            raise ValueError("--aggregation centered-clip works in the synchronous mode only: drop it or --local-steps")
+            raise ValueError(
+                "--aggregation centered-clip works in the synchronous mode only: drop it or --local-steps"
+            )
         if self.local_steps and self.delay_optimizer_step:
             raise ValueError("--local-steps takes no --delay-optimizer-step (its outer round is not delayed yet)")
         if self.warmup_epochs > self.total_epochs:
