@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from monitor.history import CheckpointEntry, History
+from peer.swarm.manifest import sha256_file
 from peer.swarm.run_key import RunKey, verify_signature
 from peer.swarm.run_record import PROTOCOL_VERSION
 
@@ -48,14 +49,6 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:06d}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def epochs_to_keep(epochs: Iterable[int], keep: int, keep_every: int, newest_good: int | None = None) -> set[int]:
     """Retention: the newest `keep` epochs plus every epoch divisible by `keep_every` (0 disables the latter), and
     always `newest_good` (the newest verified checkpoint), whatever is damaged or newer."""
@@ -71,7 +64,7 @@ def epochs_to_keep(epochs: Iterable[int], keep: int, keep_every: int, newest_goo
 def project_code_sha256() -> dict[str, str]:
     """The sha256 of this project's model code files, as save_pretrained writes them into a checkpoint."""
     package = Path(importlib.util.find_spec("model").origin).parent  # found, not imported: torch is slow to load
-    return {name: sha256_of(package / name) for name in CODE_FILES}
+    return {name: sha256_file(package / name) for name in CODE_FILES}
 
 
 def code_version(code: dict[str, str]) -> str:
@@ -83,7 +76,7 @@ def write_manifest(directory: Path, run_key: RunKey | None = None, **fields) -> 
     """Record the size and sha256 of every file under `directory` (manifest and signature excluded); sign it."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, SIGNATURE)):
-        files[path.relative_to(directory).as_posix()] = {"sha256": sha256_of(path), "size": path.stat().st_size}
+        files[path.relative_to(directory).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     code = {name: files[name]["sha256"] for name in CODE_FILES if name in files}
     signer = {} if run_key is None else {"run_key": run_key.public_hex}  # named before signing: written once
     manifest = {"format": 1, "protocol": PROTOCOL_VERSION, **fields, **signer, "model_code": code, "files": files}
@@ -128,7 +121,7 @@ def verify_directory(directory: Path) -> str | None:
                 return f"{MANIFEST} in {directory} lists {relative!r}, outside the checkpoint"
             if not path.is_file() or path.stat().st_size != expected["size"]:
                 return f"{path} is missing or has the wrong size"
-            if sha256_of(path) != expected["sha256"]:
+            if sha256_file(path) != expected["sha256"]:
                 return f"{path} does not match its sha256 in {MANIFEST}"
     except (AttributeError, KeyError, TypeError) as error:
         return f"malformed {MANIFEST} in {directory}: {error!r}"
@@ -149,7 +142,7 @@ def write_archive(directory: Path, archive: Path) -> str:
             else:
                 tar.addfile(info)
     _fsync(archive)
-    return sha256_of(archive)
+    return sha256_file(archive)
 
 
 def _fsync(path: Path) -> None:
@@ -305,7 +298,7 @@ class CheckpointStore:
         if problem is None and not archive.is_file():
             problem = f"{archive} is missing"
         if problem is None and (
-            archive.stat().st_size != entry.archive_size or sha256_of(archive) != entry.archive_sha256
+            archive.stat().st_size != entry.archive_size or sha256_file(archive) != entry.archive_sha256
         ):
             problem = f"{archive} does not match its recorded size and sha256"
         return problem

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from monitor.checkpoint import MANIFEST, sha256_of, write_manifest
+from monitor.checkpoint import MANIFEST, sha256_file, write_manifest
 from monitor.checkpoint_trust import UntrustedCheckpoint, verify_checkpoint
 from monitor.safe_tar import UnsafeArchive, extract_checkpoint
 from peer.swarm.run_key import normalize_fingerprint
@@ -93,7 +93,7 @@ def download(
         archive = tmp / "checkpoint.tar"
         got_epoch, expected = _fetch(url, archive, headers, timeout, max_size)
         listed = listing.get(got_epoch, {})
-        actual = sha256_of(archive)
+        actual = sha256_file(archive)
         if not expected or actual != expected or (listed.get("sha256") and listed["sha256"] != actual):
             raise CheckpointError(f"archive sha256 {actual} does not match the monitor's {expected or listed}")
         unpacked = tmp / "unpacked"

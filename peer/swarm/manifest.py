@@ -39,6 +39,7 @@ def canonical(value) -> bytes:
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in blocks (tokenizer files here, checkpoint files in monitor/checkpoint.py)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

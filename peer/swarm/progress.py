@@ -83,6 +83,14 @@ class UnprintableName(pydantic.PydanticValueError):
     msg_template = "the name {reason}"
 
 
+def not_ahead_of_this_clock(time: float) -> float:
+    """A signed record's time, unless it is further ahead of this node's clock than MAX_CLOCK_SKEW (FromTheFuture)."""
+    ahead = time - get_dht_time()
+    if ahead > MAX_CLOCK_SKEW:
+        raise FromTheFuture(ahead=ahead, skew=MAX_CLOCK_SKEW)
+    return time
+
+
 class ProgressRecord(pydantic.BaseModel):
     """One peer's report for one epoch (strict types: the DHT's schema validator refuses any conversion).
 
@@ -116,12 +124,7 @@ class ProgressRecord(pydantic.BaseModel):
             raise UnprintableName(reason=reason)
         return name
 
-    @pydantic.validator("time")
-    def not_from_the_future(cls, time: float) -> float:
-        ahead = time - get_dht_time()
-        if ahead > MAX_CLOCK_SKEW:
-            raise FromTheFuture(ahead=ahead, skew=MAX_CLOCK_SKEW)
-        return time
+    not_from_the_future = pydantic.validator("time", allow_reuse=True)(not_ahead_of_this_clock)
 
     @pydantic.root_validator(skip_on_failure=True)
     def plausible_loss(cls, values: dict) -> dict:

@@ -20,7 +20,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from peer.hivemind_gaps.robust_allreduce import RoundScores
 from peer.swarm.centered_clip import MAX_SCORE
-from peer.swarm.progress import MAX_CLOCK_SKEW, MAX_COUNT, FromTheFuture, RejectedRecords, local_public_key
+from peer.swarm.progress import MAX_COUNT, RejectedRecords, local_public_key, not_ahead_of_this_clock
 
 SCORES_FIELD = "scores"
 MAX_SCORED_PEERS = 32  # senders per record: ~60 bytes each keeps a record under MAX_SCORE_RECORD_BYTES
@@ -43,12 +43,7 @@ class ScoreRecord(pydantic.BaseModel):
     rounds: pydantic.conint(ge=1, le=MAX_COUNT, strict=True)
     scores: dict[PeerIdText, pydantic.confloat(ge=0.0, le=MAX_SCORE, strict=True)]
 
-    @pydantic.validator("time")
-    def not_from_the_future(cls, time: float) -> float:
-        ahead = time - get_dht_time()
-        if ahead > MAX_CLOCK_SKEW:
-            raise FromTheFuture(ahead=ahead, skew=MAX_CLOCK_SKEW)
-        return time
+    not_from_the_future = pydantic.validator("time", allow_reuse=True)(not_ahead_of_this_clock)
 
     @pydantic.validator("scores")
     def bounded(cls, scores: dict) -> dict:

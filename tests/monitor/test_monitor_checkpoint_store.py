@@ -11,7 +11,7 @@ from monitor.checkpoint import (
     CheckpointNotFound,
     CheckpointStore,
     epochs_to_keep,
-    sha256_of,
+    sha256_file,
     signature_problem,
     verify_directory,
 )
@@ -40,10 +40,10 @@ def test_write_produces_verified_directory_archive_and_manifest(store):
     directory = store.directory(entry)
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["epoch"] == 4 and manifest["loss"] == 2.5 and manifest["samples_total"] == 640
-    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_of(directory / "model.safetensors")
+    assert manifest["files"]["model.safetensors"]["sha256"] == sha256_file(directory / "model.safetensors")
     assert set(manifest["files"]) == {"model.safetensors", "tokenizer/tokenizer.json"}
     listed, archive = store.get()
-    assert listed == entry and sha256_of(archive) == entry.archive_sha256
+    assert listed == entry and sha256_file(archive) == entry.archive_sha256
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == [
             "epoch-000004/manifest.json",
@@ -174,7 +174,7 @@ def test_signed_manifest_names_key_protocol_and_code(tmp_path):
     directory = store.directory(entry)
     manifest = json.loads((directory / MANIFEST).read_text())
     assert manifest["run_key"] == key.public_hex and manifest["protocol"] == PROTOCOL_VERSION
-    assert manifest["model_code"] == {"modeling.py": sha256_of(directory / "modeling.py")}
+    assert manifest["model_code"] == {"modeling.py": sha256_file(directory / "modeling.py")}
     signature = (directory / SIGNATURE).read_text().strip()
     assert verify_signature(key.public_hex, (directory / MANIFEST).read_bytes(), signature)
     with tarfile.open(store.get()[1]) as tar:
@@ -210,7 +210,7 @@ def test_reconcile_signs_intact_unsigned_checkpoints_and_rebuilds_their_archive(
     for epoch in (1, 2):
         entry, archive = signed.get(epoch)
         assert signature_problem(signed.directory(entry), key.public_hex) is None
-        assert sha256_of(archive) == entry.archive_sha256
+        assert sha256_file(archive) == entry.archive_sha256
         with tarfile.open(archive) as tar:
             assert f"epoch-{epoch:06d}/manifest.sig" in tar.getnames()
     assert signed.get(1)[0].archive_sha256 != old.archive_sha256

@@ -95,6 +95,21 @@ class Swarm:
         """The epoch each live peer reports (one entry per live record)."""
         return sorted(record.epoch for record in self.poll().values())
 
+    def mean_loss(self, epochs) -> float:
+        """Mean of the peers' per-epoch mean losses over `epochs`, from the records polled so far."""
+        losses = [
+            record.mean_loss
+            for records in self.history.values()
+            for epoch, record in records.items()
+            if epoch in epochs and record.mini_steps
+        ]
+        return sum(losses) / len(losses)
+
+    def early_and_late_loss(self) -> tuple[float, float]:
+        """Mean loss of the first two and of the last two epochs the polled records cover."""
+        epochs = sorted({epoch for records in self.history.values() for epoch, r in records.items() if r.mini_steps})
+        return self.mean_loss(epochs[:2]), self.mean_loss(epochs[-2:])
+
     def wait_for_epoch(self, epoch: int, peers: int, timeout: float) -> list[int]:
         def reached():
             epochs = self.epochs()

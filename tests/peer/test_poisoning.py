@@ -68,16 +68,6 @@ def update_norms(log: str) -> list[float]:
     return [float(norm) for norm in re.findall(r"update norm ([0-9.e+-]+) -> epoch", log)]
 
 
-def mean_losses(swarm, epochs) -> float:
-    losses = [
-        record.mean_loss
-        for records in swarm.history.values()
-        for epoch, record in records.items()
-        if epoch in epochs and record.mini_steps
-    ]
-    return sum(losses) / len(losses)
-
-
 def latest_parameters_finite(peer) -> bool:
     parameters = peer.parameters(peer.backup_epochs()[-1])
     return all(torch.isfinite(tensor).all() for tensor in parameters.values())
@@ -120,8 +110,8 @@ def test_poisoned_gradients_are_skipped_counted_and_learning_goes_on(swarm):
         assert max(ratios, default=0) < FACTOR / 5, f"honest norms came within 5x of the outlier bound: {norms}"
     assert any(counts["outlier"] + counts["above_cap"] for counts in skipped.values()), skipped
 
-    early = mean_losses(swarm, range(1, 3))
-    late = mean_losses(swarm, range(max(swarm.epochs()) - 2, max(swarm.epochs()) + 1))
+    early = swarm.mean_loss(range(1, 3))
+    late = swarm.mean_loss(range(max(swarm.epochs()) - 2, max(swarm.epochs()) + 1))
     print(f"mean loss: epochs 1-2 {early:.3f}, last epochs {late:.3f} (attack from epoch {attack_started_at})")
     assert late < early - 0.25
 

@@ -104,12 +104,5 @@ def test_late_peer_starts_from_the_swarm_state(swarm):
 @pytest.mark.timeout(300)
 def test_swarm_loss_decreases(swarm):
     swarm.wait_for_epoch(20, peers=2, timeout=240)
-    losses = {}
-    for records in swarm.history.values():
-        for epoch, record in records.items():
-            if record.mini_steps:
-                losses.setdefault(epoch, []).append(record.mean_loss)
-    epochs = sorted(losses)
-    early = [loss for epoch in epochs[:2] for loss in losses[epoch]]
-    late = [loss for epoch in epochs[-2:] for loss in losses[epoch]]
-    assert sum(late) / len(late) < sum(early) / len(early) - 0.25, losses
+    early, late = swarm.early_and_late_loss()
+    assert late < early - 0.25, (early, late)
