@@ -3,13 +3,14 @@ with the same factories as an honest peer, that sends poisoned gradients into re
 poisoned training state to peers that download one.
 
     python -m tests.peer.poisoner --mode grads --schedule nan,huge,outlier --epochs_each 3 PEER_FLAGS...
-    python -m tests.peer.poisoner --mode state --poison nan|epoch PEER_FLAGS...
+    python -m tests.peer.poisoner --mode state --poison nan|epoch|shape|oversize PEER_FLAGS...
 
 grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
 random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
-state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``) or whose epoch is 2**62
-(``epoch``), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
+state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``), whose epoch is 2**62
+(``epoch``), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or whose first
+tensor alone is over 3x the whole state (``oversize``: finite), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 
 import torch
+from hivemind.compression import CompressionInfo
 
 from peer.config import OptimConfig, PeerConfig, SwarmConfig, parse_configs
 from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
@@ -55,6 +57,23 @@ def send_poisoned_gradients(optimizer, model, samples: int, schedule: list[str],
             time.sleep(0.3)  # the pace of an honest tiny peer, so the rounds are not all the attacker's
 
 
+def poisoned_index(tensors: list[torch.Tensor], poison: str) -> int:
+    if poison == "shape":  # the first matrix: rows of another model's size
+        return next(index for index, tensor in enumerate(tensors) if tensor.dim() == 2 and tensor.shape[0] >= 2)
+    return 0
+
+
+def poisoned_tensor(tensors: list[torch.Tensor], index: int, poison: str) -> torch.Tensor:
+    tensor = tensors[index]
+    if poison == "nan":
+        return torch.full_like(tensor, float("nan"))
+    if poison == "shape":
+        return torch.randn(tensor.shape[0] // 2, *tensor.shape[1:], dtype=tensor.dtype)
+    # oversize: the first tensor alone streams 3x the state's bytes and 4 MiB more (uncompressed)
+    state_bytes = sum(other.numel() * other.element_size() for other in tensors)
+    return torch.randn((3 * state_bytes + 2**22) // tensor.element_size(), dtype=tensor.dtype)
+
+
 def poison_served_state(poison: str) -> None:
     """Make every state this process serves poisoned (a class-level patch: hivemind calls the averager's own
     get_current_state through a weak reference taken at start-up, so an instance attribute would not be seen)."""
@@ -62,11 +81,12 @@ def poison_served_state(poison: str) -> None:
 
     def poisoned_state(self):
         metadata, tensors, infos = honest(self)
-        if poison == "nan":
-            tensors = [tensor.clone() for tensor in tensors]
-            tensors[0].fill_(float("nan"))
-        else:
-            metadata = dict(metadata, epoch=HUGE_EPOCH)
+        if poison == "epoch":
+            return dict(metadata, epoch=HUGE_EPOCH), tensors, infos
+        tensors, infos = list(tensors), list(infos)
+        index = poisoned_index(tensors, poison)
+        tensors[index] = poisoned_tensor(tensors, index, poison)
+        infos[index] = CompressionInfo.from_tensor(tensors[index], key=infos[index].key, role=infos[index].role)
         return metadata, tensors, infos
 
     ConsistentTrainingStateAverager.get_current_state = poisoned_state
@@ -85,7 +105,7 @@ def main() -> int:
     parser.add_argument("--schedule", default="nan,huge,outlier")
     parser.add_argument("--epochs_each", type=int, default=3)
     parser.add_argument("--outlier_value", type=float, default=10.0)
-    parser.add_argument("--poison", choices=("nan", "epoch"), default="nan")
+    parser.add_argument("--poison", choices=("nan", "epoch", "shape", "oversize"), default="nan")
     args, rest = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig, args=rest)
