@@ -30,7 +30,13 @@ from hivemind.utils import MPFuture, ValueWithExpiration
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
-from peer.hivemind_gaps.state_layout import StateLayout, StateRefused, check_layout, check_tensor, local_layout
+from peer.hivemind_gaps.state_layout import (
+    StateLayout,
+    StateRefused,
+    check_layout,
+    check_streamed_tensor,
+    local_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +185,8 @@ class CheckedDownloads(DecentralizedAverager):
 
     async def _read_state(self, stream, timeout: float | None, layout: StateLayout):
         """(metadata, tensors, bytes received) from a donor's stream. Raises StateRefused as soon as the stream passes
-        the layout's stream_limit or a tensor does not fit the layout: what came so far is dropped, the rest unread.
-        (hivemind reads each message whole before it is counted here: one message is not bounded.)"""
+        the layout's stream_limit or a tensor does not fit (check_streamed_tensor): what came so far is dropped, the
+        rest unread. (hivemind reads each message whole before it is counted here: one message is not bounded.)"""
         limit, received = layout.stream_limit(), 0
         metadata, parts, tensors = None, [], []
         async for message in aiter_with_timeout(stream, timeout=timeout):
@@ -190,20 +196,18 @@ class CheckedDownloads(DecentralizedAverager):
             if message.metadata:
                 metadata = self.serializer.loads(message.metadata)
             if message.tensor_part.dtype and parts:  # the start of the next tensor: wrap this one up
-                tensors.append(self._tensor_from(parts, len(tensors), layout))
+                self._add_tensor(tensors, parts, layout)
                 parts = []
             parts.append(message.tensor_part)
         if parts:
-            tensors.append(self._tensor_from(parts, len(tensors), layout))
+            self._add_tensor(tensors, parts, layout)
         return metadata, tensors, received
 
     @staticmethod
-    def _tensor_from(parts: list, index: int, layout: StateLayout) -> torch.Tensor:
-        # checked as it completes: one wrong tensor ends the download there, and no tensor larger than the local one
-        # is kept (a part's declared dtype may inflate it: fp16 bytes declared complex128 take 8x once decoded)
-        tensor = deserialize_torch_tensor(combine_from_streaming(parts))
-        check_tensor(index, tensor, layout)
-        return tensor
+    def _add_tensor(tensors: list[torch.Tensor], parts: list, layout: StateLayout) -> None:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        decoded = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        check_streamed_tensor(len(tensors) - 1, tensors[-1], decoded, layout)
 
 
 class FastSchedulerCatchUp:

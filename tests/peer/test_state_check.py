@@ -5,8 +5,10 @@ serving a wrong layout or too many bytes at the highest priority, beside an hone
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from dataclasses import dataclass
 from functools import partial
 
 import hivemind
@@ -30,55 +32,94 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 def honest_state(epoch: int = 7) -> tuple[dict, list[torch.Tensor], StateLayout]:
-    """A small state (two parameters, one optimizer tensor) and the layout it was built with."""
-    entries = [{"type": "value", "value": 0.05}, {"type": "tensor", "index": 0}]
+    """Two parameters, an optimizer state of a learning rate, one moment and a scalar held as a value locally (LAMB's
+    trust ratio before its first non-zero step); and the local layout."""
+    entries = [{"type": "value", "value": 0.05}, {"type": "tensor", "index": 0}, {"type": "value", "value": 1}]
     metadata = {"epoch": epoch, "group_bits": "", "optimizer_metadata": entries}
-    tensors = [torch.randn(16, 4), torch.zeros(3), torch.arange(5)]
-    return metadata, tensors, StateLayout.of_tensors(tensors, optimizer_entries=(VALUE, 0))
+    tensors = [torch.randn(16, 4), torch.zeros(3), torch.ones(16, 4)]
+    layout = StateLayout(StateLayout.slots(tensors[:2]), (VALUE, ((16, 4), torch.float32), VALUE))
+    return metadata, tensors, layout
 
 
 def test_a_state_of_the_local_layout_passes():
+    check_state(*honest_state()[:2], 100, honest_state()[2])
+
+
+def test_a_scalar_may_be_a_tensor_in_the_donors_state_and_a_value_here():
+    """As in a real swarm: a donor past its first update holds LAMB's trust ratio as a 0-d tensor."""
     metadata, tensors, layout = honest_state()
-    check_state(metadata, tensors, 100, layout)
+    metadata["optimizer_metadata"][2] = {"type": "tensor", "index": 1}
+    check_state(metadata, [*tensors, torch.tensor(0.7)], 100, layout)
+    # and the other way round: a 0-d tensor here, a value there
+    reverse = StateLayout(layout.fixed, (*layout.optimizer_entries[:2], ((), torch.float32)))
+    check_state(*honest_state()[:2], 100, reverse)
+
+
+def with_change(change: dict) -> tuple[dict, list]:
+    """The honest state with tensors replaced ({index: tensor}, None drops it) or optimizer entries replaced
+    ({"entries": list}), plus tensors appended ({"append": tensor})."""
+    metadata, tensors, _ = honest_state()
+    for key, value in change.items():
+        if key == "entries":
+            metadata["optimizer_metadata"] = value
+        elif key == "append":
+            tensors.append(value)
+        else:
+            tensors[key : key + 1] = [] if value is None else [value]
+    return metadata, tensors
 
 
 @pytest.mark.parametrize(
-    ("tensors_change", "match"),
+    ("change", "match"),
     [
         ({0: torch.randn(8, 4)}, r"^tensor 0 has shape \(8, 4\), expected \(16, 4\)$"),
         ({1: torch.zeros(3, 1)}, r"^tensor 1 has shape \(3, 1\), expected \(3,\)$"),
         ({1: torch.zeros(3, dtype=torch.float64)}, "^tensor 1 has dtype torch.float64, expected torch.float32$"),
-        ({2: torch.arange(5.0)}, "^tensor 2 has dtype torch.float32, expected torch.int64$"),
-        ({2: [0, 1, 2, 3, 4]}, "^tensor 2 is a list$"),
-        ({2: None}, "^it has 2 tensors, expected 3$"),
-        ({3: torch.zeros(1)}, "^it has 4 tensors, expected 3$"),
+        ({1: [0.0, 0.0, 0.0]}, "^tensor 1 is a list$"),
+        ({2: torch.ones(8, 4)}, r"^tensor 2 has shape \(8, 4\), expected \(16, 4\)$"),
+        ({2: torch.ones(16, 4, dtype=torch.float16)}, "^tensor 2 has dtype torch.float16, expected torch.float32$"),
+        ({2: None, 1: None}, "^it has 1 tensors, expected 2 or more$"),
+        ({"append": torch.zeros(1)}, "^it has 4 tensors, its optimizer metadata names 3$"),
+        ({2: None}, "entry 1 names tensor 0, expected 0"),  # names a tensor that is not there
     ],
 )
-def test_a_state_of_another_layout_is_refused_naming_the_first_mismatch(tensors_change, match):
-    metadata, tensors, layout = honest_state()
-    for index, tensor in tensors_change.items():  # None: drop it
-        tensors[index : index + 1] = [] if tensor is None else [tensor]
+def test_a_state_of_another_layout_is_refused_naming_the_first_mismatch(change, match):
     with pytest.raises(StateRefused, match=match):
-        check_state(metadata, tensors, 100, layout)
+        check_state(*with_change(change), 100, honest_state()[2])
+
+
+VALUE_ENTRY, MOMENT = {"type": "value", "value": 0.05}, {"type": "tensor", "index": 0}
 
 
 @pytest.mark.parametrize(
-    ("entries", "match"),
+    ("change", "match"),
     [
-        ([{"type": "value", "value": 0.05}], "has 1 entries, expected 2"),
-        ({"0": {"type": "tensor", "index": 0}}, "has dict entries, expected 2"),
-        ([{"type": "tensor", "index": 0}, {"type": "tensor", "index": 0}], "entry 0 .* expected a value"),
-        ([{"type": "value", "value": 0.05}, {"type": "tensor", "index": 1}], "entry 1 .* expected tensor 0"),
-        ([{"type": "value", "value": 0.05}, {"type": "tensor", "index": True}], "entry 1 .* expected tensor 0"),
-        ([{"type": "value", "value": 0.05}, {"type": "value", "value": 1}], "entry 1 .* expected tensor 0"),
-        ([{"type": "value", "value": 0.05}, "tensor"], "entry 1 is a str, not a dict"),
+        ({"entries": [VALUE_ENTRY, MOMENT]}, "^its optimizer metadata has 2 entries, expected 3$"),
+        ({"entries": {"0": MOMENT}}, "^its optimizer metadata has dict entries, expected 3$"),
+        (
+            {"entries": [MOMENT, VALUE_ENTRY, VALUE_ENTRY]},
+            r"^tensor 2 \(optimizer entry 0\) is not a scalar, expected",
+        ),
+        ({"entries": [VALUE_ENTRY] * 3}, r"^its optimizer metadata entry 1 is a value, expected a tensor \(16, 4\)$"),
+        (
+            {"entries": [VALUE_ENTRY, {"type": "tensor", "index": 1}, VALUE_ENTRY]},
+            "entry 1 names tensor 1, expected 0",
+        ),
+        ({"entries": [VALUE_ENTRY, {"type": "tensor", "index": True}, VALUE_ENTRY]}, "entry 1 is .* not a value or"),
+        (
+            {"entries": [VALUE_ENTRY, MOMENT, MOMENT], "append": torch.tensor(1.0)},
+            "entry 2 names tensor 0, expected 1",
+        ),
+        ({"entries": [VALUE_ENTRY, MOMENT, "tensor"]}, "^its optimizer metadata entry 2 is tensor, not a value or"),
+        (
+            {"entries": [VALUE_ENTRY, MOMENT, {"type": "tensor", "index": 1}], "append": torch.zeros(2)},
+            r"^tensor 3 \(optimizer entry 2\) is not a scalar, expected a value$",
+        ),
     ],
 )
-def test_optimizer_metadata_naming_other_tensors_is_refused(entries, match):
-    metadata, tensors, layout = honest_state()
-    metadata["optimizer_metadata"] = entries
+def test_optimizer_metadata_naming_other_tensors_is_refused(change, match):
     with pytest.raises(StateRefused, match=match):
-        check_state(metadata, tensors, 100, layout)
+        check_state(*with_change(change), 100, honest_state()[2])
 
 
 def test_a_non_finite_tensor_of_the_right_layout_is_still_refused():
@@ -86,6 +127,14 @@ def test_a_non_finite_tensor_of_the_right_layout_is_still_refused():
     tensors[1][0] = float("inf")
     with pytest.raises(StateRefused, match="tensor 1 .* NaN or infinite"):
         check_state(metadata, tensors, 100, layout)
+
+
+def test_the_stream_bound_of_a_layout():
+    _, _, layout = honest_state()
+    # 16*4*4 + 3*4 fixed, 16*4*4 moment, 8 per scalar-or-value entry (2)
+    assert layout.nbytes == 256 + 12 + 256 + 16
+    assert layout.max_tensors == 2 + 3
+    assert layout.stream_limit() == 2 * layout.nbytes + 1024 * 5 + 2**20
 
 
 def make_averager(cls, dht: hivemind.DHT, prefix: str, model: torch.nn.Module, **kwargs):
@@ -120,11 +169,15 @@ def tiny_averager(bootstrap):
 def test_the_local_layout_is_what_the_averager_serves(tiny_averager):
     metadata, tensors, _ = tiny_averager.get_current_state()
     layout = local_layout(tiny_averager)
-    assert layout == StateLayout.of_tensors(tensors, layout.optimizer_entries)
-    flat_metadata, _ = dump_optimizer_state(tiny_averager.optimizer)
+    flat_metadata, statistics = dump_optimizer_state(tiny_averager.optimizer)
     assert flat_metadata == metadata["optimizer_metadata"]
-    expected = tuple(entry["index"] if entry["type"] == "tensor" else VALUE for entry in flat_metadata)
-    assert layout.optimizer_entries == expected
+    fixed = len(tensors) - len(statistics)
+    assert layout.fixed == StateLayout.slots(tensors[:fixed])
+    served = [
+        StateLayout.slots([statistics[entry["index"]]])[0] if entry["type"] == "tensor" else VALUE
+        for entry in flat_metadata
+    ]
+    assert list(layout.optimizer_entries) == served
     check_state(metadata, tensors, 0, layout)
 
 
@@ -189,7 +242,7 @@ def swap_optimizer_tensors(metadata, tensors, infos):
 POISONS = {
     "shape": (halve_first_matrix, r"tensor \d+ has shape \(\d+, \d+\), expected \(\d+, \d+\)"),
     "oversize": (oversize_first_tensor, r"it streamed over \d+ bytes"),
-    "optimizer-entries": (swap_optimizer_tensors, r"optimizer metadata entry \d+ .* expected tensor \d+"),
+    "optimizer-entries": (swap_optimizer_tensors, r"optimizer metadata entry \d+ names tensor 1, expected 0"),
 }
 
 
@@ -205,41 +258,86 @@ def refusal_log(tmp_path):
     handler.close()
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("poison", sorted(POISONS))
-def test_a_donor_of_another_layout_is_refused_and_the_next_one_used(bootstrap, poison, refusal_log):
-    """Three processes' worth of real averagers: a poisoned donor at the highest priority, an honest one below it,
-    and a checked downloader; the downloader ends up with the honest state, the refusal logged and counted."""
-    prefix, poisoned_model, own_model = f"layout-{poison}", build_run_model("tiny", None).model, tiny_model()
+@dataclass
+class DownloadScene:
+    downloader: TrainingStateAverager
+    own_model: torch.nn.Module  # the downloader's parameters
+    honest_model: torch.nn.Module  # the honest donor's
+
+
+@contextlib.contextmanager
+def download_scene(bootstrap: hivemind.DHT, prefix: str, poison, downloader_class):
+    """Real averagers on DHTs of their own: a donor serving ``poison(state)`` at the highest priority, an honest one
+    below it (parameters +1, so that taking its state shows), and a downloader of ``downloader_class``."""
     initial_peers = [str(maddr) for maddr in bootstrap.get_visible_maddrs()]
     dhts = [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial_peers) for _ in range(3)]
-    honest_model = tiny_model()
+    scene, averagers = DownloadScene(None, tiny_model(), tiny_model()), []
     with torch.no_grad():
-        for param in honest_model.parameters():
-            param.add_(1.0)  # what the downloader must end up with
-    averagers = []
+        for param in scene.honest_model.parameters():
+            param.add_(1.0)
     try:
-        poison_state, refusal = POISONS[poison]
-        donors = [(dhts[0], 1e9, poisoned_model, poison_state), (dhts[1], 5.0, honest_model, None)]
-        for dht, priority, model, served in donors:
+        for dht, priority, model, served in [
+            (dhts[0], 1e9, tiny_model(), poison),
+            (dhts[1], 5.0, scene.honest_model, None),
+        ]:
             averagers.append(make_averager(Donor, dht, prefix, model, poison=served, allow_state_sharing=True))
             averagers[-1].state_sharing_priority, averagers[-1].local_epoch = priority, 5
-        downloader = make_averager(CheckedTrainingStateAverager, dhts[2], prefix, own_model, allow_state_sharing=False)
-        averagers.append(downloader)
+        scene.downloader = make_averager(downloader_class, dhts[2], prefix, scene.own_model, allow_state_sharing=False)
+        averagers.append(scene.downloader)
         wait_until(lambda: len(offers(dhts[2], prefix)) == 2, 60, "both donors' offers in the DHT")
-        downloader.load_state_from_peers(timeout=60)
-        refused = [line for line in refusal_log.read_text().splitlines() if "Refused the training state" in line]
-        print(refused)
-        assert len(refused) == 1 and re.search(refusal, refused[0]), refused
-        assert downloader.refused_states == 1
-        assert downloader.local_epoch == 5
-        for mine, honest in zip(own_model.parameters(), honest_model.parameters()):
-            assert torch.equal(mine, honest)
+        yield scene
     finally:
         for averager in averagers:
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("poison", sorted(POISONS))
+def test_a_donor_of_another_layout_is_refused_and_the_next_one_used(bootstrap, poison, refusal_log):
+    poison_state, refusal = POISONS[poison]
+    with download_scene(bootstrap, f"layout-{poison}", poison_state, CheckedTrainingStateAverager) as scene:
+        scene.downloader.load_state_from_peers(timeout=60)
+        refused = [line for line in refusal_log.read_text().splitlines() if "Refused the training state" in line]
+        print(refused)
+        assert len(refused) == 1 and re.search(refusal, refused[0]), refused
+        assert scene.downloader.refused_states == 1
+        assert scene.downloader.local_epoch == 5
+        for mine, honest in zip(scene.own_model.parameters(), scene.honest_model.parameters()):
+            assert torch.equal(mine, honest)
+
+
+class PlainDownloader(HivemindHandleNames, TrainingStateAverager):
+    """hivemind's own TrainingStateAverager (the handle names only so that it finds the donors' handlers)."""
+
+
+def marked_statistics(metadata, tensors, infos):
+    """The optimizer statistics filled with 0.5 (finite; a fresh LAMB's are 0), so a test sees if they were applied."""
+    count = sum(entry["type"] == "tensor" for entry in metadata["optimizer_metadata"])
+    for index in range(len(tensors) - count, len(tensors)):
+        if tensors[index].is_floating_point() and tensors[index].dim() > 0:
+            replace(tensors, infos, index, torch.full_like(tensors[index], 0.5))
+    return metadata, tensors, infos
+
+
+@pytest.mark.timeout(300)
+def test_hivemind_alone_applies_half_a_state_of_another_shape_and_asks_no_other_donor(bootstrap):
+    """Gap 3 on plain hivemind: the optimizer statistics of a wrong-shape state are applied, then copying the
+    parameters fails; the honest donor is never asked (hivemind.Optimizer then retries the same donor)."""
+    poison = lambda *state: halve_first_matrix(*marked_statistics(*state))
+    with download_scene(bootstrap, "plain-hivemind", poison, PlainDownloader) as scene:
+        with pytest.raises(RuntimeError, match="must match the size of tensor"):
+            scene.downloader.load_state_from_peers(timeout=60)
+        statistics = [
+            value
+            for state in scene.downloader.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0
+        ]
+        assert statistics and all(bool((value == 0.5).all()) for value in statistics)  # the poisoner's, applied
+        assert scene.downloader.local_epoch == 0  # but not its epoch, nor anyone's parameters
+        assert not torch.equal(next(scene.own_model.parameters()), next(scene.honest_model.parameters()))
 
 
 def tiny_model() -> torch.nn.Module:

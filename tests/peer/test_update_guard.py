@@ -146,7 +146,7 @@ def honest_state(epoch: int = 7) -> tuple[dict, list[torch.Tensor]]:
 
 def test_honest_state_passes():
     metadata, tensors = honest_state()
-    check_state(metadata, tensors, 100, StateLayout.of_tensors(tensors))
+    check_state(metadata, tensors, 100, StateLayout(StateLayout.slots(tensors)))
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_honest_state_passes():
 )
 def test_poisoned_state_is_refused_with_the_reason(metadata_change, tensor_index, match):
     metadata, tensors = honest_state()
-    layout = StateLayout.of_tensors(tensors)  # the layout fits: the values are refused
+    layout = StateLayout(StateLayout.slots(tensors))  # the layout fits: the values are refused
     metadata.update(metadata_change)
     if tensor_index is not None:
         tensors[tensor_index][1, 2] = float("nan")
@@ -174,7 +174,7 @@ def test_poisoned_state_is_refused_with_the_reason(metadata_change, tensor_index
 
 def test_metadata_that_is_no_dict_is_refused():
     with pytest.raises(StateRefused, match="not a dict"):
-        check_state(["epoch", 3], [], MAX_EPOCH, StateLayout.of_tensors([]))
+        check_state(["epoch", 3], [], MAX_EPOCH, StateLayout(()))
 
 
 class SlowHolder:
