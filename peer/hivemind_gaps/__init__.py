@@ -19,8 +19,9 @@
     it), a donor's stream is unbounded, and  ._load_state_from_peers, redone);   asks the next donor after a
     the next donor is never asked.           state_layout.py (local layout,      refusal
                                              stream bound)
-    Proved on plain hivemind: no test yet (tests/peer/test_poisoning.py and tests/peer/test_state_check.py show the
-      refusals here)
+    Proved on plain hivemind: partly: tests/peer/test_state_check.py::
+      test_hivemind_alone_applies_half_a_state_of_another_shape_and_asks_no_other_donor (the NaN, epoch and stream
+      cases: no test yet; tests/peer/test_poisoning.py and test_state_check.py show the refusals here)
  4  The scheduler catches up one step per    state_check.py:                     steps the scheduler once, or
     epoch: a state at epoch 2**62 never      FastSchedulerCatchUp                bounds the epoch it accepts
     finishes loading (0.51 s per 100k).      (._update_scheduler)
