@@ -9,8 +9,9 @@ grads: before each step it fills every gradient with the phase's values (skippin
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
 random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
 state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``), whose epoch is 2**62
-(``epoch``), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or whose first
-tensor alone is over 3x the whole state (``oversize``: finite), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
+(``epoch``), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or with 1 MiB
+tensors appended, 3x the state's size in all (``oversize``: finite; many small ones, so the stream never pauses long
+enough to time out the downloader, as compressing one huge tensor would), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
 """
 
 from __future__ import annotations
@@ -67,11 +68,16 @@ def poisoned_tensor(tensors: list[torch.Tensor], index: int, poison: str) -> tor
     tensor = tensors[index]
     if poison == "nan":
         return torch.full_like(tensor, float("nan"))
-    if poison == "shape":
-        return torch.randn(tensor.shape[0] // 2, *tensor.shape[1:], dtype=tensor.dtype)
-    # oversize: the first tensor alone streams 3x the state's bytes and 4 MiB more (uncompressed)
-    state_bytes = sum(other.numel() * other.element_size() for other in tensors)
-    return torch.randn((3 * state_bytes + 2**22) // tensor.element_size(), dtype=tensor.dtype)
+    return torch.randn(tensor.shape[0] // 2, *tensor.shape[1:], dtype=tensor.dtype)  # shape
+
+
+def oversized(tensors: list[torch.Tensor], infos: list) -> tuple[list, list]:
+    """The state and 1 MiB float32 tensors after it, 3x the state's bytes in all (uncompressed)."""
+    state_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    extra = [torch.randn(2**18) for _ in range(3 * state_bytes // 2**20 + 1)]
+    return tensors + extra, infos + [
+        CompressionInfo.from_tensor(tensor, key=f"extra{i}") for i, tensor in enumerate(extra)
+    ]
 
 
 def poison_served_state(poison: str) -> None:
@@ -84,6 +90,8 @@ def poison_served_state(poison: str) -> None:
         if poison == "epoch":
             return dict(metadata, epoch=HUGE_EPOCH), tensors, infos
         tensors, infos = list(tensors), list(infos)
+        if poison == "oversize":
+            return metadata, *oversized(tensors, infos)
         index = poisoned_index(tensors, poison)
         tensors[index] = poisoned_tensor(tensors, index, poison)
         infos[index] = CompressionInfo.from_tensor(tensors[index], key=infos[index].key, role=infos[index].role)

@@ -282,7 +282,10 @@ def download_scene(bootstrap: hivemind.DHT, prefix: str, poison, downloader_clas
         ]:
             averagers.append(make_averager(Donor, dht, prefix, model, poison=served, allow_state_sharing=True))
             averagers[-1].state_sharing_priority, averagers[-1].local_epoch = priority, 5
-        scene.downloader = make_averager(downloader_class, dhts[2], prefix, scene.own_model, allow_state_sharing=False)
+        # 30 s between chunks: the default 3 s cuts a donor compressing a huge tensor on a busy machine (not a refusal)
+        scene.downloader = make_averager(
+            downloader_class, dhts[2], prefix, scene.own_model, allow_state_sharing=False, next_chunk_timeout=30
+        )
         averagers.append(scene.downloader)
         wait_until(lambda: len(offers(dhts[2], prefix)) == 2, 60, "both donors' offers in the DHT")
         yield scene
