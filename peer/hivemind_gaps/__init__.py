@@ -13,11 +13,15 @@
     Proved on plain hivemind: tests/peer/test_consistent_state.py::
       test_hivemind_alone_averages_statistics_the_optimizer_no_longer_uses and tests/peer/test_consistent_state.py::
       test_a_joiner_averages_the_moments_it_downloaded[TrainingStateAverager]
- 3  A downloaded state is applied unchecked  state_check.py: CheckedDownloads    checks a downloaded state and
-    (NaN tensors, epoch 2**62), and the      (hivemind's donor loop of           asks the next donor after a
-    next donor is never asked.               DecentralizedAverager               refusal
-                                             ._load_state_from_peers, redone)
-    Proved on plain hivemind: no test yet (tests/peer/test_poisoning.py shows the refusal here)
+ 3  A downloaded state is applied unchecked  state_check.py: CheckedDownloads    checks a downloaded state
+    (NaN tensors, epoch 2**62; a wrong       (hivemind's donor loop of           against the local layout,
+    shape fails half-way through applying    DecentralizedAverager               bounds a donor's stream and
+    it), a donor's stream is unbounded, and  ._load_state_from_peers, redone);   asks the next donor after a
+    the next donor is never asked.           state_layout.py (local layout,      refusal
+                                             stream bound)
+    Proved on plain hivemind: partly: tests/peer/test_state_check.py::
+      test_hivemind_alone_applies_half_a_state_of_another_shape_and_asks_no_other_donor (the NaN, epoch and stream
+      cases: no test yet; tests/peer/test_poisoning.py and test_state_check.py show the refusals here)
  4  The scheduler catches up one step per    state_check.py:                     steps the scheduler once, or
     epoch: a state at epoch 2**62 never      FastSchedulerCatchUp                bounds the epoch it accepts
     finishes loading (0.51 s per 100k).      (._update_scheduler)

@@ -1,15 +1,17 @@
-"""A downloaded training state is checked before it is applied: finite tensors and metadata, a plausible epoch.
+"""A downloaded training state is checked before it is applied: the local layout, finite numbers, a plausible epoch.
 
 hivemind 1.1.12 applies whatever state a donor sends (``TrainingStateAverager.load_state_from_peers``): a NaN
-tensor poisons the joiner (and the monitor's checkpoints), and an epoch of 2**62 makes it step its scheduler once per
-epoch it "catches up", which never ends. Here each download is checked in the averager's process as it arrives
-(hivemind's loop over donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check): a refused
-state is logged, counted and dropped, and the next donor is asked; if none is left, hivemind keeps the local state.
-The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch.
-"""
+tensor poisons the joiner (and the monitor's checkpoints), an epoch of 2**62 makes it step its scheduler once per
+epoch it "catches up", which never ends, and a finite tensor of the wrong shape fails half-way through applying it
+(then hivemind's caller asks the same donor again). Here each download is checked in the averager's process as it
+arrives (hivemind's loop over donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check):
+its bytes are bounded while it streams, and a refused state is logged, counted and dropped, and the next donor is
+asked; if none is left, hivemind keeps the local state. The scheduler catch-up is also made O(1) for closed-form
+schedules, whatever the epoch. The layout and the stream bound are in state_layout.py."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -28,6 +30,14 @@ from hivemind.utils import MPFuture, ValueWithExpiration
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
+from peer.hivemind_gaps.state_layout import (
+    StateLayout,
+    StateRefused,
+    check_layout,
+    check_streamed_tensor,
+    local_layout,
+)
+
 logger = logging.getLogger(__name__)
 
 # No real run gets near this many epochs (the default schedule is 20000); far above, and a downloaded epoch is
@@ -39,12 +49,9 @@ MAX_EPOCH = 2**31
 EPOCH_MARGIN = 1000
 
 
-class StateRefused(ValueError):
-    """A downloaded state failed the check; the message names the problem."""
-
-
-def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int) -> None:
-    """Raise StateRefused unless the state's epoch is an int in [0, max_epoch] and every number in it is finite."""
+def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int, layout: StateLayout) -> None:
+    """Raise StateRefused unless the state has the local ``layout`` (tensor count, shapes, dtypes, optimizer entries),
+    its epoch is an int in [0, max_epoch] and every number in it is finite."""
     if not isinstance(metadata, dict):
         raise StateRefused(f"its metadata is a {type(metadata).__name__}, not a dict")
     epoch = metadata.get("epoch")
@@ -52,9 +59,8 @@ def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int) 
         raise StateRefused(f"its epoch {epoch!r} is not an integer")
     if not 0 <= epoch <= max_epoch:
         raise StateRefused(f"its epoch {epoch} is outside [0, {max_epoch}]")
+    check_layout(metadata, tensors, layout)  # before the values: a check of the wrong tensors proves nothing
     for index, tensor in enumerate(tensors):
-        if not isinstance(tensor, torch.Tensor):
-            raise StateRefused(f"tensor {index} is a {type(tensor).__name__}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise StateRefused(f"tensor {index} (shape {tuple(tensor.shape)}) holds NaN or infinite values")
     for value in _numbers(metadata.get("optimizer_metadata")):  # learning rates, betas, ... of the param groups
@@ -97,33 +103,42 @@ class CheckedDownloads(DecentralizedAverager):
         return min(MAX_EPOCH, known)
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
-        # hivemind's own, plus the epoch bound (known in this process) sent along to the averager's process
+        # hivemind's own, plus what is known in this process sent along to the averager's process: the epoch bound
+        # and the layout of the local state (the averager's process holds the averaged tensors, not the optimizer)
         future = MPFuture()
-        request = {"timeout": timeout, "future": future, "max_epoch": self.max_epoch()}
+        request = {"timeout": timeout, "future": future, "max_epoch": self.max_epoch(), "layout": local_layout(self)}
         self._outer_pipe.send(("_load_state_from_peers", [], request))
         return future.result(timeout=timeout) if wait else future
 
-    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None, max_epoch=MAX_EPOCH):
+    async def _load_state_from_peers(
+        self, future: MPFuture, timeout: float | None = None, *, max_epoch: int, layout: StateLayout
+    ):
         # hivemind 1.1.12's loop over the donors by priority (averaging/averager.py), with each state checked
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             for peer in await self._donors():
-                loaded = await self._download_from(peer, timeout)
-                if loaded is None:
-                    continue
-                try:
-                    check_state(*loaded, max_epoch)
-                except StateRefused as refusal:
-                    with self._refused.get_lock():
-                        self._refused.value += 1
-                    logger.error(f"Refused the training state downloaded from peer {peer}: {refusal}; trying another")
-                    continue
-                future.set_result(loaded)
-                return
+                loaded = await self._checked_download(peer, timeout, max_epoch, layout)
+                if loaded is not None:
+                    future.set_result(loaded)
+                    return
         finally:
             if not future.done():
                 future.set_result(None)
+
+    async def _checked_download(self, peer: PeerID, timeout: float | None, max_epoch: int, layout: StateLayout):
+        """The donor's (metadata, tensors) if it sent a state that passes check_state; else None (a refusal is
+        logged and counted)."""
+        try:
+            loaded = await self._download_from(peer, timeout, layout)
+            if loaded is not None:
+                check_state(*loaded, max_epoch, layout)
+            return loaded
+        except StateRefused as refusal:
+            with self._refused.get_lock():
+                self._refused.value += 1
+            logger.error(f"Refused the training state downloaded from peer {peer}: {refusal}; trying another")
+            return None
 
     async def _donors(self) -> list[PeerID]:
         """Peers sharing their state, highest priority first (random among equals), this one left out."""
@@ -142,31 +157,57 @@ class CheckedDownloads(DecentralizedAverager):
             logger.info("Could not load state from peers: nobody shares a state")
         return [peer for peer in sorted(priority, key=priority.get, reverse=True) if peer != self.peer_id]
 
-    async def _download_from(self, peer: PeerID, timeout: float | None) -> tuple[Any, list[torch.Tensor]] | None:
-        """One donor's (metadata, tensors), or None if it sent none or failed."""
+    async def _download_from(
+        self, peer: PeerID, timeout: float | None, layout: StateLayout
+    ) -> tuple[Any, list[torch.Tensor]] | None:
+        """One donor's (metadata, tensors), or None if it sent none or failed; StateRefused as _read_state says."""
         started = time.monotonic()
         logger.info(f"Downloading parameters from peer {peer}")
+        stream = None
         try:
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-            metadata, parts, tensors = None, [], []
-            async for message in aiter_with_timeout(stream, timeout=timeout):
-                if message.metadata:
-                    metadata = self.serializer.loads(message.metadata)
-                if message.tensor_part.dtype and parts:  # the start of the next tensor: wrap this one up
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    parts = []
-                parts.append(message.tensor_part)
-            if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            metadata, tensors, received = await self._read_state(stream, timeout, layout)
+        except StateRefused:
+            raise
         except Exception:  # a donor can fail in any way; the next one is tried
             logger.exception(f"Failed to download state from {peer}")
             return None
+        finally:
+            if stream is not None:  # closes the p2p stream: a refused donor's remaining bytes are never read
+                with contextlib.suppress(Exception):  # a stream that failed may refuse to close: nothing left to free
+                    await stream.aclose()
         if not metadata:
             logger.debug(f"Peer {peer} did not send its state")
             return None
-        logger.info(f"Finished downloading state in {time.monotonic() - started:.3f}s from {peer}")
+        logger.info(f"Finished downloading state in {time.monotonic() - started:.3f}s ({received} bytes) from {peer}")
         return metadata, tensors
+
+    async def _read_state(self, stream, timeout: float | None, layout: StateLayout):
+        """(metadata, tensors, bytes received) from a donor's stream. Raises StateRefused as soon as the stream passes
+        the layout's stream_limit or a tensor does not fit (check_streamed_tensor): what came so far is dropped, the
+        rest unread. (hivemind reads each message whole before it is counted here: one message is not bounded.)"""
+        limit, received = layout.stream_limit(), 0
+        metadata, parts, tensors = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            received += message.ByteSize()
+            if received > limit:
+                raise StateRefused(f"it streamed over {limit} bytes, the most a state of this model may take")
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:  # the start of the next tensor: wrap this one up
+                self._add_tensor(tensors, parts, layout)
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            self._add_tensor(tensors, parts, layout)
+        return metadata, tensors, received
+
+    @staticmethod
+    def _add_tensor(tensors: list[torch.Tensor], parts: list, layout: StateLayout) -> None:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        decoded = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        check_streamed_tensor(len(tensors) - 1, tensors[-1], decoded, layout)
 
 
 class FastSchedulerCatchUp:

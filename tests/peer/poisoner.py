@@ -3,13 +3,15 @@ with the same factories as an honest peer, that sends poisoned gradients into re
 poisoned training state to peers that download one.
 
     python -m tests.peer.poisoner --mode grads --schedule nan,huge,outlier --epochs_each 3 PEER_FLAGS...
-    python -m tests.peer.poisoner --mode state --poison nan|epoch PEER_FLAGS...
+    python -m tests.peer.poisoner --mode state --poison nan|epoch|shape|oversize PEER_FLAGS...
 
 grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
 random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
-state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``) or whose epoch is 2**62
-(``epoch``), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
+state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``), whose epoch is 2**62
+(``epoch``), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or with 1 MiB
+tensors appended, 3x the state's size in all (``oversize``: finite; many small ones, so the stream never pauses long
+enough to time out the downloader, as compressing one huge tensor would), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 
 import torch
+from hivemind.compression import CompressionInfo
 
 from peer.config import PeerConfig
 from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
@@ -58,6 +61,28 @@ def send_poisoned_gradients(optimizer, model, samples: int, schedule: list[str],
             time.sleep(0.3)  # the pace of an honest tiny peer, so the rounds are not all the attacker's
 
 
+def poisoned_index(tensors: list[torch.Tensor], poison: str) -> int:
+    if poison == "shape":  # the first matrix: rows of another model's size
+        return next(index for index, tensor in enumerate(tensors) if tensor.dim() == 2 and tensor.shape[0] >= 2)
+    return 0
+
+
+def poisoned_tensor(tensors: list[torch.Tensor], index: int, poison: str) -> torch.Tensor:
+    tensor = tensors[index]
+    if poison == "nan":
+        return torch.full_like(tensor, float("nan"))
+    return torch.randn(tensor.shape[0] // 2, *tensor.shape[1:], dtype=tensor.dtype)  # shape
+
+
+def oversized(tensors: list[torch.Tensor], infos: list) -> tuple[list, list]:
+    """The state and 1 MiB float32 tensors after it, 3x the state's bytes in all (uncompressed)."""
+    state_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    extra = [torch.randn(2**18) for _ in range(3 * state_bytes // 2**20 + 1)]
+    return tensors + extra, infos + [
+        CompressionInfo.from_tensor(tensor, key=f"extra{i}") for i, tensor in enumerate(extra)
+    ]
+
+
 def poison_served_state(poison: str) -> None:
     """Make every state this process serves poisoned (a class-level patch: hivemind calls the averager's own
     get_current_state through a weak reference taken at start-up, so an instance attribute would not be seen)."""
@@ -65,11 +90,14 @@ def poison_served_state(poison: str) -> None:
 
     def poisoned_state(self):
         metadata, tensors, infos = honest(self)
-        if poison == "nan":
-            tensors = [tensor.clone() for tensor in tensors]
-            tensors[0].fill_(float("nan"))
-        else:
-            metadata = dict(metadata, epoch=HUGE_EPOCH)
+        if poison == "epoch":
+            return dict(metadata, epoch=HUGE_EPOCH), tensors, infos
+        tensors, infos = list(tensors), list(infos)
+        if poison == "oversize":
+            return metadata, *oversized(tensors, infos)
+        index = poisoned_index(tensors, poison)
+        tensors[index] = poisoned_tensor(tensors, index, poison)
+        infos[index] = CompressionInfo.from_tensor(tensors[index], key=infos[index].key, role=infos[index].role)
         return metadata, tensors, infos
 
     ConsistentTrainingStateAverager.get_current_state = poisoned_state
@@ -88,7 +116,7 @@ def main() -> int:
     parser.add_argument("--schedule", default="nan,huge,outlier")
     parser.add_argument("--epochs_each", type=int, default=3)
     parser.add_argument("--outlier_value", type=float, default=10.0)
-    parser.add_argument("--poison", choices=("nan", "epoch"), default="nan")
+    parser.add_argument("--poison", choices=("nan", "epoch", "shape", "oversize"), default="nan")
     args, rest = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig, args=rest)

@@ -11,6 +11,7 @@ import torch_optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from peer.hivemind_gaps.state_check import MAX_EPOCH, FastSchedulerCatchUp, StateRefused, check_state
+from peer.hivemind_gaps.state_layout import StateLayout
 from peer.hivemind_gaps.update_guard import ABOVE_CAP, NON_FINITE, OUTLIER, WARMUP, UpdateGuard
 from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import make_optimizer, make_scheduler
@@ -144,7 +145,8 @@ def honest_state(epoch: int = 7) -> tuple[dict, list[torch.Tensor]]:
 
 
 def test_honest_state_passes():
-    check_state(*honest_state(), max_epoch=100)
+    metadata, tensors = honest_state()
+    check_state(metadata, tensors, 100, StateLayout(StateLayout.slots(tensors)))
 
 
 @pytest.mark.parametrize(
@@ -162,16 +164,17 @@ def test_honest_state_passes():
 )
 def test_poisoned_state_is_refused_with_the_reason(metadata_change, tensor_index, match):
     metadata, tensors = honest_state()
+    layout = StateLayout(StateLayout.slots(tensors))  # the layout fits: the values are refused
     metadata.update(metadata_change)
     if tensor_index is not None:
         tensors[tensor_index][1, 2] = float("nan")
     with pytest.raises(StateRefused, match=match):
-        check_state(metadata, tensors, max_epoch=100)
+        check_state(metadata, tensors, 100, layout)
 
 
 def test_metadata_that_is_no_dict_is_refused():
     with pytest.raises(StateRefused, match="not a dict"):
-        check_state(["epoch", 3], [], max_epoch=MAX_EPOCH)
+        check_state(["epoch", 3], [], MAX_EPOCH, StateLayout(()))
 
 
 class SlowHolder:
