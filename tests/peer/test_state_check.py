@@ -20,11 +20,11 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from monitor.state import build_run_model
-from peer.config import OptimConfig
 from peer.hivemind_gaps.averagers import CheckedTrainingStateAverager, HivemindHandleNames
 from peer.hivemind_gaps.state_check import StateRefused, check_state
 from peer.hivemind_gaps.state_layout import VALUE, StateLayout, local_layout
-from peer.swarm import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
+from peer.swarm.config import OptimConfig
+from peer.swarm.optimizer import COMPRESSION_FACTORIES, make_optimizer, make_scheduler, param_groups
 from tests.harness import TINY_OPTIM, wait_until
 
 OPTIM = OptimConfig(**TINY_OPTIM)
