@@ -97,7 +97,8 @@ Outside this package, hivemind's gaps met by a setting or a habit (review them t
 - peer/swarm/optimizer.py: the Optimizer's ``client_mode=`` is ignored (read from the DHT instead); 8-bit quantized
   compressions cannot be decoded with numpy >= 2.4 (left out of ``COMPRESSION_FACTORIES``); a dead peer's progress
   entry keeps the others waiting until it expires (``tracker_opts={"metadata_expiration": ...}``).
-- peer/swarm/config.py: ``--state-compression`` defaults to none (fp16 zeroes LAMB's tiny second moments).
+- peer/swarm/config.py: ``--state-compression`` defaults to none (fp16 zeroes LAMB's tiny second moments), and
+  scaled-fp16 is refused (its codec raises IndexError on LAMB's 0-d statistics, so no state could be served).
 - peer/lifecycle.py: ``StopRequested`` is a KeyboardInterrupt (the one exception hivemind's retry loops let
   through), and signal handlers are installed after the Optimizer is built (its averagers set SIGINT to ignore).
 - Not hivemind: peer/swarm/flags.py ``EnvArgumentParser`` overrides transformers' private

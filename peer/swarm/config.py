@@ -85,7 +85,7 @@ class OptimConfig:
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce.
         state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
-            zeroes LAMB's second moments).
+            zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
         delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
         delay_grad_averaging: Average gradients in the background too, for the most overlap (needs
             --delay-optimizer-step).
@@ -150,6 +150,11 @@ class OptimConfig:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
         if self.inner_optimizer not in ("lamb", "adamw"):
             raise ValueError(f"inner_optimizer must be lamb or adamw, got {self.inner_optimizer!r}")
+        if self.state_compression == "scaled-fp16":  # hivemind 1.1.12 takes tensor.shape[-1] of each tensor it sends
+            raise ValueError(
+                "--state-compression scaled-fp16 cannot send LAMB's 0-d statistics (hivemind's codec raises "
+                "IndexError on them, so no peer could serve its state): use none (the default) or fp16"
+            )
         if self.local_steps and self.aggregation != "mean":
             raise ValueError(
                 "--aggregation centered-clip works in the synchronous mode only: drop it or --local-steps"
