@@ -161,7 +161,10 @@ class StateKeeper:
         except (TimeoutError, RuntimeError) as error:
             logger.warning(f"Could not download the swarm's state: {error!r}")
             return False
-        except Exception as error:  # a shape or dtype that does not fit: a peer runs another model
+        except Exception as error:
+            # a state of another layout is refused (and logged) in the averager's process before it is applied, and
+            # the next donor asked (peer/hivemind_gaps/state_layout.py); what fails here is a bug, reported as a
+            # mismatch so that the monitor says so and keeps its state
             raise ModelMismatch(f"the swarm's state does not fit the run's model: {error!r}") from error
         if self.averager.local_epoch <= before or (not self.has_state and self.averager.local_epoch == 0):
             return False  # nobody shared a newer state (or only epoch 0, indistinguishable from no download)
