@@ -9,10 +9,13 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.auth import AuthorizerBase
 
 from peer.swarm.config import SwarmConfig
+from peer.swarm.join_errors import check_multiaddrs, explain
 
 
 class SwarmJoinError(RuntimeError):
-    """The DHT could not start or could not reach any initial peer."""
+    """The DHT could not start or could not reach any initial peer; the message is one line: cause, then fix."""
+
+    exit_code = 3  # of albert-peer (peer/lifecycle.py ExitCode.SWARM_UNREACHABLE) and albert-monitor alike
 
 
 def build_dht(
@@ -26,6 +29,9 @@ def build_dht(
     A closed run passes its ``authorizer`` and an ``identity_path`` made just before (so the peer id the access
     token names is known before the DHT starts); hivemind's check that such an identity is unused is then skipped.
     """
+    problem = check_multiaddrs(swarm)
+    if problem is not None:
+        raise SwarmJoinError(f"could not start the p2p daemon: {problem}")
     if identity_path is None:
         identity = {"identity_path": swarm.identity_path}
     else:
@@ -44,8 +50,7 @@ def build_dht(
             **identity,
         )
     except Exception as error:
-        peers = ", ".join(swarm.initial_peers) or "none (starting a new swarm)"
-        raise SwarmJoinError(f"could not join the swarm (initial peers: {peers}): {error!r}") from error
+        raise SwarmJoinError(explain(error, swarm)) from error
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
