@@ -10,6 +10,7 @@ from hivemind.utils.auth import AuthorizerBase
 
 from peer.swarm.config import SwarmConfig
 from peer.swarm.join_errors import check_multiaddrs, explain
+from peer.swarm.reachability import serve_dial_back
 
 
 class SwarmJoinError(RuntimeError):
@@ -37,7 +38,7 @@ def build_dht(
     else:
         identity = {"identity_path": identity_path, "check_if_identity_free": False}
     try:
-        return hivemind.DHT(
+        dht = hivemind.DHT(
             initial_peers=swarm.initial_peers,
             start=True,
             client_mode=swarm.client_mode,
@@ -51,6 +52,8 @@ def build_dht(
         )
     except Exception as error:
         raise SwarmJoinError(explain(error, swarm)) from error
+    dht.run_coroutine(serve_dial_back)  # every node answers "can you reach me?" (peer/swarm/reachability.py)
+    return dht
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
