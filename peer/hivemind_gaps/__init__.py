@@ -63,7 +63,7 @@
       test_without_the_guard_one_nan_in_the_averaged_gradient_poisons_parameters_and_moments (the step hivemind
       calls, given a NaN average); no test shows the all-reduce passing it on (tests/peer/test_poisoning.py shows
       the guard in a real swarm)
-13  An error the DHT process cannot pickle   peer/swarm/join_errors.py           sends back errors that unpickle
+15  An error the DHT process cannot pickle   peer/swarm/join_errors.py           sends back errors that unpickle
     back (a multiaddr StringParseError, e.g. check_multiaddrs (every multiaddr    (or times out DHT start-up)
     an invalid --announce-maddrs) leaves     flag parsed before DHT() starts)
     DHT() waiting for ever.
