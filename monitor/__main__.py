@@ -15,7 +15,10 @@ def main() -> int:
     try:
         # in the main thread: hivemind's averager needs it; a failed start has released what it started
         monitor = Monitor(swarm, optim, config)
-    except (SwarmJoinError, ValueError, OSError) as error:
+    except SwarmJoinError as error:  # one line naming the cause and its fix; the exit code a peer uses for it
+        logging.getLogger("monitor").error(f"albert-monitor cannot run: {error}")
+        return SwarmJoinError.exit_code
+    except (ValueError, OSError) as error:
         logging.getLogger("monitor").error(f"albert-monitor cannot run: {error}")
         return 1
     with monitor:  # shuts down on the way out

@@ -28,8 +28,11 @@ class PeerConfig:
         model: Model preset (tiny, base, ...) or path to a config.json.
         tokenizer: Tokenizer directory (default: the bundled tokenizer).
         corpus: Text corpus, a file or a directory (default: the bundled corpus).
-        batch_size: Samples per forward/backward pass on this device.
-        grad_accumulation: Passes accumulated locally before they are counted towards the swarm batch.
+        batch_size: Samples per forward/backward pass on this device, or auto: on CUDA the largest that fits (a short
+            probe at --max-length; at most 1/16 of the target batch) and --grad-accumulation up to 1/16 of the
+            target batch per step; on CPU 8 per pass and torch threads from the cores.
+        grad_accumulation: Passes accumulated locally before they are counted towards the swarm batch (set by
+            --batch-size auto).
         max_length: Tokens per training sample.
         gradient_checkpointing: Recompute activations during backward to save memory.
         device: auto, cpu, cuda, cuda:N or mps.
@@ -58,7 +61,7 @@ class PeerConfig:
     model: str = "tiny"
     tokenizer: str | None = None
     corpus: str | None = None
-    batch_size: int = 8
+    batch_size: int | str = 8  # an int, or "auto" until peer/batch_size.py resolves it
     grad_accumulation: int = 1
     max_length: int = 128
     gradient_checkpointing: bool = False
@@ -80,7 +83,8 @@ class PeerConfig:
     cache_dir: str = "~/.cache/albert-swarm"
 
     def __post_init__(self):
-        require_positive(self, "batch_size", "grad_accumulation", "max_length", "keep_backups", "record_expiration")
+        self._check_batch_size()
+        require_positive(self, "grad_accumulation", "max_length", "keep_backups", "record_expiration")
         require_positive(self, "load_state_attempts")
         require_non_negative(self, "backup_every", "torch_threads", "max_epochs", "metrics_port")
         if self.metrics_port > 65535:
@@ -93,6 +97,15 @@ class PeerConfig:
         reason = why_refused_as_own_name(self.name) if self.name else None
         if reason is not None:
             raise ValueError(f"--name {self.name!r} {reason}: a display name is short plain text, shown to everyone")
+
+    def _check_batch_size(self) -> None:
+        if self.batch_size == "auto":
+            return
+        try:
+            self.batch_size = int(self.batch_size)
+        except ValueError:
+            raise ValueError(f"batch_size must be a positive integer or auto, got {self.batch_size!r}") from None
+        require_positive(self, "batch_size")
 
     def _check_access(self) -> None:
         credentials = [name for name in ("run_secret_file", "join_key_file") if getattr(self, name)]
@@ -116,5 +129,7 @@ class PeerConfig:
 
     @property
     def samples_per_step(self) -> int:
-        """Samples this peer reports to the swarm per optimizer.step call."""
+        """Samples this peer reports to the swarm per optimizer.step call (once --batch-size auto is resolved)."""
+        if self.batch_size == "auto":
+            raise ValueError("--batch-size auto is resolved when the model is built (peer/batch_size.py)")
         return self.batch_size * self.grad_accumulation

@@ -25,6 +25,7 @@ from data import (
 from data.sources import resolve_corpus
 from model import LeanAlbertForMaskedLM, load_config
 from peer.backup import Backups
+from peer.batch_size import choose_batch
 from peer.config import PeerConfig
 from peer.contribution import Contribution, contribution_path
 from peer.faults import parameters_finite
@@ -40,6 +41,7 @@ from peer.swarm.dht import SwarmJoinError, build_dht, visible_maddrs
 from peer.swarm.join_client import JoinCredential, JoinRefused, JoinUnavailable
 from peer.swarm.optimizer import build_optimizer
 from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, model_fingerprint, publish_progress, software_version
+from peer.swarm.reachability import report_in_background
 from peer.swarm.run_record import check_model_matches, run_validators
 from peer.training_mode import SynchronousSwarm, TrainingMode
 
@@ -142,6 +144,7 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
     with contextlib.ExitStack() as resources:  # on any failure below, what was started so far is released
         access = join_closed_run(swarm, config)  # first: a refused peer learns it at once
         tokenizer, model = build_model(config, device)
+        config = choose_batch(config, optim, model, device, precision)  # --batch-size auto; else unchanged
         model_hash = model_fingerprint(model.config, tokenizer)
         # Refusals that need no swarm come before the DHT, so that a refused peer never starts a DHT process and p2pd.
         backups = Backups(config.backup_dir, config.keep_backups, model_hash)
@@ -153,6 +156,7 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         logger.info(
             f"Joined run {swarm.run_id!r} as {dht.peer_id}; others can join via: {' '.join(visible_maddrs(dht))}"
         )
+        report_in_background(dht, swarm)  # logs whether a swarm peer can dial this one back, and the fix if not
         if access is not None:
             access.publish_membership(dht, on_expired=leave_when_token_expired)
             resources.callback(access.close)

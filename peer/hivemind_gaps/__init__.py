@@ -89,6 +89,12 @@
     Proved on plain hivemind: tests/peer/test_centered_clip.py::
       test_hiveminds_reducer_lets_one_sender_drag_the_average (tests/peer/test_byzantine.py shows CenteredClip in a
       real swarm)
+16  An error the DHT process cannot pickle   peer/swarm/join_errors.py           sends back errors that unpickle
+    back (a multiaddr StringParseError, e.g. check_multiaddrs (every multiaddr    (or times out DHT start-up)
+    an invalid --announce-maddrs) leaves     flag parsed before DHT() starts)
+    DHT() waiting for ever.
+    Proved on plain hivemind: no test yet (seen by hand: DHT(announce_maddrs=["/ip4/1.2.3.4/tcp/x"]) hangs;
+      tests/peer/test_join_errors.py::test_a_bad_multiaddr_is_refused_before_hivemind_hangs_on_it shows the refusal)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

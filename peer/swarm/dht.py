@@ -9,10 +9,14 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.auth import AuthorizerBase
 
 from peer.swarm.config import SwarmConfig
+from peer.swarm.join_errors import check_multiaddrs, explain
+from peer.swarm.reachability import serve_dial_back
 
 
 class SwarmJoinError(RuntimeError):
-    """The DHT could not start or could not reach any initial peer."""
+    """The DHT could not start or could not reach any initial peer; the message is one line: cause, then fix."""
+
+    exit_code = 3  # of albert-peer (peer/lifecycle.py ExitCode.SWARM_UNREACHABLE) and albert-monitor alike
 
 
 def build_dht(
@@ -26,12 +30,15 @@ def build_dht(
     A closed run passes its ``authorizer`` and an ``identity_path`` made just before (so the peer id the access
     token names is known before the DHT starts); hivemind's check that such an identity is unused is then skipped.
     """
+    problem = check_multiaddrs(swarm)
+    if problem is not None:
+        raise SwarmJoinError(f"could not start the p2p daemon: {problem}")
     if identity_path is None:
         identity = {"identity_path": swarm.identity_path}
     else:
         identity = {"identity_path": identity_path, "check_if_identity_free": False}
     try:
-        return hivemind.DHT(
+        dht = hivemind.DHT(
             initial_peers=swarm.initial_peers,
             start=True,
             client_mode=swarm.client_mode,
@@ -44,8 +51,9 @@ def build_dht(
             **identity,
         )
     except Exception as error:
-        peers = ", ".join(swarm.initial_peers) or "none (starting a new swarm)"
-        raise SwarmJoinError(f"could not join the swarm (initial peers: {peers}): {error!r}") from error
+        raise SwarmJoinError(explain(error, swarm)) from error
+    dht.run_coroutine(serve_dial_back)  # every node answers "can you reach me?" (peer/swarm/reachability.py)
+    return dht
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -65,6 +65,14 @@ def field_scope(config_type: type, name: str) -> str:
     return exceptions.get(name, default)
 
 
+def int_or_word(text: str) -> int | str:
+    """An ``int | str`` flag's value: an integer if it reads as one, else the word (the config checks which)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 class EnvArgumentParser(HfArgumentParser):
     """HfArgumentParser whose defaults come from ALBERT_* environment variables, named in every --help line."""
 
@@ -82,6 +90,8 @@ class EnvArgumentParser(HfArgumentParser):
         mark = SCOPE_MARKS.get(field_scope(self._adding, dataclass_field.name), "")
         help_text = f"{dataclass_field.metadata.get('help', '')}{mark} [env {env_var(dataclass_field.name)}]"
         annotated.metadata = types.MappingProxyType({**dataclass_field.metadata, "help": help_text})
+        if annotated.type == int | str:  # HfArgumentParser would parse it as int only: "--batch-size auto" needs both
+            annotated.type = int_or_word
         super()._parse_dataclass_field(parser, annotated)
 
     def env_arguments(self) -> list[str]:
