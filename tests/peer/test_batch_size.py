@@ -118,8 +118,9 @@ def test_search_batch_caps_a_pass_at_a_sixteenth_of_the_target(model):
 
 
 def test_nothing_fits_is_a_clear_error(model):
-    config = PeerConfig(batch_size="auto", max_length=4096)  # batch 1's logits alone take 200 MB
-    with memory_limit(0), pytest.raises(ValueError, match="not even 1 sample of 4096 tokens fits on cpu"):
+    # the tiny preset's longest sequence (512 positions): batch 1's logits alone take tens of MB
+    config = PeerConfig(batch_size="auto", max_length=model.config.max_position_embeddings)
+    with memory_limit(0), pytest.raises(ValueError, match="not even 1 sample of 512 tokens fits on cpu"):
         search_batch(config, OptimConfig(), model, CPU, torch.float32)
 
 
