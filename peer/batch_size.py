@@ -55,8 +55,10 @@ def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming it)."""
-    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming it, or oneDNN's own when it
+    cannot allocate its scratch space: "could not create a primitive", seen under the tests' memory limit)."""
+    cpu_messages = ("DefaultCPUAllocator: can't allocate memory", "could not create a primitive")
+    return isinstance(error, torch.OutOfMemoryError) or any(message in str(error) for message in cpu_messages)
 
 
 class BatchProbe:
