@@ -136,7 +136,7 @@ function showMembersOnly() {
     text.textContent = note;
     chart.replaceChildren(text);
   }
-  for (const table of document.querySelectorAll("#peers-table, #checkpoints-table, #contributors-table")) {
+  for (const table of document.querySelectorAll("#peers-table, #checkpoints-table, #contributors-table, #suspects-table")) {
     const body = table.querySelector("tbody");
     body.replaceChildren();
     const row = body.insertRow();

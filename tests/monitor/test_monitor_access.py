@@ -282,7 +282,7 @@ def test_closed_run_serves_checkpoints_peers_and_history_to_members_only(closed_
 def test_the_dashboard_of_a_closed_run_shows_the_summary_and_a_members_only_note(closed_monitor, tmp_path):
     dom = chromium(closed_monitor.url + "/", tmp_path, "--dump-dom")
     assert 'id="run-id">closed<' in dom and 'id="stat-peers">1<' in dom and 'class="badge ok"' in dom
-    assert dom.count("members only (closed run)") == 6 + 2  # six charts, two tables
+    assert dom.count("members only (closed run)") == 6 + 4  # six charts; peers, checkpoints, contributors, suspects
     assert "peer-a" not in dom and 'href="/checkpoints/' not in dom
 
 
