@@ -7,12 +7,9 @@ model forward and backward. The CPU path's thread choice and the CLI's "auto" ar
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import json
 import math
 import os
-import re
-import resource
 import sys
 
 import pytest
@@ -22,7 +19,6 @@ from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from peer.batch_size import (
     HEADROOM,
-    BatchProbe,
     accumulation_for,
     available_cores,
     choose_batch,
@@ -31,11 +27,10 @@ from peer.batch_size import (
 )
 from peer.config import PeerConfig
 from peer.swarm.config import OptimConfig
-from tests.harness import LOOPBACK, GroupProcess, wait_until
+from tests.harness import LOOPBACK, GroupProcess, run_cli, wait_until
 
 CPU = torch.device("cpu")
 SEQUENCE = 32
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @pytest.mark.parametrize("boundary, limit", [(1, 64), (5, 64), (37, 64), (64, 64), (100, 64), (1000, 4096)])
@@ -61,54 +56,34 @@ def model():
     return LeanAlbertForMaskedLM(load_config("tiny", **model_overrides_from_tokenizer(tokenizer)))
 
 
-def address_space() -> int:
-    return int(re.search(r"VmSize:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
-
-
-@contextlib.contextmanager
-def memory_limit(extra_bytes: int):
-    """Cap this process's address space at its current size plus ``extra_bytes``; lifted on the way out.
-
-    glibc is first told to serve every large block by mmap (a fixed threshold, as its dynamic one rises after big
-    frees): a freed trial then returns its address space at once, like a device allocator's freed block.
-    """
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (address_space() + extra_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+def in_a_fresh_process(scenario: str) -> dict:
+    """Run a memory-limited scenario of tests/peer/memory_limited.py in its own interpreter; its JSON result."""
+    done = run_cli([sys.executable, "-m", "tests.peer.memory_limited", scenario], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow  # minutes on a loaded 2-core machine: every large block is a fresh mmap
-def test_the_probe_finds_what_fits_under_a_real_memory_limit(model):
-    probe = BatchProbe(model, SEQUENCE, CPU, torch.float32)
-    assert probe(1)  # warm-up: the allocator's first arenas are not part of what a batch needs
-    found = {}
-    for budget_mb in (60, 200):
-        with memory_limit(budget_mb * 2**20):
-            found[budget_mb] = largest_fitting(probe, 1024)
-            fits_again = probe(found[budget_mb])
-            twice_fits = probe(2 * found[budget_mb] + 1)
-        assert 1 <= found[budget_mb] < 1024 and fits_again and not twice_fits, (budget_mb, probe.trials)
-    assert found[200] > 2 * found[60], found  # more memory, a larger batch: the limit, not chance, bounded it
-    assert any(not fits for _, fits in probe.trials)  # real allocation failures were caught, not raised
-    assert all(p.grad is None for p in model.parameters())  # each trial leaves no gradients behind
-    assert probe(found[200])  # and the model still trains once the limit is lifted
+def test_the_probe_finds_what_fits_under_a_real_memory_limit():
+    result = in_a_fresh_process("probe")
+    found = {int(budget): outcome for budget, outcome in result["found"].items()}
+    for budget_mb, outcome in found.items():
+        largest = outcome["largest"]
+        assert 1 <= largest < 1024 and outcome["fits_again"] and not outcome["twice_fits"], (budget_mb, result)
+    assert found[200]["largest"] > 2 * found[60]["largest"], (
+        result
+    )  # more memory, a larger batch: the limit bounded it
+    assert result["some_trial_failed"], result  # real allocation failures were caught, not raised
+    assert result["no_gradients_left"] and result["trains_after"], result  # and the model still trains afterwards
 
 
 @pytest.mark.slow
-def test_search_batch_leaves_headroom_and_sets_accumulation(model):
-    config, optim = PeerConfig(batch_size="auto", max_length=SEQUENCE), OptimConfig(target_batch_size=65536)
-    BatchProbe(model, SEQUENCE, CPU, torch.float32)(1)
-    with memory_limit(100 * 2**20):
-        largest = largest_fitting(BatchProbe(model, SEQUENCE, CPU, torch.float32), 4096)
-        chosen = search_batch(config, optim, model, CPU, torch.float32)
+def test_search_batch_leaves_headroom_and_sets_accumulation():
+    chosen = in_a_fresh_process("search")
     # the probe also holds the optimizer's future buffers (offloaded optimizer: one gradient accumulator)
-    assert 1 <= chosen.batch_size <= max(1, int(largest * (1 - HEADROOM)))
-    assert chosen.grad_accumulation == max(1, 4096 // chosen.batch_size)
-    assert chosen.samples_per_step <= 65536 // 16 and chosen.max_length == SEQUENCE
+    assert 1 <= chosen["batch_size"] <= max(1, int(chosen["largest"] * (1 - HEADROOM))), chosen
+    assert chosen["grad_accumulation"] == max(1, 4096 // chosen["batch_size"]), chosen
+    assert chosen["samples_per_step"] <= 65536 // 16 and chosen["max_length"] == SEQUENCE, chosen
 
 
 def test_search_batch_caps_a_pass_at_a_sixteenth_of_the_target(model):
@@ -117,11 +92,10 @@ def test_search_batch_caps_a_pass_at_a_sixteenth_of_the_target(model):
     assert chosen.batch_size == 4 and chosen.grad_accumulation == 1
 
 
-def test_nothing_fits_is_a_clear_error(model):
+def test_nothing_fits_is_a_clear_error():
     # the tiny preset's longest sequence (512 positions): batch 1's logits alone take tens of MB
-    config = PeerConfig(batch_size="auto", max_length=model.config.max_position_embeddings)
-    with memory_limit(0), pytest.raises(ValueError, match="not even 1 sample of 512 tokens fits on cpu"):
-        search_batch(config, OptimConfig(), model, CPU, torch.float32)
+    error = in_a_fresh_process("nothing")["error"]
+    assert error is not None and "not even 1 sample of 512 tokens fits on cpu" in error, error
 
 
 def test_cpu_auto_takes_threads_from_the_cores(model):
