@@ -38,7 +38,6 @@ SIGNATURE = "manifest.sig"
 TRAINING_STATE = "training_state.pt"
 # The model code save_pretrained copies byte for byte next to the weights (modeling.py and its relative import).
 CODE_FILES = ("configuration.py", "modeling.py")
-CHUNK = 1 << 20
 
 
 class CheckpointNotFound(LookupError):

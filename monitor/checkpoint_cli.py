@@ -24,9 +24,10 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from monitor.checkpoint import MANIFEST, sha256_file, write_manifest
+from monitor.checkpoint import MANIFEST, write_manifest
 from monitor.checkpoint_trust import UntrustedCheckpoint, verify_checkpoint
 from monitor.safe_tar import UnsafeArchive, extract_checkpoint
+from peer.swarm.manifest import sha256_file
 from peer.swarm.run_key import normalize_fingerprint
 
 logger = logging.getLogger("albert-checkpoint")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from hivemind import DHT
@@ -23,10 +24,21 @@ from monitor.config import MonitorConfig
 from monitor.state import RunModel
 from peer.swarm.config import OptimConfig
 from peer.swarm.manifest import build_manifest
-from peer.swarm.manifest_protocol import HANDLER, MAX_NOTICE_CHARS, ProtocolError, answer, read_request
+from peer.swarm.manifest_protocol import (
+    HANDLER,
+    MAX_NOTICE_CHARS,
+    REQUEST_TIMEOUT,
+    ProtocolError,
+    answer,
+    one_line,
+    read_request,
+)
 
 logger = logging.getLogger(__name__)
-MAX_NOTICES_LOGGED = 1024  # a stranger's peer ids are free: remember (and log) this many at most
+# A stranger's peer ids are free: at most this many refusal lines a minute (each peer once a minute), so a flood
+# neither fills the log nor silences the refusals of honest peers that come after it.
+MAX_NOTICES_PER_MINUTE = 60
+MAX_STREAMS = 16  # manifest and tokenizer requests served at once (a joiner makes a few, one after the other)
 START_TIMEOUT = 30.0
 
 
@@ -69,7 +81,10 @@ class ManifestServer:
     def __init__(self, dht: DHT, run_id: str, document: bytes, tokenizer_dir: str | Path, file_names: list[str]):
         self.run_id, self.document = run_id, document
         self.files = {name: (Path(tokenizer_dir) / name).read_bytes() for name in file_names}
-        self.noticed: set[str] = set()
+        self.noticed: set[str] = set()  # peers whose refusal was logged in the current minute
+        self._window_start = time.monotonic()
+        # streams served at once: a stranger who opens many and never reads the answers holds a bounded few
+        self._serving: asyncio.Semaphore | None = None
         self._loop = asyncio.new_event_loop()
         self._p2p: P2P | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="manifest-server", daemon=True)
@@ -77,10 +92,22 @@ class ManifestServer:
         asyncio.run_coroutine_threadsafe(self._register(dht), self._loop).result(START_TIMEOUT)
 
     async def _register(self, dht: DHT) -> None:
+        self._serving = asyncio.Semaphore(MAX_STREAMS)  # made in the server's loop, which uses it
         self._p2p = await dht.replicate_p2p()
         await self._p2p.add_binary_stream_handler(HANDLER, self._handle)
 
     async def _handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._serving.locked():
+            await answer(writer, error="busy: try again in a few seconds")
+            return
+        async with self._serving:
+            try:  # the whole exchange, answer included: a reader that never reads does not hold a slot for ever
+                await asyncio.wait_for(self._serve(info, reader, writer), REQUEST_TIMEOUT)
+            except TimeoutError:
+                writer.close()
+                logger.debug(f"A manifest request of {info.peer_id} timed out")
+
+    async def _serve(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await read_request(reader)
             if request.get("get") == "manifest":
@@ -100,12 +127,14 @@ class ManifestServer:
             logger.warning(f"A manifest request of {info.peer_id} failed: {error!r}")
 
     def _log_refusal(self, peer_id: str, reason: str) -> None:
-        if peer_id in self.noticed or len(self.noticed) >= MAX_NOTICES_LOGGED:
+        now = time.monotonic()
+        if now - self._window_start >= 60.0:
+            self._window_start, self.noticed = now, set()
+        if peer_id in self.noticed or len(self.noticed) >= MAX_NOTICES_PER_MINUTE:
             return
         self.noticed.add(peer_id)
         # one printable line, bounded: it goes into the organiser's log verbatim
-        line = "".join(char if char.isprintable() else "?" for char in reason[:MAX_NOTICE_CHARS])
-        logger.warning(f"Peer {peer_id} refused to join run {self.run_id!r}: {line}")
+        logger.warning(f"Peer {peer_id} refused to join run {self.run_id!r}: {one_line(reason, MAX_NOTICE_CHARS)}")
 
     def shutdown(self) -> None:
         async def stop() -> None:

@@ -255,6 +255,9 @@ class Monitor:
         known = {row.peer_id for row in self.live.snapshot.peers}
         read = read_progress(self.dht, self.swarm.run_id, self.run_model.fingerprint, known=known.__contains__)
         self._log_refused(read.refused)
+        suspects = read_suspects(
+            self.dht, self.swarm.run_id
+        )  # before any write: a failed read fails the refresh whole
         snapshot = aggregate(
             read.reports,
             now=get_dht_time(),
@@ -274,7 +277,7 @@ class Monitor:
         self.history.record(snapshot)  # first: a refresh that cannot save its snapshot is not a successful one
         self._count_contributions(snapshot)
         self.live.update(snapshot, snapshot.invalid_records, read.refused, by_reason, read.refused_count)
-        self.live.suspects = read_suspects(self.dht, self.swarm.run_id)
+        self.live.suspects = suspects
         self._keep_state(snapshot)
 
     def _count_contributions(self, snapshot: SwarmSnapshot) -> None:

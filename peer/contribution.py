@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
+
+from peer.swarm.progress import MAX_COUNT
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ def _read(path: Path) -> tuple[int, float]:
         raise ValueError(
             f"{path} is not a contribution ledger ({error!r}); move it away to start counting at 0"
         ) from error
-    if not (isinstance(samples, int) and samples >= 0 and isinstance(seconds, int | float) and seconds >= 0):
+    # the totals go into the signed record, whose schema takes finite numbers up to MAX_COUNT only: a file outside
+    # that would stop the peer at its first epoch instead of here, at start, naming the file
+    plausible_samples = type(samples) is int and 0 <= samples <= MAX_COUNT
+    plausible_seconds = type(seconds) in (int, float) and math.isfinite(seconds) and 0 <= seconds <= MAX_COUNT
+    if not (plausible_samples and plausible_seconds):
         raise ValueError(f"{path} holds impossible totals ({samples!r} samples, {seconds!r} s)")
     return samples, float(seconds)

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
-from hivemind.utils.multiaddr import Multiaddr
 
 from data.tokenization import BUNDLED_TOKENIZER
 from peer.config import PeerConfig
@@ -64,7 +63,7 @@ def join_run(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig, explici
         # a loop left open, not asyncio.run's: p2pd's exit may be reported to it afterwards, which a closed loop
         # logs as a warning below the one line that says why the peer stops
         return asyncio.new_event_loop().run_until_complete(_join(join, swarm, optim, config, explicit))
-    except (P2PDaemonError, ProtocolError, OSError) as error:
+    except (P2PDaemonError, ProtocolError, ConnectionError) as error:  # not a local file error: those say themselves
         raise SwarmJoinError(
             f"could not fetch the manifest of run {join.run_id!r} from its monitor ({error}): is the monitor up, and can "
             "this machine reach the addresses in the join string?"
@@ -103,7 +102,8 @@ def _peers(join: JoinString, swarm: SwarmConfig) -> list[str]:
 
 async def _fetch_manifest(p2p: P2P, join: JoinString) -> tuple[PeerID, bytes]:
     """The signed manifest from the first initial peer that serves it (the monitor's addresses come first)."""
-    peer_ids = list(dict.fromkeys(Multiaddr(maddr)["p2p"] for maddr in join.initial_peers))
+    # the last /p2p/ is the monitor's own (a relayed address names the relay's first); JoinString checked each has one
+    peer_ids = list(dict.fromkeys(maddr.rsplit("/p2p/", 1)[1] for maddr in join.initial_peers))
     failures = []
     for attempt in range(3):  # the daemon connects to its bootstrap peers in the background: give it a moment
         for peer_id in map(PeerID.from_base58, peer_ids):

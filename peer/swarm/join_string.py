@@ -81,6 +81,8 @@ class JoinString:
             raise JoinStringError("the join string's content has the wrong shape: ask the organiser")
         if not peers:
             raise JoinStringError("the join string names no initial peer: ask the organiser")
+        if not all("/p2p/" in peer and peer.rsplit("/p2p/", 1)[1] for peer in peers):
+            raise JoinStringError("an initial peer of the join string names no peer id (/p2p/...): ask the organiser")
         return cls(run_id, normalize_fingerprint(str(run_key)), tuple(peers))
 
 

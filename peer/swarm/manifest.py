@@ -104,7 +104,7 @@ def verify_manifest(document: bytes, run_key_fingerprint: str, run_id: str) -> d
         signed = json.loads(document)
         manifest, public_hex, signature = signed["manifest"], signed["run_key"], signed["signature"]
         owner = fingerprint_of(public_hex)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise ManifestError(f"the run manifest is malformed ({error!r})") from error
     if owner != run_key_fingerprint:
         raise ManifestError(

@@ -24,6 +24,11 @@ class ProtocolError(OSError):
     """The other side did not answer as the protocol says (or not in time)."""
 
 
+def one_line(text: object, limit: int) -> str:
+    """Another node's words made fit for one log line: printable characters only, at most ``limit`` of them."""
+    return "".join(char if char.isprintable() else "?" for char in str(text)[:limit])
+
+
 def encode_line(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
@@ -38,7 +43,7 @@ async def read_request(reader: asyncio.StreamReader) -> dict:
         raise ProtocolError(f"a request line of {len(line)} bytes, at most {MAX_REQUEST_BYTES} ending in a newline")
     try:
         request = json.loads(line)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: "[[[[..." nested past the parser's depth
         raise ProtocolError(f"a request that is not JSON: {error}") from error
     if not isinstance(request, dict):
         raise ProtocolError("a request that is not a JSON object")
@@ -71,15 +76,15 @@ async def _ask(p2p: P2P, peer_id: PeerID, request: dict, max_bytes: int) -> byte
     try:
         writer.write(encode_line(request))
         await writer.drain()
-        header_line = await reader.readline()
         try:
+            header_line = await reader.readline()
             header = json.loads(header_line)
-        except ValueError as error:
-            raise ProtocolError(f"{peer_id} answered {header_line[:80]!r}, not a header") from error
+        except (ValueError, RecursionError, asyncio.LimitOverrunError) as error:  # a line past 64 KiB is a ValueError
+            raise ProtocolError(f"{peer_id} did not answer with a header line ({error!r})") from error
         if not isinstance(header, dict):
             raise ProtocolError(f"{peer_id} answered a header that is not a JSON object")
         if "error" in header:
-            raise ProtocolError(f"{peer_id} refused: {str(header['error'])[:MAX_NOTICE_CHARS]}")
+            raise ProtocolError(f"{peer_id} refused: {one_line(header['error'], MAX_NOTICE_CHARS)}")
         size = header.get("size")
         if not isinstance(size, int) or not 0 <= size <= max_bytes:
             raise ProtocolError(f"{peer_id} announced {size!r} bytes, at most {max_bytes} were asked for")

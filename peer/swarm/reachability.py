@@ -23,10 +23,12 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from peer.swarm.config import SwarmConfig
+from peer.swarm.manifest_protocol import one_line
 
 logger = logging.getLogger(__name__)
 
 HANDLER = "albert_swarm.dial_back"
+MAX_RESULTS = 8  # addresses a helper reports on (a peer listens on a few)
 MAX_MESSAGE = 4096  # bytes of a request or an answer
 MAX_PORTS = 4
 DIAL_TIMEOUT = 10.0  # seconds for the throwaway p2pd to start and reach the asker
@@ -52,7 +54,7 @@ class DialBackService:
     async def handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             answer = await self._answer(info, reader)
-        except (TimeoutError, ValueError, asyncio.IncompleteReadError) as error:
+        except (TimeoutError, ValueError, TypeError, asyncio.IncompleteReadError) as error:
             answer = {"refused": f"bad request: {error}"}
         try:
             await write_message(writer, answer)
@@ -145,7 +147,10 @@ async def read_message(reader: asyncio.StreamReader) -> dict:
     length = int.from_bytes(await reader.readexactly(4), "big")
     if length > MAX_MESSAGE:
         raise ValueError(f"a message of {length} bytes exceeds {MAX_MESSAGE}")
-    message = json.loads(await reader.readexactly(length))
+    try:
+        message = json.loads(await reader.readexactly(length))
+    except RecursionError as error:  # "[[[[..." nested past the parser's depth
+        raise ValueError("a message nested too deep") from error
     if not isinstance(message, dict):
         raise TypeError("a message must be a JSON object")
     return message
@@ -164,6 +169,15 @@ class Reachability:
         return [result["maddr"] for result in self.results if result.get("reachable")]
 
 
+def plain(result: dict) -> dict:
+    """A helper's result on one address, reduced to what this peer logs: one short printable line per field."""
+    return {
+        "maddr": one_line(result.get("maddr", ""), 200),
+        "reachable": result.get("reachable") is True,
+        "error": one_line(result.get("error", ""), 200),
+    }
+
+
 async def ask_dial_back(dht: hivemind.DHT, node, ports: list[int], preferred: list[str]) -> Reachability:
     """Ask swarm peers (initial peers first) in turn until one dials this node back (run in the DHT process)."""
     connected = [info.peer_id for info in await node.p2p.list_peers()]
@@ -177,7 +191,9 @@ async def ask_dial_back(dht: hivemind.DHT, node, ports: list[int], preferred: li
             refusals.append(f"{helper}: {type(error).__name__} {error}"[:200])
             continue
         if isinstance(answer.get("results"), list):
-            return Reachability(str(helper), [r for r in answer["results"] if isinstance(r, dict)])
+            return Reachability(
+                str(helper), [plain(r) for r in answer["results"][:MAX_RESULTS] if isinstance(r, dict)]
+            )
         refusals.append(f"{helper}: {answer.get('refused', 'no answer')}"[:200])
     return Reachability(problem="; ".join(refusals) or "no other peer is connected yet")
 
