@@ -124,7 +124,7 @@ class LocalStepsSwarm:
             self._outer_round()
 
     def take_round_scores(self) -> list:
-        """None: the outer all-reduce takes the mean (centered-clip is refused with --local-steps, OptimConfig)."""
+        """[]: the outer all-reduce takes the mean (centered-clip is refused with --local-steps, OptimConfig)."""
         return []
 
     def zero_grad(self) -> None:
@@ -140,6 +140,9 @@ class LocalStepsSwarm:
         logger.warning(f"The swarm is at epoch {swarm_epoch}, this peer at {self._epoch}: taking the swarm's state")
         if self.load_state_from_peers() is not None:
             return True
+        if swarm_epoch - self._epoch > EPOCH_MARGIN:  # anyone can write a progress entry: no jump to any epoch
+            logger.warning(f"Not joining epoch {swarm_epoch} unvouched: over {EPOCH_MARGIN} epochs ahead of this one")
+            return False
         logger.warning(f"Joining epoch {swarm_epoch} with this peer's own outer weights")
         with self._state_lock:
             self._epoch = max(self._epoch, swarm_epoch)
@@ -241,7 +244,11 @@ class LocalStepsSwarm:
         self._samples = 0
 
     def load_state_from_peers(self) -> int | None:
-        loaded = self.averager.load_state_from_peers(timeout=self.optim.load_state_timeout)
+        try:  # the donor loop runs in the averager's process; slow or fake donors can outlast the wait
+            loaded = self.averager.load_state_from_peers(timeout=self.optim.load_state_timeout)
+        except (TimeoutError, RuntimeError, OSError) as error:
+            logger.warning(f"The download of the swarm's outer state failed: {error!r}")
+            loaded = None
         if loaded is None:
             logger.warning("Could not download the swarm's outer state; going on with the local state")
             return None

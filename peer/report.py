@@ -231,7 +231,11 @@ class Reporter:
         """Publish the scores this peer gave the senders it reduced robustly (--aggregation centered-clip)."""
         rounds = self.training.take_round_scores()
         self.score_window.add(rounds)
-        record = self.score_window.record(epoch)
+        try:
+            record = self.score_window.record(epoch)
+        except ValueError as error:  # pydantic's ValidationError: scores out of bounds are not published
+            logger.warning(f"Not publishing this epoch's sender scores: {error}")
+            return
         if record is None or not rounds:
             return
         seconds = sum(round_scores.aggregation_seconds for round_scores in rounds)

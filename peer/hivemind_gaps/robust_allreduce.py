@@ -74,6 +74,13 @@ class CenteredClipReducer(TensorPartReducer):
         """hivemind's accumulate_part (1.1.12), keeping the part instead of adding it to a sum."""
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
+        if tensor_part.numel() != self.part_shapes[part_index].numel():
+            # before it is counted: hivemind then bans this sender alone and the others' round completes (a part
+            # of another size would fail the stack of the whole part, in whichever sender's call completed it)
+            raise AllreduceException(
+                f"sender {sender_index} sent {tensor_part.numel()} values for part {part_index}, "
+                f"expected {self.part_shapes[part_index].numel()}"
+            )
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
             await self._wait_for_previous_part()
@@ -132,7 +139,9 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     def __init__(self, *, clip_settings: ClipSettings, **kwargs):
         super().__init__(**kwargs)
-        # nothing ran yet: the runner's tasks start when it is iterated, so the mean reducer is simply replaced
+        # nothing ran yet: the runner's tasks start when it is iterated, so the mean reducer is replaced; marked
+        # finished first, or its __del__ logs "received 0.0% of input tensors" on every round
+        self.tensor_part_reducer.finished.set()
         self.tensor_part_reducer = CenteredClipReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), clip_settings
         )

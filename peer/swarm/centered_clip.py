@@ -19,6 +19,7 @@ that hide inside the honest spread (ALIE, IPM): a part within ``tau`` of the cen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -150,4 +151,5 @@ def sender_scores(parts: torch.Tensor, finite: torch.Tensor, centre: torch.Tenso
         scores = distances / spread
     else:  # identical parts: those at the centre score 0, any other the maximum
         scores = torch.where(distances > 0, MAX_SCORE, 0.0)
-    return [min(float(score), MAX_SCORE) for score in scores]
+    # inf / inf (attackers the majority of a group, entries whose float32 norm overflows) is NaN: the worst score
+    return [MAX_SCORE if math.isnan(score) else min(score, MAX_SCORE) for score in map(float, scores)]

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from hivemind.averaging.partition import TensorPartReducer
+from hivemind.averaging.partition import AllreduceException, TensorPartReducer
 
 from peer.hivemind_gaps.robust_allreduce import CenteredClipReducer
 from peer.swarm.centered_clip import MAX_SCORE, ClipSettings, centered_clip, coordinate_median
@@ -139,6 +139,23 @@ def test_two_senders_are_averaged_but_not_scored():
     assert torch.allclose(result, honest_parts(2).mean(dim=0), atol=1e-5) and scores == {}
 
 
+def test_a_part_of_another_size_fails_its_sender_alone():
+    """A hostile sender's part of DIM + 1 values is refused before it is counted; the other three get their result
+    once hivemind's runner reports that sender failed (as it does for the exception)."""
+
+    async def reduce() -> tuple[torch.Tensor, str]:
+        reducer = CenteredClipReducer([torch.Size([DIM])], 4, ClipSettings())
+        with pytest.raises(AllreduceException, match=f"sender 3 sent {DIM + 1} values") as refused:
+            await reducer.accumulate_part(3, 0, torch.zeros(DIM + 1))
+        reducer.on_sender_failed(3)
+        parts = honest_parts(3)
+        results = await asyncio.gather(*(reducer.accumulate_part(i, 0, parts[i]) for i in range(3)))
+        return results[0], str(refused.value)
+
+    result, _ = asyncio.run(reduce())
+    assert torch.allclose(result, centered_clip(honest_parts(3), torch.ones(3)).centre)
+
+
 def reduce_one_part(make_reducer, parts: torch.Tensor) -> torch.Tensor:
     async def reduce() -> torch.Tensor:
         reducer = make_reducer()  # in the event loop: hivemind's reducer binds its futures to it
@@ -149,7 +166,7 @@ def reduce_one_part(make_reducer, parts: torch.Tensor) -> torch.Tensor:
 
 
 def test_hiveminds_reducer_lets_one_sender_drag_the_average():
-    """Gap 13 on plain hivemind: its reducer returns the mean, so one sender of four sets it wherever it likes;
+    """Gap 15 on plain hivemind: its reducer returns the mean, so one sender of four sets it wherever it likes;
     the CenteredClipReducer on the same parts stays with the honest senders."""
     honest = honest_parts(3)
     target = torch.full((DIM,), 1e6)
