@@ -161,43 +161,50 @@ class LocalStepsSwarm:
                 self._restart_round()
                 return
             averaged, peers = self._average(pseudo)
+            # the next epoch's state is made apart and published whole: a joiner served "epoch E" while the re-sync
+            # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
             with self._state_lock:
-                if self.outer_guard.admit(averaged):
-                    lr = self.optim.outer_learning_rate
-                    nesterov_outer_step(self.outer, averaged, self.momentum, lr, self.optim.outer_momentum)
-                self._epoch += 1
-            if self._epoch % self.optim.average_state_every == 0:
-                self._resync_outer_state()
+                outer, momentum = [t.clone() for t in self.outer], [t.clone() for t in self.momentum]
+            if self.outer_guard.admit(averaged):
+                lr = self.optim.outer_learning_rate
+                nesterov_outer_step(outer, averaged, momentum, lr, self.optim.outer_momentum)
+            epoch = self._epoch + 1
+            if epoch % self.optim.average_state_every == 0:
+                outer, momentum = self._resynced(outer, momentum, epoch)
+            with self._state_lock:
+                copy_into([*self.outer, *self.momentum], [*outer, *momentum])
+                self._epoch = epoch
             copy_into(self.parameters, self.outer)
             self._samples = 0
             set_schedule_epoch(self.scheduler, self._epoch)
             self.tracker.update_epoch(self._epoch)
         logger.info(f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers")
 
-    def _resync_outer_state(self) -> None:
-        """Average the outer weights and momentum with the swarm, uncompressed (every --average-state-every epochs).
+    def _resynced(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
+        """The swarm's mean of the outer weights and momentum of ``epoch``, uncompressed (every --average-state-every
+        epochs); this peer's own if the round fails.
 
         With a lossy --grad-compression each peer receives the swarm's mean pseudo-gradient plus its own rounding of
         it (hivemind sends the reduced parts as compressed deltas), so the peers' outer states drift apart round after
         round (tests/peer/test_pseudo_gradient_codecs.py measures it). This round brings them back together.
         """
-        with self.resync.get_tensors() as buffers, self._state_lock:
-            copy_into(buffers, [*self.outer, *self.momentum])
+        with self.resync.get_tensors() as buffers:
+            copy_into(buffers, [*outer, *momentum])
         try:
             gathered = self.resync.step(weight=1.0, timeout=self.optim.averaging_timeout, wait=False).result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
-            return
+            return outer, momentum
         if not gathered:
-            return
+            return outer, momentum
         with self.resync.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         if not all_finite(averaged):
             logger.error("The swarm's averaged outer state is not finite: keeping this peer's own")
-            return
-        with self._state_lock:
-            copy_into([*self.outer, *self.momentum], averaged)
-        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {self._epoch}")
+            return outer, momentum
+        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch}")
+        count = len(outer)
+        return averaged[:count], averaged[count:]
 
     def _restart_round(self) -> None:
         """Drop this round's local work: back to the outer weights (the epoch is unchanged)."""

@@ -75,7 +75,7 @@
       test_hivemind_alone_signs_with_a_new_key_in_every_process (tests/monitor/test_contributors_swarm.py shows a
       restarted peer keeping its key and contributor row here)
 14  All-reduce hands each peer the mean as   peer/local_steps.py:                 sends each reduced part itself
-    its own part plus deltas sent in the     LocalStepsSwarm._resync_outer_state  (not a delta) so that every
+    its own part plus deltas sent in the     LocalStepsSwarm._resynced            (not a delta) so that every
     codec: with fp16 the peers' results      (an uncompressed average of the      peer can hold the same value
     differ (3.3e-4 relative), and DiLoCo's   outer state every
     outer weights drift apart every round.   --average-state-every epochs)
