@@ -27,6 +27,7 @@ from peer.training_mode import TrainingMode
 
 logger = logging.getLogger(__name__)
 FINAL_PUBLISH_TIMEOUT = 10.0  # seconds a leaving peer waits for its last record to be stored
+FINAL_PUBLISH_TRIES = 3
 
 
 class PeerMetrics:
@@ -192,7 +193,7 @@ class Reporter:
         self._publish_scores(new_epoch)
         self._start_epoch(new_epoch)
 
-    def _claim(self, record: ProgressRecord, wait: float = 0.0) -> None:
+    def _claim(self, record: ProgressRecord, last_words: bool = False) -> None:
         """Save the totals, log them, then publish them: what this peer logs it has contributed is on disk first, so
         a restart after any crash goes on from at least the last logged total (the monitor keeps the largest)."""
         try:
@@ -203,7 +204,10 @@ class Reporter:
             f"Contributed {record.samples_total} samples in total ({record.compute_seconds_total:.1f} s of compute) "
             f"as {self.label}" + (f" ({self.name})" if self.name else "")
         )
-        self._publish(record, wait)
+        if last_words:
+            self._publish_last_words(record)
+        else:
+            self._publish(record)
 
     def _summary(self) -> str:
         peers, target = self.training.num_peers, self.training.target_batch_size
@@ -216,16 +220,40 @@ class Reporter:
             f"mine {self.samples} samples ({share:.0%} of the {target}-sample target)"
         )
 
-    def _publish(self, record: ProgressRecord, wait: float = 0.0) -> None:
-        """Store the record in the background; with ``wait``, wait up to that many seconds for the store."""
+    def _publish(self, record: ProgressRecord) -> None:
+        """Store the record in the background: reporting must never hold up or stop training."""
         self.record, self.last_published = record, time.monotonic()
-        try:  # in the background: reporting must never hold up or stop training
+        try:
             stored = publish_progress(self.dht, self.run_id, record, self.record_expiration, wait=False)
             stored.add_done_callback(_warn_if_refused)
-            if wait:
-                stored.result(timeout=wait)
         except Exception as error:  # noqa: BLE001 -- reporting must never stop training
             logger.warning(f"Could not publish the progress record: {error!r}")
+
+    def _publish_last_words(self, record: ProgressRecord) -> None:
+        """Store a leaving peer's last record on another node, trying for up to FINAL_PUBLISH_TIMEOUT seconds.
+
+        Its own node leaves with it: a record only that node held would be lost, and with it the samples of the
+        unfinished epoch (a contributors test on a loaded CI machine once missed a leaving peer's last 24 samples).
+        """
+        self.record, self.last_published = record, time.monotonic()
+        deadline = time.monotonic() + FINAL_PUBLISH_TIMEOUT
+        problem = "no other node took it"
+        for _ in range(FINAL_PUBLISH_TRIES):  # a few: a lone peer (no other node at all) must not wait long to leave
+            try:
+                stored = publish_progress(
+                    self.dht, self.run_id, record, self.record_expiration, wait=False, elsewhere=True
+                )
+                if stored.result(timeout=max(deadline - time.monotonic(), 0.1)):
+                    return
+            except Exception as error:  # noqa: BLE001 -- a leave goes on whatever the DHT does
+                problem = repr(error)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        logger.warning(
+            f"Could not store the last progress record on another node in {FINAL_PUBLISH_TIMEOUT:.0f} s ({problem}): "
+            f"the monitor may miss this peer's last samples (its total is {record.samples_total})"
+        )
 
     def _publish_scores(self, epoch: int) -> None:
         """Publish the scores this peer gave the senders it reduced robustly (--aggregation centered-clip)."""
@@ -261,7 +289,7 @@ class Reporter:
                     "time": float(get_dht_time()),
                 }
             )
-            self._claim(final, wait=FINAL_PUBLISH_TIMEOUT)
+            self._claim(final, last_words=True)
         self.line.close()
 
 

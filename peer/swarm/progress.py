@@ -313,10 +313,13 @@ def publish_progress(
     expiration: float,
     wait: bool = True,
     private_key: RSAPrivateKey | None = None,
+    elsewhere: bool = False,
 ):
     """Store this peer's record, signed, expiring ``expiration`` seconds from now.
 
-    Returns whether it was stored, or (``wait=False``) a future of that.
+    Returns whether it was stored, or (``wait=False``) a future of that. With ``elsewhere``, "stored" means stored
+    on another node: the last record of a leaving peer is lost with it if only its own node holds it (hivemind
+    counts a store on the storing node itself as a success).
     """
     return dht.store(
         key=progress_key(run_id),
@@ -324,6 +327,7 @@ def publish_progress(
         value=progress.dict(),
         expiration_time=get_dht_time() + expiration,
         return_future=not wait,
+        exclude_self=elsewhere,
     )
 
 

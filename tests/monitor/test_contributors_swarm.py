@@ -76,7 +76,7 @@ def test_contributors_match_the_peers_own_counts_through_kill_restart_and_a_moni
             rows = contributors_by_id(monitor)
             return all(rows.get(label, {}).get("samples") == samples for label, samples in expected.items()) and rows
 
-        rows = wait_until_or_fail(counted_exactly, 60, lambda: (expected, contributors_by_id(monitor)))
+        rows = wait_until_or_fail(counted_exactly, 60, lambda: (expected, contributors_by_id(monitor), leaves(peers)))
         for label, name in names.items():
             assert rows[label]["name"] == name and rows[label]["device"] == "cpu"
             assert rows[label]["compute_seconds"] > 0 and rows[label]["uptime_seconds"] > 0
@@ -108,6 +108,15 @@ def test_contributors_match_the_peers_own_counts_through_kill_restart_and_a_moni
             shows_names_as_text(monitor, expected, names, before_kill[0], tmp_path)
     finally:
         hostile.stop()
+
+
+def leaves(peers: dict[str, PeerProcess]) -> dict[str, list[str]]:
+    """Each peer's log lines about storing its records and leaving: what a failure needs to tell a lost record."""
+    wanted = ("progress record", "Contributed", "SIGTERM", "Left the swarm")
+    return {
+        name: [line for line in peer.log_text().splitlines() if any(w in line for w in wanted)][-4:]
+        for name, peer in peers.items()
+    }
 
 
 def wait_until_or_fail(condition, timeout: float, describe):
