@@ -129,7 +129,7 @@ class RecordingDHT:
     def shutdown(self) -> None:
         self.shut_down = True
 
-    def store(self, key, subkey, value, expiration_time, return_future=False):
+    def store(self, key, subkey, value, expiration_time, return_future=False, exclude_self=False):
         self.records.append(value)
         stored = concurrent.futures.Future()
         stored.set_result(True)
