@@ -202,7 +202,10 @@ def test_open_run_has_no_join_and_config_checks_access_flags(tmp_path):
 
 # --- a closed run is closed over HTTP too ---------------------------------------------------------------------------
 
-PROTECTED = ["/checkpoints/latest", "/checkpoints/3", "/api/checkpoints", "/api/peers", "/api/history"]
+PROTECTED = [
+    "/checkpoints/latest", "/checkpoints/3", "/api/checkpoints", "/api/peers", "/api/history", "/api/contributors",
+    "/api/suspects",
+]  # fmt: skip
 PUBLIC = ["/", "/static/dashboard.js", "/healthz", "/api/status", "/metrics", "/openapi.json"]
 
 

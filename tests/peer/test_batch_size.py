@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import subprocess
 import sys
 
 import pytest
@@ -104,12 +104,19 @@ def test_cpu_auto_takes_threads_from_the_cores(model):
         chosen = choose_batch(PeerConfig(batch_size="auto"), OptimConfig(target_batch_size=4096), model, CPU,
                               torch.float32)  # fmt: skip
         assert chosen.torch_threads == available_cores() == torch.get_num_threads()
-        assert available_cores() <= len(os.sched_getaffinity(0))
         assert chosen.batch_size == 8 and chosen.grad_accumulation == accumulation_for(8, 4096) == 32
         pinned = choose_batch(PeerConfig(batch_size="auto", torch_threads=1), OptimConfig(), model, CPU, torch.float32)
         assert pinned.torch_threads == 1 == torch.get_num_threads()  # a thread count given is kept
     finally:
         torch.set_num_threads(before)
+
+
+def test_available_cores_follows_the_affinity_mask():
+    """A process pinned to one core (taskset, docker --cpuset-cpus) counts one, whatever the machine has."""
+    probe = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    probe += "from peer.batch_size import available_cores; print(available_cores())"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert found.stdout.split()[-1] == "1", found.stderr
 
 
 def test_an_integer_batch_size_is_left_alone(model):

@@ -5,11 +5,14 @@ lying reporter cannot set."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import hivemind
 import pydantic.v1 as pydantic
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils import get_dht_time
 
 from monitor.suspicion import MAX_SUSPECTS, SUSPICION_THRESHOLD, suspects
@@ -136,12 +139,20 @@ def stranger_stores(stranger, value) -> None:
     )
 
 
+async def _subkeys_held(_dht, node, key: str) -> int:
+    """How many subkeys of ``key`` this node's own storage holds (no lookup elsewhere: the stranger holds its own)."""
+    held = node.protocol.storage.get(DHTID.generate(source=key))
+    return len(held.value) if held is not None and isinstance(held.value, DictionaryDHTValue) else 0
+
+
 def test_hostile_records_are_refused_by_the_runs_node_and_a_valid_one_read(nodes):
     honest, stranger = nodes
     for hostile in (record(scores={ATTACKER_ID: math.nan}), record(rounds=-5), {"scores": "x" * 10_000}, b"junk"):
         stranger_stores(stranger, hostile)
-    assert fetch_scores(honest, RUN, limit=16) == {}
+    assert honest.run_coroutine(partial(_subkeys_held, key=scores_key(RUN))) == 0  # its validators refused them all
+    assert fetch_scores(honest, RUN, limit=16) == {}  # and a reader re-checks what other nodes serve
     stranger_stores(stranger, record())
+    assert honest.run_coroutine(partial(_subkeys_held, key=scores_key(RUN))) == 1
     found = fetch_scores(honest, RUN, limit=16)
     assert [item.scores for item in found.values()] == [record()["scores"]]
 
