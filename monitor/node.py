@@ -255,9 +255,8 @@ class Monitor:
         known = {row.peer_id for row in self.live.snapshot.peers}
         read = read_progress(self.dht, self.swarm.run_id, self.run_model.fingerprint, known=known.__contains__)
         self._log_refused(read.refused)
-        suspects = read_suspects(
-            self.dht, self.swarm.run_id
-        )  # before any write: a failed read fails the refresh whole
+        # before any write: a failed read fails the refresh whole
+        suspects = read_suspects(self.dht, self.swarm.run_id, known=known.__contains__)
         snapshot = aggregate(
             read.reports,
             now=get_dht_time(),

@@ -121,8 +121,9 @@ def read_progress(dht: DHT, run_id: str, model_hash: str, known: Callable[[str],
     return result
 
 
-def read_suspects(dht: DHT, run_id: str) -> tuple[Suspect, ...]:
+def read_suspects(dht: DHT, run_id: str, known: Callable[[str], bool] | None = None) -> tuple[Suspect, ...]:
     """The senders the run's robust reducers scored, most suspicious first; unparsable score records are counted
-    with the refused records (at most MAX_RECORDS_PER_READ reporters read)."""
-    records = fetch_scores(dht, run_id, MAX_RECORDS_PER_READ, rejected_records(run_id))
+    with the refused records (at most MAX_RECORDS_PER_READ reporters read, those ``known`` labels first)."""
+    first = (lambda owner: known(peer_label(owner))) if known is not None else None
+    records = fetch_scores(dht, run_id, MAX_RECORDS_PER_READ, rejected_records(run_id), first)
     return tuple(suspects(records.values()))

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import multiprocessing
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
@@ -27,6 +28,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 # date); one within the skew stays alive at most MAX_CLOCK_SKEW + --stale-after seconds.
 from peer.swarm.clock import MAX_CLOCK_SKEW
 from peer.swarm.names import MAX_NAME_CHARS, why_unprintable
+
+RecordT = TypeVar("RecordT", bound=pydantic.BaseModel)
 
 MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 # The version of what peers and monitors say to each other (records, averaging, state layout). Bump it whenever a
@@ -338,7 +341,19 @@ def fetch_progress(
     limit: int | None = None,
     first: Callable[[bytes], bool] | None = None,
 ) -> dict[bytes, ProgressRecord]:
-    """All unexpired, valid records of the run, keyed by their owner's public key.
+    """All unexpired, valid progress records of the run, keyed by their owner's public key (fetch_signed_records)."""
+    return fetch_signed_records(dht, progress_key(run_id), ProgressRecord, rejected, limit, first)
+
+
+def fetch_signed_records(
+    dht: DHT,
+    key: str,
+    schema: type[RecordT],
+    rejected: RejectedRecords | None = None,
+    limit: int | None = None,
+    first: Callable[[bytes], bool] | None = None,
+) -> dict[bytes, RecordT]:
+    """All unexpired records under ``key`` (one subkey per owner's public key) that parse as ``schema``.
 
     A record that reaches this reader but does not parse is skipped and counted in `rejected` by reason, like the
     records the DHT's validators refused. That happens when the node that served it validated it against another
@@ -347,7 +362,7 @@ def fetch_progress(
     With `limit`, at most that many subkeys are parsed (the owners `first` picks, e.g. known peers, before others);
     the rest are counted as "too_many", so a flood of keys costs a bounded amount of work per read.
     """
-    found = dht.get(progress_key(run_id), latest=True)
+    found = dht.get(key, latest=True)
     if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
         return {}
     entries = list(found.value.items())
@@ -360,7 +375,7 @@ def fetch_progress(
     records = {}
     for owner, entry in entries:
         try:
-            records[owner] = ProgressRecord.parse_obj(entry.value)
+            records[owner] = schema.parse_obj(entry.value)
         except pydantic.ValidationError as error:
             if rejected is not None:
                 rejected.add(refusal_reason(error))

@@ -11,16 +11,22 @@ only says what its owner claims: readers combine many owners' records (monitor/s
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
 from hivemind.dht.schema import BytesWithPublicKey
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.robust_allreduce import RoundScores
 from peer.swarm.centered_clip import MAX_SCORE
-from peer.swarm.progress import MAX_COUNT, RejectedRecords, local_public_key, not_ahead_of_this_clock
+from peer.swarm.progress import (
+    MAX_COUNT,
+    RejectedRecords,
+    fetch_signed_records,
+    local_public_key,
+    not_ahead_of_this_clock,
+)
 
 SCORES_FIELD = "scores"
 MAX_SCORED_PEERS = 32  # senders per record: ~60 bytes each keeps a record under MAX_SCORE_RECORD_BYTES
@@ -105,21 +111,11 @@ def publish_scores(dht: DHT, run_id: str, record: ScoreRecord, expiration: float
 
 
 def fetch_scores(
-    dht: DHT, run_id: str, limit: int, rejected: RejectedRecords | None = None
+    dht: DHT,
+    run_id: str,
+    limit: int,
+    rejected: RejectedRecords | None = None,
+    first: Callable[[bytes], bool] | None = None,
 ) -> dict[bytes, ScoreRecord]:
-    """The run's unexpired, valid score records by owner's public key; at most ``limit`` parsed (the rest counted
-    as "too_many"), each re-checked here (the node that served it may have another clock or schema)."""
-    found = dht.get(scores_key(run_id), latest=True)
-    if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
-        return {}
-    entries = list(found.value.items())
-    if len(entries) > limit and rejected is not None:
-        rejected.add("too_many", len(entries) - limit)
-    records = {}
-    for owner, entry in entries[:limit]:
-        try:
-            records[owner] = ScoreRecord.parse_obj(entry.value)
-        except (pydantic.ValidationError, AttributeError, TypeError):
-            if rejected is not None:
-                rejected.add("schema")
-    return records
+    """The run's unexpired, valid score records by owner's public key (progress.fetch_signed_records)."""
+    return fetch_signed_records(dht, scores_key(run_id), ScoreRecord, rejected, limit, first)
