@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import torch
 
 # Measured on the tiny preset's real gradients (8-sample batches cut into hivemind's parts; docs/robust-aggregation.md,
-# tests/peer/test_centered_clip_gradients.py). Honest parts are noisy: the farthest lies at up to 3.4x the median
+# tests/benchmarks/bench_centered_clip.py). Honest parts are noisy: the farthest lies at up to 3.4x the median
 # distance with 4-5 peers, 9.3x with 8 (sparse embedding rows), and the mean gradient is small against that spread.
 # So the bias one attacker can cause, about its weight share times tau, must stay below the mean: with 3 honest
-# peers and a sign flipper x1000, the result's cosine to the honest mean is 0.998 at 1.0, 0.98 at 2.0, -0.37 at 3.0.
-# Without attackers, 1.0 stays within cosine 0.997 of the mean (4, 5 and 8 peers); 0.5 needs up to 15 iterations.
+# peers and a sign flipper (its own gradient x -1000), the result's cosine to the honest mean is 0.94 at 0.5, 0.94 at
+# 1.0, 0.76 at 2.0, 0.56 at 3.0. Without attackers, 1.0 stays within cosine 0.997 of the mean (4 and 8 peers).
 DEFAULT_TAU_FACTOR = 1.0
-# Measured: at tau 1.0 the iteration converges (moves less than TOLERANCE * tau) in 5-6 iterations on honest parts;
-# BTARD used ~20. The cap bounds what a round of hostile parts can cost (they reach it at tau 0.5).
+# Measured (same benchmark): at tau 1.0 every part converges (moves less than TOLERANCE * tau) within 7 iterations
+# on honest parts, 9-10 with flippers; at 0.5 honest parts take up to 15 and hostile ones reach the cap. BTARD used ~20.
 DEFAULT_MAX_ITERATIONS = 20
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_MAX_WEIGHT_RATIO = 4.0
@@ -73,7 +73,9 @@ class ClipResult:
     iterations: int
 
 
-SORTING_NETWORK_MAX_ROWS = 8  # measured: below this, elementwise min/max passes beat torch.sort along dim 0 by ~10x
+# Up to this many senders, n elementwise min/max sweeps beat torch.sort along dim 0: 8-13x fewer CPU seconds for 3-24
+# senders, 4.3x at 64 (one 2**19-byte part each, one thread; tests/benchmarks/bench_centered_clip.py)
+SORTING_NETWORK_MAX_ROWS = 64
 
 
 def sorted_rows(parts: torch.Tensor) -> list[torch.Tensor]:

@@ -86,6 +86,15 @@ def test_nothing_finite_gives_nan_for_the_update_guard_to_refuse():
     assert torch.isnan(result.centre).all() and result.scores == [MAX_SCORE] * 3
 
 
+@pytest.mark.parametrize("senders", [1, 2, 3, 8, 9, 64, 65, 70])
+def test_the_median_is_torch_sorts_on_both_sides_of_the_sorting_network_threshold(senders):
+    parts = torch.randn(senders, 513)
+    parts[:, 0] = 1.0  # ties
+    ordered = parts.sort(dim=0).values
+    middle = (ordered[(senders - 1) // 2] + ordered[senders // 2]) / 2
+    assert torch.equal(coordinate_median(parts), middle)
+
+
 def test_identical_and_single_parts():
     same = torch.ones(3, 8)
     assert torch.equal(centered_clip(same, torch.ones(3)).centre, torch.ones(8))
