@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 # A step's contribution aims at 1/16 of the target batch: the epoch's end is overshot by at most that much, and the
 # peer still reports (and may join the averaging round) several times per epoch.
 STEP_SHARE = 16
-HEADROOM = 0.15  # when memory bounds the batch: room for allocator fragmentation and longer-lived buffers
+# When memory bounds the batch: room for allocator fragmentation and longer-lived buffers. A chosen margin, not a
+# measured one: the CUDA search has not run on a GPU yet (none was lent to this project so far).
+HEADROOM = 0.15
 CPU_BATCH_SIZE = 8  # on CPU speed, not memory, is the limit: PeerConfig's usual batch
 
 
