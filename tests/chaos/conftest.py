@@ -25,9 +25,9 @@ def make_run(network_supported, tmp_path_factory):
     """Start chaos runs on demand (each on its own network); stop them all and check for leftovers at teardown."""
     runs: list[ChaosRun] = []
 
-    def factory() -> ChaosRun:
+    def factory(**settings) -> ChaosRun:
         network = Network(f"{network_prefix()}{len(runs)}")
-        runs.append(ChaosRun(network, tmp_path_factory.mktemp("chaos")))
+        runs.append(ChaosRun(network, tmp_path_factory.mktemp("chaos"), **settings))
         return runs[-1]
 
     yield factory

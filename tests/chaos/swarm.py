@@ -36,6 +36,7 @@ LIVENESS_BOUND = MATCHMAKING_TIME + AVERAGING_TIMEOUT + PRESENCE_EXPIRATION + CO
 WINDOW = LIVENESS_BOUND + 2.0  # a scenario is watched longer than the bound, so a stalled swarm fails it
 # 50 ms added to the round trip (25 ms each way), 20 Mbit/s each way, 1% of packets dropped in each direction
 STRAGGLER_LINK = {"delay_ms": 25.0, "mbit": 20.0, "loss": 0.01}
+MIN_RATIO = 0.3  # steps under a fault, relative to the fault-free rate: robust on a shared, noisy machine
 
 
 @dataclass
@@ -59,10 +60,14 @@ class ChaosRun:
     Args:
         network: the bridge and namespaces (owned by the run: closed with it).
         workdir: logs, backups and the monitor's files.
+        run_flags: run-wide flags given to the monitor and every peer (e.g. another training mode).
+        liveness_bound: the longest time without an optimizer step a fault may cause (LIVENESS_BOUND: one epoch
+            of the default run's size; a run with longer epochs sets its own).
     """
 
-    def __init__(self, network: Network, workdir: Path):
+    def __init__(self, network: Network, workdir: Path, run_flags=(), liveness_bound: float = LIVENESS_BOUND):
         self.network, self.workdir = network, workdir
+        self.run_flags, self.liveness_bound = list(run_flags), liveness_bound
         self.peers: dict[str, ChaosPeer] = {}
         self.processes: list[ChaosProcess] = []
         self.monitor: ChaosMonitor | None = None
@@ -73,7 +78,7 @@ class ChaosRun:
     def start_monitor(self, name: str = "monitor", initial_peers=()) -> ChaosMonitor:
         node = self.network.nodes.get("monitor") or self.network.add_node("monitor")
         ports = (self.monitor.dht_port, self.monitor.http_port) if self.monitor else (31337, 8080)
-        extra = ["--initial_peers", *initial_peers] if initial_peers else []
+        extra = [*self.run_flags, *(["--initial_peers", *initial_peers] if initial_peers else [])]
         self.monitor = ChaosMonitor(node, self.workdir, *ports, name=name, extra_flags=extra)
         self.processes.append(self.monitor)
         self.monitor.wait_ready(timeout=180)
@@ -92,9 +97,8 @@ class ChaosRun:
             node.limit_rate(rate_mbit)
         # the monitor and a live peer, as a user would list them: a joiner must not depend on one bootstrap node
         donors = [peer.maddrs() for peer in self.live_peers() if peer.maddrs()][:1]
-        peer = ChaosPeer(
-            node, name, self.workdir, [*self.monitor.initial_peers(), *(maddr for d in donors for maddr in d)]
-        )
+        initial_peers = [*self.monitor.initial_peers(), *(maddr for d in donors for maddr in d)]
+        peer = ChaosPeer(node, name, self.workdir, initial_peers, extra_flags=self.run_flags)
         self.peers[name] = peer
         self.processes.append(peer)
         return peer
@@ -182,10 +186,20 @@ class ChaosRun:
             window.epochs,
         )  # fmt: skip
         FIGURES.append(figures)
-        assert window.longest_gap <= LIVENESS_BOUND, (
-            f"{scenario}: no optimizer step for {window.longest_gap:.1f} s (bound {LIVENESS_BOUND:.0f} s); "
+        assert window.longest_gap <= self.liveness_bound, (
+            f"{scenario}: no optimizer step for {window.longest_gap:.1f} s (bound {self.liveness_bound:.0f} s); "
             f"timeline {self.observer.swarm_timeline(names)}"
         )
+        return figures
+
+    def watch(self, scenario: str, names, start: float, seconds: float | None = None) -> Figures:
+        """Wait out the scenario's window (by default just longer than the liveness bound, so a stalled swarm fails
+        it), then judge liveness and the step ratio, and check the loss."""
+        seconds = self.liveness_bound + 2.0 if seconds is None else seconds
+        time.sleep(max(0.0, start + seconds - time.time()))
+        figures = self.judge(scenario, names, start, time.time())
+        assert figures.ratio > MIN_RATIO, figures
+        self.assert_loss_below_start(scenario, figures)
         return figures
 
     def assert_loss_below_start(self, scenario: str, window: Figures) -> None:
