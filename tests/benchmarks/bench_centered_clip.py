@@ -26,9 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hivemind.averaging.partition import TensorPartContainer
 
-from peer.config import PeerConfig
-from peer.runtime import build_batches, build_model
 from peer.swarm.centered_clip import ClipSettings, centered_clip
+from tests.peer.real_gradients import honest_gradients
 
 PART_VALUES = 2**19 // 4  # hivemind's default part size, in fp32 values
 
@@ -40,20 +39,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per method and sender count")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def honest_gradients(count: int, seed: int) -> list[list[torch.Tensor]]:
-    """One gradient per peer, each from its own data shard (peer id), as a tiny test peer computes one step."""
-    torch.manual_seed(seed)
-    config = PeerConfig(model="tiny", batch_size=8, max_length=64)
-    tokenizer, model = build_model(config, torch.device("cpu"))
-    gradients = []
-    for peer in range(count):
-        batch = next(build_batches(config, tokenizer, f"peer-{peer}"))
-        model.zero_grad()
-        model(**batch).loss.backward()
-        gradients.append([param.grad.detach().clone() for param in model.parameters()])
-    return gradients
 
 
 def flat(tensors) -> torch.Tensor:

@@ -11,10 +11,9 @@ import pytest
 import torch
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 
-from peer.config import PeerConfig
 from peer.hivemind_gaps.robust_allreduce import CenteredClipReducer
-from peer.runtime import build_batches, build_model
 from peer.swarm.centered_clip import ClipSettings, centered_clip, coordinate_median
+from tests.peer.real_gradients import honest_gradients
 
 PEERS = 4
 MANY = 8
@@ -22,17 +21,7 @@ MANY = 8
 
 @pytest.fixture(scope="module")
 def gradients() -> list[list[torch.Tensor]]:
-    """One gradient per peer, each from its own data shard (peer id), as a tiny test peer computes one step."""
-    torch.manual_seed(0)
-    config = PeerConfig(model="tiny", batch_size=8, max_length=64)
-    tokenizer, model = build_model(config, torch.device("cpu"))
-    grads = []
-    for peer in range(MANY):
-        batch = next(build_batches(config, tokenizer, f"peer-{peer}"))
-        model.zero_grad()
-        model(**batch).loss.backward()
-        grads.append([param.grad.detach().clone() for param in model.parameters()])
-    return grads
+    return honest_gradients(MANY)
 
 
 def reducer_parts(grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
