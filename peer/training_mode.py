@@ -30,6 +30,8 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
   from another thread). ``shutdown()``: leave the swarm and release the averagers (once, at the end).
 - ``update_guard`` and ``refused_states``: what this peer refused from the swarm (averaged gradients, downloaded
   states), exported as metrics; a mode without such checks gives None and 0.
+- ``averaged_bytes``: (sent, received) payload bytes of this peer's all-reduce rounds so far, exported as metrics;
+  None where they are not counted (the synchronous mode's gradient all-reduce).
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class TrainingMode(Protocol):
 
     @property
     def refused_states(self) -> int: ...
+
+    @property
+    def averaged_bytes(self) -> tuple[int, int] | None: ...
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None: ...
 
@@ -125,6 +130,10 @@ class SynchronousSwarm:
     @property
     def refused_states(self) -> int:
         return getattr(self.optimizer.state_averager, "refused_states", 0)
+
+    @property
+    def averaged_bytes(self) -> None:
+        return None  # hivemind.Optimizer builds its gradient averager itself: not counted yet
 
     def take_round_scores(self) -> list[RoundScores]:
         averager = self.optimizer.grad_averager

@@ -10,8 +10,8 @@ Each class extends the one before it, so a gap closed for one is closed for the 
 - ``GuardedTrainingStateAverager`` and ``GuardedGradientAverager`` (closed runs, trainers and monitor): also answer
   run members only (averager_guard.py).
 - ``OuterAverager`` (local-steps mode, peer/local_steps.py): all-reduces pseudo-gradients, serves the outer state a
-  callable gives, checks downloaded states and cancels its rounds like the others; ``GuardedOuterAverager`` answers
-  run members only.
+  callable gives, checks downloaded states and cancels its rounds like the others, and counts the bytes of its
+  all-reduce (traffic.py); ``GuardedOuterAverager`` answers run members only.
 - ``RobustGradientAverager`` and ``GuardedRobustGradientAverager`` (``--aggregation centered-clip``): the parts this
   peer reduces are aggregated with CenteredClip and their senders scored (robust_allreduce.py).
 
@@ -31,6 +31,7 @@ from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
 from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
+from peer.hivemind_gaps.traffic import CountedTraffic
 
 
 class HivemindHandleNames:
@@ -63,7 +64,7 @@ class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, Gradien
     """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
 
 
-class OuterAverager(HivemindHandleNames, CheckedDownloads, CancellableRounds):
+class OuterAverager(HivemindHandleNames, CountedTraffic, CheckedDownloads, CancellableRounds):
     """A DecentralizedAverager whose averaged tensors are pseudo-gradients and whose served state is not them.
 
     Args:
