@@ -114,7 +114,7 @@ class BlockwiseQuantization(CompressionBase):
             raise ValueError(f"a quantized part declares blocks of {block_size} values (1..{MAX_BLOCK_SIZE})")
         if serialized.dtype != "float32":
             raise ValueError(f"a quantized part declares dtype {serialized.dtype!r}, not float32")
-        if any(dim < 0 for dim in serialized.size) or math.prod(serialized.size) != count:
+        if math.prod(serialized.size) != count:  # size is uint32 in the protobuf: no negative dimension
             raise ValueError(f"a quantized part's shape {list(serialized.size)[:8]} does not hold its {count} values")
         expected = HEADER.size + 4 * math.ceil(count / block_size) + math.ceil(count * self.bits / 8)
         if len(buffer) != expected:

@@ -1,5 +1,6 @@
 """Each pseudo-gradient codec through a real averaging round of two OuterAveragers (two DHTs, two averager
-processes, p2pd on 127.0.0.1): the weighted mean's error against fp32, and how far the two peers' results differ.
+processes, p2pd on 127.0.0.1): the weighted mean's error against fp32, how far the two peers' results differ, and
+the payload bytes each peer's all-reduce sent and received (peer/hivemind_gaps/traffic.py).
 
 hivemind's all-reduce hands each peer the mean as its own contribution plus a delta sent in the codec, so with a
 lossy codec the peers' results differ from the mean and from each other by the delta's rounding (the drift of outer
@@ -18,9 +19,11 @@ from peer.swarm.optimizer import COMPRESSION_FACTORIES
 pytestmark = [pytest.mark.slow]
 
 # relative error of each codec (||result - mean|| / ||mean||), with a margin over what this test measured (worse
-# peer; peers apart): none 4.7e-8 (3.7e-8), fp16 2.8e-4 (3.3e-4), scaled-fp16 2.8e-4 (3.3e-4); pseudo-gradients of
-# scale 1e-2, 2 x 200k entries, weights 3:1
-BOUNDS = {"none": 1e-6, "fp16": 1e-3, "scaled-fp16": 1e-3}
+# peer; peers apart): none 4.7e-8 (3.7e-8), fp16 2.8e-4 (3.3e-4), scaled-fp16 2.8e-4 (3.3e-4), int8-block 9.3e-3 (1.1e-2),
+# int4-block 0.16 (0.19); pseudo-gradients of scale 1e-2, 2 x 200k entries, weights 3:1
+BOUNDS = {"none": 1e-6, "fp16": 1e-3, "scaled-fp16": 1e-3, "int8-block": 0.02, "int4-block": 0.3}
+# payload bits per value on the wire: the values, plus a float32 scale per block of 256 / 128 for the blockwise ones
+BITS_PER_VALUE = {"none": 32, "fp16": 16, "scaled-fp16": 16, "int8-block": 8 + 32 / 256, "int4-block": 4 + 32 / 128}
 WEIGHTS = (3.0, 1.0)  # samples behind each peer's pseudo-gradient
 
 
@@ -61,6 +64,7 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
         ]
         gathered = [control.result() for control in controls]
         assert all(group is not None and len(group) == 2 for group in gathered), gathered
+        traffic = [(averager.bytes_sent, averager.bytes_received) for averager in averagers]
         results = []
         for averager in averagers:
             with averager.get_tensors() as tensors:
@@ -75,3 +79,10 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
     print(f"{codec}: relative error {max(errors):.2g} (per peer {errors}), peers apart {apart:.2g}")
     assert max(errors) < BOUNDS[codec], (codec, errors)
     assert apart < 2 * BOUNDS[codec], (codec, apart)
+    # each tensor (100k values) is one part (hivemind's parts hold 2**19 bytes or more): each peer sends one tensor to
+    # the other's reducer and receives its delta, and receives the other's tensor and sends back its delta, so it
+    # sends and receives 200k values' worth; 1% over for the blockwise headers and protobuf-free payload rounding
+    expected = mean.numel() * BITS_PER_VALUE[codec] / 8
+    print(f"{codec}: bytes sent/received per peer {traffic}, expected {expected:.0f} each")
+    for sent, received in traffic:
+        assert expected <= sent <= 1.01 * expected and expected <= received <= 1.01 * expected, (traffic, expected)
