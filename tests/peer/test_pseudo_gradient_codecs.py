@@ -9,11 +9,14 @@ weights noted in peer/local_steps.py). The printed figures are the measurement; 
 
 from __future__ import annotations
 
+import struct
+
 import hivemind
 import pytest
 import torch
 
 from peer.hivemind_gaps.averagers import OuterAverager
+from peer.swarm.codecs import HEADER, Int8BlockCompression
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
 pytestmark = [pytest.mark.slow]
@@ -86,3 +89,62 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
     print(f"{codec}: bytes sent/received per peer {traffic}, expected {expected:.0f} each")
     for sent, received in traffic:
         assert expected <= sent <= 1.01 * expected and expected <= received <= 1.01 * expected, (traffic, expected)
+
+
+class NanScales(Int8BlockCompression):
+    """An attacker's codec: honest codes, every block scale NaN (decoded naively, NaN in every peer's average)."""
+
+    def compress(self, tensor, info, allow_inplace=False):
+        serialized = super().compress(tensor, info, allow_inplace)
+        blocks = -(-tensor.numel() // self.block_size)
+        nan = struct.pack(f"<{blocks}f", *[float("nan")] * blocks)
+        serialized.buffer = serialized.buffer[: HEADER.size] + nan + serialized.buffer[HEADER.size + len(nan) :]
+        return serialized
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_sending_crafted_parts_is_dropped_from_the_round():
+    """Three OuterAveragers in int8-block, the second sending NaN-scaled parts: the honest two refuse its parts (their
+    reducers ban it for the round), keep averaging with each other and hold no NaN."""
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    others = [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+        for _ in range(2)
+    ]
+    generator = torch.Generator().manual_seed(3)
+    inputs = [[torch.randn(100_000, generator=generator) for _ in range(3)] for _ in range(3)]
+    codecs = [Int8BlockCompression(), NanScales(), Int8BlockCompression()]
+    averagers = [
+        OuterAverager(
+            [tensor.clone() for tensor in tensors],
+            dht,
+            state_provider=lambda: ({}, [], None),
+            start=True,
+            prefix="codec_attack",
+            min_matchmaking_time=3.0,
+            request_timeout=1.0,
+            target_group_size=3,
+            compression=codec,
+        )
+        for dht, tensors, codec in zip([first, *others], inputs, codecs)
+    ]
+    try:
+        controls = [averager.step(timeout=30, wait=False) for averager in averagers]
+        honest = []
+        for index in (0, 2):
+            assert len(controls[index].result()) == 3  # the group formed with the attacker in it
+            with averagers[index].get_tensors() as tensors:
+                honest.append([tensor.clone() for tensor in tensors])
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in (*others, first):
+            dht.shutdown()
+    honest_mean = [(left + right) / 2 for left, right in zip(inputs[0], inputs[2])]
+    for results in honest:
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in results)
+        # the parts an honest peer reduced (two of three tensors) average the honest peers only; the attacker's
+        # reducer got honest parts and its own raw tensor, so its part holds all three
+        errors = [((result - mean).norm() / mean.norm()).item() for result, mean in zip(results, honest_mean)]
+        print(f"errors against the honest mean, per tensor: {errors}")
+        assert sorted(errors)[1] < BOUNDS["int8-block"], errors
