@@ -26,12 +26,14 @@ WEIGHTS = (1.0, 1.0)
 FRESH = 0.3  # the fresh part of each round's common direction, relative to the persistent one
 SHAPES = ((400, 250), (100_000,))
 # the least ratio (cumulative relative error without feedback / with it, worse peer) each codec must show after ROUNDS
-# rounds, with a margin under what this test measured (cumulative relative errors with / without, per peer):
-# fp16 2.41 (1.30e-5 / 3.12e-5), int8-block 2.38 (1.06e-3 / 2.53e-3), int4-block 2.64 (1.66e-2 / 4.37e-2). The gain
+# rounds, with a margin under what this test measured in two runs (cumulative relative errors with / without): fp16
+# 2.38-2.43 (1.3e-5 / 3.1e-5), int8-block 2.38-2.41 (1.06e-3 / 2.52e-3), int4-block 1.88-2.74 (1.63e-2-1.66e-2 /
+# 3.07e-2-4.39e-2: which peer reduces which tensor changes from run to run). First round, peer 0, with / without:
+# fp16 1.5e-4 / 1.0e-4, int8-block 1.19e-2 / 8.4e-3, int4-block 0.195 / 0.111. The gain
 # grows about as sqrt(rounds): without feedback the rounding errors add up as a random walk, with it the sum is off
 # by one residual plus the deltas' rounding. After ONE round feedback is worse (see the first-round figures printed):
 # a peer quantizes its own part too, which hivemind would have kept exact.
-MIN_GAIN = {"fp16": 1.8, "int8-block": 1.8, "int4-block": 1.8}
+MIN_GAIN = {"fp16": 1.8, "int8-block": 1.8, "int4-block": 1.4}
 
 
 def pseudo_gradients(base: list[torch.Tensor], generator: torch.Generator) -> list[list[torch.Tensor]]:
