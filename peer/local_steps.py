@@ -260,11 +260,11 @@ class LocalStepsSwarm:
         if "local_steps" not in state:
             raise ValueError("the backup holds no local-steps state (written in synchronous mode?): not restored")
         saved = state["local_steps"]
+        if "residual" in saved:  # checked first (it raises on a misfit); a backup of before error feedback has none
+            self.feedback.load(saved["residual"])
         self._take_outer_state(state["epoch"], saved["outer"], saved["momentum"])
         self.inner.load_state_dict(saved["inner"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        if "residual" in saved:  # a backup of before error feedback has none: start from zero
-            self.feedback.load(saved["residual"])
         # the backup's model holds the local weights of its moment (not necessarily the outer ones): keep them
         self._samples = 0
 

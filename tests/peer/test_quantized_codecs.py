@@ -1,4 +1,5 @@
-"""The blockwise int8/int4 codecs (peer/swarm/codecs.py): exact layout, idempotent round trip, and crafted parts.
+"""The blockwise int8/int4 codecs (peer/swarm/codecs.py): exact layout, idempotent round trip, crafted parts, the
+config rules that admit them, and the error feedback's residual (peer/error_feedback.py).
 
 A crafted part is what an attacker peer's all-reduce would send: a ``runtime_pb2.Tensor`` message of the codec's wire
 type whose fields it chose. Each must be refused with a ValueError naming the problem, before the decoder allocates
@@ -16,7 +17,9 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
+from peer.error_feedback import ErrorFeedback
 from peer.swarm.codecs import HEADER, MAGIC, Int4BlockCompression, Int8BlockCompression
+from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
 CODECS = {"int8-block": Int8BlockCompression, "int4-block": Int4BlockCompression}
@@ -106,3 +109,31 @@ def test_a_crafted_part_is_refused_by_name(name, case):
 def test_only_float32_is_sent():
     with pytest.raises(ValueError, match="float32"):
         encode(Int8BlockCompression(), torch.ones(4, dtype=torch.float64))
+
+
+def test_quantized_codecs_need_local_steps_and_never_carry_state():
+    assert OptimConfig(local_steps=2, grad_compression="int4-block").grad_compression == "int4-block"
+    with pytest.raises(ValueError, match="int8-block needs --local-steps"):
+        OptimConfig(grad_compression="int8-block")
+    with pytest.raises(ValueError, match="--state-compression int4-block"):
+        OptimConfig(local_steps=2, state_compression="int4-block")
+
+
+def test_error_feedback_keeps_what_the_codec_dropped_and_refuses_a_bad_backup():
+    feedback = ErrorFeedback(Int4BlockCompression(), [torch.zeros(3, 100)])
+    pseudo = [torch.randn(3, 100)]
+    sent = feedback.apply(pseudo)
+    assert torch.allclose(sent[0] + feedback.residual[0], pseudo[0])
+    assert torch.equal(Int4BlockCompression().round_trip(sent[0]), sent[0])
+    feedback.load([torch.ones(3, 100)])
+    assert torch.equal(feedback.residual[0], torch.ones(3, 100))
+    for bad, problem in (
+        ([torch.ones(300)], "shape"),
+        ([], "tensors"),
+        ([torch.full((3, 100), float("nan"))], "finite"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            feedback.load(bad)
+    assert torch.equal(feedback.residual[0], torch.ones(3, 100))  # a refused backup changes nothing
+    lossless = ErrorFeedback(COMPRESSION_FACTORIES["none"](), [torch.zeros(2)])
+    assert not lossless.enabled and lossless.apply(pseudo) == pseudo
