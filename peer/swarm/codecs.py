@@ -2,7 +2,7 @@
 
 hivemind 1.1.12's own 8-bit codecs cannot decode with numpy >= 2.4, so these are ours. A flattened tensor is cut into
 blocks from its start (256 values for 8 bits, 128 for 4 bits: chosen by measured error against bytes,
-docs/local-steps.md); each block is sent as one float32 scale (its largest absolute value
+docs/operating.md); each block is sent as one float32 scale (its largest absolute value
 over ``qmax``) and one signed integer code per value, ``round(value / scale)`` in ``[-qmax, qmax]`` (127 for 8 bits,
 7 for 4 bits; two 4-bit codes share a byte). Decoding gives float32 ``code * scale``. Why this design:
 
@@ -18,7 +18,7 @@ over ``qmax``) and one signed integer code per value, ``round(value / scale)`` i
 Serialized buffer: a 16-byte header (magic, bits, block size, value count), the block scales, the packed codes. A
 part whose header disagrees with its buffer length, its declared shape or dtype, or whose scales are not finite and
 non-negative is refused with a ValueError before anything is allocated (hivemind then bans that sender for the
-round). Measured error and bytes: docs/local-steps.md.
+round). Measured error and bytes: docs/operating.md.
 """
 
 from __future__ import annotations

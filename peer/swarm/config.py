@@ -86,7 +86,7 @@ class OptimConfig:
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce. int8-block and int4-block (blockwise 8- and 4-bit
-            with float32 scales per 256 / 128 values, docs/local-steps.md) only with --local-steps: each peer feeds
+            with float32 scales per 256 / 128 values, docs/operating.md) only with --local-steps: each peer feeds
             its quantization error back into its next pseudo-gradient, which the synchronous mode does not.
         state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
             zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
