@@ -91,7 +91,8 @@ class GuardCollector:
         if averaged_bytes is not None:
             traffic = CounterMetricFamily(
                 "albert_peer_allreduce_bytes",
-                "Payload bytes of tensor parts this peer's outer all-reduce sent and received (no framing)",
+                "Payload bytes of tensor parts this peer's gradient (or, with --local-steps, pseudo-gradient) "
+                "all-reduce sent and received (no framing)",
                 labels=["direction"],
             )
             for direction, count in zip(("sent", "received"), averaged_bytes):

@@ -30,8 +30,8 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
   from another thread). ``shutdown()``: leave the swarm and release the averagers (once, at the end).
 - ``update_guard`` and ``refused_states``: what this peer refused from the swarm (averaged gradients, downloaded
   states), exported as metrics; a mode without such checks gives None and 0.
-- ``averaged_bytes``: (sent, received) payload bytes of this peer's all-reduce rounds so far, exported as metrics;
-  None where they are not counted (the synchronous mode's gradient all-reduce).
+- ``averaged_bytes``: (sent, received) payload bytes of this peer's gradient or pseudo-gradient all-reduce rounds so
+  far (peer/hivemind_gaps/traffic.py), exported as metrics; None where they are not counted.
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ class SynchronousSwarm:
         return getattr(self.optimizer.state_averager, "refused_states", 0)
 
     @property
-    def averaged_bytes(self) -> None:
-        return None  # hivemind.Optimizer builds its gradient averager itself: not counted yet
+    def averaged_bytes(self) -> tuple[int, int]:
+        averager = self.optimizer.grad_averager  # every gradient averager of peer/swarm/optimizer.py counts
+        return averager.bytes_sent, averager.bytes_received
 
     def take_round_scores(self) -> list[RoundScores]:
         averager = self.optimizer.grad_averager

@@ -8,6 +8,8 @@ the deltas it receives: hivemind looks those up in the table, peer/hivemind_gaps
 the payload bytes of the tensor parts it encodes or decodes (``runtime_pb2.Tensor.buffer``: not protobuf fields, libp2p
 framing, matchmaking or DHT traffic) to counters in shared memory that the peer's process reads.
 
+Every gradient averager peer/swarm/optimizer.py builds and the local-steps OuterAverager count (averagers.py).
+
 Caveat: a state download received in the same wire type as the all-reduce (``--state-compression`` equal to
 ``--grad-compression``, e.g. both none) is counted as received; with the quantized codecs it never is.
 """

@@ -16,7 +16,11 @@ from hivemind.compression import CompressionBase, NoCompression, ScaledFloat16Co
 from transformers import get_linear_schedule_with_warmup
 
 from peer.hivemind_gaps.averager_guard import MembershipCheck
-from peer.hivemind_gaps.averagers import GuardedRobustGradientAverager, RobustGradientAverager
+from peer.hivemind_gaps.averagers import (
+    CountedGradientAverager,
+    GuardedRobustGradientAverager,
+    RobustGradientAverager,
+)
 from peer.hivemind_gaps.bounded_download import StateDownloadFailed
 from peer.hivemind_gaps.codec_registry import install_codecs
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
@@ -135,7 +139,8 @@ def optimizer_with_averagers(
     """The optimizer class, its gradient averager chosen: guarded in a closed run, robust with centered-clip."""
     robust = optim.aggregation == "centered-clip"
     if membership is None:
-        return partial(SwarmOptimizer, grad_averager_factory=RobustGradientAverager) if robust else SwarmOptimizer
+        averager = RobustGradientAverager if robust else CountedGradientAverager
+        return partial(SwarmOptimizer, grad_averager_factory=averager)
     if robust:
         return partial(GuardedOptimizer, membership=membership, grad_averager_class=GuardedRobustGradientAverager)
     return partial(GuardedOptimizer, membership=membership)
