@@ -16,8 +16,12 @@ averages them), serving them would triple the download, and a donor's moments fo
 joiner's; LAMB's bias correction makes a fresh start take full-sized steps at once. A backup holds all of it,
 inner state included, so a restarted peer resumes its own trajectory.
 
-Not here yet (issue 17): the outer all-reduce overlapping the next inner phase, our own 8-bit/4-bit codecs with
-error feedback, per-round byte counters, and the monitor keeping and checkpointing the outer state.
+Lossy codecs (--grad-compression fp16, int8-block, int4-block) carry an error feedback (peer/error_feedback.py): the
+residual is this peer's, kept in its backups, and starts at zero for a joiner or a peer that takes the swarm's state.
+The bytes of each outer all-reduce are counted (peer/hivemind_gaps/traffic.py), logged per round and exported.
+
+Not here yet (issue 17): the outer all-reduce overlapping the next inner phase, and the monitor keeping and
+checkpointing the outer state.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hivemind
 import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from peer.error_feedback import ErrorFeedback
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
@@ -68,6 +73,7 @@ class LocalStepsSwarm:
         self._refused_here = 0  # downloaded states of another layout (the averager counts the non-finite ones)
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
         self.inner, self.scheduler = self._fresh_inner_optimizer()
+        self.feedback = ErrorFeedback(COMPRESSION_FACTORIES[optim.grad_compression](), self.outer)
         self.averager = make_averager([torch.zeros_like(weight) for weight in self.outer], self._served_state)
         self.averager.epoch_limit = lambda: self.tracker.global_epoch + EPOCH_MARGIN
         try:
@@ -109,6 +115,10 @@ class LocalStepsSwarm:
     @property
     def refused_states(self) -> int:
         return self.averager.refused_states + self._refused_here
+
+    @property
+    def averaged_bytes(self) -> tuple[int, int]:
+        return self.averager.bytes_sent, self.averager.bytes_received
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
         if self.tracker.global_epoch > self._epoch and self._caught_up():
@@ -160,7 +170,9 @@ class LocalStepsSwarm:
                 logger.error("This peer's pseudo-gradient is not finite: it sits this round out and drops its work")
                 self._restart_round()
                 return
-            averaged, peers = self._average(pseudo)
+            before = self.averaged_bytes
+            averaged, peers = self._average(self.feedback.apply(pseudo))
+            sent, received = (now - then for now, then in zip(self.averaged_bytes, before))
             # the next epoch's state is made apart and published whole: a joiner served "epoch E" while the re-sync
             # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
             with self._state_lock:
@@ -178,7 +190,10 @@ class LocalStepsSwarm:
             self._samples = 0
             set_schedule_epoch(self.scheduler, self._epoch)
             self.tracker.update_epoch(self._epoch)
-        logger.info(f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers")
+        logger.info(
+            f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers, "
+            f"sent {sent} B, received {received} B"
+        )
 
     def _resynced(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
         """The swarm's mean of the outer weights and momentum of ``epoch``, uncompressed (every --average-state-every
@@ -238,12 +253,15 @@ class LocalStepsSwarm:
     def state_dict(self) -> dict:
         with self._state_lock:
             outer = {"outer": [t.clone() for t in self.outer], "momentum": [t.clone() for t in self.momentum]}
-        return {"local_steps": {**outer, "inner": self.inner.state_dict(), "scheduler": self.scheduler.state_dict()}}
+        inner = {"inner": self.inner.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"local_steps": {**outer, **inner, "residual": [t.clone() for t in self.feedback.residual]}}
 
     def load_state_dict(self, state: dict) -> None:
         if "local_steps" not in state:
             raise ValueError("the backup holds no local-steps state (written in synchronous mode?): not restored")
         saved = state["local_steps"]
+        if "residual" in saved:  # checked first (it raises on a misfit); a backup of before error feedback has none
+            self.feedback.load(saved["residual"])
         self._take_outer_state(state["epoch"], saved["outer"], saved["momentum"])
         self.inner.load_state_dict(saved["inner"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -275,6 +293,7 @@ class LocalStepsSwarm:
         self._samples = 0
         copy_into(self.parameters, self.outer)
         self.inner, self.scheduler = self._fresh_inner_optimizer()
+        self.feedback.reset()  # the residual belonged to the work just dropped
         logger.info(f"Took the swarm's outer state of epoch {self._epoch}")
         return self._epoch
 

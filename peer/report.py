@@ -88,6 +88,17 @@ class GuardCollector:
             "Training states downloaded from peers and refused (non-finite or implausible epoch)",
             value=self.training.refused_states,
         )
+        averaged_bytes = self.training.averaged_bytes
+        if averaged_bytes is not None:
+            traffic = CounterMetricFamily(
+                "albert_peer_allreduce_bytes",
+                "Payload bytes of tensor parts this peer's gradient (or, with --local-steps, pseudo-gradient) "
+                "all-reduce sent and received (no framing)",
+                labels=["direction"],
+            )
+            for direction, count in zip(("sent", "received"), averaged_bytes):
+                traffic.add_metric([direction], count)
+            yield traffic
 
 
 class Reporter:

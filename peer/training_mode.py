@@ -30,6 +30,8 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
   from another thread). ``shutdown()``: leave the swarm and release the averagers (once, at the end).
 - ``update_guard`` and ``refused_states``: what this peer refused from the swarm (averaged gradients, downloaded
   states), exported as metrics; a mode without such checks gives None and 0.
+- ``averaged_bytes``: (sent, received) payload bytes of this peer's gradient or pseudo-gradient all-reduce rounds so
+  far (peer/hivemind_gaps/traffic.py), exported as metrics; None where they are not counted.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class TrainingMode(Protocol):
 
     @property
     def refused_states(self) -> int: ...
+
+    @property
+    def averaged_bytes(self) -> tuple[int, int] | None: ...
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None: ...
 
@@ -125,6 +130,11 @@ class SynchronousSwarm:
     @property
     def refused_states(self) -> int:
         return getattr(self.optimizer.state_averager, "refused_states", 0)
+
+    @property
+    def averaged_bytes(self) -> tuple[int, int]:
+        averager = self.optimizer.grad_averager  # every gradient averager of peer/swarm/optimizer.py counts
+        return averager.bytes_sent, averager.bytes_received
 
     def take_round_scores(self) -> list[RoundScores]:
         averager = self.optimizer.grad_averager

@@ -95,13 +95,27 @@
     DHT() waiting for ever.
     Proved on plain hivemind: no test yet (seen by hand: DHT(announce_maddrs=["/ip4/1.2.3.4/tcp/x"]) hangs;
       tests/peer/test_join_errors.py::test_a_bad_multiaddr_is_refused_before_hivemind_hangs_on_it shows the refusal)
+17  Received parts are decoded (and a       codec_registry.py: install_codecs   looks codecs up by a name
+    reducer's deltas re-encoded) through a   (our int8-block / int4-block in     carried in the part, or takes
+    fixed table keyed by a protobuf enum:    the BLOCKWISE_8BIT / QUANTILE_8BIT  a codec table per averager
+    no codec of one's own can be received.   slots of hivemind's table)
+    Proved on plain hivemind: not a behaviour (tests/peer/test_quantized_codecs.py::
+      test_hiveminds_table_sends_each_codec_under_its_own_type checks the slots; test_pseudo_gradient_codecs.py
+      averages with them)
+18  No byte counts of an averager's          traffic.py: CountedTraffic          counts the bytes its all-reduce
+    all-reduce, which runs in a forked       (counting codec wrappers in the     sends and receives
+    process the peer's metrics cannot see.   averager's process, shared-memory
+                                             counters)
+    Proved on plain hivemind: not a behaviour (tests/peer/test_pseudo_gradient_codecs.py checks the counts against
+      the codec's bits per value)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 
 - peer/swarm/access.py ``RunAuthorizer`` presets hivemind's private ``TokenAuthorizerBase._local_access_token`` (the
   token received at admission, so the DHT does not fetch another at start).
-- peer/swarm/optimizer.py: the Optimizer's ``client_mode=`` is ignored (read from the DHT instead); 8-bit quantized
-  compressions cannot be decoded with numpy >= 2.4 (left out of ``COMPRESSION_FACTORIES``); a dead peer's progress
+- peer/swarm/optimizer.py: the Optimizer's ``client_mode=`` is ignored (read from the DHT instead); hivemind's 8-bit
+  quantized compressions cannot be decoded with numpy >= 2.4 (left out of ``COMPRESSION_FACTORIES``; ours take their
+  slots, gap 17); a dead peer's progress
   entry keeps the others waiting until it expires (``tracker_opts={"metadata_expiration": ...}``).
 - peer/swarm/config.py: ``--state-compression`` defaults to none (fp16 zeroes LAMB's tiny second moments), and
   scaled-fp16 is refused (its codec raises IndexError on LAMB's 0-d statistics, so no state could be served).

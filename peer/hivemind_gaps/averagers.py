@@ -9,9 +9,11 @@ Each class extends the one before it, so a gap closed for one is closed for the 
   (cancellable_rounds.py).
 - ``GuardedTrainingStateAverager`` and ``GuardedGradientAverager`` (closed runs, trainers and monitor): also answer
   run members only (averager_guard.py).
+- ``CountedGradientAverager`` (the open run's): hivemind's GradientAverager counting the bytes of its all-reduce
+  (traffic.py), as every gradient averager here does.
 - ``OuterAverager`` (local-steps mode, peer/local_steps.py): all-reduces pseudo-gradients, serves the outer state a
-  callable gives, checks downloaded states and cancels its rounds like the others; ``GuardedOuterAverager`` answers
-  run members only.
+  callable gives, checks downloaded states and cancels its rounds like the others, and counts the bytes of its
+  all-reduce (traffic.py); ``GuardedOuterAverager`` answers run members only.
 - ``RobustGradientAverager`` and ``GuardedRobustGradientAverager`` (``--aggregation centered-clip``): the parts this
   peer reduces are aggregated with CenteredClip and their senders scored (robust_allreduce.py).
 
@@ -31,6 +33,7 @@ from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
 from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
+from peer.hivemind_gaps.traffic import CountedTraffic
 
 
 class HivemindHandleNames:
@@ -59,11 +62,15 @@ class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentTrainingState
     """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
 
 
-class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, GradientAverager):
+class CountedGradientAverager(HivemindHandleNames, CountedTraffic, GradientAverager):
+    """hivemind's GradientAverager counting the payload bytes its all-reduce sends and receives."""
+
+
+class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, CountedTraffic, GradientAverager):
     """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
 
 
-class OuterAverager(HivemindHandleNames, CheckedDownloads, CancellableRounds):
+class OuterAverager(HivemindHandleNames, CountedTraffic, CheckedDownloads, CancellableRounds):
     """A DecentralizedAverager whose averaged tensors are pseudo-gradients and whose served state is not them.
 
     Args:
@@ -84,9 +91,11 @@ class GuardedOuterAverager(GuardedAveragerMixin, OuterAverager):
     """The local-steps averager of a closed run: averages with and serves run members only (pass ``membership=``)."""
 
 
-class RobustGradientAverager(HivemindHandleNames, RobustAggregation, GradientAverager):
+class RobustGradientAverager(HivemindHandleNames, CountedTraffic, RobustAggregation, GradientAverager):
     """hivemind's GradientAverager reducing its parts with CenteredClip (pass ``clip_settings=``, optional)."""
 
 
-class GuardedRobustGradientAverager(HivemindHandleNames, GuardedAveragerMixin, RobustAggregation, GradientAverager):
+class GuardedRobustGradientAverager(
+    HivemindHandleNames, GuardedAveragerMixin, CountedTraffic, RobustAggregation, GradientAverager
+):
     """The closed run's GradientAverager (run members only) reducing its parts with CenteredClip."""

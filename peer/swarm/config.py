@@ -14,7 +14,9 @@ from peer.swarm.field_docs import help_from_docstring
 from peer.swarm.flags import require_non_negative, require_positive, scoped
 from peer.swarm.run_key import normalize_fingerprint
 
-COMPRESSIONS = ("none", "fp16", "scaled-fp16")
+COMPRESSIONS = ("none", "fp16", "scaled-fp16", "int8-block", "int4-block")
+# blockwise 8/4-bit (peer/swarm/codecs.py): pseudo-gradients of --local-steps only, which carry an error feedback
+QUANTIZED_COMPRESSIONS = ("int8-block", "int4-block")
 AGGREGATIONS = ("mean", "centered-clip")
 
 
@@ -83,7 +85,9 @@ class OptimConfig:
             outer weights and momentum, uncompressed, undoing the drift a lossy --grad-compression causes.
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
-        grad_compression: Wire format of gradients in all-reduce.
+        grad_compression: Wire format of gradients in all-reduce. int8-block and int4-block (blockwise 8- and 4-bit
+            with float32 scales per 256 / 128 values, docs/operating.md) only with --local-steps: each peer feeds
+            its quantization error back into its next pseudo-gradient, which the synchronous mode does not.
         state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
             zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
         delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
@@ -120,7 +124,7 @@ class OptimConfig:
     # with 4 peers (README "Does it learn?"): every epoch +4.3% held-out loss against one process, every 10 -0.54%
     average_state_every: int = 10
     presence_expiration: float = 10.0
-    grad_compression: Literal["none", "fp16", "scaled-fp16"] = "scaled-fp16"
+    grad_compression: Literal["none", "fp16", "scaled-fp16", "int8-block", "int4-block"] = "scaled-fp16"
     # "none" by default: LAMB's second moments (~1e-10) fall below fp16's smallest value, so fp16 state transfers
     # zero them (measured: 96% zeros in a newcomer's downloaded state) and newcomers then take oversized steps
     state_compression: Literal["none", "fp16", "scaled-fp16"] = "none"
@@ -154,6 +158,15 @@ class OptimConfig:
             raise ValueError(
                 "--state-compression scaled-fp16 cannot send LAMB's 0-d statistics (hivemind's codec raises "
                 "IndexError on them, so no peer could serve its state): use none (the default) or fp16"
+            )
+        if self.state_compression in QUANTIZED_COMPRESSIONS:
+            raise ValueError(
+                f"--state-compression {self.state_compression} would quantize weights and moments: use none or fp16"
+            )
+        if self.grad_compression in QUANTIZED_COMPRESSIONS and not self.local_steps:
+            raise ValueError(
+                f"--grad-compression {self.grad_compression} needs --local-steps: only that mode feeds each peer's "
+                "quantization error back into its next round (synchronous gradients would carry it as a bias)"
             )
         if self.local_steps and self.aggregation != "mean":
             raise ValueError(

@@ -12,24 +12,34 @@ from functools import partial
 import hivemind
 import torch
 import torch_optimizer
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
+from hivemind.compression import CompressionBase, NoCompression, ScaledFloat16Compression
 from transformers import get_linear_schedule_with_warmup
 
 from peer.hivemind_gaps.averager_guard import MembershipCheck
-from peer.hivemind_gaps.averagers import GuardedRobustGradientAverager, RobustGradientAverager
+from peer.hivemind_gaps.averagers import (
+    CountedGradientAverager,
+    GuardedRobustGradientAverager,
+    RobustGradientAverager,
+)
 from peer.hivemind_gaps.bounded_download import StateDownloadFailed
+from peer.hivemind_gaps.codec_registry import install_codecs
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.update_guard import UpdateGuard
+from peer.swarm.codecs import Float16RoundTrip, Int4BlockCompression, Int8BlockCompression
 from peer.swarm.config import OptimConfig, SwarmConfig
 
 logger = logging.getLogger(__name__)
 
-# 8-bit quantizations are left out on purpose: with numpy >= 2, hivemind 1.1.12 cannot decode them.
+# hivemind's 8-bit quantizations are left out on purpose: with numpy >= 2, hivemind 1.1.12 cannot decode them; ours
+# take their slots in hivemind's decoder table (peer/hivemind_gaps/codec_registry.py)
 COMPRESSION_FACTORIES: dict[str, Callable[[], CompressionBase]] = {
     "none": NoCompression,
-    "fp16": Float16Compression,
+    "fp16": Float16RoundTrip,
     "scaled-fp16": ScaledFloat16Compression,
+    "int8-block": Int8BlockCompression,
+    "int4-block": Int4BlockCompression,
 }
+install_codecs()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -129,7 +139,8 @@ def optimizer_with_averagers(
     """The optimizer class, its gradient averager chosen: guarded in a closed run, robust with centered-clip."""
     robust = optim.aggregation == "centered-clip"
     if membership is None:
-        return partial(SwarmOptimizer, grad_averager_factory=RobustGradientAverager) if robust else SwarmOptimizer
+        averager = RobustGradientAverager if robust else CountedGradientAverager
+        return partial(SwarmOptimizer, grad_averager_factory=averager)
     if robust:
         return partial(GuardedOptimizer, membership=membership, grad_averager_class=GuardedRobustGradientAverager)
     return partial(GuardedOptimizer, membership=membership)

@@ -14,6 +14,7 @@ from pathlib import Path
 import hivemind
 import pytest
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import serialization
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -56,11 +57,13 @@ PRIVATE_ATTRIBUTES = [
     (DecentralizedAverager, "self._outer_pipe"),  # state_check.py CheckedDownloads.load_state_from_peers
     (DecentralizedAverager, "self._matchmaking"),  # state_check.py CheckedDownloads._donors
     (DHTProtocol, "self.routing_table"),  # rejoin.py
+    (DecentralizedAverager, "self.allreduce_kwargs"),  # traffic.py CountedTraffic.run
 ]
 # private class attributes
 PRIVATE_CLASS_ATTRIBUTES = [
     (RSAPrivateKey, "_process_wide_key"),  # signing_key.py
     (RSAPrivateKey, "_process_wide_key_lock"),  # signing_key.py
+    (serialization, "_BASE_COMPRESSION_TYPES"),  # codec_registry.py, traffic.py (a module's table)
 ]
 
 

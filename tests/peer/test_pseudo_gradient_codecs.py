@@ -1,5 +1,6 @@
 """Each pseudo-gradient codec through a real averaging round of two OuterAveragers (two DHTs, two averager
-processes, p2pd on 127.0.0.1): the weighted mean's error against fp32, and how far the two peers' results differ.
+processes, p2pd on 127.0.0.1): the weighted mean's error against fp32, how far the two peers' results differ, and
+the payload bytes each peer's all-reduce sent and received (peer/hivemind_gaps/traffic.py).
 
 hivemind's all-reduce hands each peer the mean as its own contribution plus a delta sent in the codec, so with a
 lossy codec the peers' results differ from the mean and from each other by the delta's rounding (the drift of outer
@@ -8,19 +9,24 @@ weights noted in peer/local_steps.py). The printed figures are the measurement; 
 
 from __future__ import annotations
 
+import struct
+
 import hivemind
 import pytest
 import torch
 
 from peer.hivemind_gaps.averagers import OuterAverager
+from peer.swarm.codecs import HEADER, Int8BlockCompression
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
 pytestmark = [pytest.mark.slow]
 
 # relative error of each codec (||result - mean|| / ||mean||), with a margin over what this test measured (worse
-# peer; peers apart): none 4.7e-8 (3.7e-8), fp16 2.8e-4 (3.3e-4), scaled-fp16 2.8e-4 (3.3e-4); pseudo-gradients of
-# scale 1e-2, 2 x 200k entries, weights 3:1
-BOUNDS = {"none": 1e-6, "fp16": 1e-3, "scaled-fp16": 1e-3}
+# peer; peers apart): none 4.7e-8 (3.7e-8), fp16 2.8e-4 (3.3e-4), scaled-fp16 2.8e-4 (3.3e-4), int8-block 9.3e-3 (1.1e-2),
+# int4-block 0.16 (0.19); pseudo-gradients of scale 1e-2, 2 x 200k entries, weights 3:1
+BOUNDS = {"none": 1e-6, "fp16": 1e-3, "scaled-fp16": 1e-3, "int8-block": 0.02, "int4-block": 0.3}
+# payload bits per value on the wire: the values, plus a float32 scale per block of 256 / 128 for the blockwise ones
+BITS_PER_VALUE = {"none": 32, "fp16": 16, "scaled-fp16": 16, "int8-block": 8 + 32 / 256, "int4-block": 4 + 32 / 128}
 WEIGHTS = (3.0, 1.0)  # samples behind each peer's pseudo-gradient
 
 
@@ -61,6 +67,7 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
         ]
         gathered = [control.result() for control in controls]
         assert all(group is not None and len(group) == 2 for group in gathered), gathered
+        traffic = [(averager.bytes_sent, averager.bytes_received) for averager in averagers]
         results = []
         for averager in averagers:
             with averager.get_tensors() as tensors:
@@ -75,3 +82,69 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
     print(f"{codec}: relative error {max(errors):.2g} (per peer {errors}), peers apart {apart:.2g}")
     assert max(errors) < BOUNDS[codec], (codec, errors)
     assert apart < 2 * BOUNDS[codec], (codec, apart)
+    # each tensor (100k values) is one part (hivemind's parts hold 2**19 bytes or more): each peer sends one tensor to
+    # the other's reducer and receives its delta, and receives the other's tensor and sends back its delta, so it
+    # sends and receives 200k values' worth; 1% over for the blockwise headers and protobuf-free payload rounding
+    expected = mean.numel() * BITS_PER_VALUE[codec] / 8
+    print(f"{codec}: bytes sent/received per peer {traffic}, expected {expected:.0f} each")
+    for sent, received in traffic:
+        assert expected <= sent <= 1.01 * expected and expected <= received <= 1.01 * expected, (traffic, expected)
+
+
+class NanScales(Int8BlockCompression):
+    """An attacker's codec: honest codes, every block scale NaN (decoded naively, NaN in every peer's average)."""
+
+    def compress(self, tensor, info, allow_inplace=False):
+        serialized = super().compress(tensor, info, allow_inplace)
+        blocks = -(-tensor.numel() // self.block_size)
+        nan = struct.pack(f"<{blocks}f", *[float("nan")] * blocks)
+        serialized.buffer = serialized.buffer[: HEADER.size] + nan + serialized.buffer[HEADER.size + len(nan) :]
+        return serialized
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_sending_crafted_parts_is_dropped_from_the_round():
+    """Three OuterAveragers in int8-block, the second sending NaN-scaled parts: the honest two refuse its parts (their
+    reducers ban it for the round), keep averaging with each other and hold no NaN."""
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    others = [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+        for _ in range(2)
+    ]
+    generator = torch.Generator().manual_seed(3)
+    inputs = [[torch.randn(100_000, generator=generator) for _ in range(3)] for _ in range(3)]
+    codecs = [Int8BlockCompression(), NanScales(), Int8BlockCompression()]
+    averagers = [
+        OuterAverager(
+            [tensor.clone() for tensor in tensors],
+            dht,
+            state_provider=lambda: ({}, [], None),
+            start=True,
+            prefix="codec_attack",
+            min_matchmaking_time=3.0,
+            request_timeout=1.0,
+            target_group_size=3,
+            compression=codec,
+        )
+        for dht, tensors, codec in zip([first, *others], inputs, codecs)
+    ]
+    try:
+        controls = [averager.step(timeout=30, wait=False) for averager in averagers]
+        honest = []
+        for index in (0, 2):
+            assert len(controls[index].result()) == 3  # the group formed with the attacker in it
+            with averagers[index].get_tensors() as tensors:
+                honest.append([tensor.clone() for tensor in tensors])
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in (*others, first):
+            dht.shutdown()
+    honest_mean = [(left + right) / 2 for left, right in zip(inputs[0], inputs[2])]
+    for results in honest:
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in results)
+        # the parts an honest peer reduced (two of three tensors) average the honest peers only; the attacker's
+        # reducer got honest parts and its own raw tensor, so its part holds all three
+        errors = [((result - mean).norm() / mean.norm()).item() for result, mean in zip(results, honest_mean)]
+        print(f"errors against the honest mean, per tensor: {errors}")
+        assert sorted(errors)[1] < BOUNDS["int8-block"], errors

@@ -1,0 +1,171 @@
+"""Blockwise 8-bit and 4-bit pseudo-gradient codecs (``--grad-compression int8-block`` / ``int4-block``).
+
+hivemind 1.1.12's own 8-bit codecs cannot decode with numpy >= 2.4, so these are ours. A flattened tensor is cut into
+blocks from its start (256 values for 8 bits, 128 for 4 bits: chosen by measured error against bytes,
+docs/operating.md); each block is sent as one float32 scale (its largest absolute value
+over ``qmax``) and one signed integer code per value, ``round(value / scale)`` in ``[-qmax, qmax]`` (127 for 8 bits,
+7 for 4 bits; two 4-bit codes share a byte). Decoding gives float32 ``code * scale``. Why this design:
+
+- absmax (symmetric) scales keep 0 exact and make encoding idempotent: a decoded tensor encodes to the same codes,
+  so a peer can quantize its pseudo-gradient itself (``round_trip``), keep the residual for error feedback, and hand
+  hivemind values the codec then carries exactly (peer/error_feedback.py);
+- float32 scales: pseudo-gradient blocks of ~1e-6 would fall into fp16's subnormals (a coarse grid); the scale costs
+  32 / block size bits per value (0.125 for 8 bits, 0.25 for 4 bits);
+- ``estimate_compression_ratio`` is exactly bits / 32 (scales left out) so that hivemind's part size
+  (``part_size_bytes / (4 * ratio)`` values) is a multiple of the block size and every part starts on a block boundary:
+  the blocks hivemind sends are the blocks ``round_trip`` used.
+
+Serialized buffer: a 16-byte header (magic, bits, block size, value count), the block scales, the packed codes. A
+part whose header disagrees with its buffer length, its declared shape or dtype, or whose scales are not finite and
+non-negative is refused with a ValueError before anything is allocated (hivemind then bans that sender for the
+round). Measured error and bytes: docs/operating.md.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import torch
+from hivemind.compression.base import CompressionBase, CompressionInfo
+from hivemind.compression.floating import Float16Compression
+from hivemind.proto import runtime_pb2
+
+HEADER = struct.Struct("<2sBBIQ")  # magic, bits, reserved, block size, value count
+MAGIC = b"AQ"
+MAX_BLOCK_SIZE = 1 << 16
+
+
+class BlockwiseQuantization(CompressionBase):
+    """Blockwise absmax quantization to ``bits`` signed bits per value with float32 per-block scales.
+
+    Args:
+        bits: 8 or 4.
+        block_size: values per scale.
+    """
+
+    def __init__(self, bits: int, block_size: int):
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.bits, self.block_size, self.qmax = bits, block_size, (1 << (bits - 1)) - 1
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        if tensor.dtype != torch.float32:
+            raise ValueError(f"{type(self).__name__} sends float32 tensors only, not {tensor.dtype}")
+        flat = tensor.detach().cpu().reshape(-1)
+        codes, scales = self._quantize(flat)
+        packed = pack_nibbles(codes) if self.bits == 4 else codes.numpy().tobytes()
+        header = HEADER.pack(MAGIC, self.bits, 0, self.block_size, flat.numel())
+        return runtime_pb2.Tensor(
+            compression=self.compression_type,
+            buffer=b"".join((header, scales.numpy().tobytes(), packed)),
+            size=tensor.shape,
+            dtype="float32",
+            requires_grad=tensor.requires_grad,
+        )
+
+    def _quantize(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes (one per value) and float32 scales (one per block) of a flat float32 tensor."""
+        blocks = self._blocks(flat)
+        scales = blocks.abs().amax(dim=1) / self.qmax
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: codes 0, scale 0
+        codes = torch.round(blocks / safe[:, None]).clamp_(-self.qmax, self.qmax).to(torch.int8)
+        return codes.reshape(-1)[: flat.numel()], scales
+
+    def _blocks(self, flat: torch.Tensor) -> torch.Tensor:
+        padding = -flat.numel() % self.block_size
+        return torch.nn.functional.pad(flat.float(), (0, padding)).reshape(-1, self.block_size)
+
+    def round_trip(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What this codec delivers for ``tensor`` (float32, same shape): decode(encode(tensor)) without the bytes."""
+        flat = tensor.detach().float().cpu().reshape(-1)
+        codes, scales = self._quantize(flat)
+        return self._dequantize(codes, scales).reshape(tensor.shape)
+
+    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        count = codes.numel()
+        padded = torch.nn.functional.pad(codes.float(), (0, -count % self.block_size))
+        return (padded.reshape(-1, self.block_size) * scales[:, None]).reshape(-1)[:count]
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        count, block_size = self._check(serialized_tensor)
+        buffer = serialized_tensor.buffer
+        blocks = math.ceil(count / block_size)
+        scales_end = HEADER.size + 4 * blocks
+        scales = torch.from_numpy(np.frombuffer(buffer, dtype="<f4", count=blocks, offset=HEADER.size).copy())
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise ValueError("a quantized part has a non-finite or negative block scale")
+        packed = np.frombuffer(buffer, dtype=np.uint8 if self.bits == 4 else np.int8, offset=scales_end)
+        codes = unpack_nibbles(packed, count) if self.bits == 4 else torch.from_numpy(packed.copy())
+        padded = torch.nn.functional.pad(codes.float(), (0, -count % block_size))
+        values = (padded.reshape(-1, block_size) * scales[:, None]).reshape(-1)[:count]
+        return values.reshape(tuple(serialized_tensor.size)).requires_grad_(serialized_tensor.requires_grad)
+
+    def _check(self, serialized: runtime_pb2.Tensor) -> tuple[int, int]:
+        """(value count, block size) of a serialized part, after checking that every declared size agrees."""
+        buffer = serialized.buffer
+        if len(buffer) < HEADER.size:
+            raise ValueError(f"a quantized part of {len(buffer)} bytes is shorter than its {HEADER.size}-byte header")
+        magic, bits, _, block_size, count = HEADER.unpack_from(buffer)
+        if magic != MAGIC or bits != self.bits:
+            raise ValueError(f"a part is not {self.bits}-bit blockwise (magic {magic!r}, {bits} bits)")
+        if not 0 < block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"a quantized part declares blocks of {block_size} values (1..{MAX_BLOCK_SIZE})")
+        if serialized.dtype != "float32":
+            raise ValueError(f"a quantized part declares dtype {serialized.dtype!r}, not float32")
+        if math.prod(serialized.size) != count:  # size is uint32 in the protobuf: no negative dimension
+            raise ValueError(f"a quantized part's shape {list(serialized.size)[:8]} does not hold its {count} values")
+        expected = HEADER.size + 4 * math.ceil(count / block_size) + math.ceil(count * self.bits / 8)
+        if len(buffer) != expected:
+            raise ValueError(f"a quantized part of {count} values has {len(buffer)} bytes, not {expected}")
+        return count, block_size
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return self.bits / 32  # scales left out on purpose: parts then start on block boundaries (module docstring)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(bits={self.bits}, block_size={self.block_size})"
+
+
+def pack_nibbles(codes: torch.Tensor) -> bytes:
+    """Two 4-bit codes in [-7, 7] per byte (offset by 8), the first in the low nibble; an odd count pads with 0."""
+    shifted = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if shifted.numel() % 2:
+        shifted = torch.cat([shifted, torch.full((1,), 8, dtype=torch.uint8)])
+    pairs = shifted.reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).numpy().tobytes()
+
+
+def unpack_nibbles(packed: np.ndarray, count: int) -> torch.Tensor:
+    """The ``count`` signed codes of ``pack_nibbles``' bytes (int16: a crafted nibble 0 decodes to -8, harmless)."""
+    raw = torch.from_numpy(packed.copy())
+    codes = torch.stack([raw & 15, raw >> 4], dim=1).reshape(-1)[:count]
+    return codes.to(torch.int16) - 8
+
+
+class Int8BlockCompression(BlockwiseQuantization):
+    """8-bit blockwise codec; sent under hivemind's BLOCKWISE_8BIT type (peer/hivemind_gaps/codec_registry.py)."""
+
+    compression_type = runtime_pb2.CompressionType.BLOCKWISE_8BIT
+
+    def __init__(self, block_size: int = 256):
+        super().__init__(8, block_size)
+
+
+class Int4BlockCompression(BlockwiseQuantization):
+    """4-bit blockwise codec; sent under hivemind's QUANTILE_8BIT type (peer/hivemind_gaps/codec_registry.py)."""
+
+    compression_type = runtime_pb2.CompressionType.QUANTILE_8BIT
+
+    def __init__(self, block_size: int = 128):
+        super().__init__(4, block_size)
+
+
+class Float16RoundTrip(Float16Compression):
+    """hivemind's fp16 codec (same wire format) with ``round_trip``, so that fp16 pseudo-gradients get error feedback
+    (casting to fp16 is idempotent, as the module docstring asks)."""
+
+    def round_trip(self, tensor: torch.Tensor) -> torch.Tensor:
+        clamped = tensor.detach().float().cpu().clamp(self.FP16_MIN, self.FP16_MAX)
+        return clamped.to(torch.float16).float()
