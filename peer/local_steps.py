@@ -34,6 +34,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
+from peer.hivemind_gaps.state_layout import StateLayout
 from peer.hivemind_gaps.update_guard import UpdateGuard
 from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig, SwarmConfig
@@ -43,6 +44,15 @@ from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optim
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last report
 STATE_FORMAT = "local-steps/1"  # in every served state's metadata: a state of another layout is refused by name
+# The largest magnitude a downloaded outer weight or momentum may have. float16 ends at 65504: an outer weight near it
+# would turn inf in any fp16 pass or codec. Honest states are far below (measured: see the report in tests/peer/
+# test_outer_state_attacks.py); a donor's 1e30 is refused per donor and the next one asked.
+MAX_OUTER_VALUE = 1e4
+# The largest relative change an outer re-sync may make to this peer's outer weights or momentum (each apart):
+# ||mean - own|| / ||own||. Honest re-syncs only undo the codecs' rounding drift; see RESYNC_DRIFT in
+# tests/peer/test_local_steps.py for the measured figure. A member sending a crafted state moves a peer at most this
+# far per re-sync (the mean of a group of n moves 1/n of the way towards it), instead of anywhere.
+MAX_RESYNC_CHANGE = 0.05
 
 
 class LocalStepsSwarm:
@@ -54,8 +64,9 @@ class LocalStepsSwarm:
         model: the model; its parameters are the local (inner) weights.
         optim: the run's optimizer settings.
         tracker: hivemind's progress tracker over ``local_steps x target_batch_size`` samples.
-        make_averager: builds an averager over the given tensors: with a state provider, the pseudo-gradients'
-            (in --grad-compression, serving the outer state); without, the outer state's re-sync (uncompressed).
+        make_averager: builds an averager over the given tensors, checking downloads against the given layout: with
+            a state provider, the pseudo-gradients' (in --grad-compression, serving the outer state); without, the
+            outer state's re-sync (uncompressed).
     """
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, tracker: ProgressTracker, make_averager):
@@ -65,13 +76,20 @@ class LocalStepsSwarm:
         self.momentum = [torch.zeros_like(weight) for weight in self.outer]
         self._state_lock = threading.Lock()  # outer state and epoch change together; a joiner reads them together
         self._epoch, self._samples, self.dropped_samples = 0, 0, 0
-        self._refused_here = 0  # downloaded states of another layout (the averager counts the non-finite ones)
+        self.refused_resyncs = 0  # re-syncs whose mean was not finite or moved the state over MAX_RESYNC_CHANGE
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
         self.inner, self.scheduler = self._fresh_inner_optimizer()
-        self.averager = make_averager([torch.zeros_like(weight) for weight in self.outer], self._served_state)
+        # what a donor's outer state must be like: checked per donor, in the averager's process, so that a refused
+        # donor's state is never applied and the next donor is asked
+        self.layout = outer_state_layout([*self.outer, *self.momentum])
+        self.averager = make_averager(
+            [torch.zeros_like(weight) for weight in self.outer], self.layout, self._served_state
+        )
         self.averager.epoch_limit = lambda: self.tracker.global_epoch + EPOCH_MARGIN
         try:
-            self.resync = make_averager([torch.zeros_like(tensor) for tensor in (*self.outer, *self.momentum)])
+            self.resync = make_averager(
+                [torch.zeros_like(tensor) for tensor in (*self.outer, *self.momentum)], self.layout
+            )
         except BaseException:
             self.averager.shutdown()
             raise
@@ -108,7 +126,7 @@ class LocalStepsSwarm:
 
     @property
     def refused_states(self) -> int:
-        return self.averager.refused_states + self._refused_here
+        return self.averager.refused_states + self.refused_resyncs
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
         if self.tracker.global_epoch > self._epoch and self._caught_up():
@@ -146,6 +164,7 @@ class LocalStepsSwarm:
         logger.warning(f"Joining epoch {swarm_epoch} with this peer's own outer weights")
         with self._state_lock:
             self._epoch = max(self._epoch, swarm_epoch)
+        self._offer_state_at_epoch()
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self._epoch)
         set_schedule_epoch(self.scheduler, self._epoch)
@@ -174,6 +193,7 @@ class LocalStepsSwarm:
             with self._state_lock:
                 copy_into([*self.outer, *self.momentum], [*outer, *momentum])
                 self._epoch = epoch
+            self._offer_state_at_epoch()
             copy_into(self.parameters, self.outer)
             self._samples = 0
             set_schedule_epoch(self.scheduler, self._epoch)
@@ -199,11 +219,20 @@ class LocalStepsSwarm:
             return outer, momentum
         with self.resync.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
+        count = len(outer)
         if not all_finite(averaged):
+            self.refused_resyncs += 1
             logger.error("The swarm's averaged outer state is not finite: keeping this peer's own")
             return outer, momentum
-        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch}")
-        count = len(outer)
+        changes = relative_change(outer, averaged[:count]), relative_change(momentum, averaged[count:])
+        described = f"relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e}"
+        if max(changes) > MAX_RESYNC_CHANGE:
+            self.refused_resyncs += 1
+            logger.error(
+                f"Refused the re-sync at epoch {epoch} ({described}, over {MAX_RESYNC_CHANGE}): keeping this peer's own"
+            )
+            return outer, momentum
+        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch} ({described})")
         return averaged[:count], averaged[count:]
 
     def _restart_round(self) -> None:
@@ -240,9 +269,15 @@ class LocalStepsSwarm:
             outer = {"outer": [t.clone() for t in self.outer], "momentum": [t.clone() for t in self.momentum]}
         return {"local_steps": {**outer, "inner": self.inner.state_dict(), "scheduler": self.scheduler.state_dict()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def backup_problem(self, state: dict) -> str | None:
         if "local_steps" not in state:
-            raise ValueError("the backup holds no local-steps state (written in synchronous mode?): not restored")
+            return "it holds no local-steps state (written in synchronous mode?)"
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        problem = self.backup_problem(state)
+        if problem:
+            raise ValueError(f"the backup is not restored: {problem}")
         saved = state["local_steps"]
         self._take_outer_state(state["epoch"], saved["outer"], saved["momentum"])
         self.inner.load_state_dict(saved["inner"])
@@ -259,18 +294,9 @@ class LocalStepsSwarm:
         if loaded is None:
             logger.warning("Could not download the swarm's outer state; going on with the local state")
             return None
-        metadata, tensors = loaded
+        metadata, tensors = loaded  # its format, layout, values and epoch were checked per donor (self.layout)
         count = len(self.outer)
-        try:
-            if metadata.get("format") != STATE_FORMAT:
-                raise ValueError(f"its format is {metadata.get('format')!r}, not {STATE_FORMAT!r}")
-            if len(tensors) != 2 * count:
-                raise ValueError(f"it has {len(tensors)} tensors, the outer state {2 * count}")
-            self._take_outer_state(metadata["epoch"], tensors[:count], tensors[count:])
-        except ValueError as error:
-            self._refused_here += 1
-            logger.error(f"Refused the downloaded outer state: {error}; going on with the local state")
-            return None
+        self._take_outer_state(metadata["epoch"], tensors[:count], tensors[count:])
         self.dropped_samples += self._samples
         self._samples = 0
         copy_into(self.parameters, self.outer)
@@ -283,8 +309,16 @@ class LocalStepsSwarm:
         with self._state_lock:
             copy_into([*self.outer, *self.momentum], [*outer, *momentum])
             self._epoch = epoch
+        self._offer_state_at_epoch()
         with self.tracker.pause_updates():
             self.tracker.update_epoch(epoch)
+
+    def _offer_state_at_epoch(self) -> None:
+        """Serve the outer state at priority = its epoch: a joiner asks donors by priority, so it takes the newest
+        state first (at the default 0, a donor epochs behind was as likely as the newest, and the joiner, behind at
+        once, downloaded again at its next step)."""
+        if self.averager.allow_state_sharing:  # never in client mode (hivemind raises there)
+            self.averager.state_sharing_priority = float(self._epoch)
 
     def cancel(self) -> None:
         self.averager.cancel_averaging()
@@ -332,6 +366,21 @@ def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     return make_optimizer(params, optim, guard)
 
 
+def outer_state_layout(tensors: list[torch.Tensor]) -> StateLayout:
+    """What a served outer state (outer weights then momentum) must look like to a peer holding ``tensors``."""
+    return StateLayout(StateLayout.slots(tensors), format=STATE_FORMAT, max_value=MAX_OUTER_VALUE)
+
+
+@torch.no_grad()
+def relative_change(own: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """||other - own|| / ||own|| over all tensors together (inf if ``own`` is all zeros and ``other`` is not)."""
+    difference = torch.cat([(b - a).flatten() for a, b in zip(own, other, strict=True)]).norm()
+    scale = torch.cat([a.flatten() for a in own]).norm()
+    if scale == 0:
+        return 0.0 if difference == 0 else float("inf")
+    return float(difference / scale)
+
+
 def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:
     """Set the inner learning rates to the schedule's value at ``epoch`` (the schedule counts outer steps)."""
     scheduler.last_epoch = epoch
@@ -362,12 +411,13 @@ def build_local_steps(
     )
     averager_class = OuterAverager if membership is None else partial(GuardedOuterAverager, membership=membership)
 
-    def make_averager(buffers, state_provider=None):
+    def make_averager(buffers, layout, state_provider=None):
         pseudo_gradients = state_provider is not None
         return averager_class(
             buffers,
             dht,
             state_provider=state_provider or serves_nothing,
+            state_layout=layout,
             allow_state_sharing=not dht.client_mode and pseudo_gradients,
             start=True,
             prefix=f"{swarm.run_id}_outer" if pseudo_gradients else f"{swarm.run_id}_outer_sync",
