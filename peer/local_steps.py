@@ -34,24 +34,21 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
-from peer.hivemind_gaps.state_layout import StateLayout
 from peer.hivemind_gaps.update_guard import UpdateGuard
-from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
+from peer.outer_step import nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.finite import all_finite
 from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optimizer, make_scheduler, param_groups
+from peer.swarm.outer_state import STATE_FORMAT, copy_into, outer_prefix, outer_state_layout, trainable
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last report
-STATE_FORMAT = "local-steps/1"  # in every served state's metadata: a state of another layout is refused by name
-# The largest magnitude a downloaded outer weight or momentum may have. float16 ends at 65504: an outer weight near it
-# would turn inf in any fp16 pass or codec. Honest states are far below (measured: see the report in tests/peer/
-# test_outer_state_attacks.py); a donor's 1e30 is refused per donor and the next one asked.
-MAX_OUTER_VALUE = 1e4
 # The largest relative change an outer re-sync may make to this peer's outer weights or momentum (each apart):
-# ||mean - own|| / ||own||. Honest re-syncs only undo the codecs' rounding drift; see RESYNC_DRIFT in
-# tests/peer/test_local_steps.py for the measured figure. A member sending a crafted state moves a peer at most this
-# far per re-sync (the mean of a group of n moves 1/n of the way towards it), instead of anywhere.
+# ||mean - own|| / ||own||. Honest re-syncs only undo the codecs' rounding drift. Measured in tests/peer/
+# test_local_steps.py (2 peers, fp16 pseudo-gradients, a re-sync every 2 epochs, 9 re-syncs each): weights 0.8-2.2e-5,
+# momentum 3.5e-5-1.2e-4; with no re-sync at all the weights drifted 1.2e-2 apart in 19 rounds (gap 14), so 0.05
+# leaves 4x over that. Two peers re-syncing at epochs 16 and 18 (before the gather check below) moved 0.14-0.25: a
+# crafted state moves a peer at most 0.05 per re-sync (the mean of n moves 1/n of the way to it) instead of anywhere.
 MAX_RESYNC_CHANGE = 0.05
 
 
@@ -71,7 +68,7 @@ class LocalStepsSwarm:
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, tracker: ProgressTracker, make_averager):
         self.model, self.optim, self.tracker = model, optim, tracker
-        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.parameters = trainable(model)
         self.outer = [parameter.detach().float().cpu().clone() for parameter in self.parameters]
         self.momentum = [torch.zeros_like(weight) for weight in self.outer]
         self._state_lock = threading.Lock()  # outer state and epoch change together; a joiner reads them together
@@ -211,11 +208,18 @@ class LocalStepsSwarm:
         with self.resync.get_tensors() as buffers:
             copy_into(buffers, [*outer, *momentum])
         try:
-            gathered = self.resync.step(weight=1.0, timeout=self.optim.averaging_timeout, wait=False).result()
+            control = self.resync.step(gather=epoch, weight=1.0, timeout=self.optim.averaging_timeout, wait=False)
+            gathered = control.result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
             return outer, momentum
         if not gathered:
+            return outer, momentum
+        # hivemind groups by prefix only: a peer that is behind (it catches up at its next step) can land in the
+        # group, and the mean of two epochs' states is no epoch's
+        others = sorted({str(value)[:20] for value in gathered.values() if value != epoch})
+        if others:
+            logger.warning(f"Outer state not re-synced at epoch {epoch}: the group held epochs {others}")
             return outer, momentum
         with self.resync.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
@@ -366,11 +370,6 @@ def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     return make_optimizer(params, optim, guard)
 
 
-def outer_state_layout(tensors: list[torch.Tensor]) -> StateLayout:
-    """What a served outer state (outer weights then momentum) must look like to a peer holding ``tensors``."""
-    return StateLayout(StateLayout.slots(tensors), format=STATE_FORMAT, max_value=MAX_OUTER_VALUE)
-
-
 @torch.no_grad()
 def relative_change(own: list[torch.Tensor], other: list[torch.Tensor]) -> float:
     """||other - own|| / ||own|| over all tensors together (inf if ``own`` is all zeros and ``other`` is not)."""
@@ -420,7 +419,7 @@ def build_local_steps(
             state_layout=layout,
             allow_state_sharing=not dht.client_mode and pseudo_gradients,
             start=True,
-            prefix=f"{swarm.run_id}_outer" if pseudo_gradients else f"{swarm.run_id}_outer_sync",
+            prefix=outer_prefix(swarm.run_id) if pseudo_gradients else f"{swarm.run_id}_outer_sync",
             min_matchmaking_time=optim.matchmaking_time,
             request_timeout=min(3.0, optim.matchmaking_time / 2),
             allreduce_timeout=optim.averaging_timeout,

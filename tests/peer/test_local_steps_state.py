@@ -132,12 +132,12 @@ def test_the_outer_state_is_offered_at_its_epoch(started):
     wait_until(lambda: offered_priorities(dht, "ls-state-e") == [2.0], 30, "the outer state offered at priority 2")
 
 
-def resync_both(first, second, states, epoch: int = 2):
-    """Run the outer-state re-sync of two peers at once (one round between them); each's result."""
+def resync_both(first, second, states, epochs=(2, 2)):
+    """Run the outer-state re-sync of two peers at once (one round between them, at their ``epochs``); each's result."""
     results = [None, None]
 
     def resync(index, mode):
-        results[index] = mode._resynced(*states[index], epoch)
+        results[index] = mode._resynced(*states[index], epochs[index])
 
     threads = [threading.Thread(target=resync, args=(index, mode)) for index, mode in enumerate((first, second))]
     for thread in threads:
@@ -160,7 +160,13 @@ def test_a_resync_that_moves_the_outer_state_too_far_is_refused(started, caplog)
 
     crafted = ([t * 3 for t in own[0]], [t.clone() for t in own[1]])
     with caplog.at_level("ERROR", logger="peer.local_steps"):
-        outer, momentum = resync_both(first, second, [own, crafted], epoch=4)[0]
+        outer, momentum = resync_both(first, second, [own, crafted], epochs=(4, 4))[0]
     assert outer is own[0] and momentum is own[1]  # its own state, untouched
     assert first.refused_resyncs == 1
     assert re.search(r"Refused the re-sync at epoch 4 \(relative change: weights 1\.00e\+00, momentum 0", caplog.text)
+
+    # a peer a round behind lands in the group (hivemind groups by prefix only): the mean of two epochs is refused
+    with caplog.at_level("WARNING", logger="peer.local_steps"):
+        results = resync_both(first, second, [own, near], epochs=(6, 5))
+    assert results[0][0] is own[0] and results[1][0] is near[0]
+    assert "Outer state not re-synced at epoch 6: the group held epochs ['5']" in caplog.text
