@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from peer.hivemind_gaps.averagers import OuterAverager
+from peer.hivemind_gaps.state_layout import StateLayout
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
 pytestmark = [pytest.mark.slow]
@@ -47,6 +48,7 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
             [tensor.clone() for tensor in tensors],
             dht,
             state_provider=lambda: ({}, [], None),
+            state_layout=StateLayout(()),  # serves and downloads no state here
             start=True,
             prefix=f"codec_{codec.replace('-', '_')}",
             min_matchmaking_time=2.0,
