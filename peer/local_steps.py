@@ -11,13 +11,14 @@ count. A peer that misses a round (it was late, or its work was not finite) find
 at its next step, drops its local work (counted in ``dropped_samples``) and downloads the outer state.
 
 What a joiner downloads: the outer weights, the outer momentum and the epoch (served by ``OuterAverager`` under the
-DHT prefix ``{run_id}_outer``). The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never
+DHT prefix ``{run_id}_outer`` at priority = the epoch; the format is peer/swarm/outer_state.py's, checked per donor). The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never
 averages them), serving them would triple the download, and a donor's moments follow its own batches, not the
 joiner's; LAMB's bias correction makes a fresh start take full-sized steps at once. A backup holds all of it,
 inner state included, so a restarted peer resumes its own trajectory.
 
 Not here yet (issue 17): the outer all-reduce overlapping the next inner phase, our own 8-bit/4-bit codecs with
-error feedback, per-round byte counters, and the monitor keeping and checkpointing the outer state.
+error feedback, per-round byte counters. (The monitor keeps, serves and checkpoints the outer state:
+monitor/outer_state.py.)
 """
 
 from __future__ import annotations
