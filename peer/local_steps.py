@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last report
 # The largest relative change an outer re-sync may make to this peer's outer weights or momentum (each apart):
 # ||mean - own|| / ||own||. Honest re-syncs only undo the codecs' rounding drift. Measured in two runs of tests/peer/
-# test_local_steps.py (2-3 peers, fp16 pseudo-gradients, a re-sync every 2 epochs, 35 re-syncs in all): weights
+# test_local_steps.py (2-3 peers, fp16 pseudo-gradients, a re-sync every 2 epochs, ~35 re-syncs in all): weights
 # 8e-6-2.1e-4, momentum 3.5e-5-1.5e-3; with no re-sync at all the weights drifted 1.2e-2 apart in 19 rounds (gap 14),
 # so 0.05 leaves 4x over that. Two peers re-syncing at epochs 16 and 18 (before the gather check below) moved
 # 0.14-0.25: a crafted state moves a peer at most 0.05 per re-sync (the mean of n moves 1/n of the way to it).

@@ -170,3 +170,14 @@ def test_a_resync_that_moves_the_outer_state_too_far_is_refused(started, caplog)
         results = resync_both(first, second, [own, near], epochs=(6, 5))
     assert results[0][0] is own[0] and results[1][0] is near[0]
     assert "Outer state not re-synced at epoch 6: the group held epochs ['5']" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_a_download_reads_the_outer_layout_without_copying_the_outer_state(started):
+    """The layout a donor's state must fit is fixed at the start: a download no longer clones the whole outer state
+    (this peer's served state) only to read its shapes."""
+    mode = started("ls-state-g", small_model(0))
+    copies, serve = [], mode.averager._state_provider
+    mode.averager._state_provider = lambda: copies.append(1) or serve()
+    assert mode.load_state_from_peers() is None  # nobody shares a state
+    assert copies == []
