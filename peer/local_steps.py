@@ -11,9 +11,10 @@ count. A peer that misses a round (it was late, or its work was not finite) find
 at its next step, drops its local work (counted in ``dropped_samples``) and downloads the outer state.
 
 What a joiner downloads: the outer weights, the outer momentum and the epoch (served by ``OuterAverager`` under the
-DHT prefix ``{run_id}_outer`` at priority = the epoch; the format is peer/swarm/outer_state.py's, checked per donor). The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never
-averages them), serving them would triple the download, and a donor's moments follow its own batches, not the
-joiner's; LAMB's bias correction makes a fresh start take full-sized steps at once. A backup holds all of it,
+DHT prefix ``{run_id}_outer`` at priority = the epoch, in peer/swarm/outer_state.py's format, checked per donor).
+The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never averages them), serving them
+would triple the download, and a donor's moments follow its own batches, not the joiner's; LAMB's bias correction
+makes a fresh start take full-sized steps at once. A backup holds all of it,
 inner state included, so a restarted peer resumes its own trajectory.
 
 Not here yet (issue 17): the outer all-reduce overlapping the next inner phase, our own 8-bit/4-bit codecs with
@@ -225,19 +226,16 @@ class LocalStepsSwarm:
         with self.resync.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         count = len(outer)
-        if not all_finite(averaged):
+        problem = resync_problem(outer, momentum, averaged[:count], averaged[count:])
+        if problem:
             self.refused_resyncs += 1
-            logger.error("The swarm's averaged outer state is not finite: keeping this peer's own")
+            logger.error(f"Refused the re-sync at epoch {epoch} ({problem}): keeping this peer's own")
             return outer, momentum
         changes = relative_change(outer, averaged[:count]), relative_change(momentum, averaged[count:])
-        described = f"relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e}"
-        if max(changes) > MAX_RESYNC_CHANGE:
-            self.refused_resyncs += 1
-            logger.error(
-                f"Refused the re-sync at epoch {epoch} ({described}, over {MAX_RESYNC_CHANGE}): keeping this peer's own"
-            )
-            return outer, momentum
-        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch} ({described})")
+        logger.info(
+            f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch} "
+            f"(relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e})"
+        )
         return averaged[:count], averaged[count:]
 
     def _restart_round(self) -> None:
@@ -369,6 +367,16 @@ def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
             weight_decay=optim.weight_decay,
         )
     return make_optimizer(params, optim, guard)
+
+
+def resync_problem(outer, momentum, mean_outer, mean_momentum) -> str | None:
+    """None if the swarm's mean outer state may replace this peer's own, else why not (see MAX_RESYNC_CHANGE)."""
+    if not all_finite([*mean_outer, *mean_momentum]):
+        return "the mean is not finite"
+    changes = relative_change(outer, mean_outer), relative_change(momentum, mean_momentum)
+    if max(changes) > MAX_RESYNC_CHANGE:
+        return f"relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e}, over {MAX_RESYNC_CHANGE}"
+    return None
 
 
 @torch.no_grad()
