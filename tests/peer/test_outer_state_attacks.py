@@ -50,9 +50,11 @@ def flat(tensors) -> torch.Tensor:
 
 
 def offers(dht: hivemind.DHT) -> int:
+    """How many others offer an outer state, as ``dht`` sees it (its own offer, at its epoch's priority, left out)."""
     found = dht.get(f"{RUN_ID}_outer.all_averagers", latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
-    return sum(entry.value is not None for entry in entries.values())
+    own = dht.peer_id.to_bytes()
+    return sum(entry.value is not None for peer, entry in entries.items() if peer != own)
 
 
 @pytest.fixture
