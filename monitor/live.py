@@ -23,12 +23,14 @@ class LiveState:
         initial_peers: this monitor's multiaddrs, exactly as peers pass them to --initial-peers.
         model: what identifies the run's model (preset or path, fingerprint), shown on the dashboard.
         join: the join string peers start with (`--join` / ALBERT_JOIN), "" if none.
+        mode: the run's training mode (name, local_steps H, a label for people), shown on the dashboard.
     """
 
     run_id: str
     initial_peers: Sequence[str] = ()
     model: dict = field(default_factory=dict)
     join: str = ""
+    mode: dict = field(default_factory=dict)
     snapshot: SwarmSnapshot = EMPTY_SNAPSHOT
     invalid_records_total: int = 0  # records that failed validation, since this monitor started
     # the same, by reason (signature, size, schema, range, future, epoch, too_many, other)

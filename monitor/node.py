@@ -28,6 +28,7 @@ from monitor.history import CheckpointEntry, History
 from monitor.live import LiveState
 from monitor.manifest_server import ManifestServer, run_manifest, tokenizer_dir
 from monitor.metrics import make_registry
+from monitor.outer_state import OuterStateKeeper
 from monitor.records import monitor_validators, read_progress, read_suspects
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
@@ -115,7 +116,9 @@ class Monitor:
         self._write_peers_file(self.initial_peers)
         self._serve_manifest()
         membership = MembershipCheck(self.dht, self.swarm.run_id, self.authority.public_key) if access else None
-        self.keeper = StateKeeper(self.dht, self.swarm, self.optim, self.run_model, membership=membership)
+        # local steps: the outer weights and momentum, served and checkpointed; else the synchronous training state
+        keeper_class = OuterStateKeeper if self.optim.local_steps else StateKeeper
+        self.keeper = keeper_class(self.dht, self.swarm, self.optim, self.run_model, membership=membership)
         self._release_on_shutdown(self.keeper.shutdown, "the state averager")
         if cfg.resume_from:
             self.keeper.resume(cfg.resume_from)
@@ -133,6 +136,7 @@ class Monitor:
             initial_peers=self.initial_peers,
             model={"name": cfg.model, "tokenizer": self.run_model.tokenizer_name, "hash": self.run_model.fingerprint},
             join=self.join_string,
+            mode=training_mode(self.optim),
             snapshot=self._not_behind_held_state(self.history.last_snapshot()),  # a restart goes on from its history
             state_epoch=self.keeper.epoch,
         )
@@ -370,6 +374,7 @@ class Monitor:
             loss=snapshot.loss,
             samples_total=snapshot.samples_total,
             model_fingerprint=self.run_model.fingerprint,
+            **checkpoint_mode(self.optim, self.keeper.epoch),
         )
 
     def request_checkpoint(self, timeout: float = 600.0) -> CheckpointEntry:
@@ -395,6 +400,21 @@ class Monitor:
             if pending is not None and pending.set_running_or_notify_cancel():
                 pending.set_exception(RuntimeError("the monitor is shutting down"))
         self._resources.close()
+
+
+def training_mode(optim: OptimConfig) -> dict:
+    """The run's training mode as /api/status and the dashboard show it."""
+    if optim.local_steps:
+        label = f"local steps H={optim.local_steps} (an epoch is one outer step)"
+        return {"name": optim.training_mode, "local_steps": optim.local_steps, "label": label}
+    return {"name": optim.training_mode, "local_steps": 0, "label": "synchronous"}
+
+
+def checkpoint_mode(optim: OptimConfig, epoch: int) -> dict:
+    """What a checkpoint's manifest says of the mode: its name, and in local-steps mode H and the outer step."""
+    if optim.local_steps:
+        return {"training_mode": optim.training_mode, "local_steps": optim.local_steps, "outer_step": epoch}
+    return {"training_mode": optim.training_mode}
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -175,6 +175,7 @@ def create_app(
             "initial_peers_string": live.initial_peers_string,
             "join": live.join,
             "model": live.model,
+            "training_mode": live.mode,
             "latest_checkpoint": entries[0].epoch if entries else None,
             "admin_enabled": bool(admin_token and request_checkpoint),
             "closed_run": authority is not None,

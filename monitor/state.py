@@ -86,15 +86,17 @@ def load_resume_weights(directory: str | Path) -> LeanAlbertForMaskedLM:
         ) from error
 
 
-def load_training_state(directory: str | Path) -> dict:
-    """The optimizer, scheduler and epoch of a checkpoint; a ValueError naming the file if it cannot be read."""
+def load_training_state(directory: str | Path, required: tuple[str, ...] = ("epoch", "optimizer")) -> dict:
+    """The training state of a checkpoint (epoch, optimizer and scheduler; in local-steps mode the outer momentum);
+    a ValueError naming the file if it cannot be read or lacks a ``required`` entry."""
     path = Path(directory) / TRAINING_STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a truncated or foreign file
         raise ValueError(f"cannot read the training state {path}: {type(error).__name__}: {error}") from error
-    if not isinstance(state, dict) or not {"epoch", "optimizer"} <= state.keys():
-        raise ValueError(f"{path} is not a training state: it holds no epoch and optimizer state")
+    if not isinstance(state, dict) or not set(required) <= state.keys():
+        mode = f" (written in {state['mode']} mode?)" if isinstance(state, dict) and "mode" in state else ""
+        raise ValueError(f"{path} is not a training state of this run's mode: it lacks {' or '.join(required)}{mode}")
     return state
 
 

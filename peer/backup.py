@@ -76,7 +76,8 @@ class Backups:
         return target
 
     def restore(self, epoch: int, model: torch.nn.Module, training: TrainingMode) -> bool:
-        """Load the backup of ``epoch`` into the model and training mode; False if unreadable or of another model."""
+        """Load the backup of ``epoch`` into the model and training mode; False (nothing loaded) if it is unreadable,
+        of another model or of another training mode."""
         try:
             state = torch.load(self.path(epoch), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001  (a damaged file must not stop the peer: the swarm has the state)
@@ -84,6 +85,10 @@ class Backups:
             return False
         if state.get("model_hash") != self.model_hash:
             logger.error(f"Backup {self.path(epoch)} belongs to another model or vocabulary; ignoring it")
+            return False
+        problem = training.backup_problem(state)
+        if problem:  # before anything is loaded: the model and the mode keep their state, the swarm's
+            logger.error(f"Backup {self.path(epoch)} does not fit this training mode: {problem}; ignoring it")
             return False
         model.load_state_dict(state["model"])
         training.load_state_dict(state)  # after the model: the mode takes up the model's restored parameters

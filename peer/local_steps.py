@@ -11,17 +11,18 @@ count. A peer that misses a round (it was late, or its work was not finite) find
 at its next step, drops its local work (counted in ``dropped_samples``) and downloads the outer state.
 
 What a joiner downloads: the outer weights, the outer momentum and the epoch (served by ``OuterAverager`` under the
-DHT prefix ``{run_id}_outer``). The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never
-averages them), serving them would triple the download, and a donor's moments follow its own batches, not the
-joiner's; LAMB's bias correction makes a fresh start take full-sized steps at once. A backup holds all of it,
+DHT prefix ``{run_id}_outer`` at priority = the epoch, in peer/swarm/outer_state.py's format, checked per donor).
+The inner optimizer starts fresh: its moments are private to each peer (DiLoCo never averages them), serving them
+would triple the download, and a donor's moments follow its own batches, not the joiner's; LAMB's bias correction
+makes a fresh start take full-sized steps at once. A backup holds all of it,
 inner state included, so a restarted peer resumes its own trajectory.
 
 Lossy codecs (--grad-compression fp16, int8-block, int4-block) carry an error feedback (peer/error_feedback.py): the
 residual is this peer's, kept in its backups, and starts at zero for a joiner or a peer that takes the swarm's state.
 The bytes of each outer all-reduce are counted (peer/hivemind_gaps/traffic.py), logged per round and exported.
 
-Not here yet (issue 17): the outer all-reduce overlapping the next inner phase, and the monitor keeping and
-checkpointing the outer state.
+Not here yet (issue 17): the outer all-reduce overlapping the next inner phase. (The monitor keeps, serves
+and checkpoints the outer state: monitor/outer_state.py.)
 """
 
 from __future__ import annotations
@@ -40,14 +41,21 @@ from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.update_guard import UpdateGuard
-from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
+from peer.outer_step import nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.finite import all_finite
 from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optimizer, make_scheduler, param_groups
+from peer.swarm.outer_state import STATE_FORMAT, copy_into, outer_prefix, outer_state_layout, trainable
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last report
-STATE_FORMAT = "local-steps/1"  # in every served state's metadata: a state of another layout is refused by name
+# The largest relative change an outer re-sync may make to this peer's outer weights or momentum (each apart):
+# ||mean - own|| / ||own||. Honest re-syncs only undo the codecs' rounding drift. Measured in two runs of tests/peer/
+# test_local_steps.py (2-3 peers, fp16 pseudo-gradients, a re-sync every 2 epochs, ~35 re-syncs in all): weights
+# 8e-6-2.1e-4, momentum 3.5e-5-1.5e-3; with no re-sync at all the weights drifted 1.2e-2 apart in 19 rounds (gap 14),
+# so 0.05 leaves 4x over that. Two peers re-syncing at epochs 16 and 18 (before the gather check below) moved
+# 0.14-0.25: a crafted state moves a peer at most 0.05 per re-sync (the mean of n moves 1/n of the way to it).
+MAX_RESYNC_CHANGE = 0.05
 
 
 class LocalStepsSwarm:
@@ -59,25 +67,33 @@ class LocalStepsSwarm:
         model: the model; its parameters are the local (inner) weights.
         optim: the run's optimizer settings.
         tracker: hivemind's progress tracker over ``local_steps x target_batch_size`` samples.
-        make_averager: builds an averager over the given tensors: with a state provider, the pseudo-gradients'
-            (in --grad-compression, serving the outer state); without, the outer state's re-sync (uncompressed).
+        make_averager: builds an averager over the given tensors, checking downloads against the given layout: with
+            a state provider, the pseudo-gradients' (in --grad-compression, serving the outer state); without, the
+            outer state's re-sync (uncompressed).
     """
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, tracker: ProgressTracker, make_averager):
         self.model, self.optim, self.tracker = model, optim, tracker
-        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.parameters = trainable(model)
         self.outer = [parameter.detach().float().cpu().clone() for parameter in self.parameters]
         self.momentum = [torch.zeros_like(weight) for weight in self.outer]
         self._state_lock = threading.Lock()  # outer state and epoch change together; a joiner reads them together
         self._epoch, self._samples, self.dropped_samples = 0, 0, 0
-        self._refused_here = 0  # downloaded states of another layout (the averager counts the non-finite ones)
+        self.refused_resyncs = 0  # re-syncs whose mean was not finite or moved the state over MAX_RESYNC_CHANGE
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
         self.inner, self.scheduler = self._fresh_inner_optimizer()
         self.feedback = ErrorFeedback(COMPRESSION_FACTORIES[optim.grad_compression](), self.outer)
-        self.averager = make_averager([torch.zeros_like(weight) for weight in self.outer], self._served_state)
+        # what a donor's outer state must be like: checked per donor, in the averager's process, so that a refused
+        # donor's state is never applied and the next donor is asked
+        self.layout = outer_state_layout([*self.outer, *self.momentum])
+        self.averager = make_averager(
+            [torch.zeros_like(weight) for weight in self.outer], self.layout, self._served_state
+        )
         self.averager.epoch_limit = lambda: self.tracker.global_epoch + EPOCH_MARGIN
         try:
-            self.resync = make_averager([torch.zeros_like(tensor) for tensor in (*self.outer, *self.momentum)])
+            self.resync = make_averager(
+                [torch.zeros_like(tensor) for tensor in (*self.outer, *self.momentum)], self.layout
+            )
         except BaseException:
             self.averager.shutdown()
             raise
@@ -114,7 +130,7 @@ class LocalStepsSwarm:
 
     @property
     def refused_states(self) -> int:
-        return self.averager.refused_states + self._refused_here
+        return self.averager.refused_states + self.refused_resyncs
 
     @property
     def averaged_bytes(self) -> tuple[int, int]:
@@ -156,6 +172,7 @@ class LocalStepsSwarm:
         logger.warning(f"Joining epoch {swarm_epoch} with this peer's own outer weights")
         with self._state_lock:
             self._epoch = max(self._epoch, swarm_epoch)
+        self._offer_state_at_epoch()
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self._epoch)
         set_schedule_epoch(self.scheduler, self._epoch)
@@ -186,6 +203,7 @@ class LocalStepsSwarm:
             with self._state_lock:
                 copy_into([*self.outer, *self.momentum], [*outer, *momentum])
                 self._epoch = epoch
+            self._offer_state_at_epoch()
             copy_into(self.parameters, self.outer)
             self._samples = 0
             set_schedule_epoch(self.scheduler, self._epoch)
@@ -206,19 +224,32 @@ class LocalStepsSwarm:
         with self.resync.get_tensors() as buffers:
             copy_into(buffers, [*outer, *momentum])
         try:
-            gathered = self.resync.step(weight=1.0, timeout=self.optim.averaging_timeout, wait=False).result()
+            control = self.resync.step(gather=epoch, weight=1.0, timeout=self.optim.averaging_timeout, wait=False)
+            gathered = control.result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
             return outer, momentum
         if not gathered:
             return outer, momentum
+        # hivemind groups by prefix only: a peer that is behind (it catches up at its next step) can land in the
+        # group, and the mean of two epochs' states is no epoch's
+        others = sorted({str(value)[:20] for value in gathered.values() if value != epoch})
+        if others:
+            logger.warning(f"Outer state not re-synced at epoch {epoch}: the group held epochs {others}")
+            return outer, momentum
         with self.resync.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
-        if not all_finite(averaged):
-            logger.error("The swarm's averaged outer state is not finite: keeping this peer's own")
-            return outer, momentum
-        logger.info(f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch}")
         count = len(outer)
+        problem = resync_problem(outer, momentum, averaged[:count], averaged[count:])
+        if problem:
+            self.refused_resyncs += 1
+            logger.error(f"Refused the re-sync at epoch {epoch} ({problem}): keeping this peer's own")
+            return outer, momentum
+        changes = relative_change(outer, averaged[:count]), relative_change(momentum, averaged[count:])
+        logger.info(
+            f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch} "
+            f"(relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e})"
+        )
         return averaged[:count], averaged[count:]
 
     def _restart_round(self) -> None:
@@ -256,9 +287,15 @@ class LocalStepsSwarm:
         inner = {"inner": self.inner.state_dict(), "scheduler": self.scheduler.state_dict()}
         return {"local_steps": {**outer, **inner, "residual": [t.clone() for t in self.feedback.residual]}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def backup_problem(self, state: dict) -> str | None:
         if "local_steps" not in state:
-            raise ValueError("the backup holds no local-steps state (written in synchronous mode?): not restored")
+            return "it holds no local-steps state (written in synchronous mode?)"
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        problem = self.backup_problem(state)
+        if problem:
+            raise ValueError(f"the backup is not restored: {problem}")
         saved = state["local_steps"]
         if "residual" in saved:  # checked first (it raises on a misfit); a backup of before error feedback has none
             self.feedback.load(saved["residual"])
@@ -277,18 +314,9 @@ class LocalStepsSwarm:
         if loaded is None:
             logger.warning("Could not download the swarm's outer state; going on with the local state")
             return None
-        metadata, tensors = loaded
+        metadata, tensors = loaded  # its format, layout, values and epoch were checked per donor (self.layout)
         count = len(self.outer)
-        try:
-            if metadata.get("format") != STATE_FORMAT:
-                raise ValueError(f"its format is {metadata.get('format')!r}, not {STATE_FORMAT!r}")
-            if len(tensors) != 2 * count:
-                raise ValueError(f"it has {len(tensors)} tensors, the outer state {2 * count}")
-            self._take_outer_state(metadata["epoch"], tensors[:count], tensors[count:])
-        except ValueError as error:
-            self._refused_here += 1
-            logger.error(f"Refused the downloaded outer state: {error}; going on with the local state")
-            return None
+        self._take_outer_state(metadata["epoch"], tensors[:count], tensors[count:])
         self.dropped_samples += self._samples
         self._samples = 0
         copy_into(self.parameters, self.outer)
@@ -302,8 +330,16 @@ class LocalStepsSwarm:
         with self._state_lock:
             copy_into([*self.outer, *self.momentum], [*outer, *momentum])
             self._epoch = epoch
+        self._offer_state_at_epoch()
         with self.tracker.pause_updates():
             self.tracker.update_epoch(epoch)
+
+    def _offer_state_at_epoch(self) -> None:
+        """Serve the outer state at priority = its epoch: a joiner asks donors by priority, so it takes the newest
+        state first (at the default 0, a donor epochs behind was as likely as the newest, and the joiner, behind at
+        once, downloaded again at its next step)."""
+        if self.averager.allow_state_sharing:  # never in client mode (hivemind raises there)
+            self.averager.state_sharing_priority = float(self._epoch)
 
     def cancel(self) -> None:
         self.averager.cancel_averaging()
@@ -351,6 +387,26 @@ def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     return make_optimizer(params, optim, guard)
 
 
+def resync_problem(outer, momentum, mean_outer, mean_momentum) -> str | None:
+    """None if the swarm's mean outer state may replace this peer's own, else why not (see MAX_RESYNC_CHANGE)."""
+    if not all_finite([*mean_outer, *mean_momentum]):
+        return "the mean is not finite"
+    changes = relative_change(outer, mean_outer), relative_change(momentum, mean_momentum)
+    if max(changes) > MAX_RESYNC_CHANGE:
+        return f"relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e}, over {MAX_RESYNC_CHANGE}"
+    return None
+
+
+@torch.no_grad()
+def relative_change(own: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """||other - own|| / ||own|| over all tensors together (inf if ``own`` is all zeros and ``other`` is not)."""
+    difference = torch.cat([(b - a).flatten() for a, b in zip(own, other, strict=True)]).norm()
+    scale = torch.cat([a.flatten() for a in own]).norm()
+    if scale == 0:
+        return 0.0 if difference == 0 else float("inf")
+    return float(difference / scale)
+
+
 def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:
     """Set the inner learning rates to the schedule's value at ``epoch`` (the schedule counts outer steps)."""
     scheduler.last_epoch = epoch
@@ -381,15 +437,16 @@ def build_local_steps(
     )
     averager_class = OuterAverager if membership is None else partial(GuardedOuterAverager, membership=membership)
 
-    def make_averager(buffers, state_provider=None):
+    def make_averager(buffers, layout, state_provider=None):
         pseudo_gradients = state_provider is not None
         return averager_class(
             buffers,
             dht,
             state_provider=state_provider or serves_nothing,
+            state_layout=layout,
             allow_state_sharing=not dht.client_mode and pseudo_gradients,
             start=True,
-            prefix=f"{swarm.run_id}_outer" if pseudo_gradients else f"{swarm.run_id}_outer_sync",
+            prefix=outer_prefix(swarm.run_id) if pseudo_gradients else f"{swarm.run_id}_outer_sync",
             min_matchmaking_time=optim.matchmaking_time,
             request_timeout=min(3.0, optim.matchmaking_time / 2),
             allreduce_timeout=optim.averaging_timeout,

@@ -35,13 +35,3 @@ def nesterov_outer_step(
     for weight, gradient, buffer in zip(outer, gradients, momentum_buffers, strict=True):
         buffer.mul_(momentum).add_(gradient)
         weight.sub_(gradient + momentum * buffer, alpha=learning_rate)
-
-
-@torch.no_grad()
-def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """Copy each source into its target (across devices and dtypes); ValueError, nothing copied, if a shape differs."""
-    for target, source in zip(targets, sources, strict=True):
-        if target.shape != source.shape:
-            raise ValueError(f"a tensor of shape {tuple(source.shape)} cannot replace one of {tuple(target.shape)}")
-    for target, source in zip(targets, sources):
-        target.copy_(source)

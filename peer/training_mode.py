@@ -24,6 +24,8 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
 - ``state_dict()`` / ``load_state_dict(state)``: what a local backup must hold to resume this mode at its epoch,
   beside the model's own state dict (keys other than "epoch", "model_hash" and "model"; peer/backup.py writes them
   side by side in one file). Loading makes the mode use the model's current parameters (load the model first).
+- ``backup_problem(state)``: None if ``load_state_dict(state)`` can take a backup's state, else why not (a backup
+  written in the other training mode); asked before anything of the backup is loaded.
 - ``load_state_from_peers()``: take the parameters, optimizer state and epoch from a peer of the swarm; returns the
   new ``epoch``, or None if no peer could provide one (the local state is kept).
 - ``cancel()``: leaving: cancel the averaging rounds under way and start none (thread-safe; a stop signal calls it
@@ -83,6 +85,8 @@ class TrainingMode(Protocol):
     def zero_grad(self) -> None: ...
 
     def state_dict(self) -> dict: ...
+
+    def backup_problem(self, state: dict) -> str | None: ...
 
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -156,6 +160,11 @@ class SynchronousSwarm:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.optimizer.state_averager.scheduler.state_dict(),
         }
+
+    def backup_problem(self, state: dict) -> str | None:
+        if "optimizer" not in state:
+            return "it holds no synchronous-mode optimizer state (written in local-steps mode?)"
+        return None
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])

@@ -19,8 +19,9 @@ function renderStatus(status) {
     peersInput.setAttribute("value", status.initial_peers_string);  // visible in the DOM too (tests, copy)
   }
   const model = status.model || {};
+  const mode = status.training_mode || {};
   document.getElementById("model-info").textContent =
-    `model ${model.name || "?"} · fingerprint ${model.hash || "?"} · ` +
+    `mode ${mode.label || "?"} · model ${model.name || "?"} · fingerprint ${model.hash || "?"} · ` +
     `monitor holds the state of epoch ${status.state_epoch}`;
 }
 

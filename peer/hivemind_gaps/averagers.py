@@ -33,6 +33,7 @@ from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
 from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
+from peer.hivemind_gaps.state_layout import StateLayout
 from peer.hivemind_gaps.traffic import CountedTraffic
 
 
@@ -76,15 +77,20 @@ class OuterAverager(HivemindHandleNames, CountedTraffic, CheckedDownloads, Cance
     Args:
         state_provider: called (in this process, by hivemind's state-serving thread) for what a joiner downloads:
             ``(metadata, tensors, infos)`` as ``DecentralizedAverager.get_current_state`` returns.
+        state_layout: what a downloaded state must look like (its tensors' shapes never change, so it is given once:
+            reading it from the served state would copy the whole state at every download).
         args, kwargs: as ``DecentralizedAverager``.
     """
 
-    def __init__(self, *args, state_provider: Callable[[], tuple], **kwargs):
-        self._state_provider = state_provider
+    def __init__(self, *args, state_provider: Callable[[], tuple], state_layout: StateLayout, **kwargs):
+        self._state_provider, self._state_layout = state_provider, state_layout
         super().__init__(*args, **kwargs)
 
     def get_current_state(self):
         return self._state_provider()
+
+    def state_layout(self) -> StateLayout:
+        return self._state_layout
 
 
 class GuardedOuterAverager(GuardedAveragerMixin, OuterAverager):

@@ -59,10 +59,15 @@ def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int, 
         raise StateRefused(f"its epoch {epoch!r} is not an integer")
     if not 0 <= epoch <= max_epoch:
         raise StateRefused(f"its epoch {epoch} is outside [0, {max_epoch}]")
+    if layout.format is not None and metadata.get("format") != layout.format:
+        raise StateRefused(f"its format is {str(metadata.get('format'))[:60]!r}, not {layout.format!r}")
     check_layout(metadata, tensors, layout)  # before the values: a check of the wrong tensors proves nothing
     for index, tensor in enumerate(tensors):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise StateRefused(f"tensor {index} (shape {tuple(tensor.shape)}) holds NaN or infinite values")
+        if layout.max_value is not None and tensor.numel() and float(tensor.abs().max()) > layout.max_value:
+            largest = float(tensor.abs().max())
+            raise StateRefused(f"tensor {index} holds a value of magnitude {largest:.3g}, over {layout.max_value:g}")
     for value in _numbers(metadata.get("optimizer_metadata")):  # learning rates, betas, ... of the param groups
         if isinstance(value, float) and not math.isfinite(value):
             raise StateRefused(f"its optimizer metadata holds a non-finite value {value}")
@@ -98,6 +103,10 @@ class CheckedDownloads(DecentralizedAverager):
         """Downloaded states refused so far."""
         return int(self._refused.value)
 
+    def state_layout(self) -> StateLayout:
+        """The layout a downloaded state must have: the local one (an averager that knows it better overrides this)."""
+        return local_layout(self)
+
     def max_epoch(self) -> int:
         known = self.epoch_limit() if self.epoch_limit is not None else MAX_EPOCH
         return min(MAX_EPOCH, known)
@@ -106,7 +115,7 @@ class CheckedDownloads(DecentralizedAverager):
         # hivemind's own, plus what is known in this process sent along to the averager's process: the epoch bound
         # and the layout of the local state (the averager's process holds the averaged tensors, not the optimizer)
         future = MPFuture()
-        request = {"timeout": timeout, "future": future, "max_epoch": self.max_epoch(), "layout": local_layout(self)}
+        request = {"timeout": timeout, "future": future, "max_epoch": self.max_epoch(), "layout": self.state_layout()}
         self._outer_pipe.send(("_load_state_from_peers", [], request))
         return future.result(timeout=timeout) if wait else future
 

@@ -13,6 +13,8 @@ optimizer state was replaced, and hivemind's caller retries the same (highest-pr
   step, a tensor after it: a peer 2 epochs in serves 17 more tensors than a fresh one, for the tiny model).
 
 It also bounds what a donor may stream (``StateLayout.stream_limit``): hivemind reads a donor's stream to its end.
+A layout may also name the state's format (a ``"format"`` the metadata must carry: a state served by another kind of
+averager under the same prefix is refused per donor, so the next donor is asked) and a bound on every value.
 """
 
 from __future__ import annotations
@@ -53,10 +55,14 @@ class StateLayout:
             parameters and extra tensors; every tensor, for other averagers).
         optimizer_entries: for a TrainingStateAverager, one per entry of its optimizer's flattened state_dict (the
             metadata's ``optimizer_metadata``): that tensor's shape and dtype, or VALUE; None for other averagers.
+        format: the ``"format"`` the state's metadata must name; None: not checked.
+        max_value: the largest magnitude any number of the state may have; None: only finiteness is checked.
     """
 
     fixed: tuple[Slot, ...]
     optimizer_entries: tuple[Slot | str, ...] | None = None
+    format: str | None = None
+    max_value: float | None = None
 
     @staticmethod
     def slots(tensors: Sequence[torch.Tensor]) -> tuple[Slot, ...]:

@@ -12,8 +12,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.harness import LOOPBACK, TINY_OPTIM, TINY_PEER, GroupProcess, as_flags, free_port, wait_until
+from tests.harness import (
+    LOOPBACK,
+    TINY_OPTIM,
+    TINY_PEER,
+    GroupProcess,
+    as_flags,
+    child_env,
+    free_port,
+    run_cli,
+    wait_until,
+)
 
 MAX_LENGTH = TINY_PEER["max_length"]
 # The run's optimizer settings, given to peers and monitor alike: the harness's tiny swarm, with a lower learning rate.
@@ -148,3 +159,40 @@ def chromium(url: str, tmp_path: Path, *flags: str) -> str:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+# Loads the checkpoint in a fresh interpreter where the project's packages cannot be imported at all (even if the
+# project is pip-installed), so only the code saved inside the checkpoint is used.
+STANDALONE = """
+import importlib.abc, sys, torch
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('model', 'data', 'peer', 'monitor'):
+            raise ImportError(f'{name} must not be needed to load a checkpoint')
+sys.meta_path.insert(0, NoProject())
+from transformers import AutoModelForMaskedLM
+model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
+    env = dict(child_env(), HF_HOME=str(tmp_path / "hf-home"))
+    env.pop("PYTHONPATH", None)
+    result = run_cli(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            STANDALONE,
+            str(checkpoint),
+            str(tmp_path / "input_ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt", weights_only=True)

@@ -27,8 +27,8 @@ from monitor.records import monitor_validators
 from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, publish_progress
 from peer.swarm.run_key import RunKey
 from peer.swarm.run_record import check_model_matches
-from tests.harness import child_env, run_cli, wait_until
-from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, chromium
+from tests.harness import run_cli, wait_until
+from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, chromium, logits_with_transformers_alone
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
@@ -321,43 +321,6 @@ def test_a_new_peer_resumes_at_the_monitors_epoch_with_the_checkpoints_weights(r
         peer_logits = peer_model.eval()(input_ids=input_ids).logits
     torch.testing.assert_close(standalone_logits, peer_logits, rtol=1e-5, atol=1e-5)
     run.held_epoch, run.checkpoint_dir = held, out
-
-
-# Loads the checkpoint in a fresh interpreter where the project's packages cannot be imported at all (even if the
-# project is pip-installed), so only the code saved inside the checkpoint is used.
-STANDALONE = """
-import importlib.abc, sys, torch
-class NoProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('model', 'data', 'peer', 'monitor'):
-            raise ImportError(f'{name} must not be needed to load a checkpoint')
-sys.meta_path.insert(0, NoProject())
-from transformers import AutoModelForMaskedLM
-model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
-"""
-
-
-def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
-    env = dict(child_env(), HF_HOME=str(tmp_path / "hf-home"))
-    env.pop("PYTHONPATH", None)
-    result = run_cli(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            STANDALONE,
-            str(checkpoint),
-            str(tmp_path / "input_ids.pt"),
-            str(tmp_path / "logits.pt"),
-        ],
-        timeout=180,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / "logits.pt", weights_only=True)
 
 
 def held_checkpoint(run, tmp_path) -> tuple[int, Path]:

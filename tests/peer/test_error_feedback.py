@@ -17,6 +17,7 @@ import torch
 
 from peer.error_feedback import ErrorFeedback
 from peer.hivemind_gaps.averagers import OuterAverager
+from peer.hivemind_gaps.state_layout import StateLayout
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
 pytestmark = [pytest.mark.slow]
@@ -75,6 +76,7 @@ def test_error_feedback_bounds_the_cumulative_error(dhts, codec):
             [torch.zeros(shape) for shape in (*SHAPES, *SHAPES)],
             dht,
             state_provider=lambda: ({}, [], None),
+            state_layout=StateLayout(()),  # serves and downloads no state here
             start=True,
             prefix=f"feedback_{codec.replace('-', '_')}",
             min_matchmaking_time=1.5,

@@ -4,6 +4,9 @@ on 127.0.0.1 in this process (its main thread), one peer each: its rounds find n
 
 from __future__ import annotations
 
+import re
+import threading
+
 import hivemind
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch
 from peer.backup import Backups
 from peer.local_steps import build_local_steps
 from peer.swarm.config import OptimConfig, SwarmConfig
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.slow]
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -36,8 +40,9 @@ def train_steps(model: torch.nn.Module, mode, steps: int) -> None:
 def started():
     dhts, modes = [], []
 
-    def start(run_id: str, model: torch.nn.Module):
-        dhts.append(hivemind.DHT(start=True, host_maddrs=LOOPBACK))
+    def start(run_id: str, model: torch.nn.Module, join_first: bool = False):
+        initial_peers = dhts[0].get_visible_maddrs() if join_first else []
+        dhts.append(hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial_peers))
         modes.append(build_local_steps(dhts[-1], model, SwarmConfig(run_id=run_id, host_maddrs=LOOPBACK), OPTIM))
         return modes[-1]
 
@@ -90,3 +95,89 @@ def test_a_synchronous_backup_is_refused_by_name(started):
     with pytest.raises(ValueError, match=r"no local-steps state \(written in synchronous mode\?\)"):
         mode.load_state_dict({"epoch": 7, "optimizer": {}, "scheduler": {}})
     assert mode.epoch == 0 and torch.equal(flat(mode.outer), before)
+
+
+@pytest.mark.timeout(60)
+def test_a_synchronous_backup_is_refused_before_anything_is_loaded(started, tmp_path, caplog):
+    """A backup of the other mode must not stop the peer at start: refused whole, the peer goes on from the swarm."""
+    model = small_model(0)
+    mode = started("ls-state-d", model)
+    before = flat(model.parameters()).clone()
+    backups = Backups(tmp_path, keep=3, model_hash="test")
+    synchronous = {"epoch": 7, "model_hash": "test", "model": small_model(1).state_dict(), "optimizer": {}}
+    torch.save({**synchronous, "scheduler": {}}, backups.path(7))
+    with caplog.at_level("ERROR", logger="peer.backup"):
+        assert not backups.restore(7, model, mode)
+    assert "does not fit this training mode: it holds no local-steps state (written in synchronous mode?)" in (
+        caplog.text
+    )
+    assert torch.equal(flat(model.parameters()), before) and mode.epoch == 0
+
+
+def offered_priorities(dht: hivemind.DHT, run_id: str) -> list[float]:
+    """The priorities at which the run's local-steps averagers offer their outer state (hivemind's declarations)."""
+    found = dht.get(f"{run_id}_outer.all_averagers", latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    return [entry.value for entry in entries.values()]
+
+
+@pytest.mark.timeout(120)
+def test_the_outer_state_is_offered_at_its_epoch(started):
+    """hivemind's donors are asked by priority: the epoch, so that a joiner takes the newest outer state first."""
+    model = small_model(0)
+    mode = started("ls-state-e", model)
+    train_steps(model, mode, 4)  # two outer steps alone
+    assert mode.epoch == 2
+    dht = mode.averager.dht
+    wait_until(lambda: offered_priorities(dht, "ls-state-e") == [2.0], 30, "the outer state offered at priority 2")
+
+
+def resync_both(first, second, states, epochs=(2, 2)):
+    """Run the outer-state re-sync of two peers at once (one round between them, at their ``epochs``); each's result."""
+    results = [None, None]
+
+    def resync(index, mode):
+        results[index] = mode._resynced(*states[index], epochs[index])
+
+    threads = [threading.Thread(target=resync, args=(index, mode)) for index, mode in enumerate((first, second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_a_resync_that_moves_the_outer_state_too_far_is_refused(started, caplog):
+    """The re-sync takes the swarm's mean of the outer state only within MAX_RESYNC_CHANGE of this peer's own: a
+    member sending 3x the weights (the mean moves them by 100%) is refused; one rounding apart is taken."""
+    first, second = started("ls-state-f", small_model(0)), started("ls-state-f", small_model(0), join_first=True)
+    own = ([t.clone() for t in first.outer], [torch.full_like(t, 0.1) for t in first.momentum])
+    near = ([t * 1.001 for t in own[0]], [t * 1.001 for t in own[1]])
+    outer, momentum = resync_both(first, second, [own, near])[0]
+    torch.testing.assert_close(flat(outer), flat(own[0]) * 1.0005)  # the mean of the two, taken
+    assert first.refused_resyncs == 0
+
+    crafted = ([t * 3 for t in own[0]], [t.clone() for t in own[1]])
+    with caplog.at_level("ERROR", logger="peer.local_steps"):
+        outer, momentum = resync_both(first, second, [own, crafted], epochs=(4, 4))[0]
+    assert outer is own[0] and momentum is own[1]  # its own state, untouched
+    assert first.refused_resyncs == 1
+    assert re.search(r"Refused the re-sync at epoch 4 \(relative change: weights 1\.00e\+00, momentum 0", caplog.text)
+
+    # a peer a round behind lands in the group (hivemind groups by prefix only): the mean of two epochs is refused
+    with caplog.at_level("WARNING", logger="peer.local_steps"):
+        results = resync_both(first, second, [own, near], epochs=(6, 5))
+    assert results[0][0] is own[0] and results[1][0] is near[0]
+    assert "Outer state not re-synced at epoch 6: the group held epochs ['5']" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_a_download_reads_the_outer_layout_without_copying_the_outer_state(started):
+    """The layout a donor's state must fit is fixed at the start: a download no longer clones the whole outer state
+    (this peer's served state) only to read its shapes."""
+    mode = started("ls-state-g", small_model(0))
+    copies, serve = [], mode.averager._state_provider
+    mode.averager._state_provider = lambda: copies.append(1) or serve()
+    assert mode.load_state_from_peers() is None  # nobody shares a state
+    assert copies == []

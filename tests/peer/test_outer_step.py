@@ -7,9 +7,10 @@ import torch
 
 from monitor.launcher import LocalSwarmConfig
 from peer.local_steps import LocalStepsSwarm, make_inner_optimizer, set_schedule_epoch
-from peer.outer_step import copy_into, nesterov_outer_step, pseudo_gradients
+from peer.outer_step import nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import make_scheduler
+from peer.swarm.outer_state import copy_into
 from peer.training_mode import TrainingMode
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from peer.hivemind_gaps.averagers import OuterAverager
+from peer.hivemind_gaps.state_layout import StateLayout
 from peer.swarm.codecs import HEADER, Int8BlockCompression
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
@@ -53,6 +54,7 @@ def test_a_codec_averages_within_its_bound(dhts, codec):
             [tensor.clone() for tensor in tensors],
             dht,
             state_provider=lambda: ({}, [], None),
+            state_layout=StateLayout(()),  # serves and downloads no state here
             start=True,
             prefix=f"codec_{codec.replace('-', '_')}",
             min_matchmaking_time=2.0,
@@ -119,6 +121,7 @@ def test_a_peer_sending_crafted_parts_is_dropped_from_the_round():
             [tensor.clone() for tensor in tensors],
             dht,
             state_provider=lambda: ({}, [], None),
+            state_layout=StateLayout(()),
             start=True,
             prefix="codec_attack",
             min_matchmaking_time=3.0,

@@ -86,6 +86,9 @@ class FakeSwarm:
     def state_dict(self) -> dict:
         return {"optimizer": self.sgd.state_dict(), "samples": self.samples}
 
+    def backup_problem(self, state: dict) -> str | None:
+        return None if "optimizer" in state else "no optimizer state"
+
     def load_state_dict(self, state: dict) -> None:
         self.sgd.load_state_dict(state["optimizer"])
         self.epoch, self.samples = state["epoch"], state["samples"]
