@@ -28,7 +28,7 @@ parts (a colluding reducer) would do better, so these measure a lower bound of t
 
 The values of every mode stay finite and within fp16's range, so hivemind and the update guard's finiteness checks
 let them through: only robust aggregation stops them. It prints one line per epoch: ATTACK <mode> epoch <e> (or
-HONEST epoch <e>), and DONE at --max_epochs.
+HONEST epoch <e>), and DONE at --max_epochs or when asked to stop.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def attack_loop(peer, args: argparse.Namespace) -> None:
         peer.batches = FlippedLabels(peer.batches)
     epoch, steps_this_round = training.epoch, 0
     model.train()
-    while not config.max_epochs or epoch < config.max_epochs:
+    # a stop request (SIGTERM, or its revoked token ending: peer/swarm/access.py) ends it like an honest peer
+    while (not config.max_epochs or epoch < config.max_epochs) and not peer.stop.requested:
         attacking = training.epoch >= args.from_epoch
         if args.attack == "label-flip":
             peer.batches.active = attacking
