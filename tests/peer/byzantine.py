@@ -28,8 +28,8 @@ parts (a colluding reducer) would do better, so these measure a lower bound of t
 
 The values of every mode stay finite and within fp16's range, so hivemind and the update guard's finiteness checks
 let them through: only robust aggregation stops them. It prints one line per epoch: ATTACK <mode> epoch <e> (or
-HONEST epoch <e>), and DONE at --max_epochs or when asked to stop (``--stay``: it ignores stop requests, as a hostile
-member whose revoked token ended would, and goes on until killed).
+HONEST epoch <e>), and DONE at --max_epochs or when asked to stop. ``--stay``: when its token expired unrenewed (it
+was revoked) it does not leave as an honest peer does, but goes on trying (a hostile member's choice).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from statistics import NormalDist
 
 import torch
 
+import peer.runtime as peer_runtime
 from peer.config import PeerConfig
 from peer.runtime import start_peer
 from peer.swarm.config import OptimConfig, SwarmConfig
@@ -160,9 +161,8 @@ def attack_loop(peer, args: argparse.Namespace) -> None:
         peer.batches = FlippedLabels(peer.batches)
     epoch, steps_this_round = training.epoch, 0
     model.train()
-    # a stop request (SIGTERM, or its revoked token ending: peer/swarm/access.py) ends it like an honest peer,
-    # unless --stay: a hostile member goes on trying after its token ended
-    while (not config.max_epochs or epoch < config.max_epochs) and (args.stay or not peer.stop.requested):
+    # a stop request (SIGTERM, or its revoked token ending: peer/swarm/access.py) ends it like an honest peer
+    while (not config.max_epochs or epoch < config.max_epochs) and not peer.stop.requested:
         attacking = training.epoch >= args.from_epoch
         if args.attack == "label-flip":
             peer.batches.active = attacking
@@ -193,10 +193,12 @@ def main() -> int:
     parser.add_argument("--attackers", type=int, default=2, help="alie: attacking members (m)")
     parser.add_argument("--z", type=float, default=None, help="alie: z instead of the paper's formula")
     parser.add_argument("--epsilon", type=float, default=0.1, help="ipm: epsilon (the paper's 0.1 by default)")
-    parser.add_argument("--stay", action="store_true", help="ignore stop requests (a revoked token) until killed")
+    parser.add_argument("--stay", action="store_true", help="stay when its token expired unrenewed (revoked)")
     args, rest = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig, args=rest)
+    if args.stay:  # what start_peer hands the member-list publisher: a hostile member does not leave when told
+        peer_runtime.leave_when_token_expired = lambda: print("STAYING after the token expired", flush=True)
     peer = start_peer(swarm, optim, config)
     print(f"PEER_ID {peer.dht.peer_id.to_base58()}", flush=True)
     try:
