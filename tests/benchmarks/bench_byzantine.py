@@ -41,7 +41,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from data import load_tokenizer, model_overrides_from_tokenizer
+from data import BUNDLED_CORPUS, load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from monitor.evaluation import HeldOutSet
 from tests.harness import child_env, kill_group
@@ -70,7 +70,7 @@ class Result:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default=str(REPO.parent / "shared/corpora/ruslit"))
+    parser.add_argument("--corpus", default=BUNDLED_CORPUS, help="default: the corpus shipped with the project")
     parser.add_argument("--peers", type=int, default=4, help="Members of each run, attackers included (N).")
     parser.add_argument("--attackers", type=int, default=1, help="Attacking members (M).")
     parser.add_argument("--attack-from", type=int, default=4, help="Epoch the attack starts at (E).")
@@ -121,7 +121,7 @@ def get_json(port: int, path: str):
         return None
 
 
-def peer_command(args, name: str, initial: list[str], workdir: Path, aggregation: str) -> list[str]:
+def peer_command(args, name: str, initial: list[str], aggregation: str) -> list[str]:
     return [
         *("--run_id", name, "--initial_peers", *initial, "--host_maddrs", "/ip4/127.0.0.1/tcp/0"),
         *("--torch_threads", "1", "--model", "tiny", "--corpus", args.corpus, "--batch_size", str(args.batch_size)),
@@ -182,7 +182,7 @@ def run_swarm(args, attack: str, aggregation: str) -> tuple[Result, Path]:
         initial = peers_file.read_text().split()
         honest = args.peers - args.attackers
         for index in range(args.peers):
-            command = peer_command(args, name, initial, workdir, aggregation)
+            command = peer_command(args, name, initial, aggregation)
             command += ["--backup_dir", str(workdir / "backups" / f"peer-{index}")]
             module = (
                 ["-m", "peer"] if index < honest else ["-m", "tests.peer.byzantine", *attacker_flags(args, attack)]

@@ -194,8 +194,10 @@ def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, 
     for peer, offset in zip(honest, offsets):
         sizes = [int(size) for size in GROUP.findall(peer.log_text()[offset:])]
         assert sizes and max(sizes) <= len(honest), f"{peer.name} averaged with the revoked attacker: {sizes}"
-    refusals = [line for peer in honest for line in peer.log_text().splitlines() if f"from peer {attacker_id}" in line]
-    print(f"{len(refusals)} refusal lines of the attacker in the members' logs, e.g. {refusals[:1]}")
+    refused = re.compile(rf"Refused rpc_\w+ \(\w+\) from peer {attacker_id}: it holds no valid access token")
+    refusals = [line for peer in honest for line in refused.findall(peer.log_text())]
+    print(f"{len(refusals)} refusals of the attacker's calls in the members' logs, e.g. {refusals[:1]}")
+    assert refusals, "the attacker stayed but no member refused a call of it"
     assert REVOKED.findall(monitor.log_text()) == [attacker_id]  # and no honest member since
     for peer in honest:
         assert peer.process.poll() is None and "refused to renew" not in peer.log_text(), peer.log_text()[-2000:]
