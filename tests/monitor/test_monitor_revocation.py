@@ -24,10 +24,16 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from monitor.access import AdmissionRefused, Authority
+from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
+from monitor.history import History
+from monitor.live import LiveState
+from monitor.metrics import make_registry
 from monitor.revocation import RevocationPolicy, RevocationStore
+from monitor.server import ServerThread, create_app
 from monitor.suspicion import suspects
 from peer.swarm.access_tokens import encode_token, join_message
+from peer.swarm.run_key import RunKey
 from peer.swarm.scores import ScoreRecord
 from tests.harness import wait_until
 from tests.monitor.conftest import PEER_FLAGS, MonitorProcess, PeerProcess, Process
@@ -108,6 +114,54 @@ def test_a_revoked_member_gets_no_token_under_its_id_or_key_and_it_outlives_a_re
     store.close()
 
 
+def test_the_api_metrics_and_dashboard_show_a_revocation_after_its_member_stopped_being_scored(tmp_path):
+    """Over real HTTP: the revoked member is no longer in any score record (it left), yet /api/suspects still lists
+    it as revoked, /api/revocations gives the evidence, /api/status and /metrics count it, the dashboard has a tile."""
+    accused, honest = new_peer_id(tmp_path, "accused"), new_peer_id(tmp_path, "honest")
+    store = RevocationStore(tmp_path / "history.sqlite")
+    records = {b"reporter-1": record(7, {accused: 950.0, honest: 1.1}), b"reporter-2": record(8, {accused: 880.0})}
+    [row] = [row for row in suspects(records.values()) if row.peer_id == accused]
+    store.revoke(row, 3, 100.0, records)
+    history = History(tmp_path / "history.sqlite")
+    checkpoints = CheckpointStore(tmp_path / "ckpt", history, keep=2, run_key=RunKey.load_or_create(tmp_path / "k"))
+    live = LiveState(run_id="revocations")
+    live.suspects = tuple(suspects([record(9, {honest: 1.0}), record(9, {honest: 1.2})]))
+    live.revocations = tuple(store.all())
+    server = ServerThread(create_app(live, history, checkpoints, make_registry(live, checkpoints)), "127.0.0.1", 0)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        rows = {row["peer_id"]: row for row in http_json(url + "/api/suspects")}
+        assert rows[honest]["revoked"] is False and rows[honest]["suspicious"] is False
+        assert rows[accused] == {
+            "peer_id": accused,
+            "suspicion": 915.0,
+            "reporters": 2,
+            "suspicious": True,
+            "revoked": True,
+        }
+        [decision] = http_json(url + "/api/revocations")
+        assert decision["peer_id"] == accused and decision["refreshes"] == 3 and decision["threshold"] == 100.0
+        assert [(item["epoch"], item["score"]) for item in decision["evidence"]] == [(7, 950.0), (8, 880.0)]
+        assert http_json(url + "/api/status")["revoked_members"] == 1
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert "albert_swarm_revoked_members 1.0" in metrics
+        with urllib.request.urlopen(url + "/", timeout=10) as response:
+            assert 'id="stat-revoked"' in response.read().decode()
+    finally:
+        server.stop()
+        history.close()
+        store.close()
+
+
+def http_json(url: str, token: str | None = None):
+    """GET a JSON route (with a member's token where given)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+        return json.loads(response.read())
+
+
 def test_revoke_above_needs_a_closed_run(tmp_path):
     with pytest.raises(ValueError, match="--revoke-above needs a closed run"):
         MonitorConfig(run_dir=str(tmp_path), revoke_above=100.0)
@@ -175,10 +229,10 @@ def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, 
 
     # the evidence over HTTP, to members (the monitor's own admission is a member's token)
     token = encode_token(Authority(tmp_path / "monitor" / "authority.key", 60.0, str(secret)).issue(b"", "QmReader"))
-    decisions = monitor_get(monitor, "/api/revocations", token)
+    decisions = http_json(monitor.url + "/api/revocations", token)
     assert [decision["peer_id"] for decision in decisions] == [attacker_id]
     assert decisions[0]["suspicion"] > 100 and decisions[0]["reporters"] >= 2 and decisions[0]["evidence"]
-    rows = {row["peer_id"]: row for row in monitor_get(monitor, "/api/suspects", token)}
+    rows = {row["peer_id"]: row for row in http_json(monitor.url + "/api/suspects", token)}
     assert rows[attacker_id]["revoked"] and not any(rows[peer]["revoked"] for peer in honest_ids if peer in rows)
     assert monitor.get("/api/status")["revoked_members"] == 1
 
@@ -205,10 +259,3 @@ def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, 
 
 def rounds_since(peer: PeerProcess, offset: int) -> int:
     return len(GROUP.findall(peer.log_text()[offset:]))
-
-
-def monitor_get(monitor: MonitorProcess, path: str, token: str):
-    """A members-only route of the monitor, with a member's token."""
-    request = urllib.request.Request(monitor.url + path, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
