@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-byzantine-work"))
     parser.add_argument("--out-dir", type=Path, default=Path("bench-byzantine"))
     parser.add_argument("--timeout", type=float, default=900, help="Seconds a run may take.")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="Only print the table and plot the runs of a saved JSON."
+    )
     return parser.parse_args()
 
 
@@ -303,6 +306,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the swarm's processes
     torch.set_num_threads(1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_json:  # e.g. a bench stopped early: its JSON holds every run it finished
+        saved = json.loads(args.from_json.read_text())
+        for name in ("peers", "attackers", "attack_from", "epochs"):
+            setattr(args, name, int(saved["args"][name]))
+        results = [Result(**{**row, "points": [tuple(point) for point in row["points"]]}) for row in saved["results"]]
+        report(results, args)
+        plot(results, args)
+        return
     tokenizer = load_tokenizer()
     held_out = HeldOutSet(args.corpus, tokenizer, args.eval_sequences, seed=0, max_length=args.max_length)
     results = []
