@@ -48,6 +48,7 @@ from tests.harness import child_env, kill_group
 
 EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO \S+: epoch (\d+) \| loss ([0-9.]+) \|", re.MULTILINE)
 ROBUST_LINE = re.compile(r"Robust aggregation: \d+ parts of (\d+) round\(s\) in ([0-9.]+) ms")
+TOP_SCORE = re.compile(r"Robust aggregation: .* highest sender score ([0-9.e+]+) \((\w+)\)")
 JOINED = re.compile(r"Joined run '[^']+' as (\w+)")
 PEER_ID = re.compile(r"^PEER_ID (\w+)$", re.MULTILINE)
 NEVER = 10**9  # an attacker's --from_epoch in the clean runs
@@ -63,6 +64,8 @@ class Result:
     epoch_seconds: float = float("nan")  # median over the honest peers' consecutive epoch lines
     clip_ms_per_round: float | None = None  # CenteredClip per round and reducer (median over logged epochs)
     attackers_first_at: int | None = None  # first epoch at which every attacker ranked above every honest peer
+    attacker_on_top: float | None = None  # share of the honest reducers' epochs whose highest score was an attacker's
+    top_score: float | None = None  # median of the highest sender score the honest reducers logged after E
     skipped_steps: int = 0  # honest optimizer steps the update guard refused
     wall_seconds: float = 0.0
     note: str = ""
@@ -210,6 +213,7 @@ def run_swarm(args, attack: str, aggregation: str) -> tuple[Result, Path]:
             kill_group(process.pid)
     result.wall_seconds = time.time() - started
     read_logs(result, workdir, args.peers - args.attackers)
+    read_top_scores(result, workdir, args.peers - args.attackers, args.peers)
     return result, workdir / "backups"
 
 
@@ -233,6 +237,19 @@ def read_logs(result: Result, workdir: Path, honest: int) -> None:
         result.skipped_steps += log.count("Skipping the optimizer step")
     result.epoch_seconds = statistics.median(gaps) if gaps else float("nan")
     result.clip_ms_per_round = statistics.median(clip) if clip else None
+
+
+def read_top_scores(result: Result, workdir: Path, honest: int, peers: int) -> None:
+    """Whom the honest reducers scored highest each epoch (their logs name the top sender), from the last half of
+    the run (past the attack's start)."""
+    attackers, _ = peer_ids(workdir, honest, peers)
+    tops = []
+    for index in range(honest):
+        found = TOP_SCORE.findall((workdir / f"peer-{index}.log").read_text(errors="replace"))
+        tops += found[len(found) // 2 :]
+    if tops:
+        result.attacker_on_top = sum(peer in attackers for _, peer in tops) / len(tops)
+        result.top_score = statistics.median(float(score) for score, _ in tops)
 
 
 def score(args, result: Result, backups: Path, tokenizer, held_out: HeldOutSet, honest: int) -> None:
@@ -262,16 +279,19 @@ def report(results: list[Result], args) -> None:
     reference = clean.get("mean")
     print(f"\nN={args.peers} M={args.attackers} attack from epoch {args.attack_from}, {args.epochs} epochs")
     head = f"{'attack':<11} {'aggr':<13} {'epoch':>5} {'loss':>7} {'vs clean':>8} {'s/epoch':>7} {'vs mean':>7}"
-    print(head + f" {'clip ms':>7} {'ranked':>6} {'skip':>4}  note")
+    print(head + f" {'clip ms':>7} {'ranked':>6} {'top':>5} {'topscore':>8} {'skip':>4}  note")
     for r in results:
         base = clean.get(r.aggregation)
         gap = f"{100 * (r.final_loss / base.final_loss - 1):+.2f}%" if base and base.final_loss else "-"
         slower = f"{100 * (r.epoch_seconds / reference.epoch_seconds - 1):+.0f}%" if reference else "-"
         clip = f"{r.clip_ms_per_round:.0f}" if r.clip_ms_per_round is not None else "-"
         ranked = "-" if r.attackers_first_at is None else f"+{r.attackers_first_at - args.attack_from}"
+        top = "-" if r.attacker_on_top is None else f"{r.attacker_on_top:.0%}"
+        topscore = "-" if r.top_score is None else f"{r.top_score:.3g}"
         print(
             f"{r.attack:<11} {r.aggregation:<13} {r.final_epoch:>5} {r.final_loss:>7.4f} {gap:>8} "
-            f"{r.epoch_seconds:>7.2f} {slower:>7} {clip:>7} {ranked:>6} {r.skipped_steps:>4}  {r.note}"
+            f"{r.epoch_seconds:>7.2f} {slower:>7} {clip:>7} {ranked:>6} {top:>5} {topscore:>8} {r.skipped_steps:>4}  "
+            f"{r.note}"
         )
 
 
@@ -311,6 +331,10 @@ def main() -> None:
         for name in ("peers", "attackers", "attack_from", "epochs"):
             setattr(args, name, int(saved["args"][name]))
         results = [Result(**{**row, "points": [tuple(point) for point in row["points"]]}) for row in saved["results"]]
+        for result in results:  # runs saved before these columns existed: read them from the logs if still there
+            workdir = args.workdir / f"{result.attack}-{result.aggregation}"
+            if result.attacker_on_top is None and result.aggregation == "centered-clip" and workdir.is_dir():
+                read_top_scores(result, workdir, args.peers - args.attackers, args.peers)
         report(results, args)
         plot(results, args)
         return
