@@ -19,6 +19,7 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
+from monitor.revocation import RevocationStore
 from peer.swarm.access import RunAccess
 from peer.swarm.access_tokens import (
     RateLimitedWarning,
@@ -102,10 +103,16 @@ class Authority:
         token_ttl: seconds a token is valid.
         secret_file: file of run secrets, one a line (several during a rotation).
         allowlist_file: file of allowed join keys' public keys, one a line.
+        revocations: the revoked members (monitor/revocation.py): no token for their peer id, key or join key.
     """
 
     def __init__(
-        self, key_path: Path, token_ttl: float, secret_file: str | None = None, allowlist_file: str | None = None
+        self,
+        key_path: Path,
+        token_ttl: float,
+        secret_file: str | None = None,
+        allowlist_file: str | None = None,
+        revocations: RevocationStore | None = None,
     ):
         if not secret_file and not allowlist_file:
             raise ValueError("a closed run needs a run secret file or an allowlist file")
@@ -114,6 +121,7 @@ class Authority:
         self.token_ttl = token_ttl
         self.secrets = WatchedFile(secret_file, read_secrets) if secret_file else None
         self.allowlist = WatchedFile(allowlist_file, read_allowlist) if allowlist_file else None
+        self.revocations = revocations
         self._refusals = RateLimitedWarning(logger, period=10.0)
 
     def issue(self, public_key: bytes, peer_id: str) -> AccessToken:
@@ -158,6 +166,8 @@ class Authority:
         except (ValueError, DecodeError) as error:
             raise AdmissionRefused(f"the credential is not an access token ({type(error).__name__})") from error
         problem = token_problem(token, self.public_key)
+        if problem is None and self.revocations is not None:
+            problem = self.revocations.refusal(token.username, b"")  # the peer id is what a token vouches for
         if problem is not None:
             raise AdmissionRefused(problem)
         return token
@@ -184,6 +194,15 @@ class Authority:
             self._check_join_key(fields["join_key"], fields.get("signature", ""), message)
         else:
             raise AdmissionRefused("the request carries no credential (hmac or join_key)")
+        if self.revocations is not None:
+            # after the credential check: only a member proving its credential learns that it was revoked
+            # keys in one canonical form: another spelling of a revoked key is the same key
+            key = RSAPublicKey.from_bytes(public_key).to_bytes()
+            join_key = RSAPublicKey.from_bytes(fields["join_key"].encode()).to_bytes() if "join_key" in fields else b""
+            revoked = self.revocations.refusal(peer_id, key, join_key)
+            if revoked is not None:
+                raise AdmissionRefused(revoked)
+            self.revocations.joined(peer_id, key, join_key)
         return public_key, peer_id
 
     def _check_secret(self, offered: str, message: bytes) -> None:

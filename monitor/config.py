@@ -45,6 +45,9 @@ class MonitorConfig:
         run_secret_file: Closes the run: peers proving one of this file's secrets (one a line) get access tokens.
         allowlist_file: Closes the run: peers signing with a join key listed here (one public key a line) get tokens.
         token_ttl: Closed runs: seconds an access token is valid (peers renew it when half is left).
+        revoke_above: Closed runs: revoke a member whose suspicion (the median of the robust reducers' scores,
+            honest about 1) stays above this for --revoke-after refreshes: it gets no new token (0: never revoke).
+        revoke_after: Refreshes in a row a member's suspicion must stay above --revoke-above to be revoked.
     """
 
     model: str = "tiny"
@@ -67,6 +70,8 @@ class MonitorConfig:
     run_secret_file: str | None = None
     allowlist_file: str | None = None
     token_ttl: float = 1800.0
+    revoke_above: float = 0.0
+    revoke_after: int = 3
 
     def __post_init__(self):
         for name in ("refresh_period", "stale_after"):
@@ -83,6 +88,14 @@ class MonitorConfig:
             raise ValueError("admin_token must be at least 16 characters long (it guards checkpoint creation)")
         if not self.token_ttl >= 10:
             raise ValueError(f"token_ttl must be at least 10 seconds, got {self.token_ttl!r}")
+        if not self.revoke_above >= 0 or self.revoke_after < 1:
+            raise ValueError(
+                f"revoke_above must be >= 0 and revoke_after >= 1, got {self.revoke_above!r} and {self.revoke_after!r}"
+            )
+        if self.revoke_above and not self.closed_run:
+            raise ValueError(
+                "--revoke-above needs a closed run (--run-secret-file or --allowlist-file): tokens revoke"
+            )
         for name in ("run_secret_file", "allowlist_file"):
             if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not a file")

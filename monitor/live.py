@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from monitor.aggregate import EMPTY_SNAPSHOT, SwarmSnapshot
+from monitor.revocation import Revocation
 from monitor.suspicion import Suspect
 
 MAX_REFUSED_PEERS = 64  # refused peers shown (API); a stranger can make any number of keys, so the rest are counted
@@ -41,6 +42,7 @@ class LiveState:
     refresh_errors: int = 0  # refreshes (or run-loop turns) that failed for any reason, since this monitor started
     state_epoch: int = -1  # epoch of the training state this monitor holds and shares (-1: none)
     suspects: tuple[Suspect, ...] = ()  # senders the robust reducers scored, most suspicious first (bounded)
+    revocations: tuple[Revocation, ...] = ()  # closed runs: members revoked for their scores, newest first
     started_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

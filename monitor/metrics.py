@@ -73,6 +73,11 @@ class SwarmCollector(Collector):
             "Senders whose median score from the robust reducers is above the suspicion threshold.",
             sum(suspect.suspicious for suspect in live.suspects),
         )
+        yield _gauge(
+            "albert_swarm_revoked_members",
+            "Closed runs: members revoked for their robust-aggregation scores (--revoke-above), newest 64 counted.",
+            len(live.revocations),
+        )
         yield from self._checkpoint_metrics()
         yield from self._peer_metrics()
 

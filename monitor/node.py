@@ -30,6 +30,7 @@ from monitor.manifest_server import ManifestServer, run_manifest, tokenizer_dir
 from monitor.metrics import make_registry
 from monitor.outer_state import OuterStateKeeper
 from monitor.records import monitor_validators, read_progress, read_suspects
+from monitor.revocation import RevocationPolicy, RevocationStore
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
 from peer.hivemind_gaps.averager_guard import MembershipCheck
@@ -86,6 +87,8 @@ class Monitor:
         self._next_fetch = 0.0  # monotonic time before which scheduled downloads are skipped
         self._next_unvouched_fetch = 0.0  # the same, for downloads an unvouched epoch asks for
         self._errors = RateLimitedLog()
+        self.revocations: RevocationStore | None = None  # closed runs
+        self._policy: RevocationPolicy | None = None  # --revoke-above
         self._resources = contextlib.ExitStack()
         with self._resources:
             self._start()
@@ -199,7 +202,17 @@ class Monitor:
         cfg = self.config
         if not cfg.closed_run:
             return None, None
-        authority = Authority(cfg.authority_key_path(), cfg.token_ttl, cfg.run_secret_file, cfg.allowlist_file)
+        # every closed run checks the revocations table (decisions outlive a restart without --revoke-above)
+        self.revocations = RevocationStore(cfg.db_path())
+        self._release_on_shutdown(self.revocations.close, "the revocations table")
+        if cfg.revoke_above:
+            self._policy = RevocationPolicy(cfg.revoke_above, cfg.revoke_after)
+            logger.info(
+                f"Revoking members whose suspicion stays above {cfg.revoke_above:g} for {cfg.revoke_after} refreshes"
+            )
+        authority = Authority(
+            cfg.authority_key_path(), cfg.token_ttl, cfg.run_secret_file, cfg.allowlist_file, self.revocations
+        )
         access = monitor_access(authority, self.swarm.run_id, identity)
         files = [path for path in (cfg.run_secret_file, cfg.allowlist_file) if path]
         logger.info(f"Closed run {self.swarm.run_id!r}: peers join via POST /api/join with a credential of {files}")
@@ -260,7 +273,7 @@ class Monitor:
         read = read_progress(self.dht, self.swarm.run_id, self.run_model.fingerprint, known=known.__contains__)
         self._log_refused(read.refused)
         # before any write: a failed read fails the refresh whole
-        suspects = read_suspects(self.dht, self.swarm.run_id, known=known.__contains__)
+        suspects, score_records = read_suspects(self.dht, self.swarm.run_id, known=known.__contains__)
         snapshot = aggregate(
             read.reports,
             now=get_dht_time(),
@@ -281,7 +294,23 @@ class Monitor:
         self._count_contributions(snapshot)
         self.live.update(snapshot, snapshot.invalid_records, read.refused, by_reason, read.refused_count)
         self.live.suspects = suspects
+        self._revoke(suspects, score_records)
         self._keep_state(snapshot)
+
+    def _revoke(self, suspects, score_records) -> None:
+        """Closed runs with --revoke-above: revoke the members accused for --revoke-after refreshes in a row."""
+        if self.revocations is None:
+            return
+        if self._policy is not None:
+            for suspect, streak in self._policy.observe(suspects):
+                if self.revocations.refusal(suspect.peer_id, b"") is not None:
+                    continue  # decided before (by this monitor before a restart): no second decision or line
+                decision = self.revocations.revoke(suspect, streak, self._policy.threshold, score_records)
+                logger.warning(
+                    f"Revoked member {decision.peer_id} of run {self.swarm.run_id!r}: no more access tokens; its "
+                    f"current token ends within {self.config.token_ttl:.0f} s. Evidence: {decision.summary()}"
+                )
+        self.live.revocations = tuple(self.revocations.all())
 
     def _count_contributions(self, snapshot: SwarmSnapshot) -> None:
         """Fold the snapshot into the contributors table and save it (the table in memory follows only once saved)."""

@@ -30,7 +30,7 @@ from peer.swarm.progress import (
     peer_label,
 )
 from peer.swarm.run_record import run_validators
-from peer.swarm.scores import fetch_scores
+from peer.swarm.scores import ScoreRecord, fetch_scores
 
 logger = logging.getLogger(__name__)
 MAX_RECORDS_PER_READ = MAX_PEER_ROWS  # subkeys parsed per read; more would not fit the peers table anyway
@@ -121,9 +121,12 @@ def read_progress(dht: DHT, run_id: str, model_hash: str, known: Callable[[str],
     return result
 
 
-def read_suspects(dht: DHT, run_id: str, known: Callable[[str], bool] | None = None) -> tuple[Suspect, ...]:
-    """The senders the run's robust reducers scored, most suspicious first; unparsable score records are counted
-    with the refused records (at most MAX_RECORDS_PER_READ reporters read, those ``known`` labels first)."""
+def read_suspects(
+    dht: DHT, run_id: str, known: Callable[[str], bool] | None = None
+) -> tuple[tuple[Suspect, ...], dict[bytes, ScoreRecord]]:
+    """The senders the run's robust reducers scored, most suspicious first, and the score records they come from
+    (by reporter's key: a revocation's evidence); unparsable score records are counted with the refused records (at
+    most MAX_RECORDS_PER_READ reporters read, those ``known`` labels first)."""
     first = (lambda owner: known(peer_label(owner))) if known is not None else None
     records = fetch_scores(dht, run_id, MAX_RECORDS_PER_READ, rejected_records(run_id), first)
-    return tuple(suspects(records.values()))
+    return tuple(suspects(records.values())), records

@@ -179,6 +179,7 @@ def create_app(
             "latest_checkpoint": entries[0].epoch if entries else None,
             "admin_enabled": bool(admin_token and request_checkpoint),
             "closed_run": authority is not None,
+            "revoked_members": len(live.revocations),  # a count (who and why: /api/revocations, members only)
         }
         if authority is not None:
             del summary["refused_peers"]  # keyed by peers' public keys: per-peer, for members only
@@ -217,8 +218,22 @@ def create_app(
 
     @app.get("/api/suspects", dependencies=members, responses=member_errors)
     def api_suspects() -> list[dict]:
-        """Senders scored by the robust reducers (--aggregation centered-clip), most suspicious first."""
-        return [suspect.as_dict() for suspect in live.suspects]
+        """Senders scored by the robust reducers (--aggregation centered-clip), most suspicious first; in a closed
+        run with --revoke-above, `revoked` says which were revoked, and revoked members no longer scored follow
+        (their suspicion and reporters as at the decision)."""
+        revoked = {decision.peer_id: decision for decision in live.revocations}
+        rows = [{**suspect.as_dict(), "revoked": suspect.peer_id in revoked} for suspect in live.suspects]
+        scored = {suspect.peer_id for suspect in live.suspects}
+        for peer_id, decision in revoked.items():
+            if peer_id not in scored:
+                row = {"peer_id": peer_id, "suspicion": decision.suspicion, "reporters": decision.reporters}
+                rows.append({**row, "suspicious": True, "revoked": True})
+        return rows
+
+    @app.get("/api/revocations", dependencies=members, responses=member_errors)
+    def api_revocations() -> list[dict]:
+        """Closed runs: the members revoked for their scores (--revoke-above), newest first, with the evidence."""
+        return [decision.as_dict() for decision in live.revocations]
 
     @app.get("/api/checkpoints", dependencies=members, responses=member_errors)
     def checkpoints(

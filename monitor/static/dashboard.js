@@ -13,6 +13,9 @@ function renderStatus(status) {
   document.getElementById("stat-samples").textContent = formatNumber(status.samples_total);
   document.getElementById("stat-invalid").textContent =
     `${status.invalid_records_total} / ${status.refused_records_total}`;
+  // closed runs with --revoke-above: how many members the robust reducers' scores had revoked (details: members)
+  document.getElementById("revoked-tile").hidden = !status.revoked_members;
+  document.getElementById("stat-revoked").textContent = status.revoked_members || 0;
   const peersInput = document.getElementById("initial-peers");
   if (peersInput.value !== status.initial_peers_string) {
     peersInput.value = status.initial_peers_string;
@@ -112,12 +115,12 @@ function renderSuspects(suspects) {
   body.replaceChildren();
   for (const suspect of suspects) {
     const row = body.insertRow();
-    row.className = suspect.suspicious ? "suspicious" : "";
+    row.className = suspect.revoked ? "suspicious revoked" : suspect.suspicious ? "suspicious" : "";
     row.dataset.peerId = suspect.peer_id;
     cell(row, suspect.peer_id.slice(-12)).title = suspect.peer_id;
     cell(row, formatNumber(suspect.suspicion), "num");
     cell(row, suspect.reporters, "num");
-    cell(row, suspect.suspicious ? "suspicious" : "ok");
+    cell(row, suspect.revoked ? "revoked" : suspect.suspicious ? "suspicious" : "ok");
   }
 }
 

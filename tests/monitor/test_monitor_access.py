@@ -202,10 +202,8 @@ def test_open_run_has_no_join_and_config_checks_access_flags(tmp_path):
 
 # --- a closed run is closed over HTTP too ---------------------------------------------------------------------------
 
-PROTECTED = [
-    "/checkpoints/latest", "/checkpoints/3", "/api/checkpoints", "/api/peers", "/api/history", "/api/contributors",
-    "/api/suspects",
-]  # fmt: skip
+PROTECTED = ["/checkpoints/latest", "/checkpoints/3", "/api/checkpoints", "/api/peers", "/api/history"]
+PROTECTED += ["/api/suspects", "/api/revocations", "/api/contributors"]  # who is accused or revoked: members only
 PUBLIC = ["/", "/static/dashboard.js", "/healthz", "/api/status", "/metrics", "/openapi.json"]
 
 
