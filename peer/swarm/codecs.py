@@ -94,8 +94,10 @@ class BlockwiseQuantization(CompressionBase):
         blocks = math.ceil(count / block_size)
         scales_end = HEADER.size + 4 * blocks
         scales = torch.from_numpy(np.frombuffer(buffer, dtype="<f4", count=blocks, offset=HEADER.size).copy())
-        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-            raise ValueError("a quantized part has a non-finite or negative block scale")
+        # a crafted code reaches -(qmax + 1) (int8 -128, nibble 0 -> -8): a larger scale would decode to infinity
+        largest = torch.finfo(torch.float32).max / (self.qmax + 1)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()) or bool((scales > largest).any()):
+            raise ValueError("a quantized part has a non-finite, negative or overflowing block scale")
         packed = np.frombuffer(buffer, dtype=np.uint8 if self.bits == 4 else np.int8, offset=scales_end)
         codes = unpack_nibbles(packed, count) if self.bits == 4 else torch.from_numpy(packed.copy())
         padded = torch.nn.functional.pad(codes.float(), (0, -count % block_size))

@@ -94,6 +94,8 @@ HOSTILE = {
     "NaN scale": lambda codec: crafted(codec, scales=[float("nan"), 0.01, 0.01][: math.ceil(300 / codec.block_size)]),
     "infinite scale": lambda codec: crafted(codec, scales=[float("inf")] * math.ceil(300 / codec.block_size)),
     "negative scale": lambda codec: crafted(codec, scales=[-1.0] * math.ceil(300 / codec.block_size)),
+    # finite, but a code of -(qmax + 1) (all-zero bytes are -8 as nibbles) times it is -inf
+    "overflowing scale": lambda codec: crafted(codec, scales=[3e38] * math.ceil(300 / codec.block_size)),
 }
 
 
