@@ -9,10 +9,12 @@ the flag lists below; what differs between the suites (learning rate, timeouts, 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,10 @@ TINY_PEER = {
     "record_expiration": 10,
 }
 LOOPBACK = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
+
+
+def allreduce_bytes(port: int) -> dict[str, float]:
+    """A peer's all-reduce byte counters by direction ("sent", "received"), read from its /metrics on ``port``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = re.findall(r'^albert_peer_allreduce_bytes_total\{direction="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {direction: float(count) for direction, count in found}

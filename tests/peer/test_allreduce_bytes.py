@@ -3,12 +3,9 @@ export ``albert_peer_allreduce_bytes_total`` on /metrics, in the order of bytes 
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import pytest
 
-from tests.harness import free_port
+from tests.harness import allreduce_bytes, free_port
 
 pytestmark = [pytest.mark.slow]
 
@@ -23,12 +20,6 @@ def swarm(make_swarm):
         swarm.start_peer(name, ["--metrics_port", str(port)])
     swarm.wait_for_epoch(EPOCHS, peers=2, timeout=240)
     return swarm
-
-
-def allreduce_bytes(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^albert_peer_allreduce_bytes_total\{direction="(\w+)"\} (\S+)$', text, re.MULTILINE)
-    return {direction: float(count) for direction, count in found}
 
 
 @pytest.mark.timeout(120)

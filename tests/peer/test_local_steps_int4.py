@@ -8,12 +8,11 @@ int4-block.
 from __future__ import annotations
 
 import re
-import urllib.request
 
 import pytest
 import torch
 
-from tests.harness import free_port, wait_until
+from tests.harness import allreduce_bytes, free_port, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -29,12 +28,6 @@ def swarm(make_swarm):
         swarm.start_peer(name, [*FLAGS, "--metrics_port", str(port)])
     swarm.wait_for_epoch(8, peers=2, timeout=240)
     return swarm
-
-
-def allreduce_bytes(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^albert_peer_allreduce_bytes_total\{direction="(\w+)"\} (\S+)$', text, re.MULTILINE)
-    return {direction: float(count) for direction, count in found}
 
 
 @pytest.mark.timeout(300)
