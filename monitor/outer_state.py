@@ -104,8 +104,7 @@ class OuterStateKeeper:
         return True
 
     def _take(self, epoch: int, tensors) -> None:
-        count = len(self.outer)
-        copy_into([*self.outer, *self.momentum], [*tensors[:count], *tensors[count:]])
+        copy_into([*self.outer, *self.momentum], list(tensors))
         self._epoch, self.has_state = epoch, True
         if not self.client_mode:  # a client cannot accept connections, so it cannot share
             self.averager.allow_state_sharing = True
