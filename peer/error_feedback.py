@@ -51,17 +51,20 @@ class ErrorFeedback:
         """Forget the residual (a peer that takes the swarm's state drops the work it belonged to)."""
         self.residual = [torch.zeros_like(tensor) for tensor in self.residual]
 
-    def load(self, residual: Sequence[torch.Tensor]) -> None:
-        """Take a backup's residual; ValueError naming the problem if its shapes or values do not fit."""
+    def problem(self, residual: Sequence[torch.Tensor]) -> str | None:
+        """Why a backup's residual does not fit this peer's pseudo-gradient, or None."""
         if len(residual) != len(self.residual):
-            raise ValueError(
-                f"the backup's residual has {len(residual)} tensors, the pseudo-gradient {len(self.residual)}"
-            )
+            return f"the backup's residual has {len(residual)} tensors, the pseudo-gradient {len(self.residual)}"
         for mine, theirs in zip(self.residual, residual):
             if mine.shape != theirs.shape:
-                raise ValueError(
-                    f"a residual of shape {tuple(theirs.shape)} cannot replace one of {tuple(mine.shape)}"
-                )
+                return f"a residual of shape {tuple(theirs.shape)} cannot replace one of {tuple(mine.shape)}"
             if not bool(torch.isfinite(theirs).all()):
-                raise ValueError("the backup's residual is not finite")
+                return "the backup's residual is not finite"
+        return None
+
+    def load(self, residual: Sequence[torch.Tensor]) -> None:
+        """Take a backup's residual; ValueError naming the problem if its shapes or values do not fit."""
+        problem = self.problem(residual)
+        if problem is not None:
+            raise ValueError(problem)
         self.residual = [tensor.detach().float().clone() for tensor in residual]

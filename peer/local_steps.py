@@ -290,6 +290,8 @@ class LocalStepsSwarm:
     def backup_problem(self, state: dict) -> str | None:
         if "local_steps" not in state:
             return "it holds no local-steps state (written in synchronous mode?)"
+        if "residual" in state["local_steps"]:  # checked before anything is loaded (Backups.restore asks first)
+            return self.feedback.problem(state["local_steps"]["residual"])
         return None
 
     def load_state_dict(self, state: dict) -> None:
@@ -297,7 +299,7 @@ class LocalStepsSwarm:
         if problem:
             raise ValueError(f"the backup is not restored: {problem}")
         saved = state["local_steps"]
-        if "residual" in saved:  # checked first (it raises on a misfit); a backup of before error feedback has none
+        if "residual" in saved:  # a backup of before error feedback has none
             self.feedback.load(saved["residual"])
         self._take_outer_state(state["epoch"], saved["outer"], saved["momentum"])
         self.inner.load_state_dict(saved["inner"])

@@ -65,8 +65,8 @@ def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int, 
     for index, tensor in enumerate(tensors):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise StateRefused(f"tensor {index} (shape {tuple(tensor.shape)}) holds NaN or infinite values")
-        if layout.max_value is not None and tensor.numel() and float(tensor.abs().max()) > layout.max_value:
-            largest = float(tensor.abs().max())
+        largest = float(tensor.abs().max()) if layout.max_value is not None and tensor.numel() else 0.0
+        if layout.max_value is not None and largest > layout.max_value:
             raise StateRefused(f"tensor {index} holds a value of magnitude {largest:.3g}, over {layout.max_value:g}")
     for value in _numbers(metadata.get("optimizer_metadata")):  # learning rates, betas, ... of the param groups
         if isinstance(value, float) and not math.isfinite(value):

@@ -83,10 +83,11 @@ class BlockwiseQuantization(CompressionBase):
         codes, scales = self._quantize(flat)
         return self._dequantize(codes, scales).reshape(tensor.shape)
 
-    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+        block_size = block_size or self.block_size
         count = codes.numel()
-        padded = torch.nn.functional.pad(codes.float(), (0, -count % self.block_size))
-        return (padded.reshape(-1, self.block_size) * scales[:, None]).reshape(-1)[:count]
+        padded = torch.nn.functional.pad(codes.float(), (0, -count % block_size))
+        return (padded.reshape(-1, block_size) * scales[:, None]).reshape(-1)[:count]
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         count, block_size = self._check(serialized_tensor)
@@ -100,8 +101,7 @@ class BlockwiseQuantization(CompressionBase):
             raise ValueError("a quantized part has a non-finite, negative or overflowing block scale")
         packed = np.frombuffer(buffer, dtype=np.uint8 if self.bits == 4 else np.int8, offset=scales_end)
         codes = unpack_nibbles(packed, count) if self.bits == 4 else torch.from_numpy(packed.copy())
-        padded = torch.nn.functional.pad(codes.float(), (0, -count % block_size))
-        values = (padded.reshape(-1, block_size) * scales[:, None]).reshape(-1)[:count]
+        values = self._dequantize(codes, scales, block_size)
         return values.reshape(tuple(serialized_tensor.size)).requires_grad_(serialized_tensor.requires_grad)
 
     def _check(self, serialized: runtime_pb2.Tensor) -> tuple[int, int]:
