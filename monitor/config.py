@@ -48,6 +48,8 @@ class MonitorConfig:
         revoke_above: Closed runs: revoke a member whose suspicion (the median of the robust reducers' scores,
             honest about 1) stays above this for --revoke-after refreshes: it gets no new token (0: never revoke).
         revoke_after: Refreshes in a row a member's suspicion must stay above --revoke-above to be revoked.
+        revoke_quorum: Members (distinct join credentials, the accused's own left out) that must have scored a
+            member before it can be revoked; more than half of them must score it above --revoke-above.
     """
 
     model: str = "tiny"
@@ -72,6 +74,7 @@ class MonitorConfig:
     token_ttl: float = 1800.0
     revoke_above: float = 0.0
     revoke_after: int = 3
+    revoke_quorum: int = 3
 
     def __post_init__(self):
         for name in ("refresh_period", "stale_after"):
@@ -91,6 +94,10 @@ class MonitorConfig:
         if not self.revoke_above >= 0 or self.revoke_after < 1:
             raise ValueError(
                 f"revoke_above must be >= 0 and revoke_after >= 1, got {self.revoke_above!r} and {self.revoke_after!r}"
+            )
+        if self.revoke_quorum < 2:
+            raise ValueError(
+                f"revoke_quorum must be at least 2 (one member's word revokes nobody), got {self.revoke_quorum!r}"
             )
         if self.revoke_above and not self.closed_run:
             raise ValueError(

@@ -30,7 +30,7 @@ from monitor.manifest_server import ManifestServer, run_manifest, tokenizer_dir
 from monitor.metrics import make_registry
 from monitor.outer_state import OuterStateKeeper
 from monitor.records import monitor_validators, read_progress, read_suspects
-from monitor.revocation import RevocationPolicy, RevocationStore
+from monitor.revocation import RevocationPolicy, RevocationStore, member_suspects
 from monitor.server import ServerThread, create_app
 from monitor.state import ModelMismatch, NonFiniteState, StateKeeper, build_run_model
 from peer.hivemind_gaps.averager_guard import MembershipCheck
@@ -41,6 +41,7 @@ from peer.swarm.join_string import JoinString
 from peer.swarm.manifest import sign_manifest
 from peer.swarm.run_key import RunKey
 from peer.swarm.run_record import PROTOCOL_VERSION, RunRecord, publish_run_record
+from peer.swarm.scores import ScoreRecord
 
 logger = logging.getLogger(__name__)
 RUN_RECORD_EXPIRATION = 60.0  # seconds; refreshed every refresh period, so a dead monitor's record soon vanishes
@@ -206,9 +207,10 @@ class Monitor:
         self.revocations = RevocationStore(cfg.db_path())
         self._release_on_shutdown(self.revocations.close, "the revocations table")
         if cfg.revoke_above:
-            self._policy = RevocationPolicy(cfg.revoke_above, cfg.revoke_after)
+            self._policy = RevocationPolicy(cfg.revoke_above, cfg.revoke_after, cfg.revoke_quorum)
             logger.info(
-                f"Revoking members whose suspicion stays above {cfg.revoke_above:g} for {cfg.revoke_after} refreshes"
+                f"Revoking members whose suspicion stays above {cfg.revoke_above:g} for {cfg.revoke_after} refreshes, "
+                f"voted by at least {cfg.revoke_quorum} members"
             )
         authority = Authority(
             cfg.authority_key_path(), cfg.token_ttl, cfg.run_secret_file, cfg.allowlist_file, self.revocations
@@ -294,18 +296,21 @@ class Monitor:
         self._count_contributions(snapshot)
         self.live.update(snapshot, snapshot.invalid_records, read.refused, by_reason, read.refused_count)
         self.live.suspects = suspects
-        self._revoke(suspects, score_records)
+        self._revoke(score_records)
         self._keep_state(snapshot)
 
-    def _revoke(self, suspects, score_records) -> None:
-        """Closed runs with --revoke-above: revoke the members accused for --revoke-after refreshes in a row."""
+    def _revoke(self, score_records: dict[bytes, ScoreRecord]) -> None:
+        """Closed runs with --revoke-above: revoke the members that members accused for --revoke-after refreshes in a
+        row (monitor/revocation.py: only admitted members' records vote)."""
         if self.revocations is None:
             return
         if self._policy is not None:
-            for suspect, streak in self._policy.observe(suspects):
+            ballots = member_suspects(score_records, self.revocations, self._policy.threshold)
+            for suspect, streak in self._policy.observe(ballots):
                 if self.revocations.refusal(suspect.peer_id, b"") is not None:
                     continue  # decided before (by this monitor before a restart): no second decision or line
-                decision = self.revocations.revoke(suspect, streak, self._policy.threshold, score_records)
+                evidence = self.revocations.member_records(score_records)
+                decision = self.revocations.revoke(suspect, streak, self._policy.threshold, evidence)
                 logger.warning(
                     f"Revoked member {decision.peer_id} of run {self.swarm.run_id!r}: no more access tokens; its "
                     f"current token ends within {self.config.token_ttl:.0f} s. Evidence: {decision.summary()}"

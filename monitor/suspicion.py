@@ -7,8 +7,9 @@ only when reporters like it are half of those that scored the sender. A pure fun
 (MAX_SUSPECTS rows) however many keys the DHT holds.
 
 Limits: a record names senders by libp2p peer id while progress records are keyed by their signing key, so the
-dashboard cannot yet put a suspicion next to a contributor row; and in an open run keys are free, so colluding
-reporters can frame or clear anyone they outnumber.
+dashboard cannot yet put a suspicion next to a contributor row; and keys are free, so colluding reporters (or one
+member signing under many keys) can frame or clear anyone they outnumber here. This table only informs: a revocation
+counts admitted members' votes alone (monitor/revocation.py).
 """
 
 from __future__ import annotations

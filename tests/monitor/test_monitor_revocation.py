@@ -65,7 +65,7 @@ def authority(tmp_path: Path) -> tuple[Authority, RevocationStore]:
 
 
 def test_the_streak_must_be_unbroken_and_above_the_threshold():
-    policy = RevocationPolicy(threshold=100.0, refreshes=3)
+    policy = RevocationPolicy(threshold=100.0, refreshes=3, quorum=2)
     accused, honest = "QmAccused", "QmHonest"
     high = [record(5, {accused: 900.0, honest: 1.2}), record(5, {accused: 700.0, honest: 0.9})]
     mixed = [record(6, {accused: 900.0}), record(6, {accused: 50.0}), record(6, {accused: 60.0})]  # median 60
@@ -207,7 +207,7 @@ class Attacker(Process):
 def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, processes):
     secret = tmp_path / "run.secret"
     secret.write_text(SECRET + "\n")
-    revoke = ["--revoke_above", "100", "--revoke_after", "3"]
+    revoke = ["--revoke_above", "100", "--revoke_after", "3", "--revoke_quorum", "2"]
     monitor_flags = ["--run_secret_file", str(secret), "--token_ttl", str(TTL), *ROBUST, *revoke]
     monitor = MonitorProcess(tmp_path / "monitor", "closed", monitor_flags)
     processes.append(monitor)

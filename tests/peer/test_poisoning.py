@@ -144,8 +144,14 @@ def test_poisoned_state_is_refused_and_an_honest_donor_used(swarm, keeper, poiso
         swarm_epoch = max(swarm.epochs())
         # before: a state of the wrong shape failed inside hivemind, and fetch raised ModelMismatch
         assert keeper.fetch(timeout=30, swarm_epoch=swarm_epoch), "no state was taken"
-        # the poisoner was asked first (highest priority) and refused; then an honest peer's state was taken
-        assert keeper.averager.refused_states >= 1
+        # the poisoner is asked first (highest priority) and refused; then an honest peer's state is taken. On a
+        # loaded machine the poisoner's first part can come later than the keeper waits (3 s, hivemind's
+        # request_timeout): that is a failed download, not a refusal, and the next fetch asks the poisoner again
+        for _ in range(3):
+            if keeper.averager.refused_states:
+                break
+            keeper.fetch(timeout=30, swarm_epoch=max(swarm.epochs()))
+        assert keeper.averager.refused_states >= 1, "the poisoner's state was never refused"
         assert keeper.state_problem() is None
         assert swarm_epoch - 5 <= keeper.epoch <= swarm_epoch + EPOCH_MARGIN
         if poison in JOINER_REFUSAL:
