@@ -14,12 +14,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from hivemind.utils.multiaddr import Multiaddr
+
 from peer.swarm.run_key import normalize_fingerprint
 
 PREFIX = "albert"
 VERSION = 1
 CHECKSUM_CHARS = 8
 MAX_JOIN_CHARS = 8192  # a handful of multiaddrs; anything longer is not a join string
+MAX_RUN_ID_CHARS = 128
 
 
 class JoinStringError(ValueError):
@@ -79,11 +82,29 @@ class JoinString:
             raise JoinStringError(f"the join string's content is unreadable ({error!r}): ask the organiser") from error
         if not isinstance(run_id, str) or not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
             raise JoinStringError("the join string's content has the wrong shape: ask the organiser")
+        if not run_id or len(run_id) > MAX_RUN_ID_CHARS or not run_id.isprintable() or any(c in run_id for c in ". /"):
+            raise JoinStringError(
+                f"the join string's run id {run_id[:40]!r} is not a run id (1-{MAX_RUN_ID_CHARS} printable characters, "
+                "no '.', '/' or space): ask the organiser"
+            )
         if not peers:
             raise JoinStringError("the join string names no initial peer: ask the organiser")
-        if not all("/p2p/" in peer and peer.rsplit("/p2p/", 1)[1] for peer in peers):
-            raise JoinStringError("an initial peer of the join string names no peer id (/p2p/...): ask the organiser")
+        for peer in peers:
+            problem = _initial_peer_problem(peer)
+            if problem:
+                raise JoinStringError(f"the join string's initial peer {peer[:80]!r} {problem}: ask the organiser")
         return cls(run_id, normalize_fingerprint(str(run_key)), tuple(peers))
+
+
+def _initial_peer_problem(text: str) -> str | None:
+    """What makes one initial peer of a join string unusable (a string anyone can checksum may carry anything)."""
+    try:
+        maddr = Multiaddr(text)  # decodes every component, the /p2p/ peer ids too
+    except Exception as error:  # noqa: BLE001 - its parse errors have no common base but Exception
+        return f"is not a multiaddr with a valid peer id ({type(error).__name__})"
+    if "p2p" not in maddr:
+        return "names no peer id (/p2p/...)"
+    return None
 
 
 def _checksum(body: str) -> str:

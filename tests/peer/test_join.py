@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 
 import hivemind
@@ -74,6 +75,38 @@ def test_another_format_or_version_says_so():
         JoinString.decode(MAADDR)
     with pytest.raises(JoinStringError, match="format 'albert2'"):
         JoinString.decode(JOIN.encode().replace("albert1", "albert2", 1))
+
+
+def crafted(run_id: str = RUN, peers: tuple = (MAADDR,)) -> str:
+    """A join string anyone can write: the checksum is no signature, so its content is checked like a stranger's."""
+    return JoinString(run_id, "ab" * 32, peers).encode()
+
+
+@pytest.mark.parametrize(
+    ("run_id", "peers", "problem"),
+    [
+        (RUN, ("/ip4/127.0.0.1/tcp/31337/p2p/0OIl-not-base58",), "is not a multiaddr with a valid peer id"),
+        (RUN, ("/ip4/127.0.0.1/tcp/31337/p2p/QmShort",), "is not a multiaddr with a valid peer id"),
+        (RUN, ("not a multiaddr/p2p/" + PEER_ID,), "is not a multiaddr with a valid peer id"),
+        (RUN, ("/ip4/999.1.1.1/tcp/1/p2p/" + PEER_ID,), "is not a multiaddr with a valid peer id"),
+        (RUN, ("/ip4/127.0.0.1/tcp/31337",), "names no peer id"),
+        ("", (MAADDR,), "is not a run id"),
+        ("a/b", (MAADDR,), "is not a run id"),
+        ("run\x1b[2J", (MAADDR,), "is not a run id"),
+        ("r" * 129, (MAADDR,), "is not a run id"),
+    ],
+)
+def test_a_crafted_join_string_is_refused_naming_the_problem(run_id, peers, problem):
+    with pytest.raises(JoinStringError, match=re.escape(problem)):
+        JoinString.decode(crafted(run_id, peers))
+
+
+def test_a_crafted_join_string_stops_the_peer_with_one_line(tmp_path):
+    env = child_env({"HOME": str(tmp_path), "ALBERT_JOIN": crafted(peers=("/ip4/127.0.0.1/tcp/1/p2p/Qm0OIl",))})
+    result = run_cli([sys.executable, "-m", "peer", "--backup_dir", str(tmp_path / "backups")], 120, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "is not a multiaddr with a valid peer id" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
 
 
 def test_a_signed_manifest_verifies_and_carries_every_optim_field(key, tokenizer_dir):
