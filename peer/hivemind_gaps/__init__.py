@@ -15,10 +15,11 @@
       test_a_joiner_averages_the_moments_it_downloaded[TrainingStateAverager]
  3  A downloaded state is applied unchecked  state_check.py: CheckedDownloads    checks a downloaded state
     (NaN tensors, epoch 2**62; a wrong       (hivemind's donor loop of           against the local layout,
-    shape fails half-way through applying    DecentralizedAverager               bounds a donor's stream and
-    it), a donor's stream is unbounded, and  ._load_state_from_peers, redone);   asks the next donor after a
-    the next donor is never asked.           state_layout.py (local layout,      refusal
-                                             stream bound)
+    shape fails half-way through applying    DecentralizedAverager               bounds a donor's stream in
+    it), a donor's stream is unbounded in    ._load_state_from_peers, redone);   bytes and time, and asks the
+    bytes and time (one part just before     state_layout.py (local layout,      next donor after a refusal
+    each timeout holds a joiner for ever),   stream bound)
+    and the next donor is never asked.
     Proved on plain hivemind: partly: tests/peer/test_state_check.py::
       test_hivemind_alone_applies_half_a_state_of_another_shape_and_asks_no_other_donor (the NaN, epoch and stream
       cases: no test yet; tests/peer/test_poisoning.py and test_state_check.py show the refusals here)

@@ -6,11 +6,15 @@ epoch it "catches up", which never ends, and a finite tensor of the wrong shape 
 (then hivemind's caller asks the same donor again). Here each download is checked in the averager's process as it
 arrives (hivemind's loop over donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check):
 its bytes are bounded while it streams, and a refused state is logged, counted and dropped, and the next donor is
-asked; if none is left, hivemind keeps the local state. The scheduler catch-up is also made O(1) for closed-form
-schedules, whatever the epoch. The layout and the stream bound are in state_layout.py."""
+asked; if none is left, hivemind keeps the local state. hivemind bounds only the wait for each next part, so a donor
+at the top priority that sends a part just in time holds every joiner for ever: here one donor gets at most half the
+attempt's remaining time while others are left, and a donor refused or too slow is asked after all others for ten
+minutes. The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch. The layout and the
+stream bound are in state_layout.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -47,6 +51,13 @@ MAX_EPOCH = 2**31
 # epochs at most (progress entries are refreshed every few seconds), so 1000 is generous and still bounds the
 # scheduler's catch-up.
 EPOCH_MARGIN = 1000
+# While other donors are left to ask, one donor may take this share of a download attempt's remaining time: a donor
+# that sends a part just before each next-part timeout (which alone would hold a joiner for ever) leaves the others
+# at least this much of it.
+DONOR_SHARE = 0.5
+# A donor refused or too slow is asked after all others this long (it claimed the top priority once, it would again).
+SET_ASIDE_SECONDS = 600.0
+MAX_SET_ASIDE = 1024
 
 
 def check_state(metadata: Any, tensors: Sequence[torch.Tensor], max_epoch: int, layout: StateLayout) -> None:
@@ -96,6 +107,7 @@ class CheckedDownloads(DecentralizedAverager):
     def __init__(self, *args, **kwargs):
         self.epoch_limit: Callable[[], int] | None = None
         self._refused = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in this one
+        self._set_aside_until: dict[PeerID, float] = {}  # used in the averager's process only
         super().__init__(*args, **kwargs)
 
     @property
@@ -122,12 +134,17 @@ class CheckedDownloads(DecentralizedAverager):
     async def _load_state_from_peers(
         self, future: MPFuture, timeout: float | None = None, *, max_epoch: int, layout: StateLayout
     ):
-        # hivemind 1.1.12's loop over the donors by priority (averaging/averager.py), with each state checked
+        # hivemind 1.1.12's loop over the donors by priority (averaging/averager.py), with each state checked, each
+        # donor's time bounded and the donors that failed this process asked last for a while
+        chunk_timeout = None
         if timeout is not None:
-            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+            chunk_timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            for peer in await self._donors():
-                loaded = await self._checked_download(peer, timeout, max_epoch, layout)
+            donors = await self._donors()
+            for index, peer in enumerate(donors):
+                budget = self._donor_budget(deadline, others_left=index + 1 < len(donors))
+                loaded = await self._bounded_download(peer, budget, chunk_timeout, max_epoch, layout)
                 if loaded is not None:
                     future.set_result(loaded)
                     return
@@ -135,9 +152,34 @@ class CheckedDownloads(DecentralizedAverager):
             if not future.done():
                 future.set_result(None)
 
+    @staticmethod
+    def _donor_budget(deadline: float | None, others_left: bool) -> float | None:
+        """Seconds one donor may take: while others are left to ask, a share of the attempt's remaining time."""
+        if deadline is None:
+            return None
+        remaining = max(deadline - time.monotonic(), 0.0)
+        return remaining * DONOR_SHARE if others_left else remaining
+
+    async def _bounded_download(
+        self, peer: PeerID, budget: float | None, chunk_timeout: float | None, max_epoch: int, layout: StateLayout
+    ):
+        """_checked_download within ``budget`` seconds; a donor that was refused or ran out of time is set aside."""
+        try:
+            loaded = await asyncio.wait_for(self._checked_download(peer, chunk_timeout, max_epoch, layout), budget)
+        except TimeoutError:  # cancelled inside: the stream is closed there (_download_from)
+            logger.warning(
+                f"Gave up the state download from peer {peer} after {budget:.1f} s (too slow); trying another"
+            )
+            self._set_aside(peer)
+            return None
+        if loaded is False:
+            self._set_aside(peer)
+            return None
+        return loaded
+
     async def _checked_download(self, peer: PeerID, timeout: float | None, max_epoch: int, layout: StateLayout):
-        """The donor's (metadata, tensors) if it sent a state that passes check_state; else None (a refusal is
-        logged and counted)."""
+        """The donor's (metadata, tensors) if it sent a state that passes check_state; None if it sent none or
+        failed; False if it was refused (logged and counted)."""
         try:
             loaded = await self._download_from(peer, timeout, layout)
             if loaded is not None:
@@ -147,10 +189,18 @@ class CheckedDownloads(DecentralizedAverager):
             with self._refused.get_lock():
                 self._refused.value += 1
             logger.error(f"Refused the training state downloaded from peer {peer}: {refusal}; trying another")
-            return None
+            return False
+
+    def _set_aside(self, peer: PeerID) -> None:
+        """Ask ``peer`` after every other donor for SET_ASIDE_SECONDS (the newest MAX_SET_ASIDE remembered)."""
+        self._set_aside_until.pop(peer, None)
+        self._set_aside_until[peer] = time.monotonic() + SET_ASIDE_SECONDS
+        while len(self._set_aside_until) > MAX_SET_ASIDE:
+            self._set_aside_until.pop(next(iter(self._set_aside_until)))
 
     async def _donors(self) -> list[PeerID]:
-        """Peers sharing their state, highest priority first (random among equals), this one left out."""
+        """Peers sharing their state, highest priority first (random among equals), those set aside after the others,
+        this one left out."""
         key_manager = self._matchmaking.group_key_manager
         found = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
@@ -164,7 +214,9 @@ class CheckedDownloads(DecentralizedAverager):
         }
         if not priority:
             logger.info("Could not load state from peers: nobody shares a state")
-        return [peer for peer in sorted(priority, key=priority.get, reverse=True) if peer != self.peer_id]
+        now = time.monotonic()
+        in_turn = {peer: (self._set_aside_until.get(peer, 0.0) <= now, *claim) for peer, claim in priority.items()}
+        return [peer for peer in sorted(in_turn, key=in_turn.get, reverse=True) if peer != self.peer_id]
 
     async def _download_from(
         self, peer: PeerID, timeout: float | None, layout: StateLayout

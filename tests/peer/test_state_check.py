@@ -5,18 +5,22 @@ serving a wrong layout or too many bytes at the highest priority, beside an hone
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from functools import partial
+from typing import AsyncIterator  # noqa: UP035 - hivemind's servicer tells a stream by typing's alias only
 
 import hivemind
 import pytest
 import torch
 from hivemind.compression import CompressionInfo
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
-from hivemind.proto import averaging_pb2
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from monitor.state import build_run_model
@@ -214,6 +218,21 @@ class Donor(HivemindHandleNames, TrainingStateAverager):
         return self.poison(metadata, list(tensors), list(infos)) if self.poison else (metadata, tensors, infos)
 
 
+class SlowDonor(Donor):
+    """A donor at the top priority that sends a part of one byte every SLOW_PART_SECONDS for ever: each within the
+    downloader's next-part timeout, never a byte near the stream bound, never a whole state (a slow-loris)."""
+
+    async def rpc_download_state(
+        self, _request: averaging_pb2.DownloadRequest, _context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        while True:
+            await asyncio.sleep(SLOW_PART_SECONDS)
+            yield averaging_pb2.DownloadData(tensor_part=runtime_pb2.Tensor(buffer=b"\0"))
+
+
+SLOW_PART_SECONDS = 1.0
+
+
 def replace(tensors, infos, index: int, tensor: torch.Tensor):
     tensors[index] = tensor
     infos[index] = CompressionInfo.from_tensor(tensor, key=infos[index].key, role=infos[index].role)
@@ -266,9 +285,11 @@ class DownloadScene:
 
 
 @contextlib.contextmanager
-def download_scene(bootstrap: hivemind.DHT, prefix: str, poison, downloader_class):
-    """Real averagers on DHTs of their own: a donor serving ``poison(state)`` at the highest priority, an honest one
-    below it (parameters +1, so that taking its state shows), and a downloader of ``downloader_class``."""
+def download_scene(
+    bootstrap: hivemind.DHT, prefix: str, poison, downloader_class, donor_class=Donor, chunk_timeout=30
+):
+    """Real averagers on DHTs of their own: a ``donor_class`` serving ``poison(state)`` at the highest priority, an
+    honest one below it (parameters +1, so that taking its state shows), and a downloader of ``downloader_class``."""
     initial_peers = [str(maddr) for maddr in bootstrap.get_visible_maddrs()]
     dhts = [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial_peers) for _ in range(3)]
     scene, averagers = DownloadScene(None, tiny_model(), tiny_model()), []
@@ -276,15 +297,20 @@ def download_scene(bootstrap: hivemind.DHT, prefix: str, poison, downloader_clas
         for param in scene.honest_model.parameters():
             param.add_(1.0)
     try:
-        for dht, priority, model, served in [
-            (dhts[0], 1e9, tiny_model(), poison),
-            (dhts[1], 5.0, scene.honest_model, None),
+        for dht, priority, model, served, cls in [
+            (dhts[0], 1e9, tiny_model(), poison, donor_class),
+            (dhts[1], 5.0, scene.honest_model, None, Donor),
         ]:
-            averagers.append(make_averager(Donor, dht, prefix, model, poison=served, allow_state_sharing=True))
+            averagers.append(make_averager(cls, dht, prefix, model, poison=served, allow_state_sharing=True))
             averagers[-1].state_sharing_priority, averagers[-1].local_epoch = priority, 5
         # 30 s between chunks: the default 3 s cuts a donor compressing a huge tensor on a busy machine (not a refusal)
         scene.downloader = make_averager(
-            downloader_class, dhts[2], prefix, scene.own_model, allow_state_sharing=False, next_chunk_timeout=30
+            downloader_class,
+            dhts[2],
+            prefix,
+            scene.own_model,
+            allow_state_sharing=False,
+            next_chunk_timeout=chunk_timeout,
         )
         averagers.append(scene.downloader)
         wait_until(lambda: len(offers(dhts[2], prefix)) == 2, 60, "both donors' offers in the DHT")
@@ -307,6 +333,29 @@ def test_a_donor_of_another_layout_is_refused_and_the_next_one_used(bootstrap, p
         assert len(refused) == 1 and re.search(refusal, refused[0]), refused
         assert scene.downloader.refused_states == 1
         assert scene.downloader.local_epoch == 5
+        for mine, honest in zip(scene.own_model.parameters(), scene.honest_model.parameters()):
+            assert torch.equal(mine, honest)
+
+
+@pytest.mark.timeout(300)
+def test_a_donor_that_streams_for_ever_gets_half_the_time_then_is_asked_last(bootstrap, refusal_log):
+    """hivemind bounds only the wait for each next part: this donor, asked first, would hold the download for ever.
+    It gets half the attempt's time, then the honest donor's state is taken; the next attempt asks it last."""
+    with download_scene(bootstrap, "slow", None, CheckedTrainingStateAverager, SlowDonor, chunk_timeout=3) as scene:
+        started = time.monotonic()
+        scene.downloader.load_state_from_peers(timeout=40)
+        first = time.monotonic() - started
+        assert scene.downloader.local_epoch == 5 and scene.downloader.refused_states == 0
+        for mine, honest in zip(scene.own_model.parameters(), scene.honest_model.parameters()):
+            assert torch.equal(mine, honest)
+        with torch.no_grad():
+            for param in scene.own_model.parameters():
+                param.zero_()
+        started = time.monotonic()
+        scene.downloader.load_state_from_peers(timeout=40)
+        second = time.monotonic() - started
+        print(f"first download {first:.1f} s (the slow donor's half: 20 s), second {second:.1f} s")
+        assert 19 <= first < 40 and second < 15
         for mine, honest in zip(scene.own_model.parameters(), scene.honest_model.parameters()):
             assert torch.equal(mine, honest)
 
