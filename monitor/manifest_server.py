@@ -112,7 +112,11 @@ class ManifestServer:
             request = await read_request(reader)
             if request.get("get") == "manifest":
                 await answer(writer, self.document)
-            elif request.get("get") == "tokenizer" and request.get("name") in self.files:
+            elif (
+                request.get("get") == "tokenizer"
+                and isinstance(request.get("name"), str)
+                and request["name"] in self.files
+            ):
                 await answer(writer, self.files[request["name"]])
             elif isinstance(request.get("refused"), str):
                 self._log_refusal(str(info.peer_id), request["refused"])

@@ -17,14 +17,14 @@ import hivemind
 import pytest
 from hivemind.p2p import P2P
 
-from monitor.manifest_server import ManifestServer
+from monitor.manifest_server import MAX_STREAMS, ManifestServer
 from peer.config import PeerConfig
 from peer.join import SettingContradicts, adopt_optim, fetch_tokenizer
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.flags import EnvArgumentParser, explicit_fields
 from peer.swarm.join_string import JoinString, JoinStringError
 from peer.swarm.manifest import ManifestError, build_manifest, canonical, sign_manifest, verify_manifest
-from peer.swarm.manifest_protocol import ProtocolError, ask
+from peer.swarm.manifest_protocol import HANDLER, MAX_NOTICE_CHARS, MAX_REQUEST_BYTES, ProtocolError, ask
 from peer.swarm.run_key import RunKey
 from tests.harness import child_env, free_port, run_cli
 
@@ -214,6 +214,66 @@ def test_the_server_serves_listed_files_only_and_bounds_answers(serving):
         fetch(dht, lambda p2p, monitor: ask(p2p, monitor, {"get": "tokenizer", "name": "../run_key.pem"}, 10**6))
     with pytest.raises(ProtocolError, match="at most 10 were asked for"):
         fetch(dht, lambda p2p, monitor: ask(p2p, monitor, {"get": "manifest"}, 10))
+
+
+async def raw_exchange(p2p: P2P, monitor, data: bytes) -> bytes:
+    """Send a stranger's bytes on the manifest protocol, as they are, and read whatever comes back until it closes."""
+    _, reader, writer = await p2p.call_binary_stream_handler(monitor, HANDLER)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("sent", "answered"),
+    [
+        (b"x" * (MAX_REQUEST_BYTES + 100) + b"\n", b""),  # past the bound: closed unanswered
+        (b"[" * 4000 + b"]" * 4000 + b"\n", b""),  # nested past the JSON parser's depth
+        (b'"a string"\n', b""),  # JSON, not an object
+        (b"\xff\xfe garbage\n", b""),
+        (b'{"get": "tokenizer", "name": ["tokenizer.json"]}\n', b'{"error":"unknown request'),
+    ],
+    ids=["oversize", "nested", "not-an-object", "not-json", "unhashable-name"],
+)
+def test_a_strangers_malformed_request_is_dropped_and_the_server_serves_on(serving, key, sent, answered):
+    dht, _ = serving
+
+    async def exchange(p2p, monitor):
+        return await raw_exchange(p2p, monitor, sent), await ask(p2p, monitor, {"get": "manifest"}, 10**6)
+
+    reply, manifest = fetch(dht, exchange)
+    assert reply.startswith(answered) and (answered or reply == b"")
+    assert verify_manifest(manifest, key.fingerprint, RUN)  # the next request is served as ever
+
+
+def test_silent_streams_hold_a_bounded_few_slots_and_a_refusal_flood_one_log_line(serving, key, caplog):
+    """MAX_STREAMS streams opened and left silent: one more request is told "busy" at once; once they close, requests
+    are served. A hundred refusal notices with terminal escapes: one printable line for the peer in the minute."""
+    dht, _ = serving
+
+    async def flood(p2p, monitor):
+        silent = [await p2p.call_binary_stream_handler(monitor, HANDLER) for _ in range(MAX_STREAMS)]
+        await asyncio.sleep(1.0)  # every one of them is being served (waiting for its request line)
+        try:
+            with pytest.raises(ProtocolError, match="busy: try again"):
+                await ask(p2p, monitor, {"get": "manifest"}, 10**6)
+        finally:
+            for _, _, writer in silent:
+                writer.close()
+        await asyncio.sleep(1.0)
+        manifest = await ask(p2p, monitor, {"get": "manifest"}, 10**6)
+        for _ in range(100):
+            await ask(p2p, monitor, {"refused": "\x1b[2J\x1b[31mfake CRITICAL line\n" + "x" * 10**3}, 10)
+        return manifest
+
+    with caplog.at_level("WARNING", logger="monitor.manifest_server"):
+        assert verify_manifest(fetch(dht, flood), key.fingerprint, RUN)
+    lines = [record.getMessage() for record in caplog.records if "refused to join run" in record.getMessage()]
+    assert len(lines) == 1 and "\x1b" not in lines[0] and "\n" not in lines[0], lines
+    assert len(lines[0]) < MAX_NOTICE_CHARS + 200
 
 
 def test_a_join_string_whose_monitor_is_down_exits_3_naming_it(tmp_path):
