@@ -43,6 +43,7 @@ class LiveState:
     state_epoch: int = -1  # epoch of the training state this monitor holds and shares (-1: none)
     suspects: tuple[Suspect, ...] = ()  # senders the robust reducers scored, most suspicious first (bounded)
     revocations: tuple[Revocation, ...] = ()  # closed runs: members revoked for their scores, newest first
+    revoked_count: int = 0  # every revocation decision (revocations holds the newest few)
     started_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

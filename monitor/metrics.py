@@ -75,8 +75,8 @@ class SwarmCollector(Collector):
         )
         yield _gauge(
             "albert_swarm_revoked_members",
-            "Closed runs: members revoked for their robust-aggregation scores (--revoke-above), newest 64 counted.",
-            len(live.revocations),
+            "Closed runs: members revoked for their robust-aggregation scores (--revoke-above).",
+            live.revoked_count,
         )
         yield from self._checkpoint_metrics()
         yield from self._peer_metrics()

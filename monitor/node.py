@@ -315,7 +315,7 @@ class Monitor:
                     f"Revoked member {decision.peer_id} of run {self.swarm.run_id!r}: no more access tokens; its "
                     f"current token ends within {self.config.token_ttl:.0f} s. Evidence: {decision.summary()}"
                 )
-        self.live.revocations = tuple(self.revocations.all())
+        self.live.revocations, self.live.revoked_count = tuple(self.revocations.all()), self.revocations.count()
 
     def _count_contributions(self, snapshot: SwarmSnapshot) -> None:
         """Fold the snapshot into the contributors table and save it (the table in memory follows only once saved)."""

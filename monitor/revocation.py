@@ -266,6 +266,11 @@ class RevocationStore:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row["time"]))
         return f"revoked from this run at {when} (peer {row['peer_id']}): its robust reducers' scores accused it"
 
+    def count(self) -> int:
+        """Every decision in the table (all() shows the newest MAX_SHOWN)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM revocations").fetchone()[0])
+
     def all(self, limit: int = MAX_SHOWN) -> list[Revocation]:
         """The newest `limit` decisions, newest first."""
         with self._lock:

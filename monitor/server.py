@@ -179,7 +179,7 @@ def create_app(
             "latest_checkpoint": entries[0].epoch if entries else None,
             "admin_enabled": bool(admin_token and request_checkpoint),
             "closed_run": authority is not None,
-            "revoked_members": len(live.revocations),  # a count (who and why: /api/revocations, members only)
+            "revoked_members": live.revoked_count,  # a count (who and why: /api/revocations, members only)
         }
         if authority is not None:
             del summary["refused_peers"]  # keyed by peers' public keys: per-peer, for members only

@@ -29,7 +29,7 @@ from monitor.config import MonitorConfig
 from monitor.history import History
 from monitor.live import LiveState
 from monitor.metrics import make_registry
-from monitor.revocation import RevocationPolicy, RevocationStore
+from monitor.revocation import MAX_SHOWN, RevocationPolicy, RevocationStore
 from monitor.server import ServerThread, create_app
 from monitor.suspicion import suspects
 from peer.swarm.access_tokens import encode_token, join_message
@@ -126,7 +126,7 @@ def test_the_api_metrics_and_dashboard_show_a_revocation_after_its_member_stoppe
     checkpoints = CheckpointStore(tmp_path / "ckpt", history, keep=2, run_key=RunKey.load_or_create(tmp_path / "k"))
     live = LiveState(run_id="revocations")
     live.suspects = tuple(suspects([record(9, {honest: 1.0}), record(9, {honest: 1.2})]))
-    live.revocations = tuple(store.all())
+    live.revocations, live.revoked_count = tuple(store.all()), store.count()
     server = ServerThread(create_app(live, history, checkpoints, make_registry(live, checkpoints)), "127.0.0.1", 0)
     server.start()
     try:
@@ -160,6 +160,18 @@ def http_json(url: str, token: str | None = None):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         return json.loads(response.read())
+
+
+def test_every_decision_is_counted_and_the_newest_shown(tmp_path):
+    store = RevocationStore(tmp_path / "history.sqlite")
+    names = [f"QmAccused{letter}{digit}" for digit in "123" for letter in "ABCDEFGHJKLMNPQRSTUVWXYZ"]  # base58
+    for index, accused in enumerate(names[: MAX_SHOWN + 6]):
+        [row] = suspects([record(index, {accused: 500.0}), record(index, {accused: 600.0})])
+        store.revoke(row, 3, 100.0, {b"reporter": record(index, {accused: 500.0})})
+    shown = store.all()
+    assert store.count() == MAX_SHOWN + 6 and len(shown) == MAX_SHOWN
+    assert shown[0].peer_id == names[MAX_SHOWN + 5]  # newest first
+    store.close()
 
 
 def test_revoke_above_needs_a_closed_run(tmp_path):
