@@ -41,6 +41,7 @@ from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.update_guard import UpdateGuard
+from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 from peer.outer_step import nesterov_outer_step, pseudo_gradients
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.finite import all_finite
@@ -165,9 +166,12 @@ class LocalStepsSwarm:
         swarm_epoch = self.tracker.global_epoch
         logger.warning(f"The swarm is at epoch {swarm_epoch}, this peer at {self._epoch}: taking the swarm's state")
         if self.load_state_from_peers() is not None:
+            # anyone can write a progress entry: a download that leaves this peer behind found no donor of that epoch
+            distrust_unvouched_epoch(self.tracker, self._epoch)
             return True
         if swarm_epoch - self._epoch > EPOCH_MARGIN:  # anyone can write a progress entry: no jump to any epoch
             logger.warning(f"Not joining epoch {swarm_epoch} unvouched: over {EPOCH_MARGIN} epochs ahead of this one")
+            distrust_unvouched_epoch(self.tracker, self._epoch)  # and no download at every step meanwhile
             return False
         logger.warning(f"Joining epoch {swarm_epoch} with this peer's own outer weights")
         with self._state_lock:
@@ -426,7 +430,7 @@ def build_local_steps(
     membership: MembershipCheck | None = None,
 ) -> LocalStepsSwarm:
     """The local-steps mode of a peer (call in the main thread); in a closed run its averager serves members only."""
-    tracker = ProgressTracker(
+    tracker = VouchedProgressTracker(
         dht,
         # its own key, {run_id}_outer_progress: a round's samples are not a synchronous epoch's, and a peer started
         # in the other mode by mistake must not count toward them (at this branch's base, {run_id}_progress also

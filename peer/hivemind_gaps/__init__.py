@@ -109,6 +109,14 @@
                                              counters)
     Proved on plain hivemind: not a behaviour (tests/peer/test_pseudo_gradient_codecs.py checks the counts against
       the codec's bits per value)
+19  The swarm's epoch is the largest any     vouched_progress.py:                bounds or vouches for the
+    signed progress entry claims, its        VouchedProgressTracker (leaves      entries it counts
+    batch the entries' sum: one entry far    out absurd counts, and epochs no
+    ahead has every peer download the state  donor vouched for); optimizer.py:
+    at every step (a stalled swarm), one     SwarmOptimizer._make_progress_
+    absurd count makes every peer step.      tracker, .load_state_from_peers
+    Proved on plain hivemind: tests/peer/test_vouched_progress.py::test_an_absurd_count_and_an_unvouched_epoch
+      [hivemind] (test_an_entry_500_epochs_ahead_does_not_stall_a_real_swarm shows the swarm training on here)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

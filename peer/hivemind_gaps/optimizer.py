@@ -2,8 +2,9 @@
 
 hivemind 1.1.12 builds its state averager in the private ``Optimizer._make_state_averager``, with no way to pass
 another class: ``SwarmOptimizer`` overrides it with the same arguments. It also cancels the averaging rounds under
-way on shutdown (cancellable_rounds.py), and keeps LAMB's averaged moments the optimizer's own when a backup is
-restored (consistent_state.py).
+way on shutdown (cancellable_rounds.py), keeps LAMB's averaged moments the optimizer's own when a backup is
+restored (consistent_state.py), and reads the swarm's progress through ``VouchedProgressTracker``
+(vouched_progress.py; hivemind's ``Optimizer._make_progress_tracker`` overridden likewise).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from peer.hivemind_gaps.averagers import (
     GuardedTrainingStateAverager,
 )
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
+from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,23 @@ class SwarmOptimizer(hivemind.Optimizer):
         super().__init__(*args, **kwargs)
         # a donor's epoch may be ahead of what this peer knows of the swarm, but not by more than a margin
         self.state_averager.epoch_limit = lambda: max(self.local_epoch, self.tracker.global_epoch) + EPOCH_MARGIN
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> VouchedProgressTracker:
+        # hivemind.Optimizer._make_progress_tracker (1.1.12) with the tracker that leaves out unvouched entries
+        return VouchedProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        super().load_state_from_peers(**kwargs)
+        # still behind after the download: no donor has the epoch an entry claims (vouched_progress.py)
+        distrust_unvouched_epoch(self.tracker, self.local_epoch)
 
     def cancel_averaging(self) -> None:
         """Leaving the swarm: cancel the averaging rounds this peer is part of, and start none (thread-safe)."""

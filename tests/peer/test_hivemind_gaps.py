@@ -17,6 +17,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import serialization
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import ServicerBase
 from hivemind.utils.auth import TokenAuthorizerBase
@@ -45,6 +46,8 @@ REVIEW = "hivemind changed: review the table in peer/hivemind_gaps/__init__.py, 
 # private hivemind names the workarounds call or override, by the class that defines them in 1.1.12
 PRIVATE_METHODS = [
     (hivemind.Optimizer, "_make_state_averager"),  # optimizer.py
+    (hivemind.Optimizer, "_make_progress_tracker"),  # optimizer.py (vouched_progress.py)
+    (ProgressTracker, "_parse_swarm_progress_data"),  # vouched_progress.py VouchedProgressTracker
     (TrainingStateAverager, "_update_scheduler"),  # state_check.py FastSchedulerCatchUp
     (DecentralizedAverager, "_load_state_from_peers"),  # state_check.py CheckedDownloads
     (ServicerBase, "_get_handle_name"),  # averagers.py HivemindHandleNames
