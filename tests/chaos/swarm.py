@@ -63,11 +63,22 @@ class ChaosRun:
         run_flags: run-wide flags given to the monitor and every peer (e.g. another training mode).
         liveness_bound: the longest time without an optimizer step a fault may cause (LIVENESS_BOUND: one epoch
             of the default run's size; a run with longer epochs sets its own).
+        peer_flags: flags given to every peer only (e.g. its metrics port).
+        monitor_flags: flags given to the monitor only.
     """
 
-    def __init__(self, network: Network, workdir: Path, run_flags=(), liveness_bound: float = LIVENESS_BOUND):
+    def __init__(
+        self,
+        network: Network,
+        workdir: Path,
+        run_flags=(),
+        liveness_bound: float = LIVENESS_BOUND,
+        peer_flags=(),
+        monitor_flags=(),
+    ):
         self.network, self.workdir = network, workdir
         self.run_flags, self.liveness_bound = list(run_flags), liveness_bound
+        self.peer_flags, self.monitor_flags = list(peer_flags), list(monitor_flags)
         self.peers: dict[str, ChaosPeer] = {}
         self.processes: list[ChaosProcess] = []
         self.monitor: ChaosMonitor | None = None
@@ -78,7 +89,7 @@ class ChaosRun:
     def start_monitor(self, name: str = "monitor", initial_peers=()) -> ChaosMonitor:
         node = self.network.nodes.get("monitor") or self.network.add_node("monitor")
         ports = (self.monitor.dht_port, self.monitor.http_port) if self.monitor else (31337, 8080)
-        extra = [*self.run_flags, *(["--initial_peers", *initial_peers] if initial_peers else [])]
+        extra = [*self.run_flags, *self.monitor_flags, *(["--initial_peers", *initial_peers] if initial_peers else [])]
         self.monitor = ChaosMonitor(node, self.workdir, *ports, name=name, extra_flags=extra)
         self.processes.append(self.monitor)
         self.monitor.wait_ready(timeout=180)
@@ -98,7 +109,7 @@ class ChaosRun:
         # the monitor and a live peer, as a user would list them: a joiner must not depend on one bootstrap node
         donors = [peer.maddrs() for peer in self.live_peers() if peer.maddrs()][:1]
         initial_peers = [*self.monitor.initial_peers(), *(maddr for d in donors for maddr in d)]
-        peer = ChaosPeer(node, name, self.workdir, initial_peers, extra_flags=self.run_flags)
+        peer = ChaosPeer(node, name, self.workdir, initial_peers, extra_flags=[*self.run_flags, *self.peer_flags])
         self.peers[name] = peer
         self.processes.append(peer)
         return peer
