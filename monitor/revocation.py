@@ -197,13 +197,18 @@ class RevocationStore:
         """Remember the credential a peer id last joined with (the newest MAX_REMEMBERED peer ids)."""
         with self._lock:
             previous_key, _ = self._credentials.get(peer_id, (b"", b""))
-            self._peer_of_key.pop(previous_key, None)
+            self._forget_key(previous_key, peer_id)
             self._credentials[peer_id] = (public_key, join_key)
             self._credentials.move_to_end(peer_id)
             self._peer_of_key[public_key] = peer_id
             while len(self._credentials) > MAX_REMEMBERED:
-                _, (forgotten_key, _) = self._credentials.popitem(last=False)
-                self._peer_of_key.pop(forgotten_key, None)
+                forgotten_id, (forgotten_key, _) = self._credentials.popitem(last=False)
+                self._forget_key(forgotten_key, forgotten_id)
+
+    def _forget_key(self, key: bytes, peer_id: str) -> None:
+        """Drop ``key``'s vote for ``peer_id`` (not the vote of another peer id that joined with it since)."""
+        if self._peer_of_key.get(key) == peer_id:
+            del self._peer_of_key[key]
 
     def credential(self, peer_id: str) -> str | None:
         """The fingerprint a remembered peer id votes as (its join key, else its RSA key), or None."""

@@ -437,6 +437,7 @@ def build_local_steps(
         # held the run's ProgressRecords, which hivemind's tracker cannot parse: its thread died on them)
         prefix=f"{swarm.run_id}_outer",
         target_batch_size=optim.local_steps * optim.target_batch_size,
+        lead=0,  # an epoch ahead means a round this peer missed: it downloads the outer state for it
         client_mode=dht.client_mode,
         metadata_expiration=optim.presence_expiration,
         start=True,

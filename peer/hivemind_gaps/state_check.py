@@ -7,9 +7,9 @@ epoch it "catches up", which never ends, and a finite tensor of the wrong shape 
 arrives (hivemind's loop over donors, in ``DecentralizedAverager._load_state_from_peers``, redone with the check):
 its bytes are bounded while it streams, and a refused state is logged, counted and dropped, and the next donor is
 asked; if none is left, hivemind keeps the local state. hivemind bounds only the wait for each next part, so a donor
-at the top priority that sends a part just in time holds every joiner for ever: here one donor gets at most half the
-attempt's remaining time while others are left, and a donor refused or too slow is asked after all others for ten
-minutes. The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch. The layout and the
+at the top priority that sends a part just in time holds every joiner for ever: here a donor whose pace could not
+deliver the smallest honest state of the model before the attempt ends is cut (after a 10 s grace), the attempt ends
+at its time, and a donor refused, cut, or still sending then is asked after all others for ten minutes. The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch. The layout and the
 stream bound are in state_layout.py."""
 
 from __future__ import annotations
@@ -51,10 +51,12 @@ MAX_EPOCH = 2**31
 # epochs at most (progress entries are refreshed every few seconds), so 1000 is generous and still bounds the
 # scheduler's catch-up.
 EPOCH_MARGIN = 1000
-# While other donors are left to ask, one donor may take this share of a download attempt's remaining time: a donor
-# that sends a part just before each next-part timeout (which alone would hold a joiner for ever) leaves the others
-# at least this much of it.
-DONOR_SHARE = 0.5
+# A donor must keep a pace at which it could still send the smallest honest state of this model before the attempt's
+# time runs out: one that sends a part just before each next-part timeout (which alone would hold a joiner for ever)
+# is cut once PACE_GRACE_SECONDS have passed. The smallest honest stream is about half the raw state (fp16: 0.50x,
+# scaled fp16: 0.52x, none: 1.0x, measured in tests/peer/test_state_check.py); the margin allows for rounding.
+PACE_GRACE_SECONDS = 10.0
+MIN_STREAM_FRACTION = 0.45
 # A donor refused or too slow is asked after all others this long (it claimed the top priority once, it would again).
 SET_ASIDE_SECONDS = 600.0
 MAX_SET_ASIDE = 1024
@@ -141,10 +143,10 @@ class CheckedDownloads(DecentralizedAverager):
             chunk_timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            donors = await self._donors()
-            for index, peer in enumerate(donors):
-                budget = self._donor_budget(deadline, others_left=index + 1 < len(donors))
-                loaded = await self._bounded_download(peer, budget, chunk_timeout, max_epoch, layout)
+            for peer in await self._donors():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break  # the caller stopped waiting: the donors not asked keep their place
+                loaded = await self._bounded_download(peer, deadline, chunk_timeout, max_epoch, layout)
                 if loaded is not None:
                     future.set_result(loaded)
                     return
@@ -152,24 +154,16 @@ class CheckedDownloads(DecentralizedAverager):
             if not future.done():
                 future.set_result(None)
 
-    @staticmethod
-    def _donor_budget(deadline: float | None, others_left: bool) -> float | None:
-        """Seconds one donor may take: while others are left to ask, a share of the attempt's remaining time."""
-        if deadline is None:
-            return None
-        remaining = max(deadline - time.monotonic(), 0.0)
-        return remaining * DONOR_SHARE if others_left else remaining
-
     async def _bounded_download(
-        self, peer: PeerID, budget: float | None, chunk_timeout: float | None, max_epoch: int, layout: StateLayout
+        self, peer: PeerID, deadline: float | None, chunk_timeout: float | None, max_epoch: int, layout: StateLayout
     ):
-        """_checked_download within ``budget`` seconds; a donor that was refused or ran out of time is set aside."""
+        """_checked_download until ``deadline``; a donor refused, too slow, or still sending then is set aside."""
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            loaded = await asyncio.wait_for(self._checked_download(peer, chunk_timeout, max_epoch, layout), budget)
+            download = self._checked_download(peer, chunk_timeout, max_epoch, layout, deadline)
+            loaded = await asyncio.wait_for(download, remaining)
         except TimeoutError:  # cancelled inside: the stream is closed there (_download_from)
-            logger.warning(
-                f"Gave up the state download from peer {peer} after {budget:.1f} s (too slow); trying another"
-            )
+            logger.warning(f"The state download from peer {peer} outlasted the attempt; it is asked last for a while")
             self._set_aside(peer)
             return None
         if loaded is False:
@@ -177,11 +171,13 @@ class CheckedDownloads(DecentralizedAverager):
             return None
         return loaded
 
-    async def _checked_download(self, peer: PeerID, timeout: float | None, max_epoch: int, layout: StateLayout):
+    async def _checked_download(
+        self, peer: PeerID, timeout: float | None, max_epoch: int, layout: StateLayout, deadline: float | None = None
+    ):
         """The donor's (metadata, tensors) if it sent a state that passes check_state; None if it sent none or
-        failed; False if it was refused (logged and counted)."""
+        failed; False if it was refused (logged and counted) or too slow to finish by ``deadline`` (logged)."""
         try:
-            loaded = await self._download_from(peer, timeout, layout)
+            loaded = await self._download_from(peer, timeout, layout, deadline)
             if loaded is not None:
                 check_state(*loaded, max_epoch, layout)
             return loaded
@@ -189,6 +185,9 @@ class CheckedDownloads(DecentralizedAverager):
             with self._refused.get_lock():
                 self._refused.value += 1
             logger.error(f"Refused the training state downloaded from peer {peer}: {refusal}; trying another")
+            return False
+        except DonorTooSlow as slow:
+            logger.warning(f"Gave up the state download from peer {peer}: {slow}; trying another")
             return False
 
     def _set_aside(self, peer: PeerID) -> None:
@@ -219,7 +218,7 @@ class CheckedDownloads(DecentralizedAverager):
         return [peer for peer in sorted(in_turn, key=in_turn.get, reverse=True) if peer != self.peer_id]
 
     async def _download_from(
-        self, peer: PeerID, timeout: float | None, layout: StateLayout
+        self, peer: PeerID, timeout: float | None, layout: StateLayout, deadline: float | None = None
     ) -> tuple[Any, list[torch.Tensor]] | None:
         """One donor's (metadata, tensors), or None if it sent none or failed; StateRefused as _read_state says."""
         started = time.monotonic()
@@ -228,8 +227,8 @@ class CheckedDownloads(DecentralizedAverager):
         try:
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-            metadata, tensors, received = await self._read_state(stream, timeout, layout)
-        except StateRefused:
+            metadata, tensors, received = await self._read_state(stream, timeout, layout, deadline)
+        except (StateRefused, DonorTooSlow):
             raise
         except Exception:  # a donor can fail in any way; the next one is tried
             logger.exception(f"Failed to download state from {peer}")
@@ -244,16 +243,18 @@ class CheckedDownloads(DecentralizedAverager):
         logger.info(f"Finished downloading state in {time.monotonic() - started:.3f}s ({received} bytes) from {peer}")
         return metadata, tensors
 
-    async def _read_state(self, stream, timeout: float | None, layout: StateLayout):
+    async def _read_state(self, stream, timeout: float | None, layout: StateLayout, deadline: float | None = None):
         """(metadata, tensors, bytes received) from a donor's stream. Raises StateRefused as soon as the stream passes
         the layout's stream_limit or a tensor does not fit (check_streamed_tensor): what came so far is dropped, the
         rest unread. (hivemind reads each message whole before it is counted here: one message is not bounded.)"""
-        limit, received = layout.stream_limit(), 0
+        limit, received, started = layout.stream_limit(), 0, time.monotonic()
         metadata, parts, tensors = None, [], []
         async for message in aiter_with_timeout(stream, timeout=timeout):
             received += message.ByteSize()
             if received > limit:
                 raise StateRefused(f"it streamed over {limit} bytes, the most a state of this model may take")
+            if deadline is not None:
+                check_pace(received, started, deadline, layout)
             if message.metadata:
                 metadata = self.serializer.loads(message.metadata)
             if message.tensor_part.dtype and parts:  # the start of the next tensor: wrap this one up
@@ -269,6 +270,26 @@ class CheckedDownloads(DecentralizedAverager):
         tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
         decoded = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
         check_streamed_tensor(len(tensors) - 1, tensors[-1], decoded, layout)
+
+
+class DonorTooSlow(Exception):
+    """A donor's pace cannot deliver a state of this model before the download attempt ends."""
+
+
+def check_pace(received: int, started: float, deadline: float, layout: StateLayout) -> None:
+    """Raise DonorTooSlow if, PACE_GRACE_SECONDS after the stream began, ``received`` bytes at the pace so far could
+    not reach the smallest honest stream of this model by ``deadline``."""
+    now = time.monotonic()
+    elapsed = now - started
+    if elapsed < PACE_GRACE_SECONDS:
+        return
+    needed = int(MIN_STREAM_FRACTION * layout.nbytes)
+    projected = received + received / elapsed * max(deadline - now, 0.0)
+    if projected < needed:
+        raise DonorTooSlow(
+            f"{received} bytes in {elapsed:.0f} s: at that pace it cannot send the {needed} bytes a state of this "
+            "model takes at least before the attempt ends"
+        )
 
 
 class FastSchedulerCatchUp:

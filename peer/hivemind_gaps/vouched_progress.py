@@ -8,14 +8,17 @@ whole swarm stalls. One entry claiming 2**40 samples has every peer step at once
 
 ``VouchedProgressTracker`` leaves out, each time it reads the entries:
 - an entry claiming more than MAX_SAMPLES_FACTOR target batches accumulated (a peer reports at most about one target
-  batch before it steps) or more than MAX_SAMPLES_PER_SECOND;
-- for DISTRUST_SECONDS after the trainer called ``distrust_epochs_above(epoch)``, an entry ahead of that epoch. A
-  trainer calls it when a state download left it behind the swarm's epoch: no donor vouched for that epoch. After the
-  pause the entries count again, so a swarm really ahead is still joined, by a download a minute later at worst (the
-  price when a slow donor served an older epoch just as the swarm stepped: a minute of work outside the rounds).
+  batch before it steps) or more than MAX_SAMPLES_PER_SECOND; an entry's time older than its expiration allows is
+  read as that oldest time (hivemind extrapolates its samples by rate x age);
+- for DISTRUST_SECONDS after the trainer called ``distrust_epochs_ahead()``, an entry more than ``lead`` epochs ahead
+  of this peer's own epoch (the bound moves with the peer: the swarm's next steps still count). A trainer calls it
+  when a state download left it behind the swarm's epoch: no donor vouched for that epoch. After the pause the
+  entries count again, so a swarm really ahead is still joined, by a download a minute later at worst (the price when
+  a slow donor served an older epoch just as the swarm stepped: a minute of work outside the rounds).
 
-Still believed within those bounds: an entry's samples per second, from which hivemind estimates when the next step is
-due, so a false rate can still make the swarm step early (smaller batches, not a stall).
+Still believed within those bounds, since keys are free: many entries each within the bounds add up, and their
+rates feed hivemind's estimate of when the next step is due, so made-up entries can still make the swarm step early
+(smaller batches, not a stall).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
+from hivemind.utils import ValueWithExpiration, get_dht_time
 from pydantic.v1 import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -35,56 +39,77 @@ DISTRUST_SECONDS = 60.0  # one more download a minute is what an entry of an unv
 
 
 class VouchedProgressTracker(ProgressTracker):
-    """hivemind's ProgressTracker that leaves out implausible entries and, for a while, epochs no donor vouched for."""
+    """hivemind's ProgressTracker that leaves out implausible entries and, for a while, epochs no donor vouched for.
 
-    def __init__(self, *args, **kwargs):
+    Args:
+        lead: while distrusting, how far ahead of this peer's own epoch an entry may be and still count (1 for
+            hivemind.Optimizer, which joins an epoch one ahead without a download; 0 for the local-steps mode, which
+            downloads the state for it).
+    """
+
+    def __init__(self, *args, lead: int = 1, **kwargs):
+        self.lead = lead
         self._distrust_lock = threading.Lock()
-        self._distrust_above: int | None = None
         self._distrust_until = 0.0
         self._last_metadata = None
         self.left_out_entries = 0  # entries left out so far
         super().__init__(*args, **kwargs)
 
-    def distrust_epochs_above(self, epoch: int, seconds: float = DISTRUST_SECONDS) -> None:
-        """Leave out entries ahead of ``epoch`` for ``seconds``; the swarm's progress is recomputed at once."""
+    def distrust_epochs_ahead(self, seconds: float = DISTRUST_SECONDS) -> None:
+        """For ``seconds``, leave out entries more than ``lead`` epochs ahead of this peer's own epoch (the bound moves
+        with it: the swarm's next steps still count); the swarm's progress is recomputed at once."""
         with self._distrust_lock:
-            self._distrust_above, self._distrust_until = epoch, time.monotonic() + seconds
+            self._distrust_until = time.monotonic() + seconds
         with self.lock_global_progress:
             self.global_progress = self._parse_swarm_progress_data(self._last_metadata)
 
     def _parse_swarm_progress_data(self, metadata) -> GlobalTrainingProgress:
         self._last_metadata = metadata
         if isinstance(metadata, dict):
-            kept = {subkey: entry for subkey, entry in metadata.items() if self._believable(entry)}
+            kept = {}
+            for subkey, entry in metadata.items():
+                bounded = self._bounded(entry)
+                if bounded is not None:
+                    kept[subkey] = bounded
             self.left_out_entries += len(metadata) - len(kept)
             metadata = kept
         return super()._parse_swarm_progress_data(metadata)
 
-    def _believable(self, entry) -> bool:
+    def _bounded(self, entry):
+        """The entry as hivemind may read it, or None to leave it out."""
         value = getattr(entry, "value", None)
         if value is None:
-            return True  # hivemind skips it itself
+            return entry  # hivemind skips it itself
         try:
             progress = LocalTrainingProgress.parse_obj(value)
         except (ValidationError, TypeError):
-            return False  # the DHT's schema refuses such entries; one that got through is not read
+            return None  # the DHT's schema refuses such entries; one that got through is not read
         if progress.samples_accumulated > MAX_SAMPLES_FACTOR * self.target_batch_size:
-            return False
+            return None
         if progress.samples_per_second > MAX_SAMPLES_PER_SECOND:
-            return False
+            return None
         with self._distrust_lock:
-            distrusted = self._distrust_above is not None and time.monotonic() < self._distrust_until
-            return not (distrusted and progress.epoch > self._distrust_above)
+            distrusted = time.monotonic() < self._distrust_until
+        if distrusted and progress.epoch > self.local_progress.epoch + self.lead:
+            return None
+        # hivemind extrapolates an entry's samples by its rate since its time: an old time (0) would make that any
+        # number; an honest entry is at most metadata_expiration old
+        oldest = get_dht_time() - self.metadata_expiration
+        if progress.time < oldest:
+            value = dict(value, time=oldest)
+            return ValueWithExpiration(value, entry.expiration_time)
+        return entry
 
 
 def distrust_unvouched_epoch(tracker: ProgressTracker, local_epoch: int) -> None:
-    """After a state download: if this peer is still behind the swarm's epoch, no donor vouched for it; leave the
-    entries ahead of this peer's epoch out for a while. (hivemind.Optimizer's download already joined an epoch one
-    ahead, as after a round this peer missed the end of; the local-steps mode downloads for that case too.)"""
+    """After a state download: if this peer is still further behind the swarm's epoch than its tracker's lead allows,
+    no donor vouched for that epoch; leave the entries so far ahead out for a while. (hivemind.Optimizer's download
+    already joined an epoch one ahead, as after a round this peer missed the end of.)"""
     claimed = tracker.global_epoch
-    if isinstance(tracker, VouchedProgressTracker) and claimed > local_epoch:
+    if isinstance(tracker, VouchedProgressTracker) and claimed > local_epoch + tracker.lead:
         logger.warning(
             f"The swarm's epoch {claimed} is vouched for by no donor (the newest state is of epoch {local_epoch}): "
-            f"leaving progress entries above epoch {local_epoch} out for {DISTRUST_SECONDS:.0f} s"
+            f"leaving progress entries over {tracker.lead} epoch(s) ahead of this peer's out for "
+            f"{DISTRUST_SECONDS:.0f} s"
         )
-        tracker.distrust_epochs_above(local_epoch)
+        tracker.distrust_epochs_ahead()

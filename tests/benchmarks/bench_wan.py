@@ -187,15 +187,14 @@ def main() -> None:
             print(f"--- {name}: {' '.join(CONFIGS[name])}", flush=True)
             rows.append(measure(name, CONFIGS[name], args, Path(workdir)))
             print_rows(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": [asdict(row) for row in rows]}, indent=1))
     print(link_regime(args.mbit, rows))
     sync = next((row for row in rows if row.config == "sync"), None)
     if sync is not None:
         for row in rows:
-            print(
-                f"{row.config}: {sync.bytes_per_sample / row.bytes_per_sample:.0f}x fewer bytes per sample than sync"
-            )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": [asdict(row) for row in rows]}, indent=1))
+            if row.bytes_per_sample > 0:  # NaN or 0 when no round (or no sample) fell in the window
+                print(f"{row.config}: {sync.bytes_per_sample / row.bytes_per_sample:.0f}x fewer bytes per sample")
 
 
 def print_rows(rows: list[Row]) -> None:

@@ -268,7 +268,8 @@ def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, 
         assert not sizes or max(sizes) <= len(honest), f"{peer.name} averaged with the revoked attacker: {sizes}"
     refused = re.compile(rf"Refused rpc_\w+ \(\w+\) from peer {attacker_id}: it holds no valid access token")
     refusals = [line for peer in honest for line in refused.findall(peer.log_text())]
-    alone = "| swarm 1 peers |" in attacker.log_text()[attacker_offset:]  # its own DHT no longer sends requests
+    # its own DHT no longer sends requests: it sees itself only, or nobody once its own entry expired
+    alone = re.search(r"\| swarm [01] peers \|", attacker.log_text()[attacker_offset:]) is not None
     print(f"{len(refusals)} refusals of the attacker's calls in the members' logs; it saw itself alone: {alone}")
     # which of the two depends on timing: its DHT refuses to send without a valid token, so it may find no member
     assert refusals or alone, "the attacker stayed, saw other members and none refused it"
