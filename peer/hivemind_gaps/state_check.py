@@ -9,8 +9,9 @@ its bytes are bounded while it streams, and a refused state is logged, counted a
 asked; if none is left, hivemind keeps the local state. hivemind bounds only the wait for each next part, so a donor
 at the top priority that sends a part just in time holds every joiner for ever: here a donor whose pace could not
 deliver the smallest honest state of the model before the attempt ends is cut (after a 10 s grace), the attempt ends
-at its time, and a donor refused, cut, or still sending then is asked after all others for ten minutes. The scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch. The layout and the
-stream bound are in state_layout.py."""
+at its time, and a donor refused, cut, or still sending then is asked after all others for ten minutes. The
+scheduler catch-up is also made O(1) for closed-form schedules, whatever the epoch. The layout and the stream bound
+are in state_layout.py."""
 
 from __future__ import annotations
 

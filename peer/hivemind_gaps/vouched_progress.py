@@ -24,7 +24,6 @@ rates feed hivemind's estimate of when the next step is due, so made-up entries 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from hivemind.optim.progress_tracker import GlobalTrainingProgress, LocalTrainingProgress, ProgressTracker
@@ -49,8 +48,7 @@ class VouchedProgressTracker(ProgressTracker):
 
     def __init__(self, *args, lead: int = 1, **kwargs):
         self.lead = lead
-        self._distrust_lock = threading.Lock()
-        self._distrust_until = 0.0
+        self._distrust_until = 0.0  # monotonic time; one float, written and read whole
         self._last_metadata = None
         self.left_out_entries = 0  # entries left out so far
         super().__init__(*args, **kwargs)
@@ -58,8 +56,7 @@ class VouchedProgressTracker(ProgressTracker):
     def distrust_epochs_ahead(self, seconds: float = DISTRUST_SECONDS) -> None:
         """For ``seconds``, leave out entries more than ``lead`` epochs ahead of this peer's own epoch (the bound moves
         with it: the swarm's next steps still count); the swarm's progress is recomputed at once."""
-        with self._distrust_lock:
-            self._distrust_until = time.monotonic() + seconds
+        self._distrust_until = time.monotonic() + seconds
         with self.lock_global_progress:
             self.global_progress = self._parse_swarm_progress_data(self._last_metadata)
 
@@ -88,9 +85,7 @@ class VouchedProgressTracker(ProgressTracker):
             return None
         if progress.samples_per_second > MAX_SAMPLES_PER_SECOND:
             return None
-        with self._distrust_lock:
-            distrusted = time.monotonic() < self._distrust_until
-        if distrusted and progress.epoch > self.local_progress.epoch + self.lead:
+        if time.monotonic() < self._distrust_until and progress.epoch > self.local_progress.epoch + self.lead:
             return None
         # hivemind extrapolates an entry's samples by its rate since its time: an old time (0) would make that any
         # number; an honest entry is at most metadata_expiration old

@@ -21,6 +21,12 @@ AGGREGATIONS = ("mean", "centered-clip")
 
 
 # with --join, the run id and run key come from the join string; --initial-peers adds to its peers
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` can name a run: non-empty, without '.', '/' or spaces (every DHT key of the run starts with
+    it; hivemind's averagers add '.'-separated parts, e.g. ``{run_id}_state_averager.all_averagers``)."""
+    return bool(text) and not any(char in text for char in ". /")
+
+
 @scoped("per-peer", run_id="run-wide", run_key="run-wide")
 @help_from_docstring
 @dataclass
@@ -54,7 +60,7 @@ class SwarmConfig:
     def __post_init__(self):
         if self.run_key:
             self.run_key = normalize_fingerprint(self.run_key)
-        if not self.run_id or any(char in self.run_id for char in ". /"):
+        if not is_run_id(self.run_id):
             raise ValueError(f"run_id must be a non-empty name without '.', '/' or spaces, got {self.run_id!r}")
         for maddr in (*self.initial_peers, *self.host_maddrs, *self.announce_maddrs):
             if not maddr.startswith("/"):

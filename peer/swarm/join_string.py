@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from hivemind.utils.multiaddr import Multiaddr
 
+from peer.swarm.config import is_run_id
 from peer.swarm.run_key import normalize_fingerprint
 
 PREFIX = "albert"
@@ -82,7 +83,7 @@ class JoinString:
             raise JoinStringError(f"the join string's content is unreadable ({error!r}): ask the organiser") from error
         if not isinstance(run_id, str) or not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
             raise JoinStringError("the join string's content has the wrong shape: ask the organiser")
-        if not run_id or len(run_id) > MAX_RUN_ID_CHARS or not run_id.isprintable() or any(c in run_id for c in ". /"):
+        if not is_run_id(run_id) or len(run_id) > MAX_RUN_ID_CHARS or not run_id.isprintable():
             raise JoinStringError(
                 f"the join string's run id {run_id[:40]!r} is not a run id (1-{MAX_RUN_ID_CHARS} printable characters, "
                 "no '.', '/' or space): ask the organiser"
