@@ -21,8 +21,12 @@ Lossy codecs (--grad-compression fp16, int8-block, int4-block) carry an error fe
 residual is this peer's, kept in its backups, and starts at zero for a joiner or a peer that takes the swarm's state.
 The bytes of each outer all-reduce are counted (peer/hivemind_gaps/traffic.py), logged per round and exported.
 
-Not here yet (issue 17): the outer all-reduce overlapping the next inner phase. (The monitor keeps, serves
-and checkpoints the outer state: monitor/outer_state.py.)
+With --delay-optimizer-step the outer all-reduce overlaps the next inner phase: the peer starts the round in the
+background and goes on stepping from its local weights; when the mean lands (checked at each step), the outer step is
+made and the inner steps taken meanwhile are carried onto the new outer weights (local = new outer + their change
+since the round started), as Streaming DiLoCo's eager outer step does with a one-round-stale update. Samples trained
+during the round count toward the next one. (The monitor keeps, serves and checkpoints the outer state:
+monitor/outer_state.py.)
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from functools import partial
 
 import hivemind
@@ -61,6 +67,20 @@ SHUTDOWN_TIMEOUT = 5.0  # seconds for the tracker's thread to finish its last re
 MAX_RESYNC_CHANGE = 0.05
 
 
+@dataclass
+class PendingRound:
+    """An outer all-reduce under way: what it sends, and where the inner steps that overlap it began."""
+
+    control: object | None  # hivemind's StepControl; None if the round could not even start
+    pseudo: list[torch.Tensor]  # this peer's (error-fed) pseudo-gradient: the fallback if the round fails
+    anchor: list[torch.Tensor]  # the local weights when the round started
+    traffic: tuple[int, int]  # bytes sent and received before it
+    started: float
+
+    def done(self) -> bool:
+        return self.control is None or self.control.done()
+
+
 class LocalStepsSwarm:
     """Inner steps on every batch, one outer step with the swarm per epoch (see the module docstring).
 
@@ -82,6 +102,8 @@ class LocalStepsSwarm:
         self.momentum = [torch.zeros_like(weight) for weight in self.outer]
         self._state_lock = threading.Lock()  # outer state and epoch change together; a joiner reads them together
         self._epoch, self._samples, self.dropped_samples = 0, 0, 0
+        self.overlap = optim.delay_optimizer_step  # the outer all-reduce runs while the next inner steps go on
+        self._pending: PendingRound | None = None
         self.refused_resyncs = 0  # re-syncs whose mean was not finite
         self.bounded_resyncs = 0  # re-syncs whose mean was over MAX_RESYNC_CHANGE away: approached by that much
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
@@ -141,7 +163,10 @@ class LocalStepsSwarm:
         return self.averager.bytes_sent, self.averager.bytes_received
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
-        if self.tracker.global_epoch > self._epoch and self._caught_up():
+        if self._pending is not None:
+            if self._pending.done():
+                self._finish_round()
+        elif self.tracker.global_epoch > self._epoch and self._caught_up():
             return  # this batch's gradients were computed on the stale local weights
         if scaler is None:
             self.inner.step()
@@ -149,9 +174,13 @@ class LocalStepsSwarm:
             scaler.step(self.inner)
             scaler.update()
         self._samples += batch_size
+        if self._pending is not None:
+            return  # counted toward the next round once this one lands
         self.tracker.report_local_progress(self._epoch, self._samples)
         if self.tracker.ready_to_update_epoch:
-            self._outer_round()
+            self._start_round()
+            if self._pending is not None and not self.overlap:
+                self._finish_round()
 
     def take_round_scores(self) -> list:
         """[]: the outer all-reduce takes the mean (centered-clip is refused with --local-steps, OptimConfig)."""
@@ -185,7 +214,8 @@ class LocalStepsSwarm:
         set_schedule_epoch(self.scheduler, self._epoch)
         return False
 
-    def _outer_round(self) -> None:
+    def _start_round(self) -> None:
+        """Start the outer all-reduce of this round's pseudo-gradient, weighted by the samples behind it."""
         with self.tracker.pause_updates():
             if self.tracker.global_epoch > self._epoch:
                 return  # caught up at the next step
@@ -194,31 +224,60 @@ class LocalStepsSwarm:
                 logger.error("This peer's pseudo-gradient is not finite: it sits this round out and drops its work")
                 self._restart_round()
                 return
+            pseudo = self.feedback.apply(pseudo)
             before = self.averaged_bytes
-            averaged, peers = self._average(self.feedback.apply(pseudo))
-            sent, received = (now - then for now, then in zip(self.averaged_bytes, before))
-            # the next epoch's state is made apart and published whole: a joiner served "epoch E" while the re-sync
-            # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
-            with self._state_lock:
-                outer, momentum = [t.clone() for t in self.outer], [t.clone() for t in self.momentum]
-            if self.outer_guard.admit(averaged):
-                lr = self.optim.outer_learning_rate
-                nesterov_outer_step(outer, averaged, momentum, lr, self.optim.outer_momentum)
-            epoch = self._epoch + 1
-            if epoch % self.optim.average_state_every == 0:
-                outer, momentum = self._resynced(outer, momentum, epoch)
-            with self._state_lock:
-                copy_into([*self.outer, *self.momentum], [*outer, *momentum])
-                self._epoch = epoch
-            self._offer_state_at_epoch()
-            copy_into(self.parameters, self.outer)
+            with self.averager.get_tensors() as buffers:
+                copy_into(buffers, pseudo)
+            try:
+                control = self.averager.step(
+                    gather=self._epoch, weight=float(self._samples), timeout=self.optim.averaging_timeout, wait=False
+                )
+            except Exception as error:  # noqa: BLE001 - a shut-down averager: step with this peer's own
+                logger.warning(f"Outer round not started ({error!r})")
+                control = None
+            anchor = [parameter.detach().float().cpu().clone() for parameter in self.parameters]
+            self._pending = PendingRound(control, pseudo, anchor, before, time.monotonic())
             self._samples = 0
-            set_schedule_epoch(self.scheduler, self._epoch)
+
+    def _finish_round(self) -> None:
+        """Apply the round's mean (waiting for it) with the outer optimizer and move to the next epoch."""
+        pending, self._pending = self._pending, None
+        averaged, peers = self._round_result(pending)
+        sent, received = (now - then for now, then in zip(self.averaged_bytes, pending.traffic))
+        # the next epoch's state is made apart and published whole: a joiner served "epoch E" while the re-sync
+        # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
+        with self._state_lock:
+            outer, momentum = [t.clone() for t in self.outer], [t.clone() for t in self.momentum]
+        if self.outer_guard.admit(averaged):
+            nesterov_outer_step(outer, averaged, momentum, self.optim.outer_learning_rate, self.optim.outer_momentum)
+        epoch = self._epoch + 1
+        if epoch % self.optim.average_state_every == 0:
+            outer, momentum = self._resynced(outer, momentum, epoch)
+        with self._state_lock:
+            copy_into([*self.outer, *self.momentum], [*outer, *momentum])
+            self._epoch = epoch
+        self._offer_state_at_epoch()
+        self._carry_inner_steps(pending.anchor)
+        set_schedule_epoch(self.scheduler, self._epoch)
+        with self.tracker.pause_updates():
             self.tracker.update_epoch(self._epoch)
+        if self._samples:  # trained while the round was under way: they count toward this epoch's round
+            self.tracker.report_local_progress(self._epoch, self._samples)
+        overlapped = f" in {time.monotonic() - pending.started:.1f} s, overlapped" if self.overlap else ""
         logger.info(
-            f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers, "
+            f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers{overlapped}, "
             f"sent {sent} B, received {received} B"
         )
+
+    def _carry_inner_steps(self, anchor: list[torch.Tensor]) -> None:
+        """Local weights = the new outer weights plus the inner steps taken since the round started (none unless
+        the round overlapped them)."""
+        with torch.no_grad():
+            local = [
+                weight + (parameter.detach().float().cpu() - start)
+                for weight, parameter, start in zip(self.outer, self.parameters, anchor)
+            ]
+        copy_into(self.parameters, local)
 
     def _resynced(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
         """The swarm's mean of the outer weights and momentum of ``epoch``, uncompressed (every --average-state-every
@@ -273,20 +332,17 @@ class LocalStepsSwarm:
         copy_into(self.parameters, self.outer)
         self.tracker.report_local_progress(self._epoch, 0, update_global_samples=False)
 
-    def _average(self, pseudo: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor], int]:
         """The swarm's sample-weighted mean of the pseudo-gradients, or this peer's own if no round succeeded."""
-        with self.averager.get_tensors() as buffers:
-            copy_into(buffers, pseudo)
+        if pending.control is None:
+            return pending.pseudo, 1
         try:
-            control = self.averager.step(
-                gather=self._epoch, weight=float(self._samples), timeout=self.optim.averaging_timeout, wait=False
-            )
-            gathered = control.result()
+            gathered = pending.control.result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer round failed ({error!r}): stepping with this peer's own pseudo-gradient")
-            return pseudo, 1
+            return pending.pseudo, 1
         if not gathered:
-            return pseudo, 1
+            return pending.pseudo, 1
         with self.averager.get_tensors() as buffers:
             return [buffer.clone() for buffer in buffers], len(gathered)
 
@@ -313,6 +369,7 @@ class LocalStepsSwarm:
         if problem:
             raise ValueError(f"the backup is not restored: {problem}")
         saved = state["local_steps"]
+        self._drop_pending_round()
         if "residual" in saved:  # a backup of before error feedback has none
             self.feedback.load(saved["residual"])
         self._take_outer_state(state["epoch"], saved["outer"], saved["momentum"])
@@ -322,6 +379,7 @@ class LocalStepsSwarm:
         self._samples = 0
 
     def load_state_from_peers(self) -> int | None:
+        self._drop_pending_round()
         try:  # the donor loop runs in the averager's process; slow or fake donors can outlast the wait
             loaded = self.averager.load_state_from_peers(timeout=self.optim.load_state_timeout)
         except (TimeoutError, RuntimeError, OSError) as error:
@@ -341,6 +399,12 @@ class LocalStepsSwarm:
         logger.info(f"Took the swarm's outer state of epoch {self._epoch}")
         return self._epoch
 
+    def _drop_pending_round(self) -> None:
+        """Give up a round under way (its result would apply to a state this peer is replacing)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.control is not None:
+            pending.control.cancel()
+
     def _take_outer_state(self, epoch: int, outer, momentum) -> None:
         """Replace the outer weights, momentum and epoch (ValueError, nothing changed, if a shape differs)."""
         with self._state_lock:
@@ -358,6 +422,7 @@ class LocalStepsSwarm:
             self.averager.state_sharing_priority = float(self._epoch)
 
     def cancel(self) -> None:
+        self._drop_pending_round()
         self.averager.cancel_averaging()
         self.resync.cancel_averaging()
 

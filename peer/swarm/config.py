@@ -97,8 +97,10 @@ class OptimConfig:
         state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
             zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
         delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
+            With --local-steps: the outer all-reduce runs while the next inner steps go on, and its outer step is
+            added to them when it lands (no wait for the round unless it outlasts an inner phase).
         delay_grad_averaging: Average gradients in the background too, for the most overlap (needs
-            --delay-optimizer-step).
+            --delay-optimizer-step; not with --local-steps).
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
         bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
         local_steps: Low-communication (DiLoCo) mode when above 0: each peer takes inner LAMB steps on its own
@@ -178,8 +180,8 @@ class OptimConfig:
             raise ValueError(
                 "--aggregation centered-clip works in the synchronous mode only: drop it or --local-steps"
             )
-        if self.local_steps and self.delay_optimizer_step:
-            raise ValueError("--local-steps takes no --delay-optimizer-step (its outer round is not delayed yet)")
+        if self.local_steps and self.delay_grad_averaging:
+            raise ValueError("--local-steps takes no --delay-grad-averaging: use --delay-optimizer-step to overlap")
         if self.warmup_epochs > self.total_epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds total_epochs ({self.total_epochs})")
         for name in ("grad_compression", "state_compression"):
@@ -193,5 +195,5 @@ class OptimConfig:
             raise ValueError(f"optimizer must be lamb or lamb-8bit, got {self.optimizer!r}")
         if self.optimizer == "lamb-8bit" and self.offload_optimizer:
             raise ValueError("--optimizer lamb-8bit keeps its state on the GPU: add --no-offload-optimizer")
-        if self.delay_optimizer_step and not self.offload_optimizer:
+        if self.delay_optimizer_step and not self.offload_optimizer and not self.local_steps:
             raise ValueError("--delay-optimizer-step needs --offload-optimizer")

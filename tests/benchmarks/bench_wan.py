@@ -11,7 +11,9 @@ read at the start and the end (no latency is added: the tbf queue's own delay on
 - bytes per trained sample: all-reduce payload bytes sent and received by every peer (gradients, or pseudo-gradients
   with --local-steps; the occasional state averaging and outer-state re-sync rounds are not in the counter) over the
   samples the peers trained;
-- samples/s of the swarm: samples every peer trained, over the window.
+- samples/s of the swarm: samples every peer trained, over the window;
+- loss: the median peer's mean training loss over its last epoch at the window's end (at equal wall time, not equal
+  samples: a rough check only that a configuration still learns).
 
 It also prints how the link compares with the model: one synchronous fp32 all-reduce of the tiny model over --mbit
 against one local step (the regime the issue asks for: at least 10x), and the model size whose fp32 all-reduce takes
@@ -46,6 +48,9 @@ CONFIGS = {
     "h32-int8": ["--local_steps", "32", "--grad_compression", "int8-block"],
     "h32-int4": ["--local_steps", "32", "--grad_compression", "int4-block"],
     "h128-int4": ["--local_steps", "128", "--grad_compression", "int4-block"],
+    # the outer all-reduce overlapping the next inner phase (its update lands one round late)
+    "h8-fp16-overlap": ["--local_steps", "8", "--grad_compression", "fp16", "--delay_optimizer_step"],
+    "h32-int4-overlap": ["--local_steps", "32", "--grad_compression", "int4-block", "--delay_optimizer_step"],
 }
 # The chaos suite's every-epoch state rounds, uncompressed formats and short timeouts are for judging faults within a
 # minute; over these slow links a run needs the defaults back (an fp16 all-reduce of the tiny model takes ~8 s at
@@ -68,6 +73,7 @@ class Reading:
     compute_seconds: float
     samples: float
     bytes: float
+    loss: float
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Row:
     bytes_per_sample: float
     samples_per_second: float
     epochs: tuple[int, int]
+    loss_end: float  # the median peer's mean training loss over its last epoch, at the window's end
 
 
 def read_metrics(address: str) -> Reading:
@@ -92,6 +99,7 @@ def read_metrics(address: str) -> Reading:
         total("albert_peer_compute_seconds_total"),
         total("albert_peer_samples_total"),
         total("albert_peer_allreduce_bytes_total"),
+        total("albert_peer_loss"),
     )
 
 
@@ -145,6 +153,7 @@ def summarise(name: str, first: dict[str, Reading], last: dict[str, Reading], ep
         traffic / samples if samples else float("nan"),
         samples / seconds,
         epochs,
+        statistics.median(last[peer].loss for peer in last),
     )
 
 
@@ -199,12 +208,13 @@ def main() -> None:
 
 def print_rows(rows: list[Row]) -> None:
     print(
-        f"{'config':10} {'seconds':>7} {'util med':>8} {'util min':>8} {'bytes/sample':>12} {'samples/s':>9}  epochs"
+        f"{'config':17} {'seconds':>7} {'util med':>8} {'util min':>8} {'bytes/sample':>12} {'samples/s':>9} "
+        f"{'loss':>6}  epochs"
     )
     for row in rows:
         print(
-            f"{row.config:10} {row.seconds:7.0f} {row.utilisation_median:8.2f} {row.utilisation_lowest:8.2f} "
-            f"{row.bytes_per_sample:12.0f} {row.samples_per_second:9.2f}  {row.epochs}",
+            f"{row.config:17} {row.seconds:7.0f} {row.utilisation_median:8.2f} {row.utilisation_lowest:8.2f} "
+            f"{row.bytes_per_sample:12.0f} {row.samples_per_second:9.2f} {row.loss_end:6.2f}  {row.epochs}",
             flush=True,
         )
 

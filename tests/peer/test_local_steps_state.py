@@ -4,8 +4,10 @@ on 127.0.0.1 in this process (its main thread), one peer each: its rounds find n
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
+import time
 
 import hivemind
 import pytest
@@ -22,6 +24,9 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 OPTIM = OptimConfig(
     local_steps=1, target_batch_size=8, matchmaking_time=1, averaging_timeout=3, learning_rate=0.01, warmup_epochs=2
 )
+
+# the outer all-reduce runs while the next inner steps go on
+OVERLAPPED = dataclasses.replace(OPTIM, delay_optimizer_step=True, warmup_epochs=0)  # inner steps move at epoch 0
 
 
 def small_model(seed: int) -> torch.nn.Module:
@@ -40,10 +45,10 @@ def train_steps(model: torch.nn.Module, mode, steps: int) -> None:
 def started():
     dhts, modes = [], []
 
-    def start(run_id: str, model: torch.nn.Module, join_first: bool = False):
+    def start(run_id: str, model: torch.nn.Module, join_first: bool = False, optim: OptimConfig = OPTIM):
         initial_peers = dhts[0].get_visible_maddrs() if join_first else []
         dhts.append(hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial_peers))
-        modes.append(build_local_steps(dhts[-1], model, SwarmConfig(run_id=run_id, host_maddrs=LOOPBACK), OPTIM))
+        modes.append(build_local_steps(dhts[-1], model, SwarmConfig(run_id=run_id, host_maddrs=LOOPBACK), optim))
         return modes[-1]
 
     yield start
@@ -204,6 +209,55 @@ def test_two_peers_whose_outer_states_came_apart_converge_by_resyncs(started, ca
     torch.testing.assert_close(flat(states[0][1]), flat(states[1][1]))
     assert first.bounded_resyncs >= 2 and first.refused_resyncs == 0
     assert "Re-synced the outer state with 2 peers at epoch 8" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_an_overlapped_round_carries_the_inner_steps_taken_meanwhile_onto_the_new_outer_weights(started):
+    """--delay-optimizer-step: the peer steps on while its round is under way; when it lands, local weights = the new
+    outer weights + what those inner steps changed (a lone peer: its round finds no partner and steps alone)."""
+    model = small_model(0)
+    mode = started("ls-state-i", model, optim=OVERLAPPED)
+    train_steps(model, mode, 2)  # 8 samples: the round starts, and the peer does not wait for it
+    assert mode._pending is not None and mode.epoch == 0
+    anchor = [tensor.clone() for tensor in mode._pending.anchor]
+    torch.testing.assert_close(flat(anchor), flat(model.parameters()), rtol=0, atol=0)
+    train_steps(model, mode, 2)  # inner steps overlapping the round (it cannot end before its 1 s matchmaking)
+    assert mode._pending is not None and mode._samples == 8
+    moved = [parameter.detach().clone() - start for parameter, start in zip(model.parameters(), anchor)]
+    assert flat(moved).norm() > 0
+    wait_until(mode._pending.done, 30, "the lone round to end")
+    mode._finish_round()
+    assert mode.epoch == 1 and not torch.equal(flat(mode.outer), flat(anchor))
+    expected = [outer + change for outer, change in zip(mode.outer, moved)]
+    torch.testing.assert_close(flat(model.parameters()), flat(expected))
+    # the samples trained meanwhile count toward the next round: 4 more start it
+    train_steps(model, mode, 1)
+    assert mode._pending is not None and mode.epoch == 1
+
+
+@pytest.mark.timeout(180)
+def test_two_overlapping_peers_average_in_the_background_and_their_outer_weights_agree(started, caplog):
+    """Two peers in one thread, stepping in turn: each round runs in the averagers' processes while both step on;
+    the rounds of two land with the same mean, so the outer weights agree at every epoch both reach that way."""
+    optim = dataclasses.replace(OVERLAPPED, grad_compression="none", matchmaking_time=2, averaging_timeout=10)
+    models = [small_model(0), small_model(0)]
+    modes = [started("ls-state-j", models[0], optim=optim)]
+    modes.append(started("ls-state-j", models[1], join_first=True, optim=optim))
+    outers, overlapped_steps = [{}, {}], 0
+    with caplog.at_level("INFO", logger="peer.local_steps"):
+        deadline = time.monotonic() + 120
+        while min(mode.epoch for mode in modes) < 4 and time.monotonic() < deadline:
+            for index, (model, mode) in enumerate(zip(models, modes)):
+                overlapped_steps += mode._pending is not None
+                train_steps(model, mode, 1)
+                outers[index].setdefault(mode.epoch, flat(mode.outer).clone())
+            time.sleep(0.05)
+    together = caplog.text.count("averaged pseudo-gradients with 2 peers in ")
+    print(f"epochs {[mode.epoch for mode in modes]}, rounds of two {together}, overlapped steps {overlapped_steps}")
+    assert min(mode.epoch for mode in modes) >= 4 and together >= 4 and overlapped_steps >= 8
+    common = sorted(set(outers[0]) & set(outers[1]) - {0})
+    agreeing = [epoch for epoch in common if torch.equal(outers[0][epoch], outers[1][epoch])]
+    assert len(agreeing) >= 2, common
 
 
 @pytest.mark.timeout(60)

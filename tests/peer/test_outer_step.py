@@ -79,7 +79,10 @@ def test_schedule_set_to_an_epoch_equals_stepping_to_it():
         ({"local_steps": -1}, "local_steps must be zero or positive"),
         ({"outer_learning_rate": 0.0}, "outer_learning_rate must be positive"),
         ({"outer_momentum": 1.0}, r"outer_momentum must be in \[0, 1\)"),
-        ({"local_steps": 4, "delay_optimizer_step": True}, "--local-steps takes no --delay-optimizer-step"),
+        (
+            {"local_steps": 4, "delay_optimizer_step": True, "delay_grad_averaging": True},
+            "--local-steps takes no --delay-grad-averaging",
+        ),
     ],
 )
 def test_bad_local_steps_settings_are_refused_by_name(settings, message):

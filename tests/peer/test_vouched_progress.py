@@ -31,8 +31,8 @@ class HostileProgress:
         self.dhts: list[hivemind.DHT] = []
         self.initial_peers = initial_peers
 
-    def store(self, prefix: str, epoch: int, samples: int = 0, rate: float = 1.0, expiration: float = 30.0) -> None:
-        """One entry, under a key of its own (a Sybil each time)."""
+    def store(self, prefix: str, epoch: int, samples: int = 0, rate: float = 1.0, when: float | None = None) -> None:
+        """One entry, under a key of its own (a Sybil each time), stamped ``when`` (default: now)."""
         key = RSAPrivateKey()
         dht = hivemind.DHT(
             initial_peers=self.initial_peers,
@@ -46,7 +46,7 @@ class HostileProgress:
             epoch=epoch,
             samples_accumulated=samples,
             samples_per_second=rate,
-            time=get_dht_time(),
+            time=get_dht_time() if when is None else when,
             client_mode=False,
         )
         subkey = RSASignatureValidator(key).local_public_key
@@ -104,6 +104,27 @@ def test_an_absurd_count_and_an_unvouched_epoch(bootstrap, cls):
         wait_until(lambda: progress.global_epoch == 6, 20, "the entry one epoch ahead to count")
         assert progress.global_progress.samples_accumulated == TARGET // 2
         wait_until(lambda: progress.global_epoch == 1000, 30, "the distrust to end and the entry to count again")
+    finally:
+        progress.shutdown()
+        progress.test_dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cls", [ProgressTracker, VouchedProgressTracker], ids=["hivemind", "vouched"])
+def test_an_entry_stamped_long_ago_cannot_extrapolate_the_batch_full(bootstrap, cls):
+    """hivemind adds rate x age to an entry's count: at 0.1 samples/s, an entry dated 1970 (the DHT time's 0) counts
+    ~1.8e8 samples and the swarm steps at once. Read as at most metadata_expiration (60 s) old, it counts ~6 of 32."""
+    dht, hostile = bootstrap
+    prefix = f"stamped-{cls.__name__}"
+    hostile.store(prefix, epoch=0, samples=0, rate=0.1, when=1.0)
+    progress = tracker(cls, dht, prefix)
+    try:
+        wait_until(lambda: progress.global_progress.num_peers >= 1, 30, "the tracker to read the entry")
+        eta = progress.global_progress.eta_next_epoch - get_dht_time()
+        if cls is ProgressTracker:  # the gap, on plain hivemind: the next step is due now
+            assert progress.ready_to_update_epoch and eta <= 0, eta
+        else:
+            assert not progress.ready_to_update_epoch and eta > 60, eta
     finally:
         progress.shutdown()
         progress.test_dht.shutdown()

@@ -1,0 +1,48 @@
+"""Local steps with the outer all-reduce overlapping the next inner phase (--delay-optimizer-step), with real peers
+through the CLI: rounds of two land while both train on, their loss falls, and their outer weights agree after each
+re-sync."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.harness import wait_until
+from tests.peer.test_local_steps import AGREEMENT, LOCAL_STEPS, gap
+
+pytestmark = [pytest.mark.slow]
+
+OVERLAPPED = [*LOCAL_STEPS, "--delay_optimizer_step"]
+ROUND = re.compile(r"averaged pseudo-gradients with 2 peers in ([\d.]+) s, overlapped")
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    swarm = make_swarm()
+    first = swarm.start_peer("a", OVERLAPPED)
+    wait_until(lambda: "Starting at epoch" in first.log_text(), 180, "peer a to start")
+    swarm.start_peer("b", OVERLAPPED)
+    swarm.wait_for_epoch(3, peers=2, timeout=180)
+    return swarm
+
+
+@pytest.mark.timeout(400)
+def test_overlapped_rounds_of_two_land_the_loss_falls_and_outer_weights_agree(swarm):
+    first, second = swarm.peers["a"], swarm.peers["b"]
+    for peer in (first, second):
+        wait_until(lambda: len(ROUND.findall(peer.log_text())) >= 3, 180, f"{peer.name} to land 3 rounds of two")  # noqa: B023
+    swarm.wait_for_epoch(10, peers=2, timeout=240)
+    early, late = swarm.early_and_late_loss()
+    seconds = [float(value) for value in ROUND.findall(first.log_text())]
+    print(f"loss {early:.2f} -> {late:.2f}; peer a's overlapped rounds took {seconds} s")
+    assert late < early - 0.5, (early, late)
+
+    def common_epochs():
+        both = sorted(set(first.backup_epochs()) & set(second.backup_epochs()))
+        return both if len(both) >= 5 else None
+
+    common = wait_until(common_epochs, 180, "five epochs backed up by both peers")
+    resynced = {epoch: gap(first, second, epoch) for epoch in common[-6:] if epoch % 2 == 0}
+    print(f"outer weights apart after a re-sync {resynced}")
+    assert sum(value < AGREEMENT for value in resynced.values()) >= 2, resynced
