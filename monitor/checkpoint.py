@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from monitor.history import CheckpointEntry, History
+from peer.swarm.config import OptimConfig
 from peer.swarm.manifest import sha256_file
 from peer.swarm.run_key import RunKey, verify_signature
 from peer.swarm.run_record import PROTOCOL_VERSION
@@ -69,6 +70,13 @@ def project_code_sha256() -> dict[str, str]:
 def code_version(code: dict[str, str]) -> str:
     """A short name for one version of the model code (its files' sums), for messages that compare two."""
     return hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def checkpoint_mode(optim: OptimConfig, epoch: int) -> dict:
+    """What a checkpoint's manifest says of the mode: its name, and in local-steps mode H and the outer step."""
+    if optim.local_steps:
+        return {"training_mode": optim.training_mode, "local_steps": optim.local_steps, "outer_step": epoch}
+    return {"training_mode": optim.training_mode}
 
 
 def write_manifest(directory: Path, run_key: RunKey | None = None, **fields) -> dict:

@@ -182,6 +182,8 @@ def pull(args: argparse.Namespace) -> dict:
     """Join the swarm as a client, download the averaged state with the peers' layout, write a checkpoint dir."""
     import hivemind  # noqa: F401  (heavy imports only for this subcommand)
 
+    from monitor.checkpoint import checkpoint_mode
+    from monitor.outer_state import OuterStateKeeper
     from monitor.records import monitor_validators
     from monitor.state import StateKeeper, build_run_model
     from peer.swarm.config import OptimConfig, SwarmConfig
@@ -192,7 +194,7 @@ def pull(args: argparse.Namespace) -> dict:
     swarm = SwarmConfig(
         run_id=args.run_id, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True
     )
-    optim = OptimConfig(optimizer=args.optimizer)
+    optim = OptimConfig(optimizer=args.optimizer, local_steps=args.local_steps)
     run_model = build_run_model(args.model, args.tokenizer)
     dht = build_dht(swarm, monitor_validators(args.run_id))  # also strips the signatures of the records it reads
     keeper = None
@@ -200,12 +202,21 @@ def pull(args: argparse.Namespace) -> dict:
         mismatch = check_model_matches(dht, args.run_id, run_model.fingerprint, trusted_key=trusted)
         if mismatch:
             raise CheckpointError(mismatch)
-        keeper = StateKeeper(dht, swarm, optim, run_model, client_mode=True)
+        # local steps: the outer weights and momentum (peers serve them under another prefix), else the training state
+        keeper_class = OuterStateKeeper if optim.local_steps else StateKeeper
+        keeper = keeper_class(dht, swarm, optim, run_model, client_mode=True)
         if not keeper.fetch(timeout=args.timeout):
-            raise CheckpointError(f"no peer of run {args.run_id!r} shared a training state (is the run training?)")
-        non_finite = non_finite_tensor(keeper)
-        if non_finite:  # whichever peer served it, a NaN state is no checkpoint
-            raise CheckpointError(f"the state downloaded from the swarm holds non-finite numbers in {non_finite}")
+            mode = f"--local-steps {optim.local_steps}" if optim.local_steps else "synchronous: without --local-steps"
+            raise CheckpointError(
+                f"no peer of run {args.run_id!r} shared a {optim.training_mode} state in {args.timeout:g} s "
+                f"(is the run training, and in this mode ({mode})?)"
+            )
+        # whichever peer served it, a NaN state is no checkpoint
+        problem = keeper.state_problem() if optim.local_steps else non_finite_tensor(keeper)
+        if problem and optim.local_steps:
+            raise CheckpointError(f"the outer state downloaded from the swarm is no checkpoint: {problem}")
+        if problem:
+            raise CheckpointError(f"the state downloaded from the swarm holds non-finite numbers in {problem}")
         with tempfile.TemporaryDirectory(prefix=".albert-checkpoint-", dir=_parent(args.out)) as tmp:
             directory = Path(tmp) / "checkpoint"
             directory.mkdir()
@@ -216,6 +227,7 @@ def pull(args: argparse.Namespace) -> dict:
                 run_id=args.run_id,
                 source="swarm",
                 model_fingerprint=run_model.fingerprint,
+                **checkpoint_mode(optim, keeper.epoch),
             )
             return _install(directory, args.out)
     finally:
@@ -276,6 +288,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="lamb",
         choices=["lamb", "lamb-8bit"],
         help="The run's optimizer (its state layout must match the peers').",
+    )
+    swarm.add_argument(
+        "--local-steps",
+        type=int,
+        default=0,
+        help="The run's --local-steps: above 0, pull the outer weights and momentum of a local-steps run.",
     )
     swarm.add_argument("--host-maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"], help="Multiaddrs to listen on.")
     swarm.add_argument("--timeout", type=float, default=120.0, help="Seconds the state download may take.")

@@ -20,7 +20,7 @@ from hivemind.utils import get_dht_time
 
 from monitor.access import Authority, monitor_access
 from monitor.aggregate import MAX_EPOCH_LEAD, SwarmSnapshot, aggregate
-from monitor.checkpoint import CheckpointStore
+from monitor.checkpoint import CheckpointStore, checkpoint_mode
 from monitor.config import MonitorConfig
 from monitor.contributor_store import ContributorStore
 from monitor.contributors import update_contributors
@@ -442,13 +442,6 @@ def training_mode(optim: OptimConfig) -> dict:
         label = f"local steps H={optim.local_steps} (an epoch is one outer step)"
         return {"name": optim.training_mode, "local_steps": optim.local_steps, "label": label}
     return {"name": optim.training_mode, "local_steps": 0, "label": "synchronous"}
-
-
-def checkpoint_mode(optim: OptimConfig, epoch: int) -> dict:
-    """What a checkpoint's manifest says of the mode: its name, and in local-steps mode H and the outer step."""
-    if optim.local_steps:
-        return {"training_mode": optim.training_mode, "local_steps": optim.local_steps, "outer_step": epoch}
-    return {"training_mode": optim.training_mode}
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peer.swarm.run_key import RunKey
 from tests.harness import (
     LOOPBACK,
     TINY_OPTIM,
@@ -196,3 +197,8 @@ def logits_with_transformers_alone(checkpoint, tmp_path) -> torch.Tensor:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt", weights_only=True)
+
+
+def run_key_of(monitor: MonitorProcess) -> str:
+    """The fingerprint a downloader is handed: that of the run key the monitor keeps in its run dir."""
+    return RunKey.load_or_create(monitor.workdir / "run_key.pem").fingerprint

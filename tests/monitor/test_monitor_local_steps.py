@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.harness import wait_until
+from tests.harness import run_cli, wait_until
 from tests.monitor.conftest import (
     CHROMIUM,
     MonitorProcess,
@@ -22,6 +23,7 @@ from tests.monitor.conftest import (
     Process,
     chromium,
     logits_with_transformers_alone,
+    run_key_of,
 )
 
 pytestmark = [pytest.mark.slow]
@@ -125,9 +127,22 @@ def test_the_monitor_keeps_checkpoints_and_serves_the_outer_state(processes, tmp
     flags = ["--resume_from", str(directory), *LOCAL_STEPS]
     resumed = MonitorProcess(workdir / "resumed", "resumed-local-steps", flags, name="monitor-resumed")
     processes.append(resumed)
-    resumed.wait_ready()
+    maddrs = resumed.wait_ready()
     assert resumed.get("/api/status")["state_epoch"] == epoch
     assert f"Resumed the outer state of epoch {epoch} from {directory}" in resumed.log_text()
+
+    # and anyone pulls the outer state straight from the swarm (here its only holder, the resumed monitor)
+    pulled = tmp_path / "pulled"
+    pull = [sys.executable, "-m", "monitor.checkpoint_cli", "pull", "--initial-peers", *maddrs]
+    pull += ["--run-id", "resumed-local-steps", "--run-key", run_key_of(resumed), "--local-steps", "2"]
+    result = run_cli([*pull, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--out", str(pulled)], timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    manifest = json.loads((pulled / "manifest.json").read_text())
+    assert (manifest["epoch"], manifest["training_mode"], manifest["outer_step"]) == (epoch, "local-steps", epoch)
+    weights, saved = load_file(pulled / "model.safetensors"), load_file(directory / "model.safetensors")
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[name], saved[name]) for name in saved)
+    momentum = torch.load(pulled / "training_state.pt", weights_only=True)["outer_momentum"]
+    torch.testing.assert_close(flat(momentum), flat(training_state["outer_momentum"]), rtol=0, atol=0)
 
 
 TOOK = re.compile(r"Took the swarm's outer state of epoch (\d+)")

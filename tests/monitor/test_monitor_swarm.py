@@ -25,10 +25,16 @@ from safetensors.torch import load_file
 
 from monitor.records import monitor_validators
 from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, publish_progress
-from peer.swarm.run_key import RunKey
 from peer.swarm.run_record import check_model_matches
 from tests.harness import run_cli, wait_until
-from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, chromium, logits_with_transformers_alone
+from tests.monitor.conftest import (
+    CHROMIUM,
+    MonitorProcess,
+    PeerProcess,
+    chromium,
+    logits_with_transformers_alone,
+    run_key_of,
+)
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
@@ -52,11 +58,6 @@ def download_with_cli(monitor: MonitorProcess, epoch: int, out: Path) -> subproc
     command = [sys.executable, "-m", "monitor.checkpoint_cli", "download", "--from", monitor.url]
     command += ["--run-key", run_key_of(monitor), "--epoch", str(epoch), "--out", str(out)]
     return run_cli(command, timeout=120)
-
-
-def run_key_of(monitor: MonitorProcess) -> str:
-    """The fingerprint a downloader is handed: that of the run key the monitor keeps in its run dir."""
-    return RunKey.load_or_create(monitor.workdir / "run_key.pem").fingerprint
 
 
 @pytest.fixture(scope="module")
