@@ -243,6 +243,9 @@ class LocalStepsSwarm:
         """Apply the round's mean (waiting for it) with the outer optimizer and move to the next epoch."""
         pending, self._pending = self._pending, None
         averaged, peers = self._round_result(pending)
+        if averaged is None:
+            self._restart_round()  # behind the swarm: the next step downloads its state
+            return
         sent, received = (now - then for now, then in zip(self.averaged_bytes, pending.traffic))
         # the next epoch's state is made apart and published whole: a joiner served "epoch E" while the re-sync
         # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
@@ -332,8 +335,16 @@ class LocalStepsSwarm:
         copy_into(self.parameters, self.outer)
         self.tracker.report_local_progress(self._epoch, 0, update_global_samples=False)
 
-    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor], int]:
-        """The swarm's sample-weighted mean of the pseudo-gradients, or this peer's own if no round succeeded."""
+    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor] | None, int]:
+        """The swarm's sample-weighted mean of the pseudo-gradients, this peer's own if no round succeeded, or None
+        if the round showed this peer behind the swarm.
+
+        hivemind groups by prefix only, so a peer whose tracker had not yet seen the swarm's step can land in a round
+        of the next epoch: the mean of pseudo-gradients taken from newer outer weights, applied to its older ones,
+        would be no peer's state. Members' gathered epochs are their word, so a peer drops its round only when its
+        tracker agrees that the swarm is ahead. (Members one round behind in a round of this peer's epoch add a
+        pseudo-gradient one round stale, as an overlapped round's is.)
+        """
         if pending.control is None:
             return pending.pseudo, 1
         try:
@@ -343,6 +354,13 @@ class LocalStepsSwarm:
             return pending.pseudo, 1
         if not gathered:
             return pending.pseudo, 1
+        ahead = sorted({value for value in gathered.values() if type(value) is int and value > self._epoch})
+        if ahead and self.tracker.global_epoch > self._epoch:
+            logger.warning(
+                f"Outer round of epoch {self._epoch} grouped with peers at epochs {ahead[:5]}: this peer is behind "
+                "the swarm; dropping the round's work to take the swarm's state"
+            )
+            return None, len(gathered)
         with self.averager.get_tensors() as buffers:
             return [buffer.clone() for buffer in buffers], len(gathered)
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from peer.backup import Backups
-from peer.local_steps import MAX_RESYNC_CHANGE, build_local_steps
+from peer.local_steps import MAX_RESYNC_CHANGE, PendingRound, build_local_steps
 from peer.swarm.config import OptimConfig, SwarmConfig
+from peer.swarm.outer_state import copy_into
 from tests.harness import wait_until
 
 pytestmark = [pytest.mark.slow]
@@ -258,6 +259,44 @@ def test_two_overlapping_peers_average_in_the_background_and_their_outer_weights
     common = sorted(set(outers[0]) & set(outers[1]) - {0})
     agreeing = [epoch for epoch in common if torch.equal(outers[0][epoch], outers[1][epoch])]
     assert len(agreeing) >= 2, common
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_in_a_round_of_a_newer_epoch_drops_it_and_the_other_applies_it(started, caplog):
+    """hivemind groups by prefix only: a peer at epoch 2 whose tracker had not yet seen the swarm's step to 3 averages
+    in epoch 3's round (a real round between the two). Once its tracker shows epoch 3 it drops the round's work (its
+    outer weights stay epoch 2's: it downloads the swarm's state next); the peer at epoch 3 takes the mean."""
+    optim = dataclasses.replace(OPTIM, matchmaking_time=2, averaging_timeout=10)
+    first = started("ls-state-k", small_model(0), optim=optim)
+    second = started("ls-state-k", small_model(0), join_first=True, optim=optim)
+    for mode, epoch in ((first, 3), (second, 2)):
+        with mode._state_lock:
+            mode._epoch = epoch
+        with mode.tracker.pause_updates():
+            mode.tracker.update_epoch(epoch)
+    first.tracker.report_local_progress(3, 4)  # hivemind publishes a peer's entry once it reports samples
+    before = flat(second.outer).clone()
+
+    def start_round(mode, epoch):
+        pseudo = [torch.full_like(weight, 0.01) for weight in mode.outer]
+        with mode.averager.get_tensors() as buffers:
+            copy_into(buffers, pseudo)
+        control = mode.averager.step(gather=epoch, weight=4.0, timeout=10, wait=False)
+        anchor = [parameter.detach().float().clone() for parameter in mode.parameters]
+        mode._pending = PendingRound(control, pseudo, anchor, mode.averaged_bytes, time.monotonic())
+        mode._samples = 4
+
+    start_round(first, 3)
+    start_round(second, 2)
+    wait_until(lambda: first._pending.done() and second._pending.done(), 60, "the round of the two")
+    assert first._pending.control.result() and len(second._pending.control.result()) == 2
+    wait_until(lambda: second.tracker.global_epoch == 3, 30, "peer 2's tracker to see epoch 3")
+    with caplog.at_level("WARNING", logger="peer.local_steps"):
+        second._finish_round()
+        first._finish_round()
+    assert "Outer round of epoch 2 grouped with peers at epochs [3]: this peer is behind" in caplog.text
+    assert second.epoch == 2 and torch.equal(flat(second.outer), before) and second.dropped_samples == 4
+    assert first.epoch == 4 and not torch.equal(flat(first.outer), before)  # it stepped with the mean
 
 
 @pytest.mark.timeout(60)
