@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from monitor.checkpoint import CheckpointStore
@@ -31,6 +31,9 @@ class SwarmCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap, live = self.live.snapshot, self.live
+        if live.mode:
+            mode = {"mode": live.mode["name"], "local_steps": str(live.mode["local_steps"])}
+            yield InfoMetricFamily("albert_swarm_training_mode", "How the run trains (its --local-steps)", value=mode)
         yield _gauge("albert_swarm_epoch", "Global epoch of the swarm (optimizer steps made together).", snap.epoch)
         loss = snap.loss if snap.loss is not None else math.nan
         yield _gauge("albert_swarm_loss", "Swarm MLM loss: sum of peers' losses over sum of their mini-steps.", loss)

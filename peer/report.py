@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tqdm import tqdm
 
 from peer.contribution import Contribution
+from peer.swarm.config import OptimConfig
 from peer.swarm.progress import (
     MAX_MINI_STEP_LOSS,
     MAX_SAMPLES_PER_SECOND,
@@ -52,6 +53,14 @@ class PeerMetrics:
         self.recoveries = counter("albert_peer_recoveries", "Times parameters were reloaded after becoming non-finite")
         self.aggregation_seconds = counter(
             "albert_peer_robust_aggregation_seconds", "Seconds this peer spent in CenteredClip on the parts it reduced"
+        )
+
+    def show_mode(self, optim: OptimConfig) -> None:
+        """Export the training mode as albert_peer_training_mode_info{mode, local_steps, overlap}."""
+        info = prometheus_client.Info("albert_peer_training_mode", "How this peer trains", registry=self.registry)
+        overlap = bool(optim.local_steps and optim.delay_optimizer_step)
+        info.info(
+            {"mode": optim.training_mode, "local_steps": str(optim.local_steps), "overlap": str(overlap).lower()}
         )
 
     def watch_training(self, training: TrainingMode) -> None:

@@ -169,6 +169,7 @@ def start_peer(swarm: SwarmConfig, optim: OptimConfig, config: PeerConfig) -> Pe
         stop = StopSignal().install()  # after the Optimizer: its averagers set SIGINT to "ignore"
         stop.on_stop(training.cancel)  # a stopped peer waits for no group that may never form
         metrics = PeerMetrics()
+        metrics.show_mode(optim)
         if config.metrics_port:
             metrics.serve(config.metrics_port)
         reporter = Reporter(
