@@ -5,8 +5,12 @@ Runs (same preset, tokenizer, corpus, effective batch, LAMB + linear schedule, t
   swarm-2    2 peers on loopback (a monitor bootstraps them)
   swarm-4    4 peers
   churn-4    4 peers, one SIGKILLed and a fresh one started every --churn-every epochs
+  local-4    4 peers in local-steps (DiLoCo) mode: --local-steps H inner steps per outer step, with --local-args
+  overlap-4  the same, the outer all-reduce overlapping the next inner phase (--delay_optimizer_step)
 Every run is scored every --eval-every epochs on the same held-out token set (monitor.evaluation); swarm runs are
-scored from the peers' backups (every live peer holds the same averaged weights). Prints a table, saves a PNG.
+scored from the peers' backups (every live peer holds the same averaged weights; in local-steps mode, the outer
+weights). A local-steps epoch is one outer step of H x --target-batch-size samples: its schedule (warm-up, total)
+counts outer steps, so it gets --warmup-epochs / H of them. Prints a table, saves a PNG.
 
     nice -n 10 python tests/benchmarks/bench_parity.py --samples 16384 --max-length 64 --learning-rate 0.01 \
         --warmup-epochs 16 --eval-every 16 --churn-every 16 --save-models models --out parity.png
@@ -38,6 +42,7 @@ from model import LeanAlbertForMaskedLM, load_config
 from monitor.evaluation import HeldOutSet
 from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import make_optimizer, make_scheduler, param_groups
+from peer.swarm.outer_state import trainable
 from tests.harness import child_env
 from tests.harness import kill_group as kill_process_group
 
@@ -75,6 +80,12 @@ def parse_args() -> argparse.Namespace:
         help='Extra flags for every swarm peer, one string (e.g. "--average_state_every 4"): ablations.',
     )
     parser.add_argument("--churn-every", type=int, default=4, help="Epochs between churn events.")
+    parser.add_argument("--local-steps", type=int, default=4, help="H of the local-N and overlap-N runs.")
+    parser.add_argument(
+        "--local-args",
+        default="--grad_compression fp16",
+        help='Extra flags for the local-steps runs\' peers and monitor (e.g. "--inner_optimizer adamw").',
+    )
     parser.add_argument("--runs", default="reference,swarm-2,swarm-4,churn-4")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-parity"))
     parser.add_argument("--out", type=Path, default=Path("parity.png"))
@@ -140,11 +151,13 @@ def astuple(result) -> tuple[float, float]:
     return result.loss, result.accuracy
 
 
-def optim_flags(args, epochs: int) -> list[str]:
+def optim_flags(args, epochs: int, local_steps: int = 0) -> list[str]:
+    """The run-wide flags; with local steps, epochs are outer steps (and so are the schedule's warm-up and total)."""
     optim = optim_config(args, epochs)
+    warmup = max(1, optim.warmup_epochs // local_steps) if local_steps else optim.warmup_epochs
     return [
         *("--target_batch_size", str(optim.target_batch_size), "--learning_rate", str(optim.learning_rate)),
-        *("--warmup_epochs", str(optim.warmup_epochs), "--total_epochs", str(optim.total_epochs)),
+        *("--warmup_epochs", str(warmup), "--total_epochs", str(optim.total_epochs)),
         *("--matchmaking_time", str(optim.matchmaking_time), "--averaging_timeout", str(optim.averaging_timeout)),
         *("--load_state_timeout", str(optim.load_state_timeout)),
     ]
@@ -174,8 +187,19 @@ def swarm_epoch(http_port: int) -> int:
         return 0
 
 
-def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Run, Path]:
-    """Monitor + `peers` trainers until --max-epochs; returns the run and the directory holding the backups."""
+def local_flags(args, kind: str) -> list[str]:
+    """The flags of a local-steps run (kind local or overlap), for its peers and its monitor alike; [] otherwise."""
+    if kind not in ("local", "overlap"):
+        return []
+    overlap = ["--delay_optimizer_step"] if kind == "overlap" else []
+    return ["--local_steps", str(args.local_steps), *shlex.split(args.local_args), *overlap]
+
+
+def run_swarm(args, name: str, peers: int, churn: bool, epochs: int, local: list[str]) -> tuple[Run, Path]:
+    """Monitor + `peers` trainers until --max-epochs (outer steps with ``local``, the local-steps flags); returns the
+    run and the directory holding the backups."""
+    steps = args.local_steps if local else 0
+    backup_every = max(1, args.eval_every // steps) if steps else args.eval_every
     workdir = args.workdir / name
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, run = 18000 + random.randint(0, 999), Run(name)
@@ -184,7 +208,8 @@ def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Ru
             *("-m", "monitor", "--run_id", name, "--run_dir", str(workdir / "monitor")),
             *("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--http_host", "127.0.0.1", "--http_port", str(http_port)),
             *("--refresh_period", "2", "--model", args.model, "--checkpoint_every", "0"),
-            *optim_flags(args, epochs),
+            *optim_flags(args, epochs, steps),
+            *local,
         ],
         workdir / "monitor.log",
     )
@@ -202,9 +227,10 @@ def run_swarm(args, name: str, peers: int, churn: bool, epochs: int) -> tuple[Ru
                     *("--corpus", args.corpus, "--batch_size", str(args.batch_size)),
                     *("--max_length", str(args.max_length), "--max_epochs", str(epochs)),
                     *("--backup_dir", str(workdir / "backups" / f"peer-{index}"), "--keep_backups", "100000"),
-                    *("--backup_every", str(args.eval_every), "--record_expiration", "15"),
-                    *optim_flags(args, epochs),
+                    *("--backup_every", str(backup_every), "--record_expiration", "15"),
+                    *optim_flags(args, epochs, steps),
                     *shlex.split(args.peer_args),
+                    *local,
                 ],
                 workdir / f"peer-{index}.log",
             )
@@ -251,16 +277,24 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen) ->
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def score_backups(args, run: Run, backups: Path, tokenizer, held_out: HeldOutSet, epochs: int) -> None:
-    """Score, per evaluation epoch, one peer's backup of it (all peers hold the same averaged weights)."""
+def score_backups(
+    args, run: Run, backups: Path, tokenizer, held_out: HeldOutSet, epochs: int, samples_per_epoch: int
+) -> None:
+    """Score, per evaluation epoch, one peer's backup of it (all peers hold the same averaged weights; in local-steps
+    mode its outer weights, not the local weights of the moment it was written)."""
     by_epoch: dict[int, Path] = {}
     for path in sorted(backups.glob("peer-*/epoch-*.pt")):
         by_epoch.setdefault(int(path.stem.split("-")[1]), path)
     model = fresh_model(args, tokenizer)
     run.points.append((0, *astuple(held_out.score(model))))
     for epoch in sorted(e for e in by_epoch if 0 < e <= epochs):
-        model.load_state_dict(torch.load(by_epoch[epoch], map_location="cpu", weights_only=False)["model"])
-        run.points.append((epoch * args.target_batch_size, *astuple(held_out.score(model))))
+        state = torch.load(by_epoch[epoch], map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        if "local_steps" in state:
+            with torch.no_grad():
+                for parameter, outer in zip(trainable(model), state["local_steps"]["outer"], strict=True):
+                    parameter.copy_(outer)
+        run.points.append((epoch * samples_per_epoch, *astuple(held_out.score(model))))
         print(f"  {run.name} epoch {epoch}: held-out loss {run.points[-1][1]:.4f}", flush=True)
     if len(run.points) == 1:
         run.note += "FAILED: no backup past epoch 0, see the peers' logs; "
@@ -300,9 +334,12 @@ def main() -> None:
         if name == "reference":
             runs.append(run_reference(args, tokenizer, held_out, epochs))
             continue
-        peers, churn = int(name.split("-")[1]), name.startswith("churn")
-        run, backups = run_swarm(args, name, peers, churn, epochs)
-        score_backups(args, run, backups, tokenizer, held_out, epochs)
+        kind, peers = name.split("-")[0], int(name.split("-")[1])
+        local = local_flags(args, kind)
+        outer_epochs = epochs // args.local_steps if local else epochs  # the same samples in outer steps
+        run, backups = run_swarm(args, name, peers, kind == "churn", outer_epochs, local)
+        per_epoch = args.target_batch_size * (args.local_steps if local else 1)
+        score_backups(args, run, backups, tokenizer, held_out, outer_epochs, per_epoch)
         runs.append(run)
     report(runs, args, epochs)
 
