@@ -117,6 +117,14 @@
     absurd count makes every peer step.      tracker, .load_state_from_peers
     Proved on plain hivemind: tests/peer/test_vouched_progress.py::test_an_absurd_count_and_an_unvouched_epoch
       [hivemind] (test_an_entry_500_epochs_ahead_does_not_stall_a_real_swarm shows the swarm training on here)
+20  Averaging groups form by prefix only:    peer/local_steps.py:                groups by round (e.g. the
+    a peer whose tracker has not yet seen    LocalStepsSwarm._round_result       epoch in the group key)
+    the swarm's step joins the next epoch's  (drops the round when behind),
+    round, and the mean of states or         ._resynced (keeps its own state
+    pseudo-gradients of two epochs is no     in a group of mixed epochs)
+    epoch's.
+    Proved here: tests/peer/test_local_steps_state.py::
+      test_a_peer_in_a_round_of_a_newer_epoch_drops_it_and_the_other_applies_it (a real round of epochs 2 and 3)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 
