@@ -21,6 +21,7 @@ import torch
 from peer.local_steps import build_local_steps
 from peer.swarm.config import OptimConfig, SwarmConfig
 from tests.harness import GroupProcess, wait_until
+from tests.peer.test_local_steps_state import train_until_epoch
 
 pytestmark = [pytest.mark.slow]
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -89,10 +90,7 @@ def start_mode(scene, model: torch.nn.Module, initial_peers=()):
 def test_a_joiner_refuses_every_crafted_outer_state_and_takes_the_honest_one(scene, refusal_log, tmp_path):
     donor_model = small_model(0)
     donor_dht, donor = start_mode(scene, donor_model)
-    for _ in range(4):  # two outer steps alone
-        donor_model(torch.randn(4, 6)).pow(2).sum().backward()
-        donor.step(4)
-        donor.zero_grad()
+    train_until_epoch(donor_model, donor, 2)  # two outer steps alone
     assert donor.epoch == 2
     maddrs = [str(maddr) for maddr in donor_dht.get_visible_maddrs()]
     shapes = [list(tensor.shape) for tensor in (*donor.outer, *donor.momentum)]
