@@ -75,7 +75,8 @@ class PendingRound:
     pseudo: list[torch.Tensor]  # this peer's (error-fed) pseudo-gradient: the fallback if the round fails
     anchor: list[torch.Tensor]  # the local weights when the round started
     traffic: tuple[int, int]  # bytes sent and received before it
-    started: float
+    samples: int  # the samples behind the pseudo-gradient (its weight in the mean)
+    started: float  # time.perf_counter(), the clock of hivemind's throughput estimate
 
     def done(self) -> bool:
         return self.control is None or self.control.done()
@@ -163,9 +164,10 @@ class LocalStepsSwarm:
         return self.averager.bytes_sent, self.averager.bytes_received
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
-        if self._pending is not None:
-            if self._pending.done():
-                self._finish_round()
+        pending = self._pending  # read once: cancel() may clear it from the stop thread
+        if pending is not None:
+            if pending.done() and not self._finish_round():
+                return  # dropped: this batch's gradients were computed on the discarded local weights
         elif self.tracker.global_epoch > self._epoch and self._caught_up():
             return  # this batch's gradients were computed on the stale local weights
         if scaler is None:
@@ -236,16 +238,21 @@ class LocalStepsSwarm:
                 logger.warning(f"Outer round not started ({error!r})")
                 control = None
             anchor = [parameter.detach().float().cpu().clone() for parameter in self.parameters]
-            self._pending = PendingRound(control, pseudo, anchor, before, time.monotonic())
+            self._pending = PendingRound(control, pseudo, anchor, before, self._samples, time.perf_counter())
             self._samples = 0
 
-    def _finish_round(self) -> None:
-        """Apply the round's mean (waiting for it) with the outer optimizer and move to the next epoch."""
+    def _finish_round(self) -> bool:
+        """Apply the round's mean (waiting for it) with the outer optimizer and move to the next epoch; False if the
+        round was dropped (cancelled meanwhile, or this peer was behind the swarm: its next step downloads)."""
         pending, self._pending = self._pending, None
+        if pending is None:
+            return False
         averaged, peers = self._round_result(pending)
         if averaged is None:
-            self._restart_round()  # behind the swarm: the next step downloads its state
-            return
+            self.dropped_samples += pending.samples
+            self.feedback.reset()  # the residual belonged to the dropped pseudo-gradient
+            self._restart_round()
+            return False
         sent, received = (now - then for now, then in zip(self.averaged_bytes, pending.traffic))
         # the next epoch's state is made apart and published whole: a joiner served "epoch E" while the re-sync
         # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
@@ -265,12 +272,16 @@ class LocalStepsSwarm:
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self._epoch)
         if self._samples:  # trained while the round was under way: they count toward this epoch's round
+            # over the time they took (leaving the pause restarted hivemind's throughput clock: counted from now,
+            # they would read as trained in no time, and the swarm's estimate would call rounds early)
+            self.tracker.performance_ema.timestamp = pending.started
             self.tracker.report_local_progress(self._epoch, self._samples)
-        overlapped = f" in {time.monotonic() - pending.started:.1f} s, overlapped" if self.overlap else ""
+        overlapped = f" in {time.perf_counter() - pending.started:.1f} s, overlapped" if self.overlap else ""
         logger.info(
             f"Outer step to epoch {self._epoch}: averaged pseudo-gradients with {peers} peers{overlapped}, "
             f"sent {sent} B, received {received} B"
         )
+        return True
 
     def _carry_inner_steps(self, anchor: list[torch.Tensor]) -> None:
         """Local weights = the new outer weights plus the inner steps taken since the round started (none unless
@@ -420,7 +431,10 @@ class LocalStepsSwarm:
     def _drop_pending_round(self) -> None:
         """Give up a round under way (its result would apply to a state this peer is replacing)."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending.control is not None:
+        if pending is None:
+            return
+        self.dropped_samples += pending.samples
+        if pending.control is not None:
             pending.control.cancel()
 
     def _take_outer_state(self, epoch: int, outer, momentum) -> None:

@@ -98,7 +98,8 @@ class OptimConfig:
             zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
         delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
             With --local-steps: the outer all-reduce runs while the next inner steps go on, and its outer step is
-            added to them when it lands (no wait for the round unless it outlasts an inner phase).
+            added to them when it lands (the peer never waits for it: the samples trained meanwhile count toward the
+            next round).
         delay_grad_averaging: Average gradients in the background too, for the most overlap (needs
             --delay-optimizer-step; not with --local-steps).
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).

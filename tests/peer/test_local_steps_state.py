@@ -27,7 +27,8 @@ OPTIM = OptimConfig(
 )
 
 # the outer all-reduce runs while the next inner steps go on
-OVERLAPPED = dataclasses.replace(OPTIM, delay_optimizer_step=True, warmup_epochs=0)  # inner steps move at epoch 0
+# (no warm-up: inner steps move at epoch 0)
+OVERLAPPED = dataclasses.replace(OPTIM, delay_optimizer_step=True, warmup_epochs=0, matchmaking_time=2)
 
 
 def small_model(seed: int) -> torch.nn.Module:
@@ -202,7 +203,7 @@ def test_a_resync_moves_the_outer_state_at_most_the_bound_toward_the_mean(starte
 
 @pytest.mark.timeout(120)
 def test_two_peers_whose_outer_states_came_apart_converge_by_resyncs(started, caplog):
-    """Two honest peers 26% apart (as two that each stepped alone on a failed round were in CI) meet in 4 re-syncs:
+    """Two honest peers 26% apart (as two that each stepped alone on a failed round were in CI) meet in 3 re-syncs:
     each moves MAX_RESYNC_CHANGE toward the mean until the mean is within it, then takes the mean."""
     first, second = started("ls-state-h", small_model(0)), started("ls-state-h", small_model(0), join_first=True)
     own = ([t.clone() for t in first.outer], [torch.full_like(t, 0.1) for t in first.momentum])
@@ -236,7 +237,7 @@ def test_an_overlapped_round_carries_the_inner_steps_taken_meanwhile_onto_the_ne
     assert mode._pending is not None and mode.epoch == 0  # started, and the peer did not wait for it
     anchor = [tensor.clone() for tensor in mode._pending.anchor]
     torch.testing.assert_close(flat(anchor), flat(model.parameters()), rtol=0, atol=0)
-    train_steps(model, mode, 2)  # inner steps overlapping the round (it cannot end before its 1 s matchmaking)
+    train_steps(model, mode, 2)  # inner steps overlapping the round (it cannot end before its 2 s matchmaking)
     assert mode._pending is not None and mode._samples == 8
     moved = [parameter.detach().clone() - start for parameter, start in zip(model.parameters(), anchor)]
     assert flat(moved).norm() > 0
@@ -270,7 +271,8 @@ def test_two_overlapping_peers_average_in_the_background_and_their_outer_weights
     print(f"epochs {[mode.epoch for mode in modes]}, rounds of two {together}, overlapped steps {overlapped_steps}")
     assert min(mode.epoch for mode in modes) >= 4 and together >= 4 and overlapped_steps >= 8
     common = sorted(set(outers[0]) & set(outers[1]) - {0})
-    agreeing = [epoch for epoch in common if torch.equal(outers[0][epoch], outers[1][epoch])]
+    # each peer holds its own + (mean - own): equal up to fp32 rounding
+    agreeing = [epoch for epoch in common if torch.allclose(outers[0][epoch], outers[1][epoch], rtol=1e-6, atol=1e-7)]
     assert len(agreeing) >= 2, common
 
 
@@ -296,8 +298,7 @@ def test_a_peer_in_a_round_of_a_newer_epoch_drops_it_and_the_other_applies_it(st
             copy_into(buffers, pseudo)
         control = mode.averager.step(gather=epoch, weight=4.0, timeout=10, wait=False)
         anchor = [parameter.detach().float().clone() for parameter in mode.parameters]
-        mode._pending = PendingRound(control, pseudo, anchor, mode.averaged_bytes, time.monotonic())
-        mode._samples = 4
+        mode._pending = PendingRound(control, pseudo, anchor, mode.averaged_bytes, 4, time.perf_counter())
 
     start_round(first, 3)
     start_round(second, 2)
