@@ -73,7 +73,7 @@ class PendingRound:
 
     control: object | None  # hivemind's StepControl; None if the round could not even start
     pseudo: list[torch.Tensor]  # this peer's (error-fed) pseudo-gradient: the fallback if the round fails
-    anchor: list[torch.Tensor]  # the local weights when the round started
+    anchor: list[torch.Tensor] | None  # the local weights when an overlapped round started (None: not overlapped)
     traffic: tuple[int, int]  # bytes sent and received before it
     samples: int  # the samples behind the pseudo-gradient (its weight in the mean)
     started: float  # time.perf_counter(), the clock of hivemind's throughput estimate
@@ -237,7 +237,10 @@ class LocalStepsSwarm:
             except Exception as error:  # noqa: BLE001 - a shut-down averager: step with this peer's own
                 logger.warning(f"Outer round not started ({error!r})")
                 control = None
-            anchor = [parameter.detach().float().cpu().clone() for parameter in self.parameters]
+            # only an overlapped round has inner steps to carry; a blocking one needs no copy of the weights
+            anchor = (
+                [parameter.detach().float().cpu().clone() for parameter in self.parameters] if self.overlap else None
+            )
             self._pending = PendingRound(control, pseudo, anchor, before, self._samples, time.perf_counter())
             self._samples = 0
 
@@ -283,9 +286,12 @@ class LocalStepsSwarm:
         )
         return True
 
-    def _carry_inner_steps(self, anchor: list[torch.Tensor]) -> None:
+    def _carry_inner_steps(self, anchor: list[torch.Tensor] | None) -> None:
         """Local weights = the new outer weights plus the inner steps taken since the round started (none unless
         the round overlapped them)."""
+        if anchor is None:
+            copy_into(self.parameters, self.outer)
+            return
         with torch.no_grad():
             local = [
                 weight + (parameter.detach().float().cpu() - start)

@@ -20,13 +20,13 @@ QUANTIZED_COMPRESSIONS = ("int8-block", "int4-block")
 AGGREGATIONS = ("mean", "centered-clip")
 
 
-# with --join, the run id and run key come from the join string; --initial-peers adds to its peers
 def is_run_id(text: str) -> bool:
     """Whether ``text`` can name a run: non-empty, without '.', '/' or spaces (every DHT key of the run starts with
     it; hivemind's averagers add '.'-separated parts, e.g. ``{run_id}_state_averager.all_averagers``)."""
     return bool(text) and not any(char in text for char in ". /")
 
 
+# with --join, the run id and run key come from the join string; --initial-peers adds to its peers
 @scoped("per-peer", run_id="run-wide", run_key="run-wide")
 @help_from_docstring
 @dataclass
