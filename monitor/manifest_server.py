@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 # neither fills the log nor silences the refusals of honest peers that come after it.
 MAX_NOTICES_PER_MINUTE = 60
 MAX_STREAMS = 16  # manifest and tokenizer requests served at once (a joiner makes a few, one after the other)
+# A stream beyond MAX_STREAMS is told "busy", but only after its request line is read (or this many seconds): a
+# stream closed with the request unread is reset, and the reset can drop the answer before the asker reads it (CI).
+BUSY_READ_TIMEOUT = 2.0
+MAX_BUSY = 64  # busy answers pending at once; beyond them a stream is closed unanswered
 START_TIMEOUT = 30.0
 
 
@@ -85,6 +89,7 @@ class ManifestServer:
         self._window_start = time.monotonic()
         # streams served at once: a stranger who opens many and never reads the answers holds a bounded few
         self._serving: asyncio.Semaphore | None = None
+        self._busy = 0  # streams waiting for their "busy" answer
         self._loop = asyncio.new_event_loop()
         self._p2p: P2P | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="manifest-server", daemon=True)
@@ -98,7 +103,7 @@ class ManifestServer:
 
     async def _handle(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._serving.locked():
-            await answer(writer, error="busy: try again in a few seconds")
+            await self._answer_busy(reader, writer)
             return
         async with self._serving:
             try:  # the whole exchange, answer included: a reader that never reads does not hold a slot for ever
@@ -106,6 +111,22 @@ class ManifestServer:
             except TimeoutError:
                 writer.close()
                 logger.debug(f"A manifest request of {info.peer_id} timed out")
+
+    async def _answer_busy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._busy >= MAX_BUSY:
+            writer.close()
+            return
+        self._busy += 1
+        try:
+            try:
+                await asyncio.wait_for(reader.readline(), BUSY_READ_TIMEOUT)
+            except (TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
+                pass  # a silent or oversize request is told "busy" all the same
+            await answer(writer, error="busy: try again in a few seconds")
+        except ConnectionError:
+            pass
+        finally:
+            self._busy -= 1
 
     async def _serve(self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

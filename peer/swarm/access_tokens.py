@@ -110,6 +110,9 @@ def identity_peer_id(identity_path: str | Path) -> PeerID:
     return PeerID.from_identity(Path(identity_path).read_bytes())
 
 
+MAX_SUBJECTS = 4096
+
+
 class RateLimitedWarning:
     """Logs a warning about one subject at most once every ``period`` seconds (a refused flood stays readable)."""
 
@@ -119,5 +122,8 @@ class RateLimitedWarning:
     def __call__(self, subject: str, message: str) -> None:
         now = time.monotonic()
         if now - self._last.get(subject, -self.period) >= self.period:
+            self._last.pop(subject, None)
             self._last[subject] = now
+            while len(self._last) > MAX_SUBJECTS:  # subjects can be strangers' peer ids: remember the newest few
+                self._last.pop(next(iter(self._last)))
             self.log.warning(message)

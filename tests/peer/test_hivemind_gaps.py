@@ -14,6 +14,7 @@ from pathlib import Path
 import hivemind
 import pytest
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.compression import serialization
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.grad_averager import GradientAverager
@@ -52,13 +53,15 @@ PRIVATE_METHODS = [
     (DecentralizedAverager, "_load_state_from_peers"),  # state_check.py CheckedDownloads
     (ServicerBase, "_get_handle_name"),  # averagers.py HivemindHandleNames
     (DecentralizedAverager, "_run_allreduce_inplace_"),  # robust_allreduce.py RobustAggregation
+    (DecentralizedAverager, "_aggregate_with_group"),  # averager_guard.py GuardedAveragerMixin
+    (Matchmaking, "_request_join_group"),  # averager_guard.py follow_members_only
     (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
 ]
 # private attributes set in __init__, found in the class's source
 PRIVATE_ATTRIBUTES = [
     (TokenAuthorizerBase, "self._local_access_token"),  # peer/swarm/access.py RunAuthorizer
     (DecentralizedAverager, "self._outer_pipe"),  # state_check.py CheckedDownloads.load_state_from_peers
-    (DecentralizedAverager, "self._matchmaking"),  # state_check.py CheckedDownloads._donors
+    (DecentralizedAverager, "self._matchmaking"),  # state_check.py CheckedDownloads._donors; averager_guard.py
     (DHTProtocol, "self.routing_table"),  # rejoin.py
     (DecentralizedAverager, "self.allreduce_kwargs"),  # traffic.py CountedTraffic.run
 ]

@@ -1,0 +1,136 @@
+"""Closed runs: a member's averager deals with members only, outgoing as well as incoming (real DHTs, real averagers).
+
+The stranger here is what a revoked attacker that stays online is once its token ended: a plain hivemind averager on
+the run's prefix, declaring itself as a leader and as a state donor, answering whoever calls it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hivemind
+import pytest
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.utils import get_dht_time
+
+from peer.hivemind_gaps.averager_guard import GuardedAveragerMixin, MembershipCheck
+from peer.hivemind_gaps.averagers import HivemindHandleNames
+from peer.hivemind_gaps.state_check import CheckedDownloads
+from peer.swarm.access_tokens import members_key
+from tests.peer.test_access import AUTHORITY, LOOPBACK, signed_token
+
+PREFIX = "guard_test"
+
+
+class MembersOnlyAverager(HivemindHandleNames, GuardedAveragerMixin, DecentralizedAverager):
+    """The guard on hivemind's base averager: what every guarded averager of the swarm composes."""
+
+
+def start_dht(initial: hivemind.DHT | None = None) -> hivemind.DHT:
+    peers = [str(maddr) for maddr in initial.get_visible_maddrs()] if initial else []
+    return hivemind.DHT(initial_peers=peers, start=True, host_maddrs=LOOPBACK)
+
+
+def admit(dht: hivemind.DHT) -> None:
+    """Store an authority-signed token of ``dht``'s peer id in the run's member list."""
+    token = signed_token(dht.peer_id.to_base58(), b"key of " + dht.peer_id.to_bytes(), 300)
+    stored = dht.store(
+        members_key("run"), token.SerializeToString(), get_dht_time() + 300, subkey=dht.peer_id.to_bytes()
+    )
+    assert stored
+
+
+def averager(cls, dht: hivemind.DHT, tensors=None, **kwargs) -> DecentralizedAverager:
+    return cls(
+        tensors or [torch.zeros(8)],
+        dht,
+        prefix=PREFIX,
+        target_group_size=3,
+        min_group_size=2,
+        min_matchmaking_time=3.0,
+        request_timeout=1.0,
+        start=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.timeout(180)
+def test_members_do_not_follow_a_stranger_that_leads_and_average_among_themselves():
+    """The stranger starts looking first, so by hivemind's rules it is the leader both members ask; they average
+    with each other only. Without the outgoing check both joined its group (a round of three, in CI)."""
+    stranger_dht = start_dht()
+    dhts = [stranger_dht, start_dht(stranger_dht), start_dht(stranger_dht)]
+    averagers = []
+    try:
+        for dht in dhts[1:]:
+            admit(dht)
+        stranger = averager(DecentralizedAverager, stranger_dht)
+        members = [
+            averager(MembersOnlyAverager, dht, membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()))
+            for dht in dhts[1:]
+        ]
+        averagers = [stranger, *members]
+        stranger_round = stranger.step(gather="stranger", scheduled_time=get_dht_time() + 4, timeout=20, wait=False)
+        time.sleep(1.0)  # the stranger has declared itself (the earliest expiration: every member's first leader)
+        rounds = [
+            member.step(gather=f"member {index}", scheduled_time=get_dht_time() + 5, timeout=60, wait=False)
+            for index, member in enumerate(members)
+        ]
+        gathered = [future.result(timeout=90) for future in rounds]
+        member_ids = {dht.peer_id for dht in dhts[1:]}
+        for result in gathered:
+            assert set(result) == member_ids, f"a member averaged in a group of {sorted(map(str, result))}"
+        with pytest.raises(Exception):  # noqa: B017 -- whatever hivemind raises: the stranger found nobody
+            stranger_round.result(timeout=60)
+    finally:
+        for each in averagers:
+            each.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+class MembersOnlyDonorsAverager(HivemindHandleNames, GuardedAveragerMixin, CheckedDownloads):
+    """The guard on the averager that downloads states (as every guarded averager of the swarm that downloads)."""
+
+    def get_current_state(self):
+        _, tensors, infos = super().get_current_state()
+        return {"epoch": 0}, tensors, infos  # the metadata a swarm state carries (CheckedDownloads reads its epoch)
+
+
+class StrangerDonor(HivemindHandleNames, DecentralizedAverager):
+    def get_current_state(self):
+        _, tensors, infos = super().get_current_state()
+        return {"epoch": 0}, tensors, infos  # a state a member would accept, but for who serves it
+
+
+@pytest.mark.timeout(180)
+def test_a_joiner_downloads_the_state_of_a_member_not_of_a_stranger_at_a_higher_priority():
+    stranger_dht = start_dht()
+    dhts = [stranger_dht, start_dht(stranger_dht), start_dht(stranger_dht)]
+    averagers = []
+    try:
+        for dht in dhts[1:]:
+            admit(dht)
+        stranger = averager(StrangerDonor, stranger_dht, tensors=[torch.full((8,), 666.0)])
+        stranger.state_sharing_priority = 10.0  # asked first by hivemind's rule
+        donor, joiner = (
+            averager(
+                MembersOnlyDonorsAverager,
+                dht,
+                tensors=[torch.full((8,), value)],
+                membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()),
+            )
+            for dht, value in zip(dhts[1:], (1.0, 0.0))
+        )
+        averagers = [stranger, donor, joiner]
+        time.sleep(3.0)  # both donors declared themselves (hivemind declares every few seconds)
+        loaded = joiner.load_state_from_peers(timeout=30)
+        assert loaded is not None, "nothing downloaded: the member donor was not asked"
+        _, tensors = loaded
+        assert torch.equal(tensors[0], torch.ones(8)), f"downloaded {tensors[0]}: the stranger's state"
+    finally:
+        for each in averagers:
+            each.shutdown()
+        for dht in dhts:
+            dht.shutdown()
