@@ -188,7 +188,7 @@ def pull(args: argparse.Namespace) -> dict:
     from monitor.state import StateKeeper, build_run_model
     from peer.swarm.config import OptimConfig, SwarmConfig
     from peer.swarm.dht import build_dht
-    from peer.swarm.run_record import check_model_matches
+    from peer.swarm.run_record import check_model_matches, fetch_run_records
 
     trusted = trusted_fingerprint(args.run_key)
     swarm = SwarmConfig(
@@ -202,10 +202,14 @@ def pull(args: argparse.Namespace) -> dict:
         mismatch = check_model_matches(dht, args.run_id, run_model.fingerprint, trusted_key=trusted)
         if mismatch:
             raise CheckpointError(mismatch)
+        # the epoch a donor may claim is bounded by what the run's own monitor (signing with the run key) holds
+        monitor_epoch = max(
+            (record.state_epoch for record in fetch_run_records(dht, args.run_id, trusted)), default=-1
+        )
         # local steps: the outer weights and momentum (peers serve them under another prefix), else the training state
         keeper_class = OuterStateKeeper if optim.local_steps else StateKeeper
         keeper = keeper_class(dht, swarm, optim, run_model, client_mode=True)
-        if not keeper.fetch(timeout=args.timeout):
+        if not keeper.fetch(timeout=args.timeout, swarm_epoch=max(monitor_epoch, 0)):
             mode = f"--local-steps {optim.local_steps}" if optim.local_steps else "synchronous: without --local-steps"
             raise CheckpointError(
                 f"no peer of run {args.run_id!r} shared a {optim.training_mode} state in {args.timeout:g} s "
