@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from hivemind.averaging.partition import TensorPartContainer
 
-from peer.swarm.centered_clip import ClipSettings, centered_clip
+from peer.swarm.centered_clip import DEFAULT_REJECT_FACTOR, ClipSettings, centered_clip
 from tests.peer.real_gradients import honest_gradients
 
 PART_VALUES = 2**19 // 4  # hivemind's default part size, in fp32 values
@@ -67,15 +67,17 @@ def tau_sweep(gradients: list[list[torch.Tensor]], taus: list[float]) -> None:
         "3 honest + 2 sign flips x1000": (gradients[:3] + [[-1000 * g for g in gradients[3]]] * 2, 3),
     }
     print("tau sweep: cosine to the honest mean / norm over the honest mean's / most iterations of a part")
-    print(f"{'senders':32s}" + "".join(f"{'tau ' + str(tau):>24s}" for tau in taus))
+    print("(clip only: without leaving out the parts beyond reject_factor median distances)")
+    print(f"{'senders':44s}" + "".join(f"{'tau ' + str(tau):>24s}" for tau in taus))
     for name, (senders, honest) in scenarios.items():
         honest_mean = torch.stack([flat(grads) for grads in senders[:honest]]).mean(dim=0)
-        cells = []
-        for tau in taus:
-            robust, iterations = robust_vector(senders, ClipSettings(tau_factor=tau))
-            ratio = float(robust.norm() / honest_mean.norm())
-            cells.append(f"{cosine(robust, honest_mean):.3f} / {ratio:.3f} / {iterations:2d}")
-        print(f"{name:32s}" + "".join(f"{cell:>24s}" for cell in cells))
+        for label, reject in (("", DEFAULT_REJECT_FACTOR), (", clip only", float("inf"))):
+            cells = []
+            for tau in taus:
+                robust, iterations = robust_vector(senders, ClipSettings(tau_factor=tau, reject_factor=reject))
+                ratio = float(robust.norm() / honest_mean.norm())
+                cells.append(f"{cosine(robust, honest_mean):.3f} / {ratio:.3f} / {iterations:2d}")
+            print(f"{name + label:44s}" + "".join(f"{cell:>24s}" for cell in cells))
 
 
 def transposition_sort(parts: torch.Tensor) -> list[torch.Tensor]:

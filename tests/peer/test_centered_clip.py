@@ -56,6 +56,42 @@ def test_one_outlier_moves_the_result_by_at_most_about_tau(magnitude):
     assert result.scores[4] == max(result.scores) and result.scores[4] > 3, result.scores
 
 
+def test_two_far_senders_of_five_are_left_out_where_clipping_alone_turns_the_result():
+    """Two sign flippers x1000 of five, at a low signal-to-noise ratio (the spread 3x the signal, as small batches
+    give): left out, the result is the three honest parts' CenteredClip exactly; clipped only (reject_factor inf),
+    each pulls by tau and the result turns away from the honest mean."""
+    honest = honest_parts(3, seed=2, scale=3.0)
+    flippers = -1000 * honest[:2]
+    parts, weights = torch.cat([honest, flippers]), torch.ones(5)
+    result = centered_clip(parts, weights)
+    alone = centered_clip(honest, torch.ones(3)).centre
+    assert torch.allclose(result.centre, alone, atol=1e-5)
+    assert min(result.scores[3:]) > 100 * max(result.scores[:3]), result.scores
+
+    clipped_only = centered_clip(parts, weights, ClipSettings(reject_factor=float("inf"))).centre
+    cosine = torch.nn.functional.cosine_similarity
+    honest_mean = honest.mean(dim=0)
+    kept, turned = float(cosine(result.centre, honest_mean, dim=0)), float(cosine(clipped_only, honest_mean, dim=0))
+    print(f"cosine to the honest mean: {kept:.3f} left out, {turned:.3f} clipped only")
+    assert kept > 0.95 and turned < kept - 0.1
+
+
+def test_a_far_honest_part_within_the_radius_is_kept_and_an_attacker_just_inside_is_clipped():
+    """Nothing within reject_factor median distances is left out: an honest part at 9x (as sparse embedding rows
+    give with 8 peers) still counts, and an attacker just inside the radius pulls by about tau, as without the rule."""
+    honest = honest_parts(5, seed=3)
+    centre = coordinate_median(honest)
+    spread = float((honest - centre).norm(dim=1).median())
+    direction = torch.randn(DIM, generator=torch.Generator().manual_seed(4))
+    direction /= direction.norm()
+    for distance in (9.0, 29.0):
+        outer = (centre + distance * spread * direction)[None]
+        result = centered_clip(torch.cat([honest, outer]), torch.ones(6))
+        without = centered_clip(honest, torch.ones(5)).centre
+        assert not torch.allclose(result.centre, without, atol=1e-3), f"the part at {distance}x was left out"
+        assert float((result.centre - without).norm()) <= 0.5 * spread, distance
+
+
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_part_is_an_outlier_not_a_poison(poison):
     honest = honest_parts(3)
