@@ -128,6 +128,12 @@
     epoch's.
     Proved here: tests/peer/test_local_steps_state.py::
       test_a_peer_in_a_round_of_a_newer_epoch_drops_it_and_the_other_applies_it (a real round of epochs 2 and 3)
+21  A protobuf stream message is read whole  message_bound.py: bound_p2p_        bounds a message's size
+    at whatever length its 8-byte header     messages (P2P.receive_raw_data,
+    announces: one stranger's 1 TiB message  replaced before the DHT forks;
+    fills an averager's memory.              peer/swarm/dht.py build_dht)
+    Proved on plain hivemind: tests/peer/test_message_bound.py::
+      test_a_message_announced_beyond_the_bound_closes_its_stream_and_the_handler_serves_on[hivemind]
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

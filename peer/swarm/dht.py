@@ -8,6 +8,7 @@ import hivemind
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.auth import AuthorizerBase
 
+from peer.hivemind_gaps.message_bound import bound_p2p_messages
 from peer.swarm.config import SwarmConfig
 from peer.swarm.join_errors import check_multiaddrs, explain
 from peer.swarm.reachability import serve_dial_back
@@ -37,6 +38,7 @@ def build_dht(
         identity = {"identity_path": swarm.identity_path}
     else:
         identity = {"identity_path": identity_path, "check_if_identity_free": False}
+    bound_p2p_messages()  # before the DHT and the averagers fork: every process of the node reads bounded messages
     try:
         dht = hivemind.DHT(
             initial_peers=swarm.initial_peers,
