@@ -209,7 +209,9 @@ def pull(args: argparse.Namespace) -> dict:
         # local steps: the outer weights and momentum (peers serve them under another prefix), else the training state
         keeper_class = OuterStateKeeper if optim.local_steps else StateKeeper
         keeper = keeper_class(dht, swarm, optim, run_model, client_mode=True)
-        if not keeper.fetch(timeout=args.timeout, swarm_epoch=max(monitor_epoch, 0)):
+        if monitor_epoch < 0:
+            logger.warning("The run's monitor holds no state yet: a donor's epoch is bounded by the absolute cap only")
+        if not keeper.fetch(timeout=args.timeout, swarm_epoch=monitor_epoch if monitor_epoch >= 0 else None):
             mode = f"--local-steps {optim.local_steps}" if optim.local_steps else "synchronous: without --local-steps"
             raise CheckpointError(
                 f"no peer of run {args.run_id!r} shared a {optim.training_mode} state in {args.timeout:g} s "

@@ -13,15 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from contextlib import closing, suppress
 
 import hivemind
 from google.protobuf.message import DecodeError
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import Matchmaking
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import averaging_pb2
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import ValueWithExpiration, get_dht_time
@@ -69,7 +69,11 @@ class MembershipCheck:
             if self._fetched_at < missed_at:  # no read of the list began since this miss: read it (at most 1/s)
                 await asyncio.sleep(max(0.0, self._fetched_at + MEMBERS_REFETCH - time.monotonic()))
                 self._fetched_at = time.monotonic()
-                found = await self.dht.get(members_key(self.run_id), latest=True, return_future=True)
+                try:
+                    found = await self.dht.get(members_key(self.run_id), latest=True, return_future=True)
+                except Exception as error:  # noqa: BLE001 -- the DHT shutting down or timing out: nothing new known
+                    logger.debug(f"Could not read the member list of run {self.run_id!r}: {error!r}")
+                    found = None
                 # merged, not replaced: a token stays valid until it expires, even if one read of the list misses it
                 for member, expiry in self.valid_members(found).items():
                     self._members[member] = max(expiry, self._members.get(member, 0.0))
@@ -94,38 +98,33 @@ class MembershipCheck:
         return members
 
 
-class GuardedHandlers:
-    """Stands in for an averager when its RPC handlers are registered: each rpc_* first checks the caller.
+def admit_members_first(
+    p2p: P2P, handle_name: str, method_name: str, check: MembershipCheck, refusals: RateLimitedWarning, prefix: str
+) -> None:
+    """Check the caller of the stream handler ``handle_name`` before a byte of its request is read.
 
-    Args:
-        servicer: the averager whose handlers are guarded.
-        check: the membership check.
-        prefix: the averager's DHT prefix (for log lines).
+    hivemind reads a request (and, for single-request RPCs, waits for its end-of-stream marker) before it calls an
+    RPC method, so a check inside the method left a stranger holding a request's worth of memory per stream for as
+    long as it liked. The gate wraps the callback hivemind registered with its p2p client (``control.handlers``, looked
+    up for every incoming stream): a non-member's stream gets the RPC's refusal code, if it has one, and is closed.
     """
+    handlers = p2p._client.control.handlers
+    inner = handlers[handle_name]
 
-    def __init__(self, servicer: DecentralizedAverager, check: MembershipCheck, prefix: str):
-        self._servicer, self._check, self._prefix = servicer, check, prefix
-        self._refusals = RateLimitedWarning(logger)
+    async def members_first(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await check.admits(info.peer_id):
+            await inner(info, reader, writer)
+            return
+        refusals(
+            f"{method_name}:{info.peer_id}",
+            f"Refused {method_name} ({prefix}) from peer {info.peer_id}: it holds no valid access token "
+            f"of run {check.run_id!r}",
+        )
+        with closing(writer), suppress(Exception):  # a stranger's stream may be gone already
+            if method_name in REFUSALS:
+                await P2P.send_protobuf(REFUSALS[method_name], writer)
 
-    def __getattr__(self, name: str):
-        if not name.startswith("rpc_"):
-            raise AttributeError(name)
-        handler = getattr(self._servicer, name)
-
-        async def guarded(request, context: P2PContext) -> AsyncIterator:
-            if await self._check.admits(context.remote_id):
-                async for response in handler(request, context):
-                    yield response
-                return
-            self._refusals(
-                f"{name}:{context.remote_id}",
-                f"Refused {name} ({self._prefix}) from peer {context.remote_id}: it holds no valid access token "
-                f"of run {self._check.run_id!r}",
-            )
-            if name in REFUSALS:
-                yield REFUSALS[name]
-
-        return guarded
+    handlers[handle_name] = members_first
 
 
 def follow_members_only(matchmaking: Matchmaking, check: MembershipCheck, refusals: RateLimitedWarning) -> None:
@@ -150,8 +149,8 @@ def follow_members_only(matchmaking: Matchmaking, check: MembershipCheck, refusa
 
 
 class GuardedAveragerMixin:
-    """An averager that talks to run members only: its handlers answer members (GuardedHandlers), it follows member
-    leaders only, averages in groups of members only and downloads states from members only."""
+    """An averager that talks to run members only: its handlers answer members (admit_members_first), it follows
+    member leaders only, averages in groups of members only and downloads states from members only."""
 
     def __init__(self, *args, membership: MembershipCheck, **kwargs):
         self._membership = membership
@@ -159,8 +158,11 @@ class GuardedAveragerMixin:
         super().__init__(*args, **kwargs)
 
     async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace=None, balanced=False) -> None:
-        guarded = GuardedHandlers(wrapper or self, self._membership, namespace or "")
-        await super().add_p2p_handlers(p2p, guarded, namespace=namespace, balanced=balanced)
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
+        refusals = RateLimitedWarning(logger)
+        for handler in self._rpc_handlers:  # collected by hivemind's add_p2p_handlers just now
+            handle_name = self._get_handle_name(namespace, handler.method_name)
+            admit_members_first(p2p, handle_name, handler.method_name, self._membership, refusals, namespace or "")
 
     # hivemind's averager assigns its Matchmaking in its own process (DecentralizedAverager._run_internal): this
     # property sees the assignment and guards the instance before anything uses it
@@ -180,10 +182,14 @@ class GuardedAveragerMixin:
         # a member leader never admits a stranger; a stranger leading is refused above: this is the last line
         strangers = await self._membership.strangers([peer for peer in group_info.peer_ids if peer != self.peer_id])
         if strangers:
-            raise AllreduceException(
+            refusal = AllreduceException(
                 f"the group holds {len(strangers)} peer(s) without a valid access token of run "
                 f"{self._membership.run_id!r} ({', '.join(map(str, strangers[:3]))}): not averaging with it"
             )
+            running = self._running_groups.get(group_info.group_id)
+            if running is not None and not running.done():
+                running.set_exception(refusal)  # groupmates whose parts wait for this group learn it at once
+            raise refusal
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     async def _donors(self) -> list[PeerID]:

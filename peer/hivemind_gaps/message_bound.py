@@ -4,7 +4,7 @@ hivemind 1.1.12 frames each message of a stream handler with an 8-byte length an
 (``P2P.receive_raw_data``): a stranger that announces 2**40 bytes and keeps sending has the receiving process buffer
 all of it, in the averager's process of every peer it reaches, until memory runs out. Honest messages are small:
 hivemind cuts all-reduce parts at 2**19 bytes and state downloads into 2**16-byte chunks, and a matchmaking message
-carries a few hundred bytes per member. A message announced beyond MAX_MESSAGE_BYTES ends its stream as a closed
+carries a few hundred bytes per member. A message announced beyond MAX_MESSAGE_BYTES (4 MiB) ends its stream as a closed
 connection would (hivemind's own handling of that: the handler stops, a caller sees the stream end), before a byte of
 its body is read.
 """
@@ -19,8 +19,9 @@ from hivemind.p2p import P2P
 from peer.swarm.access_tokens import RateLimitedWarning
 
 logger = logging.getLogger(__name__)
-# 32x the largest honest message (a 2**19-byte all-reduce part) and 4x the p2p daemon's own bound on a unary message
-MAX_MESSAGE_BYTES = 16 << 20
+# 8x the largest honest message (a 2**19-byte all-reduce part, a little more with a block codec's scales), and the
+# p2p daemon's own bound on a unary message (hivemind's DEFAULT_MAX_MSG_SIZE)
+MAX_MESSAGE_BYTES = 4 << 20
 _warnings = RateLimitedWarning(logger, period=60.0)
 HIVEMIND_RECEIVE_RAW_DATA = P2P.__dict__["receive_raw_data"]  # hivemind's own (the staticmethod), as imported
 

@@ -87,6 +87,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=0.005)
+    parser.add_argument(
+        "--matchmaking-time",
+        type=float,
+        default=2.0,
+        help="Seconds to gather a group: short ones split the swarm into small groups on a loaded machine.",
+    )
     parser.add_argument("--eval-every", type=int, default=4, help="Epochs between the backups that are scored.")
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-byzantine-work"))
@@ -102,7 +108,7 @@ def optim_flags(args, aggregation: str) -> list[str]:
     """The run's optimizer settings: every peer and the monitor pass the same (the aggregation is run-wide)."""
     return [
         *("--target_batch_size", str(args.target_batch_size), "--learning_rate", str(args.learning_rate)),
-        *("--warmup_epochs", "0", "--total_epochs", "1000", "--matchmaking_time", "2"),
+        *("--warmup_epochs", "0", "--total_epochs", "1000", "--matchmaking_time", str(args.matchmaking_time)),
         *("--averaging_timeout", "15", "--load_state_timeout", "15", "--aggregation", aggregation),
     ]
 

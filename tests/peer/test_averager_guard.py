@@ -6,12 +6,17 @@ the run's prefix, declaring itself as a leader and as a state donor, answering w
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
 import time
+from typing import AsyncIterator  # noqa: UP035 -- hivemind finds stream RPCs by typing's _name
 
 import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.averager_guard import GuardedAveragerMixin, MembershipCheck
@@ -21,6 +26,22 @@ from peer.swarm.access_tokens import members_key
 from tests.peer.test_access import AUTHORITY, LOOPBACK, signed_token
 
 PREFIX = "guard_test"
+
+
+class CountingStranger(HivemindHandleNames, DecentralizedAverager):
+    """A plain averager (a stranger) that counts the requests to lead a group it receives."""
+
+    def __init__(self, *args, **kwargs):
+        self.join_requests = mp.Value(ctypes.c_int, 0)  # counted in the averager's process, read in this one
+        super().__init__(*args, **kwargs)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        with self.join_requests.get_lock():
+            self.join_requests.value += 1
+        async for message in super().rpc_join_group(request, context):
+            yield message
 
 
 class MembersOnlyAverager(HivemindHandleNames, GuardedAveragerMixin, DecentralizedAverager):
@@ -65,16 +86,16 @@ def test_members_do_not_follow_a_stranger_that_leads_and_average_among_themselve
     try:
         for dht in dhts[1:]:
             admit(dht)
-        stranger = averager(DecentralizedAverager, stranger_dht)
+        stranger = averager(CountingStranger, stranger_dht)
         members = [
             averager(MembersOnlyAverager, dht, membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()))
             for dht in dhts[1:]
         ]
         averagers = [stranger, *members]
-        stranger_round = stranger.step(gather="stranger", scheduled_time=get_dht_time() + 4, timeout=20, wait=False)
-        time.sleep(1.0)  # the stranger has declared itself (the earliest expiration: every member's first leader)
+        stranger_round = stranger.step(gather="stranger", scheduled_time=get_dht_time() + 6, timeout=20, wait=False)
+        time.sleep(2.0)  # the stranger has declared itself (the earliest expiration: every member's first leader)
         rounds = [
-            member.step(gather=f"member {index}", scheduled_time=get_dht_time() + 5, timeout=60, wait=False)
+            member.step(gather=f"member {index}", scheduled_time=get_dht_time() + 6, timeout=60, wait=False)
             for index, member in enumerate(members)
         ]
         gathered = [future.result(timeout=90) for future in rounds]
@@ -83,6 +104,41 @@ def test_members_do_not_follow_a_stranger_that_leads_and_average_among_themselve
             assert set(result) == member_ids, f"a member averaged in a group of {sorted(map(str, result))}"
         with pytest.raises(Exception):  # noqa: B017 -- whatever hivemind raises: the stranger found nobody
             stranger_round.result(timeout=60)
+    finally:
+        for each in averagers:
+            each.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_a_member_never_asks_a_stranger_to_lead_even_when_no_one_else_can():
+    """Members in client mode cannot lead, so the stranger is the only leader there is: they never ask it (its count
+    of requests stays 0) and their rounds find no group. Without the check both asked it at once."""
+    stranger_dht = start_dht()
+    dhts = [stranger_dht, start_dht(stranger_dht), start_dht(stranger_dht)]
+    averagers = []
+    try:
+        for dht in dhts[1:]:
+            admit(dht)
+        stranger = averager(CountingStranger, stranger_dht)
+        members = [
+            averager(
+                MembersOnlyAverager,
+                dht,
+                client_mode=True,
+                membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()),
+            )
+            for dht in dhts[1:]
+        ]
+        averagers = [stranger, *members]
+        stranger.step(gather="stranger", scheduled_time=get_dht_time() + 6, timeout=30, wait=False)
+        time.sleep(2.0)  # the stranger has declared itself as a leader
+        rounds = [member.step(gather="member", timeout=15, wait=False) for member in members]
+        for future in rounds:
+            with pytest.raises(Exception):  # noqa: B017 -- hivemind's "could not find a group", whatever its type
+                future.result(timeout=60)
+        assert stranger.join_requests.value == 0, f"members asked the stranger to lead {stranger.join_requests.value}x"
     finally:
         for each in averagers:
             each.shutdown()

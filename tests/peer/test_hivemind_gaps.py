@@ -20,7 +20,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import P2P, ServicerBase
+from hivemind.p2p import ServicerBase
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 from transformers import HfArgumentParser
@@ -56,7 +56,6 @@ PRIVATE_METHODS = [
     (DecentralizedAverager, "_aggregate_with_group"),  # averager_guard.py GuardedAveragerMixin
     (Matchmaking, "_request_join_group"),  # averager_guard.py follow_members_only
     (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
-    (P2P, "receive_raw_data"),  # message_bound.py (replaced; public, but its framing is what is copied)
 ]
 # private attributes set in __init__, found in the class's source
 PRIVATE_ATTRIBUTES = [

@@ -4,6 +4,7 @@ is read, and the handler serves the next caller (real p2p daemons on 127.0.0.1);
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import pytest
 from hivemind.p2p import P2P
@@ -76,3 +77,10 @@ def test_a_message_announced_beyond_the_bound_closes_its_stream_and_the_handler_
         bound_p2p_messages()  # as every swarm process runs (peer/swarm/dht.py)
     assert served, "the handler no longer serves honest callers"
     assert closed == bounded, "closed unread" if closed else "the server still reads the 1 GiB message"
+
+
+def test_hivemind_reads_every_stream_message_through_the_replaced_function():
+    """What the bound relies on (and an upgrade of hivemind must keep): receive_protobuf looks receive_raw_data up on
+    the class at each call, and the function kept as hivemind's own is hivemind's."""
+    assert "P2P.receive_raw_data(reader)" in inspect.getsource(P2P.receive_protobuf)
+    assert HIVEMIND_RECEIVE_RAW_DATA.__func__.__module__ == "hivemind.p2p.p2p_daemon"
