@@ -33,9 +33,10 @@
     for frozen or leaving partners.          .cancel_averaging, .shutdown
     Proved on plain hivemind: no test yet (tests/peer/test_stop.py shows a stop within 12 s here)
  6  The authorizer covers DHT requests       averager_guard.py                   authorizes averager RPCs
-    only: averager RPCs answer anyone, and   (GuardedAveragerMixin: handlers,    and the peers an averager
-    an averager follows any leader and       Matchmaking._request_join_group,    calls
-    downloads from any donor.                _aggregate_with_group, _donors)
+    only: averager RPCs answer anyone, and   (GuardedAveragerMixin: the p2p      and the peers an averager
+    an averager follows any leader and       client's stream callbacks,          calls
+    downloads from any donor.                Matchmaking._request_join_group,
+                                             _aggregate_with_group, _donors)
     Proved on plain hivemind: no test yet (tests/monitor/test_monitor_access.py::
       test_closed_run_trains_refuses_a_wrong_secret_and_an_intruder shows the refusals here;
       tests/peer/test_averager_guard.py fails with the outgoing checks taken out)

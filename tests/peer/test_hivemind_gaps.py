@@ -20,7 +20,8 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import ServicerBase
+from hivemind.p2p import P2P, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 from transformers import HfArgumentParser
@@ -63,6 +64,8 @@ PRIVATE_ATTRIBUTES = [
     (DecentralizedAverager, "self._outer_pipe"),  # state_check.py CheckedDownloads.load_state_from_peers
     (DecentralizedAverager, "self._matchmaking"),  # state_check.py CheckedDownloads._donors; averager_guard.py
     (DHTProtocol, "self.routing_table"),  # rejoin.py
+    (P2P, "self._client"),  # averager_guard.py admit_members_first (P2P._client.control.handlers)
+    (ControlClient, "self.handlers[proto]"),  # averager_guard.py admit_members_first (read per incoming stream)
     (DecentralizedAverager, "self.allreduce_kwargs"),  # traffic.py CountedTraffic.run
 ]
 # private class attributes
