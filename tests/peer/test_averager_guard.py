@@ -62,6 +62,47 @@ def admit(dht: hivemind.DHT) -> None:
     assert stored
 
 
+class Scene:
+    """Three DHT nodes: the stranger's first, then two members' (admitted); the averagers made on them."""
+
+    def __init__(self):
+        self.stranger_dht = start_dht()
+        self.member_dhts = [start_dht(self.stranger_dht), start_dht(self.stranger_dht)]
+        self.averagers: list[DecentralizedAverager] = []
+        for dht in self.member_dhts:
+            admit(dht)
+
+    def stranger(self, cls, **kwargs) -> DecentralizedAverager:
+        return self._started(averager(cls, self.stranger_dht, **kwargs))
+
+    def members(self, cls, tensors=(None, None), **kwargs) -> list[DecentralizedAverager]:
+        return [
+            self._started(averager(cls, dht, own, membership=membership(dht), **kwargs))
+            for dht, own in zip(self.member_dhts, tensors)
+        ]
+
+    def _started(self, each: DecentralizedAverager) -> DecentralizedAverager:
+        self.averagers.append(each)
+        return each
+
+    def shutdown(self) -> None:
+        for each in self.averagers:
+            each.shutdown()
+        for dht in (self.stranger_dht, *self.member_dhts):
+            dht.shutdown()
+
+
+@pytest.fixture
+def scene():
+    made = Scene()
+    yield made
+    made.shutdown()
+
+
+def membership(dht: hivemind.DHT) -> MembershipCheck:
+    return MembershipCheck(dht, "run", AUTHORITY.get_public_key())
+
+
 def averager(cls, dht: hivemind.DHT, tensors=None, **kwargs) -> DecentralizedAverager:
     return cls(
         tensors or [torch.zeros(8)],
@@ -77,73 +118,38 @@ def averager(cls, dht: hivemind.DHT, tensors=None, **kwargs) -> DecentralizedAve
 
 
 @pytest.mark.timeout(180)
-def test_members_do_not_follow_a_stranger_that_leads_and_average_among_themselves():
+def test_members_do_not_follow_a_stranger_that_leads_and_average_among_themselves(scene):
     """The stranger starts looking first, so by hivemind's rules it is the leader both members ask; they average
-    with each other only. Without the outgoing check both joined its group (a round of three, in CI)."""
-    stranger_dht = start_dht()
-    dhts = [stranger_dht, start_dht(stranger_dht), start_dht(stranger_dht)]
-    averagers = []
-    try:
-        for dht in dhts[1:]:
-            admit(dht)
-        stranger = averager(CountingStranger, stranger_dht)
-        members = [
-            averager(MembersOnlyAverager, dht, membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()))
-            for dht in dhts[1:]
-        ]
-        averagers = [stranger, *members]
-        stranger_round = stranger.step(gather="stranger", scheduled_time=get_dht_time() + 6, timeout=20, wait=False)
-        time.sleep(2.0)  # the stranger has declared itself (the earliest expiration: every member's first leader)
-        rounds = [
-            member.step(gather=f"member {index}", scheduled_time=get_dht_time() + 6, timeout=60, wait=False)
-            for index, member in enumerate(members)
-        ]
-        gathered = [future.result(timeout=90) for future in rounds]
-        member_ids = {dht.peer_id for dht in dhts[1:]}
-        for result in gathered:
-            assert set(result) == member_ids, f"a member averaged in a group of {sorted(map(str, result))}"
-        with pytest.raises(Exception):  # noqa: B017 -- whatever hivemind raises: the stranger found nobody
-            stranger_round.result(timeout=60)
-    finally:
-        for each in averagers:
-            each.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+    with each other only. Without the outgoing checks both joined its group (a round of three, in CI)."""
+    stranger = scene.stranger(CountingStranger)
+    members = scene.members(MembersOnlyAverager)
+    stranger_round = stranger.step(gather="stranger", scheduled_time=get_dht_time() + 6, timeout=20, wait=False)
+    time.sleep(2.0)  # the stranger has declared itself (the earliest expiration: every member's first leader)
+    rounds = [
+        member.step(gather=f"member {index}", scheduled_time=get_dht_time() + 6, timeout=60, wait=False)
+        for index, member in enumerate(members)
+    ]
+    gathered = [future.result(timeout=90) for future in rounds]
+    member_ids = {dht.peer_id for dht in scene.member_dhts}
+    for result in gathered:
+        assert set(result) == member_ids, f"a member averaged in a group of {sorted(map(str, result))}"
+    with pytest.raises(Exception):  # noqa: B017 -- whatever hivemind raises: the stranger found nobody
+        stranger_round.result(timeout=60)
 
 
 @pytest.mark.timeout(180)
-def test_a_member_never_asks_a_stranger_to_lead_even_when_no_one_else_can():
+def test_a_member_never_asks_a_stranger_to_lead_even_when_no_one_else_can(scene):
     """Members in client mode cannot lead, so the stranger is the only leader there is: they never ask it (its count
     of requests stays 0) and their rounds find no group. Without the check both asked it at once."""
-    stranger_dht = start_dht()
-    dhts = [stranger_dht, start_dht(stranger_dht), start_dht(stranger_dht)]
-    averagers = []
-    try:
-        for dht in dhts[1:]:
-            admit(dht)
-        stranger = averager(CountingStranger, stranger_dht)
-        members = [
-            averager(
-                MembersOnlyAverager,
-                dht,
-                client_mode=True,
-                membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()),
-            )
-            for dht in dhts[1:]
-        ]
-        averagers = [stranger, *members]
-        stranger.step(gather="stranger", scheduled_time=get_dht_time() + 6, timeout=30, wait=False)
-        time.sleep(2.0)  # the stranger has declared itself as a leader
-        rounds = [member.step(gather="member", timeout=15, wait=False) for member in members]
-        for future in rounds:
-            with pytest.raises(Exception):  # noqa: B017 -- hivemind's "could not find a group", whatever its type
-                future.result(timeout=60)
-        assert stranger.join_requests.value == 0, f"members asked the stranger to lead {stranger.join_requests.value}x"
-    finally:
-        for each in averagers:
-            each.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+    stranger = scene.stranger(CountingStranger)
+    members = scene.members(MembersOnlyAverager, client_mode=True)
+    stranger.step(gather="stranger", scheduled_time=get_dht_time() + 6, timeout=30, wait=False)
+    time.sleep(2.0)  # the stranger has declared itself as a leader
+    rounds = [member.step(gather="member", timeout=15, wait=False) for member in members]
+    for future in rounds:
+        with pytest.raises(Exception):  # noqa: B017 -- hivemind's "could not find a group", whatever its type
+            future.result(timeout=60)
+    assert stranger.join_requests.value == 0, f"members asked the stranger to lead {stranger.join_requests.value}x"
 
 
 class MembersOnlyDonorsAverager(HivemindHandleNames, GuardedAveragerMixin, CheckedDownloads):
@@ -161,32 +167,12 @@ class StrangerDonor(HivemindHandleNames, DecentralizedAverager):
 
 
 @pytest.mark.timeout(180)
-def test_a_joiner_downloads_the_state_of_a_member_not_of_a_stranger_at_a_higher_priority():
-    stranger_dht = start_dht()
-    dhts = [stranger_dht, start_dht(stranger_dht), start_dht(stranger_dht)]
-    averagers = []
-    try:
-        for dht in dhts[1:]:
-            admit(dht)
-        stranger = averager(StrangerDonor, stranger_dht, tensors=[torch.full((8,), 666.0)])
-        stranger.state_sharing_priority = 10.0  # asked first by hivemind's rule
-        donor, joiner = (
-            averager(
-                MembersOnlyDonorsAverager,
-                dht,
-                tensors=[torch.full((8,), value)],
-                membership=MembershipCheck(dht, "run", AUTHORITY.get_public_key()),
-            )
-            for dht, value in zip(dhts[1:], (1.0, 0.0))
-        )
-        averagers = [stranger, donor, joiner]
-        time.sleep(3.0)  # both donors declared themselves (hivemind declares every few seconds)
-        loaded = joiner.load_state_from_peers(timeout=30)
-        assert loaded is not None, "nothing downloaded: the member donor was not asked"
-        _, tensors = loaded
-        assert torch.equal(tensors[0], torch.ones(8)), f"downloaded {tensors[0]}: the stranger's state"
-    finally:
-        for each in averagers:
-            each.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+def test_a_joiner_downloads_the_state_of_a_member_not_of_a_stranger_at_a_higher_priority(scene):
+    stranger = scene.stranger(StrangerDonor, tensors=[torch.full((8,), 666.0)])
+    stranger.state_sharing_priority = 10.0  # asked first by hivemind's rule
+    _, joiner = scene.members(MembersOnlyDonorsAverager, tensors=([torch.ones(8)], [torch.zeros(8)]))
+    time.sleep(3.0)  # both donors declared themselves (hivemind declares every few seconds)
+    loaded = joiner.load_state_from_peers(timeout=30)
+    assert loaded is not None, "nothing downloaded: the member donor was not asked"
+    _, tensors = loaded
+    assert torch.equal(tensors[0], torch.ones(8)), f"downloaded {tensors[0]}: the stranger's state"
