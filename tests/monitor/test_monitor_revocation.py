@@ -188,6 +188,7 @@ ROBUST = ["--aggregation", "centered-clip"]
 JOINED = re.compile(r"Joined run '[\w-]+' as (\w+)")
 REVOKED = re.compile(r"Revoked member (\w+) of run 'closed'")
 GROUP = re.compile(r"Averaged gradients with (\d+) peers")
+DHT_REFUSED = re.compile(r"Refused a DHT request from a process without a valid access token")
 EXPIRED = "STAYING after the token expired"  # tests/peer/byzantine.py --stay: where an honest peer would leave
 
 
@@ -266,11 +267,19 @@ def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, 
     for peer, offset in zip(honest, offsets):
         sizes = [int(size) for size in GROUP.findall(peer.log_text()[offset:])]
         assert not sizes or max(sizes) <= len(honest), f"{peer.name} averaged with the revoked attacker: {sizes}"
-    refused = re.compile(rf"Refused rpc_\w+ \(\w+\) from peer {attacker_id}: it holds no valid access token")
+    # both directions: members refuse its calls, and decline to follow it when it declares itself a group leader
+    refused = re.compile(
+        rf"(?:Refused rpc_\w+ \(\w+\) from peer|Did not join the group of peer) {attacker_id}: "
+        "it holds no valid access token"
+    )
     refusals = [line for peer in honest for line in refused.findall(peer.log_text())]
+    # a DHT refusal names no peer, but since the token ended the attacker is the one process here without a token
+    refusals += [
+        line for peer, offset in zip(honest, offsets) for line in DHT_REFUSED.findall(peer.log_text()[offset:])
+    ]
     # its own DHT no longer sends requests: it sees itself only, or nobody once its own entry expired
     alone = re.search(r"\| swarm [01] peers \|", attacker.log_text()[attacker_offset:]) is not None
-    print(f"{len(refusals)} refusals of the attacker's calls in the members' logs; it saw itself alone: {alone}")
+    print(f"{len(refusals)} refusals of the attacker in the members' logs; it saw itself alone: {alone}")
     # which of the two depends on timing: its DHT refuses to send without a valid token, so it may find no member
     assert refusals or alone, "the attacker stayed, saw other members and none refused it"
     assert REVOKED.findall(monitor.log_text()) == [attacker_id]  # and no honest member since

@@ -20,7 +20,7 @@ import torch
 
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
-from peer.batch_size import BatchProbe, largest_fitting, search_batch
+from peer.batch_size import HEADROOM, BatchProbe, largest_fitting, search_batch
 from peer.config import PeerConfig
 from peer.swarm.config import OptimConfig
 
@@ -56,14 +56,25 @@ def tiny_model() -> LeanAlbertForMaskedLM:
 
 
 def probe(model) -> dict:
-    """The largest batch under 60 and 200 MB more address space, and whether it (and twice it) fits again."""
+    """The largest batch under 60 and 200 MB more address space, whether it less the search's headroom fits again,
+    and whether twice it fits.
+
+    Not the largest itself again: a batch's peak varies by a sample or so from pass to pass (allocation order; seen
+    single-threaded too: 7 or 8 under 60 MB, 27 to 29 under 200 MB), so the boundary batch fits only most times.
+    The headroom is there for that.
+    """
     trial = BatchProbe(model, SEQUENCE, CPU, torch.float32)
     assert trial(1)  # warm-up: the allocator's first arenas are not part of what a batch needs
     found = {}
     for budget_mb in (60, 200):
         with memory_limit(budget_mb * 2**20):
             largest = largest_fitting(trial, 1024)
-            found[budget_mb] = {"largest": largest, "fits_again": trial(largest), "twice_fits": trial(2 * largest + 1)}
+            with_headroom = max(1, int(largest * (1 - HEADROOM)))
+            found[budget_mb] = {
+                "largest": largest,
+                "headroom_fits": trial(with_headroom),
+                "twice_fits": trial(2 * largest + 1),
+            }
     return {
         "found": found,
         "some_trial_failed": any(not fits for _, fits in trial.trials),

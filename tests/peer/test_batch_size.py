@@ -69,7 +69,7 @@ def test_the_probe_finds_what_fits_under_a_real_memory_limit():
     found = {int(budget): outcome for budget, outcome in result["found"].items()}
     for budget_mb, outcome in found.items():
         largest = outcome["largest"]
-        assert 1 <= largest < 1024 and outcome["fits_again"] and not outcome["twice_fits"], (budget_mb, result)
+        assert 1 <= largest < 1024 and outcome["headroom_fits"] and not outcome["twice_fits"], (budget_mb, result)
     assert found[200]["largest"] > 2 * found[60]["largest"], (
         result
     )  # more memory, a larger batch: the limit bounded it
