@@ -6,6 +6,7 @@ the run's prefix, declaring itself as a leader and as a state donor, answering w
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import multiprocessing as mp
 import time
@@ -15,7 +16,7 @@ import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 
@@ -46,6 +47,10 @@ class CountingStranger(HivemindHandleNames, DecentralizedAverager):
 
 class MembersOnlyAverager(HivemindHandleNames, GuardedAveragerMixin, DecentralizedAverager):
     """The guard on hivemind's base averager: what every guarded averager of the swarm composes."""
+
+
+class PlainAverager(HivemindHandleNames, DecentralizedAverager):
+    """hivemind's averager, unguarded."""
 
 
 def start_dht(initial: hivemind.DHT | None = None) -> hivemind.DHT:
@@ -80,6 +85,10 @@ class Scene:
             self._started(averager(cls, dht, own, membership=membership(dht), **kwargs))
             for dht, own in zip(self.member_dhts, tensors)
         ]
+
+    def unguarded_member(self, cls) -> DecentralizedAverager:
+        """An averager of ``cls`` on the first member's DHT, without the guard (what the test compares against)."""
+        return self._started(averager(cls, self.member_dhts[0]))
 
     def _started(self, each: DecentralizedAverager) -> DecentralizedAverager:
         self.averagers.append(each)
@@ -176,3 +185,41 @@ def test_a_joiner_downloads_the_state_of_a_member_not_of_a_stranger_at_a_higher_
     assert loaded is not None, "nothing downloaded: the member donor was not asked"
     _, tensors = loaded
     assert torch.equal(tensors[0], torch.ones(8)), f"downloaded {tensors[0]}: the stranger's state"
+
+
+async def stranger_starts_a_large_part(stranger: hivemind.DHT, member: hivemind.DHT, handle_name: str) -> bytes | None:
+    """Open a stream to ``member``'s handler, announce a 3 MiB message (under the 4 MiB bound) and send 64 KiB of it;
+    what the member sent before closing the stream, or None if it still waits for the rest after 5 s."""
+    p2p = await stranger.replicate_p2p()
+    _, reader, writer = await p2p.call_binary_stream_handler(member.peer_id, handle_name)
+    try:
+        writer.write(P2P.MESSAGE_MARKER + (3 * 2**20).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"\0" * 2**16)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5.0)
+    except ConnectionError:
+        return b""  # reset while the stranger sent: closed as well
+    except TimeoutError:
+        return None
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "hivemind"])
+@pytest.mark.timeout(120)
+def test_a_strangers_stream_is_refused_before_its_request_is_read(scene, guarded):
+    """The gate answers a stranger's stream with the refusal code and closes it while the stranger's first message
+    is still arriving; hivemind's own handler waits for the whole message (it reads before it calls the method)."""
+    if guarded:
+        scene.members(MembersOnlyAverager)
+    else:
+        scene.unguarded_member(PlainAverager)
+    handle_name = PlainAverager._get_handle_name(PREFIX, "rpc_aggregate_part")  # hivemind's name, either way
+    answered = asyncio.run(stranger_starts_a_large_part(scene.stranger_dht, scene.member_dhts[0], handle_name))
+    if not guarded:
+        assert answered is None, f"hivemind's handler closed the stream early ({answered!r}): the test shows nothing"
+        return
+    assert answered is not None, "the member still reads the stranger's message: the gate did not run before it"
+    refusal = averaging_pb2.AveragingData()
+    header = len(P2P.MESSAGE_MARKER) + P2P.HEADER_LEN
+    refusal.ParseFromString(answered[header:])
+    assert refusal.code == averaging_pb2.PROTOCOL_VIOLATION, answered
