@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from hivemind import DHT
@@ -118,13 +119,11 @@ class ManifestServer:
             return
         self._busy += 1
         try:
-            try:
+            # a silent or oversize request is told "busy" all the same
+            with suppress(TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
                 await asyncio.wait_for(reader.readline(), BUSY_READ_TIMEOUT)
-            except (TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
-                pass  # a silent or oversize request is told "busy" all the same
-            await answer(writer, error="busy: try again in a few seconds")
-        except ConnectionError:
-            pass
+            with suppress(ConnectionError):  # the asker left
+                await answer(writer, error="busy: try again in a few seconds")
         finally:
             self._busy -= 1
 
