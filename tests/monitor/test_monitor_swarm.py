@@ -24,17 +24,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from monitor.records import monitor_validators
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.swarm.progress import PROTOCOL_VERSION, ProgressRecord, publish_progress
 from peer.swarm.run_record import check_model_matches
 from tests.harness import run_cli, wait_until
 from tests.monitor.conftest import (
     CHROMIUM,
+    PEER_FLAGS,
     MonitorProcess,
     PeerProcess,
+    Process,
     chromium,
     logits_with_transformers_alone,
     run_key_of,
 )
+from tests.peer.poisoner import AHEAD, POISONER_PRIORITY
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
@@ -280,6 +284,11 @@ def test_a_new_peer_resumes_at_the_monitors_epoch_with_the_checkpoints_weights(r
     status, entry = run.monitor.post("/api/checkpoints", TOKEN)
     held = run.monitor.get("/api/status")["state_epoch"]
     assert status == 201 and entry["epoch"] == held >= 2
+    # downloaded before the newcomer trains: alone it steps every few seconds, and --keep 3 removes the checkpoint of
+    # `held` within a dozen seconds of that (seen on a loaded machine)
+    out = tmp_path / "checkpoint"
+    downloaded = download_with_cli(run.monitor, held, out)
+    assert downloaded.returncode == 0, downloaded.stderr
 
     newcomer = PeerProcess(run.workdir, "c", RUN_ID, run.monitor.initial_peers())
     run.processes.append(newcomer)
@@ -291,25 +300,6 @@ def test_a_new_peer_resumes_at_the_monitors_epoch_with_the_checkpoints_weights(r
         "the newcomer to report an epoch >= the monitor's",
     )
 
-    out = tmp_path / "checkpoint"
-    downloaded = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "monitor.checkpoint_cli",
-            "download",
-            "--from",
-            run.monitor.url,
-            "--run-key",
-            run_key_of(run.monitor),
-            "--epoch",
-            str(held),
-            "--out",
-            str(out),
-        ],
-        timeout=120,
-    )
-    assert downloaded.returncode == 0, downloaded.stderr
     input_ids = torch.randint(5, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.save(input_ids, tmp_path / "input_ids.pt")
     standalone_logits = logits_with_transformers_alone(out, tmp_path)
@@ -330,10 +320,13 @@ def held_checkpoint(run, tmp_path) -> tuple[int, Path]:
     if hasattr(run, "held_epoch"):
         return run.held_epoch, run.checkpoint_dir
     wait_until(lambda: run.monitor.get("/api/status")["state_epoch"] >= 2, 180, "the monitor to hold a state")
-    status, entry = run.monitor.post("/api/checkpoints", TOKEN)
-    assert status == 201, entry
     out = tmp_path / "checkpoint"
-    downloaded = download_with_cli(run.monitor, entry["epoch"], out)
+    for _ in range(3):  # the run goes on: on a loaded machine --keep 3 can remove the checkpoint before it is fetched
+        status, entry = run.monitor.post("/api/checkpoints", TOKEN)
+        assert status == 201, entry
+        downloaded = download_with_cli(run.monitor, entry["epoch"], out)
+        if "no verified checkpoint" not in downloaded.stderr:
+            break
     assert downloaded.returncode == 0, downloaded.stderr
     return entry["epoch"], out
 
@@ -348,28 +341,46 @@ def test_resume_from_a_checkpoint_then_pull_the_state_straight_from_the_swarm(ru
     maddrs = resumed.wait_ready()
     assert resumed.get("/api/status")["state_epoch"] == held_epoch
     out = tmp_path / "pulled"
-    result = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "monitor.checkpoint_cli",
-            "pull",
-            "--initial-peers",
-            *maddrs,
-            "--run-id",
-            "resumed-run",
-            "--run-key",
-            run_key_of(resumed),
-            "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            "--out",
-            str(out),
-        ],
-        timeout=240,
-    )
+    result = pull_with_cli(resumed, maddrs, out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["epoch"] == held_epoch
     pulled, saved = load_file(out / "model.safetensors"), load_file(checkpoint_dir / "model.safetensors")
     # the state travels in the run's wire format, uncompressed by default: the pulled weights are the saved ones
     assert pulled.keys() == saved.keys()
     assert all(torch.equal(pulled[name], saved[name]) for name in saved)
+
+    # a member serving the same state 5000 epochs ahead (under the absolute cap), asked first by its priority: pull
+    # bounds a donor's epoch by the state epoch the run's monitor signs (+ the margin), refuses it and takes the
+    # monitor's. Without that bound it took the attacker's state, and wrote a checkpoint of epoch held + 5000
+    attacker = Process("poisoner-ahead", [sys.executable, "-m", "tests.peer.poisoner", "--mode", "state", "--poison",
+                                          "ahead", "--run_id", "resumed-run", "--initial_peers", *maddrs,
+                                          *PEER_FLAGS], tmp_path / "poisoner-ahead.log")  # fmt: skip
+    processes.append(attacker)
+    wait_until(lambda: "SERVING" in attacker.log_text(), 180, f"the poisoner to serve; {attacker.log_path}")
+    wait_until(lambda: poisoner_announced(maddrs, "resumed-run"), 60, "the poisoner's state offer in the DHT")
+    attacked = pull_with_cli(resumed, maddrs, tmp_path / "pulled-attacked")
+    attacker.stop(timeout=20)
+    assert attacked.returncode == 0, attacked.stdout[-2000:] + attacked.stderr[-3000:]
+    # the poisoner's own epoch (0, or the monitor's if it downloaded the state first) + AHEAD
+    refusal = re.search(rf"its epoch (\d+) is outside \[0, {held_epoch + EPOCH_MARGIN}\]", attacked.stderr)
+    assert refusal and int(refusal[1]) >= AHEAD, attacked.stderr[-3000:]
+    assert json.loads((tmp_path / "pulled-attacked" / "manifest.json").read_text())["epoch"] == held_epoch
+
+
+def pull_with_cli(monitor: MonitorProcess, maddrs: list[str], out: Path) -> subprocess.CompletedProcess:
+    """`albert-checkpoint pull` of ``monitor``'s run straight from the swarm, verified against its run key."""
+    command = [sys.executable, "-m", "monitor.checkpoint_cli", "pull", "--initial-peers", *maddrs, "--run-id",
+               monitor.run_id, "--run-key", run_key_of(monitor), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--out",
+               str(out)]  # fmt: skip
+    return run_cli(command, timeout=240)
+
+
+def poisoner_announced(maddrs: list[str], run_id: str) -> bool:
+    """Whether the DHT lists a state donor at the poisoner's priority (every downloader's first choice then)."""
+    dht = hivemind.DHT(initial_peers=maddrs, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        found = dht.get(f"{run_id}_state_averager.all_averagers", latest=True)
+    finally:
+        dht.shutdown()
+    offers = found.value if found is not None and isinstance(found.value, dict) else {}
+    return any(getattr(offer, "value", None) == POISONER_PRIORITY for offer in offers.values())

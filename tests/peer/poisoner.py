@@ -3,13 +3,14 @@ with the same factories as an honest peer, that sends poisoned gradients into re
 poisoned training state to peers that download one.
 
     python -m tests.peer.poisoner --mode grads --schedule nan,huge,outlier --epochs_each 3 PEER_FLAGS...
-    python -m tests.peer.poisoner --mode state --poison nan|epoch|shape|oversize PEER_FLAGS...
+    python -m tests.peer.poisoner --mode state --poison nan|epoch|ahead|shape|oversize PEER_FLAGS...
 
 grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
 random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
 state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``), whose epoch is 2**62
-(``epoch``), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or with 1 MiB
+(``epoch``: beyond every bound) or 5000 ahead of its own (``ahead``: under the absolute cap, beyond the margin a
+downloader allows over the run's known epoch), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or with 1 MiB
 tensors appended, 3x the state's size in all (``oversize``: finite; many small ones, so the stream never pauses long
 enough to time out the downloader, as compressing one huge tensor would), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
 """
@@ -26,6 +27,7 @@ from hivemind.compression import CompressionInfo
 
 from peer.config import PeerConfig
 from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
+from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.runtime import build_model
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.dht import build_dht
@@ -34,6 +36,7 @@ from peer.swarm.optimizer import build_optimizer
 
 HUGE = 1e30
 HUGE_EPOCH = 2**62
+AHEAD = 5 * EPOCH_MARGIN  # epochs beyond the epoch it holds: 5x what downloaders allow over the epoch they know
 POISONER_PRIORITY = float(2**40)  # above any epoch: every downloader asks this peer first
 
 
@@ -92,6 +95,8 @@ def poison_served_state(poison: str) -> None:
         metadata, tensors, infos = honest(self)
         if poison == "epoch":
             return dict(metadata, epoch=HUGE_EPOCH), tensors, infos
+        if poison == "ahead":
+            return dict(metadata, epoch=metadata["epoch"] + AHEAD), tensors, infos
         tensors, infos = list(tensors), list(infos)
         if poison == "oversize":
             return metadata, *oversized(tensors, infos)
@@ -116,7 +121,7 @@ def main() -> int:
     parser.add_argument("--schedule", default="nan,huge,outlier")
     parser.add_argument("--epochs_each", type=int, default=3)
     parser.add_argument("--outlier_value", type=float, default=10.0)
-    parser.add_argument("--poison", choices=("nan", "epoch", "shape", "oversize"), default="nan")
+    parser.add_argument("--poison", choices=("nan", "epoch", "ahead", "shape", "oversize"), default="nan")
     args, rest = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     swarm, optim, config = parse_configs(SwarmConfig, OptimConfig, PeerConfig, args=rest)
