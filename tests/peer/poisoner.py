@@ -10,9 +10,10 @@ makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``:
 random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
 state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``), whose epoch is 2**62
 (``epoch``: beyond every bound) or 5000 ahead of its own (``ahead``: under the absolute cap, beyond the margin a
-downloader allows over the run's known epoch), whose first matrix has half its rows (``shape``: finite, as from a model of another size), or with 1 MiB
-tensors appended, 3x the state's size in all (``oversize``: finite; many small ones, so the stream never pauses long
-enough to time out the downloader, as compressing one huge tensor would), until killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
+downloader allows over the run's known epoch), whose first matrix has half its rows (``shape``: finite, as from a
+model of another size), or with 1 MiB tensors appended, 3x the state's size in all (``oversize``: finite; many small
+ones, so the stream never pauses long enough to time out the downloader, as compressing one huge tensor would), until
+killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
 """
 
 from __future__ import annotations
