@@ -16,9 +16,10 @@ whole swarm stalls. One entry claiming 2**40 samples has every peer step at once
   entries count again, so a swarm really ahead is still joined, by a download a minute later at worst (the price when
   a slow donor served an older epoch just as the swarm stepped: a minute of work outside the rounds).
 
-Still believed within those bounds, since keys are free: many entries each within the bounds add up, and their
-rates feed hivemind's estimate of when the next step is due, so made-up entries can still make the swarm step early
-(smaller batches, not a stall).
+Still believed within those bounds, as counts and rates are self-reported: one entry claiming a full target batch at
+the swarm's epoch, or a rate near MAX_SAMPLES_PER_SECOND (hivemind adds rate x age to the count and sums the rates into
+its estimate of when the next step is due), still makes every peer step at once on what it has accumulated (smaller
+batches, not a stall); keys are free in an open run, so such entries cost nothing there.
 """
 
 from __future__ import annotations
