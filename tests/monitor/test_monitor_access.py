@@ -436,7 +436,14 @@ def test_closed_run_trains_refuses_a_wrong_secret_and_an_intruder(tmp_path, proc
         process.process.terminate()  # all at once: each takes seconds to leave
     for log in logs:
         assert "Could not renew" not in log and "refused to renew" not in log
-        assert not any(f"from peer {member}:" in log for member in members), "a member was refused"
+        # a member refused access, or its state refused; a slow donor's download given up under load is neither
+        refused = [
+            line
+            for line in log.splitlines()
+            for member in members
+            if f"from peer {member}:" in line and "Gave up the state download" not in line
+        ]
+        assert not refused, f"a member was refused: {refused[:3]}"
     for log in logs[:2]:  # the honest peers went on averaging with each other after the attack
         after = log[log.index("Refused rpc_aggregate_part") :]
         assert "Averaged gradients with 2 peers" in after or "Averaged parameters with 2 peers" in after
