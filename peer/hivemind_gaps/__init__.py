@@ -135,6 +135,16 @@
     fills an averager's memory.              peer/swarm/dht.py build_dht)
     Proved on plain hivemind: tests/peer/test_message_bound.py::
       test_a_message_announced_beyond_the_bound_closes_its_stream_and_the_handler_serves_on[hivemind]
+22  A group's minimum size binds its       robust_allreduce.py:                checks the minimum on the
+    leader only (a follower averages in      RobustAggregation                   follower's side too, and takes
+    whatever group its leader assembles:     ._aggregate_with_group (refuses a   a new one while it runs
+    an attacker leading itself and one       group under the minimum),
+    honest peer owns that peer's round)      .set_min_group_size (Matchmaking
+    and is fixed at start.                   .min_group_size, set in the
+                                             averager's process); optimizer.py:
+                                             SwarmOptimizer._keep_robust_quorum
+    Proved on plain hivemind: tests/peer/test_robust_quorum.py::test_a_follower_refuses_a_small_group_an_attacker_leads
+      [2] (the control: hivemind's minimum of 2 averages with the attacker)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from contextlib import closing, suppress
+from typing import NoReturn
 
 import hivemind
 from google.protobuf.message import DecodeError
@@ -148,6 +149,15 @@ def follow_members_only(matchmaking: Matchmaking, check: MembershipCheck, refusa
     matchmaking._request_join_group = request_members_only
 
 
+def fail_group(running_groups: dict, group_id: bytes, refusal: Exception) -> NoReturn:
+    """Refuse to average in a group that matchmaking assembled: raise ``refusal``, after failing the group's running
+    future (``DecentralizedAverager._running_groups``), so groupmates' parts waiting for this peer learn it at once."""
+    running = running_groups.get(group_id)
+    if running is not None and not running.done():
+        running.set_exception(refusal)
+    raise refusal
+
+
 class GuardedAveragerMixin:
     """An averager that talks to run members only: its handlers answer members (admit_members_first), it follows
     member leaders only, averages in groups of members only and downloads states from members only."""
@@ -186,10 +196,7 @@ class GuardedAveragerMixin:
                 f"the group holds {len(strangers)} peer(s) without a valid access token of run "
                 f"{self._membership.run_id!r} ({', '.join(map(str, strangers[:3]))}): not averaging with it"
             )
-            running = self._running_groups.get(group_info.group_id)
-            if running is not None and not running.done():
-                running.set_exception(refusal)  # groupmates whose parts wait for this group learn it at once
-            raise refusal
+            fail_group(self._running_groups, group_info.group_id, refusal)
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     async def _donors(self) -> list[PeerID]:

@@ -4,12 +4,15 @@ hivemind 1.1.12 builds its state averager in the private ``Optimizer._make_state
 another class: ``SwarmOptimizer`` overrides it with the same arguments. It also cancels the averaging rounds under
 way on shutdown (cancellable_rounds.py), keeps LAMB's averaged moments the optimizer's own when a backup is
 restored (consistent_state.py), and reads the swarm's progress through ``VouchedProgressTracker``
-(vouched_progress.py; hivemind's ``Optimizer._make_progress_tracker`` overridden likewise).
+(vouched_progress.py; hivemind's ``Optimizer._make_progress_tracker`` overridden likewise). With a robust
+gradient averager and ``robust_quorum``, it keeps the averager's smallest group a share of the peers training
+(robust_allreduce.py), from a thread: the main thread waits inside a round for as long as the round lasts.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from functools import partial
 
 import hivemind
@@ -21,10 +24,12 @@ from peer.hivemind_gaps.averagers import (
     GuardedGradientAverager,
     GuardedTrainingStateAverager,
 )
+from peer.hivemind_gaps.robust_allreduce import quorum_group_size
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 
 logger = logging.getLogger(__name__)
+QUORUM_REFRESH = 1.0  # seconds between two reads of the peer count for the robust rounds' smallest group
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -32,10 +37,29 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     state_averager_class: type[TrainingStateAverager] = ConsistentTrainingStateAverager
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, robust_quorum: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         # a donor's epoch may be ahead of what this peer knows of the swarm, but not by more than a margin
         self.state_averager.epoch_limit = lambda: max(self.local_epoch, self.tracker.global_epoch) + EPOCH_MARGIN
+        self._stopping = threading.Event()
+        if robust_quorum:
+            threading.Thread(
+                target=self._keep_robust_quorum, args=(robust_quorum,), name="robust-quorum", daemon=True
+            ).start()
+
+    def _keep_robust_quorum(self, quorum: float) -> None:
+        """Keep the gradient averager's smallest group ``quorum`` of the peers training (until shutdown)."""
+        size = 2  # hivemind's default, the averager's at start
+        while not self._stopping.wait(QUORUM_REFRESH):
+            peers = self.tracker.global_progress.num_peers
+            wanted = quorum_group_size(quorum, peers)
+            if wanted != size:
+                try:
+                    self.grad_averager.set_min_group_size(wanted)
+                except OSError:  # the averager's process has ended: the optimizer is shutting down
+                    return
+                logger.info(f"Robust rounds now average in groups of {wanted} or more ({quorum:g} of {peers} peers)")
+                size = wanted
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> VouchedProgressTracker:
         # hivemind.Optimizer._make_progress_tracker (1.1.12) with the tracker that leaves out unvouched entries
@@ -63,6 +87,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             logger.info(f"Leaving: cancelled {cancelled} averaging round(s) in progress")
 
     def shutdown(self) -> None:
+        self._stopping.set()
         # hivemind first waits for background rounds, each up to its timeout, while the other peers may be leaving
         self.cancel_averaging()
         super().shutdown()

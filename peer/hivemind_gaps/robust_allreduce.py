@@ -11,12 +11,19 @@ averager's process to the peer's through a bounded queue.
 Everything else of the protocol is hivemind's: senders, deltas, timeouts, bans. A peer running this averages with
 peers running hivemind's mean (the wire format is the same); only the parts it reduces are robust, which is why
 ``--aggregation`` is a run-wide setting.
+
+CenteredClip outvotes a minority of a group only: where attackers are half of a small group, the group is theirs.
+hivemind's ``min_group_size`` binds a leader alone (a follower averages in whatever group its leader assembles, so an
+attacker leading itself and one honest follower owns that follower's round) and is fixed when the averager starts.
+``RobustAggregation`` refuses, as follower and as leader, a group under its minimum, and ``set_min_group_size``
+changes the minimum while the averager runs (``quorum_group_size``: a share of the peers training).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import queue
 import time
@@ -29,12 +36,19 @@ from hivemind.averaging.partition import AllreduceException, BannedException, Te
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from peer.hivemind_gaps.averager_guard import fail_group
 from peer.swarm.centered_clip import ClipSettings, centered_clip
 
 logger = logging.getLogger(__name__)
 # Two senders are each as far from their midpoint, the median: both score 1 whoever lies. Only 3 or more can outvote.
 MIN_SENDERS_TO_SCORE = 3
 MAX_QUEUED_ROUNDS = 64  # rounds whose scores wait for the peer to read them; later ones are dropped, not buffered
+
+
+def quorum_group_size(quorum: float, num_peers: int) -> int:
+    """The smallest group a robust round may average in: ``quorum`` of the ``num_peers`` training (hivemind's 2 at
+    least). With 2 attackers of 5, only groups of all 5 keep them a minority: quorum 1.0."""
+    return max(2, math.ceil(quorum * num_peers - 1e-9))
 
 
 @dataclass
@@ -166,6 +180,27 @@ class RobustAggregation:
         # made before hivemind forks the averager's process (in super().__init__), which puts into it
         self._round_scores: multiprocessing.Queue = multiprocessing.Queue(maxsize=MAX_QUEUED_ROUNDS)
         super().__init__(*args, **kwargs)
+
+    def set_min_group_size(self, size: int) -> None:
+        """Average in groups of ``size`` peers or more from the next matchmaking on (returns at once)."""
+        self._outer_pipe.send(("_set_min_group_size", [size], {}))
+
+    async def _set_min_group_size(self, size: int) -> None:
+        # in the averager's process: hivemind's leader reads it each time its matchmaking time is up, and keeps
+        # looking while its group is smaller
+        self._matchmaking.min_group_size = size
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        # the follower's side of the minimum, which hivemind checks for leaders only
+        needed = self._matchmaking.min_group_size
+        if len(group_info.peer_ids) < needed:
+            refusal = AllreduceException(
+                f"a group of {len(group_info.peer_ids)} peers: robust rounds average in groups of {needed} or more "
+                f"(in a smaller one a minority of the swarm can be half of the group); looking for another"
+            )
+            logger.warning(f"Not averaging gradients with {len(group_info.peer_ids) - 1} peer(s): {refusal}")
+            fail_group(self._running_groups, group_info.group_id, refusal)
+        return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     def take_round_scores(self) -> list[RoundScores]:
         """The rounds reduced since the previous call, oldest first (thread-safe, never blocks)."""

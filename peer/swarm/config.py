@@ -116,6 +116,11 @@ class OptimConfig:
         aggregation: How each peer reducing a part of the gradient all-reduce combines the members' parts: mean
             (hivemind's weighted mean) or centered-clip (robust to a minority of Byzantine members, who are scored;
             docs/robust-aggregation.md). Run-wide: a mean reducer averages attackers in.
+        robust_quorum: With centered-clip: the smallest group a gradient round averages in, as a share of the peers
+            training (0: any group of 2, hivemind's rule). CenteredClip outvotes a minority of its group only, and
+            small groups form when peers reach a round apart: 1.0 keeps 2 attackers of 5 a minority of every round.
+            A leader keeps looking until its group is this large, and a peer refuses a smaller group it was put in;
+            a round that finds none steps on the peer's own gradients (hivemind's fallback) at --averaging-timeout.
     """
 
     target_batch_size: int = 4096
@@ -152,6 +157,7 @@ class OptimConfig:
         return "local-steps" if self.local_steps else "synchronous"
 
     aggregation: Literal["mean", "centered-clip"] = "mean"
+    robust_quorum: float = 0.0
 
     def __post_init__(self):
         require_positive(self, "target_batch_size", "learning_rate", "total_epochs", "matchmaking_time")
@@ -192,6 +198,10 @@ class OptimConfig:
             raise ValueError("--delay-grad-averaging needs --delay-optimizer-step")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if not 0 <= self.robust_quorum <= 1:
+            raise ValueError(f"robust_quorum is a share of the peers, in [0, 1]: got {self.robust_quorum}")
+        if self.robust_quorum and self.aggregation != "centered-clip":
+            raise ValueError("--robust-quorum needs --aggregation centered-clip (a mean is moved by any group)")
         if self.optimizer not in ("lamb", "lamb-8bit"):
             raise ValueError(f"optimizer must be lamb or lamb-8bit, got {self.optimizer!r}")
         if self.optimizer == "lamb-8bit" and self.offload_optimizer:

@@ -139,10 +139,18 @@ def optimizer_with_averagers(
     """The optimizer class, its gradient averager chosen: guarded in a closed run, robust with centered-clip."""
     robust = optim.aggregation == "centered-clip"
     if membership is None:
-        averager = RobustGradientAverager if robust else CountedGradientAverager
-        return partial(SwarmOptimizer, grad_averager_factory=averager)
+        if robust:
+            return partial(
+                SwarmOptimizer, grad_averager_factory=RobustGradientAverager, robust_quorum=optim.robust_quorum
+            )
+        return partial(SwarmOptimizer, grad_averager_factory=CountedGradientAverager)
     if robust:
-        return partial(GuardedOptimizer, membership=membership, grad_averager_class=GuardedRobustGradientAverager)
+        return partial(
+            GuardedOptimizer,
+            membership=membership,
+            grad_averager_class=GuardedRobustGradientAverager,
+            robust_quorum=optim.robust_quorum,
+        )
     return partial(GuardedOptimizer, membership=membership)
 
 

@@ -49,6 +49,7 @@ from tests.harness import child_env, kill_group
 EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO \S+: epoch (\d+) \| loss ([0-9.]+) \|", re.MULTILINE)
 ROBUST_LINE = re.compile(r"Robust aggregation: \d+ parts of (\d+) round\(s\) in ([0-9.]+) ms")
 TOP_SCORE = re.compile(r"Robust aggregation: .* highest sender score ([0-9.e+]+) \((\w+)\)")
+GROUP_LINE = re.compile(r"Averaged gradients with (\d+) peers")
 JOINED = re.compile(r"Joined run '[^']+' as (\w+)")
 PEER_ID = re.compile(r"^PEER_ID (\w+)$", re.MULTILINE)
 NEVER = 10**9  # an attacker's --from_epoch in the clean runs
@@ -67,6 +68,8 @@ class Result:
     attacker_on_top: float | None = None  # share of the honest reducers' epochs whose highest score was an attacker's
     top_score: float | None = None  # median of the highest sender score the honest reducers logged after E
     skipped_steps: int = 0  # honest optimizer steps the update guard refused
+    full_groups: float | None = None  # share of the honest peers' averaged rounds in a group of all N
+    local_steps_taken: int = 0  # honest rounds that found no group and stepped on the peer's own gradients
     wall_seconds: float = 0.0
     note: str = ""
 
@@ -93,6 +96,12 @@ def parse_args() -> argparse.Namespace:
         default=2.0,
         help="Seconds to gather a group: short ones split the swarm into small groups on a loaded machine.",
     )
+    parser.add_argument(
+        "--robust-quorum",
+        type=float,
+        default=0.0,
+        help="centered-clip runs: --robust-quorum (the smallest group, as a share of the peers; 0: hivemind's 2).",
+    )
     parser.add_argument("--eval-every", type=int, default=4, help="Epochs between the backups that are scored.")
     parser.add_argument("--eval-sequences", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-byzantine-work"))
@@ -110,6 +119,7 @@ def optim_flags(args, aggregation: str) -> list[str]:
         *("--target_batch_size", str(args.target_batch_size), "--learning_rate", str(args.learning_rate)),
         *("--warmup_epochs", "0", "--total_epochs", "1000", "--matchmaking_time", str(args.matchmaking_time)),
         *("--averaging_timeout", "15", "--load_state_timeout", "15", "--aggregation", aggregation),
+        *(("--robust_quorum", str(args.robust_quorum)) if args.robust_quorum and aggregation != "mean" else ()),
     ]
 
 
@@ -218,7 +228,7 @@ def run_swarm(args, attack: str, aggregation: str) -> tuple[Result, Path]:
                 pass
             kill_group(process.pid)
     result.wall_seconds = time.time() - started
-    read_logs(result, workdir, args.peers - args.attackers)
+    read_logs(result, workdir, args.peers - args.attackers, args.peers)
     read_top_scores(result, workdir, args.peers - args.attackers, args.peers)
     return result, workdir / "backups"
 
@@ -230,9 +240,10 @@ def peer_ids(workdir: Path, honest: int, peers: int) -> tuple[set[str], set[str]
     return attackers, {found for log in logs[:honest] for found in JOINED.findall(log)}
 
 
-def read_logs(result: Result, workdir: Path, honest: int) -> None:
-    """Epoch times, CenteredClip's time per round and the update guard's refusals, from the honest peers' logs."""
-    gaps, clip = [], []
+def read_logs(result: Result, workdir: Path, honest: int, peers: int) -> None:
+    """Epoch times, CenteredClip's time per round, the update guard's refusals, group sizes and rounds without a
+    group, from the honest peers' logs."""
+    gaps, clip, groups = [], [], []
     for index in range(honest):
         log = (workdir / f"peer-{index}.log").read_text(errors="replace")
         times = [
@@ -241,6 +252,9 @@ def read_logs(result: Result, workdir: Path, honest: int) -> None:
         gaps += [later - earlier for earlier, later in itertools.pairwise(times)]
         clip += [float(ms) / int(rounds) for rounds, ms in ROBUST_LINE.findall(log)]
         result.skipped_steps += log.count("Skipping the optimizer step")
+        result.local_steps_taken += log.count("Proceeding with local gradients")
+        groups += [int(size) for size in GROUP_LINE.findall(log)]
+    result.full_groups = sum(size == peers for size in groups) / len(groups) if groups else None
     result.epoch_seconds = statistics.median(gaps) if gaps else float("nan")
     result.clip_ms_per_round = statistics.median(clip) if clip else None
 
@@ -285,7 +299,9 @@ def report(results: list[Result], args) -> None:
     reference = clean.get("mean")
     print(f"\nN={args.peers} M={args.attackers} attack from epoch {args.attack_from}, {args.epochs} epochs")
     head = f"{'attack':<11} {'aggr':<13} {'epoch':>5} {'loss':>7} {'vs clean':>8} {'s/epoch':>7} {'vs mean':>7}"
-    print(head + f" {'clip ms':>7} {'ranked':>6} {'top':>5} {'topscore':>8} {'skip':>4}  note")
+    print(
+        head + f" {'clip ms':>7} {'ranked':>6} {'top':>5} {'topscore':>8} {'skip':>4} {'full':>5} {'local':>5}  note"
+    )
     for r in results:
         base = clean.get(r.aggregation)
         gap = f"{100 * (r.final_loss / base.final_loss - 1):+.2f}%" if base and base.final_loss else "-"
@@ -294,10 +310,11 @@ def report(results: list[Result], args) -> None:
         ranked = "-" if r.attackers_first_at is None else f"+{r.attackers_first_at - args.attack_from}"
         top = "-" if r.attacker_on_top is None else f"{r.attacker_on_top:.0%}"
         topscore = "-" if r.top_score is None else f"{r.top_score:.3g}"
+        full = "-" if r.full_groups is None else f"{r.full_groups:.0%}"
         print(
             f"{r.attack:<11} {r.aggregation:<13} {r.final_epoch:>5} {r.final_loss:>7.4f} {gap:>8} "
-            f"{r.epoch_seconds:>7.2f} {slower:>7} {clip:>7} {ranked:>6} {top:>5} {topscore:>8} {r.skipped_steps:>4}  "
-            f"{r.note}"
+            f"{r.epoch_seconds:>7.2f} {slower:>7} {clip:>7} {ranked:>6} {top:>5} {topscore:>8} {r.skipped_steps:>4} "
+            f"{full:>5} {r.local_steps_taken:>5}  {r.note}"
         )
 
 
