@@ -163,6 +163,12 @@ def cpu_batch(config: PeerConfig, optim: OptimConfig, device: torch.device) -> P
     return chosen
 
 
+def with_headroom(largest: int) -> int:
+    """The batch to train with when ``largest`` fit: the largest fits most times only (allocations differ a little
+    from pass to pass), so leave ``HEADROOM`` of it."""
+    return max(1, int(largest * (1 - HEADROOM)))
+
+
 def search_batch(
     config: PeerConfig, optim: OptimConfig, model, device: torch.device, precision: torch.dtype
 ) -> PeerConfig:
@@ -178,7 +184,7 @@ def search_batch(
             f"--batch-size auto: not even 1 sample of {config.max_length} tokens fits on {device}; use "
             "--gradient-checkpointing, a smaller --max-length or model, or --device cpu"
         )
-    batch = largest if largest == limit else max(1, int(largest * (1 - HEADROOM)))
+    batch = largest if largest == limit else with_headroom(largest)
     accumulation = accumulation_for(batch, optim.target_batch_size)
     chosen = dataclasses.replace(config, batch_size=batch, grad_accumulation=accumulation)
     bound = f"the cap of 1/{STEP_SHARE} of the target batch" if largest == limit else f"{largest} fit, less headroom"

@@ -38,7 +38,8 @@ from tests.monitor.conftest import (
     logits_with_transformers_alone,
     run_key_of,
 )
-from tests.peer.poisoner import AHEAD, POISONER_PRIORITY
+from tests.peer.poisoner import AHEAD
+from tests.peer.poisoner import poisoner_announced as announced_on
 
 pytestmark = [pytest.mark.slow]
 RUN_ID = "monitor-test"
@@ -379,8 +380,6 @@ def poisoner_announced(maddrs: list[str], run_id: str) -> bool:
     """Whether the DHT lists a state donor at the poisoner's priority (every downloader's first choice then)."""
     dht = hivemind.DHT(initial_peers=maddrs, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        found = dht.get(f"{run_id}_state_averager.all_averagers", latest=True)
+        return announced_on(dht, run_id)
     finally:
         dht.shutdown()
-    offers = found.value if found is not None and isinstance(found.value, dict) else {}
-    return any(getattr(offer, "value", None) == POISONER_PRIORITY for offer in offers.values())

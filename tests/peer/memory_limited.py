@@ -20,7 +20,7 @@ import torch
 
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
-from peer.batch_size import HEADROOM, BatchProbe, largest_fitting, search_batch
+from peer.batch_size import BatchProbe, largest_fitting, search_batch, with_headroom
 from peer.config import PeerConfig
 from peer.swarm.config import OptimConfig
 
@@ -69,10 +69,9 @@ def probe(model) -> dict:
     for budget_mb in (60, 200):
         with memory_limit(budget_mb * 2**20):
             largest = largest_fitting(trial, 1024)
-            with_headroom = max(1, int(largest * (1 - HEADROOM)))
             found[budget_mb] = {
                 "largest": largest,
-                "headroom_fits": trial(with_headroom),
+                "headroom_fits": trial(with_headroom(largest)),
                 "twice_fits": trial(2 * largest + 1),
             }
     return {

@@ -41,6 +41,14 @@ AHEAD = 5 * EPOCH_MARGIN  # epochs beyond the epoch it holds: 5x what downloader
 POISONER_PRIORITY = float(2**40)  # above any epoch: every downloader asks this peer first
 
 
+def poisoner_announced(dht, run_id: str) -> bool:
+    """Whether ``dht`` (a hivemind.DHT) lists a state donor at the poisoner's priority: every downloader's first
+    choice then. For the tests that wait for the poisoner's offer before they download."""
+    found = dht.get(f"{run_id}_state_averager.all_averagers", latest=True)
+    offers = found.value if found is not None and isinstance(found.value, dict) else {}
+    return any(getattr(offer, "value", None) == POISONER_PRIORITY for offer in offers.values())
+
+
 def poisoned_gradients(model: torch.nn.Module, phase: str, outlier_value: float) -> None:
     for param in model.parameters():
         if phase == "nan":

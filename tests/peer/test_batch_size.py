@@ -18,12 +18,12 @@ import torch
 from data import load_tokenizer, model_overrides_from_tokenizer
 from model import LeanAlbertForMaskedLM, load_config
 from peer.batch_size import (
-    HEADROOM,
     accumulation_for,
     available_cores,
     choose_batch,
     largest_fitting,
     search_batch,
+    with_headroom,
 )
 from peer.config import PeerConfig
 from peer.swarm.config import OptimConfig
@@ -81,7 +81,7 @@ def test_the_probe_finds_what_fits_under_a_real_memory_limit():
 def test_search_batch_leaves_headroom_and_sets_accumulation():
     chosen = in_a_fresh_process("search")
     # the probe also holds the optimizer's future buffers (offloaded optimizer: one gradient accumulator)
-    assert 1 <= chosen["batch_size"] <= max(1, int(chosen["largest"] * (1 - HEADROOM))), chosen
+    assert 1 <= chosen["batch_size"] <= with_headroom(chosen["largest"]), chosen
     assert chosen["grad_accumulation"] == max(1, 4096 // chosen["batch_size"]), chosen
     assert chosen["samples_per_step"] <= 65536 // 16 and chosen["max_length"] == SEQUENCE, chosen
 

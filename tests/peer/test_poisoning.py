@@ -20,7 +20,7 @@ from peer.hivemind_gaps.update_guard import FACTOR, WARMUP, WINDOW
 from peer.swarm.config import OptimConfig, SwarmConfig
 from tests.harness import TINY_OPTIM, GroupProcess, free_port, wait_until
 from tests.peer.conftest import PEER_FLAGS, RUN_ID
-from tests.peer.poisoner import POISONER_PRIORITY
+from tests.peer.poisoner import poisoner_announced
 
 pytestmark = [pytest.mark.slow]
 
@@ -116,13 +116,6 @@ def test_poisoned_gradients_are_skipped_counted_and_learning_goes_on(swarm):
     assert late < early - 0.25
 
 
-def poisoner_announced(swarm) -> bool:
-    """Whether the DHT lists a state donor at the poisoner's priority (it is then every downloader's first choice)."""
-    found = swarm.dht.get(f"{RUN_ID}_state_averager.all_averagers", latest=True)
-    offers = found.value if found is not None and isinstance(found.value, dict) else {}
-    return any(getattr(offer, "value", None) == POISONER_PRIORITY for offer in offers.values())
-
-
 @pytest.fixture
 def keeper(swarm):
     """The monitor's state keeper (client mode: it only downloads) on a DHT of its own in this process."""
@@ -140,7 +133,7 @@ def test_poisoned_state_is_refused_and_an_honest_donor_used(swarm, keeper, poiso
     poisoner = Poisoner(swarm, f"poisoner-state-{poison}", "--mode", "state", "--poison", poison)
     try:
         wait_until(lambda: "SERVING" in poisoner.output(), 180, f"the poisoner to serve; {poisoner.out_path}")
-        wait_until(lambda: poisoner_announced(swarm), 60, "the poisoner's state offer to reach the DHT")
+        wait_until(lambda: poisoner_announced(swarm.dht, RUN_ID), 60, "the poisoner's state offer to reach the DHT")
         swarm_epoch = max(swarm.epochs())
         # before: a state of the wrong shape failed inside hivemind, and fetch raised ModelMismatch
         assert keeper.fetch(timeout=30, swarm_epoch=swarm_epoch), "no state was taken"
