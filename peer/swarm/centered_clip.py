@@ -22,6 +22,10 @@ itself: two far senders of five, each pulling by tau, still turned the result aw
 What it cannot withstand: half or more of the (capped) weight sent by attackers (the median is theirs); attacks
 that hide inside the honest spread (ALIE, IPM): a part within ``tau`` of the centre is averaged in as it is; and an
 attacker that knows the rule and stays just inside ``reject_factor`` median distances pulls by tau, as without it.
+
+A sender's score is its distance to the centre in median distances, plus ``DISSENT_WEIGHT`` times its dissent: the
+cosine of its part to the centre, negated, when negative. Distance alone misses inner-product manipulation (IPM),
+whose small part lies nearer the centre than honest ones but points against it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ DEFAULT_MAX_WEIGHT_RATIO = 4.0
 DEFAULT_REJECT_FACTOR = 30.0
 # The score of a non-finite part, or of any part when the honest spread is zero and the part is elsewhere
 MAX_SCORE = 1e6
+# Measured on the tiny preset's real gradients (3 honest senders and 2 IPM senders sending -0.1 x the mean of their
+# own 4 gradients, hivemind's parts; median over parts): IPM's distance score 0.67 against honest 1.0-1.3, so distance
+# ranks it last; its cosine to the centre -0.55 (no part above +0.05) against honest +0.64 to +0.78 (no part below
+# +0.2; 5 honest senders: no part below +0.2 either). At 10 its score is ~6: above every honest sender, short of the
+# monitor's suspicion threshold (10) on its own.
+DISSENT_WEIGHT = 10.0
 
 
 @dataclass(frozen=True)
@@ -171,7 +181,8 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, settings: ClipSett
 
 
 def sender_scores(parts: torch.Tensor, finite: torch.Tensor, centre: torch.Tensor) -> list[float]:
-    """Each sender's distance to the centre over the median distance of the finite senders (honest: about 1)."""
+    """Each sender's distance to the centre over the median distance of the finite senders (honest: about 1), plus
+    ``DISSENT_WEIGHT`` x its dissent (honest: 0)."""
     distances = torch.full((parts.shape[0],), float("inf"))
     distances[finite] = (parts[finite] - centre).norm(dim=1)
     spread = float(distances[finite].median())
@@ -179,5 +190,16 @@ def sender_scores(parts: torch.Tensor, finite: torch.Tensor, centre: torch.Tenso
         scores = distances / spread
     else:  # identical parts: those at the centre score 0, any other the maximum
         scores = torch.where(distances > 0, MAX_SCORE, 0.0)
+    scores = scores + DISSENT_WEIGHT * dissent(parts, finite, centre)
     # inf / inf (attackers the majority of a group, entries whose float32 norm overflows) is NaN: the worst score
     return [MAX_SCORE if math.isnan(score) else min(score, MAX_SCORE) for score in map(float, scores)]
+
+
+def dissent(parts: torch.Tensor, finite: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """How far each finite part points against the centre: its cosine to the centre, negated, when negative (0 for a
+    zero part or centre, and for non-finite parts, which score the maximum anyway)."""
+    found = torch.zeros(parts.shape[0])
+    if finite.any():
+        cosines = torch.nn.functional.cosine_similarity(parts[finite], centre.unsqueeze(0), dim=1)
+        found[finite] = (-cosines).clamp(min=0.0)
+    return found

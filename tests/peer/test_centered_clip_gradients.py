@@ -11,8 +11,9 @@ import pytest
 import torch
 from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 
+from monitor.suspicion import SUSPICION_THRESHOLD
 from peer.hivemind_gaps.robust_allreduce import CenteredClipReducer
-from peer.swarm.centered_clip import ClipSettings, centered_clip, coordinate_median
+from peer.swarm.centered_clip import DISSENT_WEIGHT, ClipSettings, centered_clip, coordinate_median, dissent
 from tests.peer.real_gradients import honest_gradients
 
 PEERS = 4
@@ -102,6 +103,29 @@ async def reduce_all(make_reducer, per_sender: list[tuple[torch.Tensor, ...]]) -
         )
     )
     return time.perf_counter() - started
+
+
+def test_ipm_senders_lie_nearest_yet_score_above_every_honest_sender(gradients):
+    """Inner-product manipulation (Xie et al. 2019), 2 of 5 senders: each sends -0.1 x its estimate of the honest
+    mean (the mean of 4 gradients of its own shards). Its part lies nearer the centre than honest ones, so distance
+    alone ranks it last; it points against the centre, so with the dissent term it scores above every honest sender
+    (below the monitor's suspicion threshold: ranked, not flagged)."""
+    estimate = [torch.stack(grads).mean(dim=0) for grads in zip(*gradients[4:8])]
+    ipm = [-0.1 * tensor for tensor in estimate]
+    senders = [*gradients[:3], ipm, ipm]
+    scores, distance_only = torch.zeros(5), torch.zeros(5)
+    all_parts = stacked_parts(senders)
+    for parts in all_parts:
+        result = centered_clip(parts, torch.ones(5))
+        scored = torch.tensor(result.scores)
+        scores += scored / len(all_parts)
+        distance_only += (
+            scored - DISSENT_WEIGHT * dissent(parts, torch.ones(5, dtype=torch.bool), result.centre)
+        ) / len(all_parts)
+    print(f"mean scores over {len(all_parts)} parts: {scores.tolist()}; distance alone: {distance_only.tolist()}")
+    assert distance_only[3:].max() < distance_only[:3].min(), "IPM no longer lies nearest: the test shows nothing"
+    assert scores[3:].min() > scores[:3].max(), scores
+    assert scores[3:].max() < SUSPICION_THRESHOLD, scores
 
 
 def test_time_per_round_against_hiveminds_mean(gradients):
