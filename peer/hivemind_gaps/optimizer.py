@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from functools import partial
 
 import hivemind
@@ -24,7 +25,7 @@ from peer.hivemind_gaps.averagers import (
     GuardedGradientAverager,
     GuardedTrainingStateAverager,
 )
-from peer.hivemind_gaps.robust_allreduce import quorum_group_size
+from peer.hivemind_gaps.robust_allreduce import QuorumKeeper
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 
@@ -48,18 +49,19 @@ class SwarmOptimizer(hivemind.Optimizer):
             ).start()
 
     def _keep_robust_quorum(self, quorum: float) -> None:
-        """Keep the gradient averager's smallest group ``quorum`` of the peers training (until shutdown)."""
-        size = 2  # hivemind's default, the averager's at start
+        """Keep the gradient averager's smallest group ``quorum`` of the peers training (until shutdown); a lower
+        count must last as long as a silent peer's progress entry does before the minimum follows it down."""
+        keeper = QuorumKeeper(quorum, hold=self.tracker.metadata_expiration)
         while not self._stopping.wait(QUORUM_REFRESH):
             peers = self.tracker.global_progress.num_peers
-            wanted = quorum_group_size(quorum, peers)
-            if wanted != size:
-                try:
-                    self.grad_averager.set_min_group_size(wanted)
-                except OSError:  # the averager's process has ended: the optimizer is shutting down
-                    return
-                logger.info(f"Robust rounds now average in groups of {wanted} or more ({quorum:g} of {peers} peers)")
-                size = wanted
+            size = keeper.update(peers, time.monotonic())
+            if size is None:
+                continue
+            try:
+                self.grad_averager.set_min_group_size(size)
+            except OSError:  # the averager's process has ended: the optimizer is shutting down
+                return
+            logger.info(f"Robust rounds now average in groups of {size} or more ({quorum:g} of {peers} peers)")
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> VouchedProgressTracker:
         # hivemind.Optimizer._make_progress_tracker (1.1.12) with the tracker that leaves out unvouched entries

@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import queue
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,36 @@ def quorum_group_size(quorum: float, num_peers: int) -> int:
     """The smallest group a robust round may average in: ``quorum`` of the ``num_peers`` training (hivemind's 2 at
     least). With 2 attackers of 5, only groups of all 5 keep them a minority: quorum 1.0."""
     return max(2, math.ceil(quorum * num_peers - 1e-9))
+
+
+class QuorumKeeper:
+    """The smallest group to average in: the largest ``quorum_group_size`` of the peer counts a progress tracker read
+    over the last ``hold`` seconds. So it rises at once and falls only when a lower count has lasted ``hold``.
+
+    A live peer's progress entry can lapse for a few seconds when it reports late (seen with 8 peers on 2 cores: the
+    count flapped between 6 and 8 dozens of times in a run), and each dip would let a round average in a group that
+    a minority can be half of. A dead peer's entry is gone for good, so waiting ``hold`` more seconds costs a round.
+
+    Args:
+        quorum: the share of the peers training (quorum_group_size).
+        hold: seconds a lower count must last before the minimum follows it down.
+    """
+
+    def __init__(self, quorum: float, hold: float):
+        self.quorum, self.hold = quorum, hold
+        self.size = 2  # hivemind's default, an averager's at start
+        self._recent: deque[tuple[float, int]] = deque()  # (when, wanted size), oldest first
+
+    def update(self, num_peers: int, now: float) -> int | None:
+        """The new minimum group size when it changes with this count, else None."""
+        self._recent.append((now, quorum_group_size(self.quorum, num_peers)))
+        while now - self._recent[0][0] > self.hold:
+            self._recent.popleft()
+        wanted = max(size for _, size in self._recent)
+        if wanted == self.size:
+            return None
+        self.size = wanted
+        return wanted
 
 
 @dataclass

@@ -17,7 +17,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.averagers import HivemindHandleNames
-from peer.hivemind_gaps.robust_allreduce import RobustAggregation, quorum_group_size
+from peer.hivemind_gaps.robust_allreduce import QuorumKeeper, RobustAggregation, quorum_group_size
 from peer.swarm.config import OptimConfig
 from tests.peer.test_access import LOOPBACK
 
@@ -82,6 +82,16 @@ def test_the_quorum_is_a_share_of_the_peers_and_never_under_two():
     assert quorum_group_size(0.6, 5) == 3
     assert quorum_group_size(1.0, 1) == 2
     assert quorum_group_size(0.0, 8) == 2
+
+
+def test_the_minimum_rises_at_once_and_falls_only_when_a_lower_count_lasts():
+    keeper = QuorumKeeper(1.0, hold=10.0)
+    assert [keeper.update(peers, now) for now, peers in [(0, 1), (1, 3), (2, 5), (3, 5)]] == [None, 3, 5, None]
+    # a live peer's entry lapsing for a few seconds: the minimum stays
+    assert [keeper.update(peers, now) for now, peers in [(4, 4), (8, 3), (12, 5), (13, 4)]] == [None] * 4
+    # a peer gone for good: the minimum follows once no count of 5 was read for the hold (the last at t=12)
+    assert [keeper.update(4, now) for now in (20, 21.5, 22.5)] == [None, None, 4]
+    assert keeper.update(5, 24) == 5  # back up at once
 
 
 def test_the_quorum_setting_is_a_share_and_needs_centered_clip():
