@@ -141,7 +141,10 @@
     an attacker leading itself and one       group under the minimum),
     honest peer owns that peer's round)      .set_min_group_size (Matchmaking
     and is fixed at start.                   .min_group_size, set in the
-                                             averager's process); optimizer.py:
+                                             averager's process; at most the
+                                             peers of its last SEEN_GROUPS
+                                             groups, as progress entries are
+                                             anyone's); optimizer.py:
                                              SwarmOptimizer._keep_robust_quorum
     Proved on plain hivemind: tests/peer/test_robust_quorum.py::test_a_follower_refuses_a_small_group_an_attacker_leads
       [2] (the control: hivemind's minimum of 2 averages with the attacker)

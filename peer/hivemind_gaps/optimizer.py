@@ -61,7 +61,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.set_min_group_size(size)
             except OSError:  # the averager's process has ended: the optimizer is shutting down
                 return
-            logger.info(f"Robust rounds now average in groups of {size} or more ({quorum:g} of {peers} peers)")
+            logger.info(f"Robust quorum: groups of {size} or more wanted ({quorum:g} of {peers} peers reporting)")
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> VouchedProgressTracker:
         # hivemind.Optimizer._make_progress_tracker (1.1.12) with the tracker that leaves out unvouched entries

@@ -17,6 +17,11 @@ hivemind's ``min_group_size`` binds a leader alone (a follower averages in whate
 attacker leading itself and one honest follower owns that follower's round) and is fixed when the averager starts.
 ``RobustAggregation`` refuses, as follower and as leader, a group under its minimum, and ``set_min_group_size``
 changes the minimum while the averager runs (``quorum_group_size``: a share of the peers training).
+
+The peers training are counted from progress entries, which anyone can sign: entries under a few extra keys would
+raise the minimum out of reach, every round would find no group, and each peer would step on its own gradients. So
+the minimum is capped at the peers seen in this averager's last SEEN_GROUPS assembled groups, which only peers that
+took part in matchmaking enter. The price: a peer that has seen no group yet (one just started) averages in any group.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ logger = logging.getLogger(__name__)
 # Two senders are each as far from their midpoint, the median: both score 1 whoever lies. Only 3 or more can outvote.
 MIN_SENDERS_TO_SCORE = 3
 MAX_QUEUED_ROUNDS = 64  # rounds whose scores wait for the peer to read them; later ones are dropped, not buffered
+# groups whose members cap the minimum: enough that peers of split rounds (3 + 2 of five) are all in, few enough
+# that a peer gone long ago is not (the progress count drops it sooner anyway)
+SEEN_GROUPS = 10
 
 
 def quorum_group_size(quorum: float, num_peers: int) -> int:
@@ -210,18 +218,37 @@ class RobustAggregation:
         self.clip_settings = clip_settings or ClipSettings()
         # made before hivemind forks the averager's process (in super().__init__), which puts into it
         self._round_scores: multiprocessing.Queue = multiprocessing.Queue(maxsize=MAX_QUEUED_ROUNDS)
+        # in the averager's process: the minimum asked for (None: hivemind's, left alone) and the recent groups
+        self._wanted_group_size: int | None = None
+        self._recent_groups: deque[frozenset] = deque(maxlen=SEEN_GROUPS)
         super().__init__(*args, **kwargs)
 
     def set_min_group_size(self, size: int) -> None:
-        """Average in groups of ``size`` peers or more from the next matchmaking on (returns at once)."""
+        """Average in groups of ``size`` peers or more from the next matchmaking on (returns at once), or of as many
+        as took part in this averager's last SEEN_GROUPS groups, if fewer."""
         self._outer_pipe.send(("_set_min_group_size", [size], {}))
 
     async def _set_min_group_size(self, size: int) -> None:
-        # in the averager's process: hivemind's leader reads it each time its matchmaking time is up, and keeps
-        # looking while its group is smaller
-        self._matchmaking.min_group_size = size
+        self._wanted_group_size = size
+        self._apply_min_group_size()
+
+    def _apply_min_group_size(self) -> None:
+        # hivemind's leader reads the minimum each time its matchmaking time is up, and keeps looking while its group
+        # is smaller; the follower check below reads it too
+        if self._wanted_group_size is None:
+            return
+        seen = len(frozenset().union(*self._recent_groups))
+        size = max(2, min(self._wanted_group_size, seen))
+        if size != self._matchmaking.min_group_size:
+            self._matchmaking.min_group_size = size
+            logger.info(
+                f"Robust rounds now average in groups of {size} or more ({self._wanted_group_size} wanted; "
+                f"{seen} peers took part in this peer's last {len(self._recent_groups)} groups)"
+            )
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        self._recent_groups.append(frozenset(group_info.peer_ids))
+        self._apply_min_group_size()
         # the follower's side of the minimum, which hivemind checks for leaders only
         needed = self._matchmaking.min_group_size
         if len(group_info.peer_ids) < needed:

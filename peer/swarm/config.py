@@ -121,6 +121,7 @@ class OptimConfig:
             small groups form when peers reach a round apart: 1.0 keeps 2 attackers of 5 a minority of every round.
             A leader keeps looking until its group is this large, and a peer refuses a smaller group it was put in;
             a round that finds none steps on the peer's own gradients (hivemind's fallback) at --averaging-timeout.
+            Capped at the peers seen in a peer's last 10 groups (the count is from anyone's progress entries).
     """
 
     target_batch_size: int = 4096

@@ -69,7 +69,7 @@ class Result:
     top_score: float | None = None  # median of the highest sender score the honest reducers logged after E
     skipped_steps: int = 0  # honest optimizer steps the update guard refused
     full_groups: float | None = None  # share of the honest peers' averaged rounds in a group of all N
-    local_steps_taken: int = 0  # honest rounds that found no group and stepped on the peer's own gradients
+    own_gradient_steps: int = 0  # honest rounds that found no group and stepped on the peer's own gradients
     wall_seconds: float = 0.0
     note: str = ""
 
@@ -252,7 +252,7 @@ def read_logs(result: Result, workdir: Path, honest: int, peers: int) -> None:
         gaps += [later - earlier for earlier, later in itertools.pairwise(times)]
         clip += [float(ms) / int(rounds) for rounds, ms in ROBUST_LINE.findall(log)]
         result.skipped_steps += log.count("Skipping the optimizer step")
-        result.local_steps_taken += log.count("Proceeding with local gradients")
+        result.own_gradient_steps += log.count("Proceeding with local gradients")
         groups += [int(size) for size in GROUP_LINE.findall(log)]
     result.full_groups = sum(size == peers for size in groups) / len(groups) if groups else None
     result.epoch_seconds = statistics.median(gaps) if gaps else float("nan")
@@ -314,7 +314,7 @@ def report(results: list[Result], args) -> None:
         print(
             f"{r.attack:<11} {r.aggregation:<13} {r.final_epoch:>5} {r.final_loss:>7.4f} {gap:>8} "
             f"{r.epoch_seconds:>7.2f} {slower:>7} {clip:>7} {ranked:>6} {top:>5} {topscore:>8} {r.skipped_steps:>4} "
-            f"{full:>5} {r.local_steps_taken:>5}  {r.note}"
+            f"{full:>5} {r.own_gradient_steps:>5}  {r.note}"
         )
 
 

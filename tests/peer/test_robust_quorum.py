@@ -8,9 +8,9 @@ runs (``set_min_group_size``, what ``SwarmOptimizer`` calls with ``--robust-quor
 from __future__ import annotations
 
 import re
+import threading
 import time
 
-import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -19,7 +19,10 @@ from hivemind.utils import get_dht_time
 from peer.hivemind_gaps.averagers import HivemindHandleNames
 from peer.hivemind_gaps.robust_allreduce import QuorumKeeper, RobustAggregation, quorum_group_size
 from peer.swarm.config import OptimConfig
-from tests.peer.test_access import LOOPBACK
+from tests.harness import wait_until
+from tests.peer.conftest import RUN_ID
+from tests.peer.hostile_progress import HostileProgress
+from tests.peer.test_averager_guard import PlainAverager, start_dht
 
 PREFIX = "quorum_test"
 HONEST, ATTACKER = 1.0, 1000.0
@@ -29,19 +32,12 @@ class RobustAverager(HivemindHandleNames, RobustAggregation, DecentralizedAverag
     """hivemind's base averager with the robust mixin (what the swarm's robust gradient averagers compose)."""
 
 
-class PlainAverager(HivemindHandleNames, DecentralizedAverager):
-    """hivemind's averager: an attacker needs nothing else to lead a group."""
-
-
 class Swarm:
     """DHT nodes on 127.0.0.1, the first one everybody's initial peer, and the averagers made on them."""
 
     def __init__(self, size: int):
-        first = hivemind.DHT(start=True, host_maddrs=LOOPBACK)
-        peers = [str(maddr) for maddr in first.get_visible_maddrs()]
-        self.dhts = [first] + [
-            hivemind.DHT(initial_peers=peers, start=True, host_maddrs=LOOPBACK) for _ in range(size - 1)
-        ]
+        first = start_dht()
+        self.dhts = [first] + [start_dht(first) for _ in range(size - 1)]
         self.averagers: list[DecentralizedAverager] = []
 
     def averager(self, cls, index: int, value: float, **kwargs) -> DecentralizedAverager:
@@ -103,15 +99,27 @@ def test_the_quorum_setting_is_a_share_and_needs_centered_clip():
         OptimConfig(robust_quorum=0.5)
 
 
-@pytest.mark.timeout(120)
+def average_together(averagers: list[DecentralizedAverager]) -> None:
+    """One round of all of them, each looking at once: after it, each has seen a group of all of them."""
+    rounds = [each.step(gather=index, timeout=40, wait=False) for index, each in enumerate(averagers)]
+    for future in rounds:
+        assert len(future.result(timeout=60)) == len(averagers)
+
+
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("minimum", [3, 2])
 def test_a_follower_refuses_a_small_group_an_attacker_leads(swarm_of_three, minimum):
-    """The attacker starts looking first, so it leads; it assembles itself and the honest peer, a group of two. With
-    a minimum of 3 the honest peer refuses it (its round finds no group, its value stays); with hivemind's 2 it
-    averages with the attacker (the control: two senders are averaged, the honest value is dragged away)."""
-    attacker = swarm_of_three.averager(PlainAverager, 0, ATTACKER, target_group_size=2)
+    """After a round of all three, the attacker starts looking first, so it leads; it assembles itself and the honest
+    peer, a group of two. With a minimum of 3 the honest peer refuses it (its round finds no group, its value stays);
+    with hivemind's 2 it averages with the attacker (the control: two senders are averaged, the honest value is
+    dragged away)."""
+    attacker = swarm_of_three.averager(PlainAverager, 0, HONEST)
     honest = swarm_of_three.averager(RobustAverager, 1, HONEST)
+    bystander = swarm_of_three.averager(PlainAverager, 2, HONEST)
     honest.set_min_group_size(minimum)
+    average_together([attacker, honest, bystander])  # the honest peer has seen three peers take part
+    with attacker.get_tensors() as tensors:
+        tensors[0].fill_(ATTACKER)
     attacker.step(gather="attacker", scheduled_time=get_dht_time() + 5, timeout=15, wait=False)
     time.sleep(1.5)  # the attacker has declared itself: the honest peer's first leader
     honest_round = honest.step(gather="honest", scheduled_time=get_dht_time() + 3, timeout=12, wait=False)
@@ -125,18 +133,24 @@ def test_a_follower_refuses_a_small_group_an_attacker_leads(swarm_of_three, mini
         assert value_of(honest) > 100 * HONEST, "the control did not average with the attacker"
 
 
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("minimum", [3, 2])
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("minimum", [3, 100, 2])
 def test_a_leader_waits_past_its_matchmaking_time_for_its_minimum(swarm_of_three, minimum):
-    """Two peers look for a group at once, the third 6 s later (three times the matchmaking time). With a minimum of
-    3 all three average together; with hivemind's 2 the first two average alone (the control)."""
+    """After a round of all three, two peers look for a group at once, the third 6 s later (three times the
+    matchmaking time). With a minimum of 3 all three average together. A minimum of 100 (what progress entries under
+    97 extra keys would ask for) is capped at the 3 peers that took part in the last groups: all three average, no
+    round fails. With hivemind's 2 the first two average alone (the control)."""
     averagers = [swarm_of_three.averager(RobustAverager, index, float(index)) for index in range(3)]
     for each in averagers:
         each.set_min_group_size(minimum)
+    average_together(averagers)
+    for index, each in enumerate(averagers):
+        with each.get_tensors() as tensors:
+            tensors[0].fill_(float(index))
     rounds = [each.step(gather=index, timeout=40, wait=False) for index, each in enumerate(averagers[:2])]
     time.sleep(6.0)
     late = averagers[2].step(gather=2, timeout=40, wait=False)
-    if minimum == 3:
+    if minimum > 2:
         for future in (*rounds, late):
             assert len(future.result(timeout=60)) == 3
         assert [round(value_of(each), 4) for each in averagers] == [1.0, 1.0, 1.0]
@@ -154,24 +168,78 @@ def rounds_after(log: str, marker: str) -> list[int]:
     return [int(size) for size in re.findall(r"Averaged gradients with (\d+) peers", log[start:])]
 
 
+class SybilEntries:
+    """A hostile DHT node's progress entries under ``count`` keys of its own, at the swarm's epoch, refreshed every
+    few seconds as hivemind's peers refresh theirs: ``count`` more peers training, to every tracker."""
+
+    def __init__(self, swarm, count: int):
+        self.hostile, self.stop = HostileProgress(swarm.initial_peers), threading.Event()
+        self.swarm, self.count = swarm, count
+        self.thread = threading.Thread(target=self._refresh, daemon=True)
+        self.thread.start()
+
+    def _refresh(self) -> None:
+        while not self.stop.is_set():
+            epoch = max(self.swarm.epochs())
+            for identity in range(self.count):
+                self.hostile.store(RUN_ID, epoch=epoch, samples=0, rate=0.1, identity=identity)
+            self.stop.wait(3.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        self.hostile.shutdown()
+
+
+def logs_after(swarm, offsets: dict[str, int], marker: str, timeout: float) -> dict[str, int]:
+    """Wait until every peer's log shows ``marker`` after its offset; where each first shows it."""
+    found = {}
+    for name, offset in offsets.items():
+        log_of = swarm.peers[name].log_text
+        wait_until(lambda: marker in log_of()[offset:], timeout, f"{marker!r} in peer {name}'s log")  # noqa: B023
+        found[name] = log_of().index(marker, offset)
+    return found
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_a_quorum_swarm_averages_in_full_groups_and_lowers_its_quorum_when_a_member_dies(make_swarm):
-    """Three CLI peers with --robust-quorum 1.0: each raises its minimum group to 3 as it sees the others, no round
-    averages in a smaller group, and after a kill -9 the two survivors lower the minimum to 2 and keep training."""
+@pytest.mark.timeout(720)
+def test_a_quorum_swarm_averages_in_full_groups_despite_sybil_entries_and_after_a_death(make_swarm):
+    """Three CLI peers with --robust-quorum 1.0: each raises its minimum group to 3 as it sees the others, and no
+    round averages in a smaller group. Progress entries under 5 extra keys (a hostile DHT node) make the quorum want
+    8: the minimum stays at the 3 peers that took part in the last groups and the rounds still average (uncapped,
+    every round would find no group). After a kill -9 the two survivors lower the minimum to 2 and keep training."""
     swarm = make_swarm()
     for name in ("a", "b", "c"):
         swarm.start_peer(name, extra_flags=["--aggregation", "centered-clip", "--robust_quorum", "1.0"])
     swarm.wait_for_epoch(5, peers=3, timeout=300)
-    full = "Robust rounds now average in groups of 3 or more (1 of 3 peers)"
+    full = "Robust rounds now average in groups of 3 or more"
     logs = {name: peer.log_text() for name, peer in swarm.peers.items()}
     for name, log in logs.items():
         sizes = rounds_after(log, full)
         print(f"peer {name}: rounds after the quorum rose to 3: {sizes}")
         assert sizes and set(sizes) == {3}, f"peer {name} averaged in a group under the quorum: {sizes}"
+
+    sybils = SybilEntries(swarm, count=5)
+    try:
+        inflated = "groups of 8 or more wanted (1 of 8 peers reporting)"
+        began = logs_after(swarm, {name: len(log) for name, log in logs.items()}, inflated, 90)
+        attacked_at = max(swarm.epochs())
+        swarm.wait_for_epoch(attacked_at + 3, peers=3, timeout=240)
+    finally:
+        sybils.close()
+    for name, offset in began.items():
+        log = swarm.peers[name].log_text()[offset:]
+        sizes = rounds_after(log, inflated)
+        print(f"peer {name}: rounds while 8 were wanted: {sizes}")
+        assert len(sizes) >= 2 and set(sizes) == {3}, f"peer {name}: {sizes}"
+        assert not re.search(r"Robust rounds now average in groups of ([4-9]|\d\d)", log), log[-3000:]
+
+    # the entries lapse: back to 3 wanted, then a member dies
+    settled = {name: len(peer.log_text()) for name, peer in swarm.peers.items()}
+    logs_after(swarm, settled, "groups of 3 or more wanted (1 of 3 peers reporting)", 90)
     swarm.peers["c"].kill()
     killed_at = max(swarm.epochs())
     swarm.wait_for_epoch(killed_at + 3, peers=2, timeout=180)
     for name in ("a", "b"):
         log = swarm.peers[name].log_text()
-        assert "Robust rounds now average in groups of 2 or more (1 of 2 peers)" in log[log.find(full) :], name
+        assert "Robust rounds now average in groups of 2 or more" in log[settled[name] :], name

@@ -11,53 +11,16 @@ import threading
 
 import hivemind
 import pytest
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker
 from tests.harness import wait_until
 from tests.peer.conftest import RUN_ID
+from tests.peer.hostile_progress import HostileProgress
+from tests.peer.test_access import LOOPBACK
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 TARGET = 32
-
-
-class HostileProgress:
-    """A DHT node of its own, storing signed progress entries of its making under ``{prefix}_progress``."""
-
-    def __init__(self, initial_peers: list[str]):
-        self.dhts: list[hivemind.DHT] = []
-        self.initial_peers = initial_peers
-
-    def store(self, prefix: str, epoch: int, samples: int = 0, rate: float = 1.0, when: float | None = None) -> None:
-        """One entry, under a key of its own (a Sybil each time), stamped ``when`` (default: now)."""
-        key = RSAPrivateKey()
-        dht = hivemind.DHT(
-            initial_peers=self.initial_peers,
-            start=True,
-            host_maddrs=LOOPBACK,
-            record_validators=[RSASignatureValidator(key)],
-        )
-        self.dhts.append(dht)
-        entry = LocalTrainingProgress(
-            peer_id=dht.peer_id.to_bytes(),
-            epoch=epoch,
-            samples_accumulated=samples,
-            samples_per_second=rate,
-            time=get_dht_time() if when is None else when,
-            client_mode=False,
-        )
-        subkey = RSASignatureValidator(key).local_public_key
-        stored = dht.store(
-            f"{prefix}_progress", subkey=subkey, value=entry.dict(), expiration_time=get_dht_time() + 30
-        )
-        assert stored, "the DHT refused a schema-valid signed entry"
-
-    def shutdown(self) -> None:
-        for dht in self.dhts:
-            dht.shutdown()
 
 
 @pytest.fixture
