@@ -1,7 +1,8 @@
 """Closed runs, monitor side: the run's authority key, and admitting peers that prove a credential.
 
 A credential is the HMAC of a shared run secret (one of the lines of the secret file) or the signature of a join key
-listed in the allowlist file. Both files are re-read when they change, so secrets rotate without a restart.
+listed in the allowlist file. Both files are re-read when they change, so secrets rotate without a restart. A request
+also proves that its sender holds the RSA key and the libp2p identity it names (peer/swarm/peer_identity.py).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from peer.swarm.access_tokens import (
     write_private_key,
 )
 from peer.swarm.clock import MAX_CLOCK_SKEW
+from peer.swarm.peer_identity import peer_proof_problem
 
 logger = logging.getLogger(__name__)
+POSSESSION_FIELDS = ("key_signature", "peer_key", "peer_signature")
 MAX_FIELD_CHARS = 4096  # a join request's fields are a few hundred characters; anything far larger is abuse
 MAX_TIMESTAMP = 2**53  # a unix time in seconds is far below; the bound keeps float arithmetic on it exact
 BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,100}")  # the alphabet of libp2p peer ids
@@ -194,6 +197,8 @@ class Authority:
             self._check_join_key(fields["join_key"], fields.get("signature", ""), message)
         else:
             raise AdmissionRefused("the request carries no credential (hmac or join_key)")
+        # after the credential check: a stranger learns nothing from which proof failed
+        self._check_possession(fields, public_key, peer_id, message)
         if self.revocations is not None:
             # after the credential check: only a member proving its credential learns that it was revoked
             # keys in one canonical form: another spelling of a revoked key is the same key
@@ -204,6 +209,22 @@ class Authority:
                 raise AdmissionRefused(revoked)
             self.revocations.joined(peer_id, key, join_key)
         return public_key, peer_id
+
+    @staticmethod
+    def _check_possession(fields: dict, public_key: bytes, peer_id: str, message: bytes) -> None:
+        """The sender holds the RSA key and the identity of the peer id it names (peer/swarm/peer_identity.py): a
+        member may not claim another member's key or peer id, which its votes and suspicion are keyed by."""
+        missing = [name for name in POSSESSION_FIELDS if name not in fields]
+        if missing:
+            raise AdmissionRefused(
+                f"the request does not prove that it holds its keys (no {', '.join(missing)}): "
+                "a peer older than this monitor? update it"
+            )
+        if not RSAPublicKey.from_bytes(public_key).verify(message, fields["key_signature"].encode()):
+            raise AdmissionRefused("'key_signature' is not a signature of this request by its 'public_key'")
+        problem = peer_proof_problem(peer_id, fields["peer_key"], message, fields["peer_signature"])
+        if problem is not None:
+            raise AdmissionRefused(problem)
 
     def _check_secret(self, offered: str, message: bytes) -> None:
         if self.secrets is None:
@@ -234,7 +255,7 @@ def _request_fields(request: object) -> dict:
     timestamp = request.get("timestamp")
     if not isinstance(timestamp, int) or isinstance(timestamp, bool) or abs(timestamp) > MAX_TIMESTAMP:
         raise AdmissionRefused("the request needs an integer 'timestamp' (unix seconds, at most 2**53)")
-    names = ("peer_id", "public_key", "hmac", "join_key", "signature")
+    names = ("peer_id", "public_key", "hmac", "join_key", "signature", *POSSESSION_FIELDS)
     fields = {name: request[name] for name in names if request.get(name) is not None}
     for name in ("peer_id", "public_key"):
         if name not in fields:

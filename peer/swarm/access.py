@@ -33,6 +33,7 @@ from peer.swarm.access_tokens import (
 )
 from peer.swarm.clock import MAX_CLOCK_SKEW
 from peer.swarm.join_client import JoinClient, JoinCredential, JoinRefused, JoinUnavailable
+from peer.swarm.peer_identity import PeerIdentity
 from peer.swarm.progress import local_public_key
 
 logger = logging.getLogger(__name__)
@@ -244,8 +245,8 @@ class RunAccess:
 
 def admit_peer(run_id: str, join_url: str, credential: JoinCredential, identity_path: str) -> RunAccess:
     """Ask the monitor to admit this peer (JoinRefused: it said no; JoinUnavailable: it did not answer)."""
-    peer_id = identity_peer_id(identity_path)
-    client = JoinClient(join_url, credential, peer_id)
+    peer_id = identity_peer_id(identity_path)  # created here if missing
+    client = JoinClient(join_url, credential, PeerIdentity.load(identity_path))
     token = client()
     logger.info(f"Admitted to closed run {run_id!r} as {peer_id} (access tokens live {client.ttl:.0f} s)")
     return RunAccess(run_id, peer_id, identity_path, client, token, client.authority_key, client.ttl)

@@ -6,6 +6,7 @@ than later from other members refusing its requests as "without a valid access t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -17,8 +18,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import multihash
-from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
@@ -31,6 +30,7 @@ from peer.swarm.access_tokens import (
     verify_token,
 )
 from peer.swarm.clock import MAX_CLOCK_SKEW
+from peer.swarm.peer_identity import PeerIdentity
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT = 5.0  # seconds for one HTTP join request: the DHT waits on it, so it must stay short
@@ -74,6 +74,24 @@ class JoinCredential:
         return {"join_key": key.get_public_key().to_bytes().decode(), "signature": key.sign(message).decode()}
 
 
+def join_request(
+    credential: JoinCredential, identity: PeerIdentity, private_key: RSAPrivateKey, timestamp: int
+) -> dict:
+    """The body of POST /api/join: the RSA key and peer id the token is to name, the time, the credential's proof,
+    and the proofs that the sender holds both keys (peer/swarm/peer_identity.py says why)."""
+    public_key, peer_id = private_key.get_public_key().to_bytes(), identity.peer_id.to_base58()
+    message = join_message(public_key, peer_id, timestamp)
+    return {
+        "peer_id": peer_id,
+        "public_key": public_key.decode(),
+        "timestamp": timestamp,
+        **credential.proof(message),
+        "key_signature": private_key.sign(message).decode(),
+        "peer_key": base64.b64encode(identity.public_key).decode(),
+        "peer_signature": identity.sign(message),
+    }
+
+
 class JoinClient:
     """Asks the monitor (POST {join_url}/api/join) for an access token of this process's key and peer id.
 
@@ -83,7 +101,7 @@ class JoinClient:
     Args:
         join_url: the monitor's HTTP address, e.g. http://monitor:8080.
         credential: how this peer proves it may join.
-        peer_id: this peer's libp2p id, which the token names.
+        identity: this peer's libp2p identity, whose peer id the token names.
         private_key: the RSA key the token names (default: this process's hivemind key, which signs DHT requests).
         clock: this machine's clock (unix seconds); tests give it an offset to play a skewed machine.
     """
@@ -92,13 +110,15 @@ class JoinClient:
         self,
         join_url: str,
         credential: JoinCredential,
-        peer_id: PeerID,
-        private_key=None,
+        identity: PeerIdentity,
+        private_key: RSAPrivateKey | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.url = join_url.rstrip("/") + "/api/join"
-        self.credential, self.peer_id, self.clock = credential, peer_id.to_base58(), clock
-        self.public_key = (private_key or RSAPrivateKey.process_wide()).get_public_key().to_bytes()
+        self.credential, self.identity, self.clock = credential, identity, clock
+        self.peer_id = identity.peer_id.to_base58()
+        self.private_key = private_key or RSAPrivateKey.process_wide()
+        self.public_key = self.private_key.get_public_key().to_bytes()
         self.authority_key: RSAPublicKey | None = None
         self.ttl: float | None = None
         self.skew: float | None = None  # the monitor's clock minus this one, as of the last answer
@@ -106,10 +126,7 @@ class JoinClient:
 
     def __call__(self) -> AccessToken:
         sent_at = self.clock()
-        timestamp = int(sent_at)
-        body = {"peer_id": self.peer_id, "public_key": self.public_key.decode(), "timestamp": timestamp}
-        body.update(self.credential.proof(join_message(self.public_key, self.peer_id, timestamp)))
-        answer = self._post(body)
+        answer = self._post(join_request(self.credential, self.identity, self.private_key, int(sent_at)))
         received_at = self.clock()
         try:
             token, authority_key = (
@@ -187,10 +204,8 @@ def _http_error_reason(error: urllib.error.HTTPError) -> str:
 def http_access_token(monitor_url: str, credential: JoinCredential) -> str:
     """An access token for the HTTP API of a closed run (checkpoints, per-peer rows, history), as a header value.
 
-    Downloaders are not swarm members: they join with a throwaway key and peer id, and send the token they get as
+    Downloaders are not swarm members: they join with a throwaway key and identity, and send the token they get as
     ``Authorization: Bearer TOKEN``. JoinRefused / JoinUnavailable as for a peer's join.
     """
-    key = RSAPrivateKey()
-    digest = multihash.encode(hashlib.sha256(key.get_public_key().to_bytes()).digest(), "sha2-256")
-    client = JoinClient(monitor_url, credential, PeerID(digest), private_key=key)
+    client = JoinClient(monitor_url, credential, PeerIdentity.generate(), private_key=RSAPrivateKey())
     return "Bearer " + encode_token(client())

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -41,11 +40,14 @@ from peer.swarm.access_tokens import (
     verify_token,
 )
 from peer.swarm.join_client import ClockSkewed, JoinClient, JoinCredential, JoinRefused, http_access_token
+from peer.swarm.peer_identity import PeerIdentity
 from tests.harness import wait_until
 from tests.monitor.conftest import CHROMIUM, MonitorProcess, PeerProcess, Process, chromium
 from tests.monitor.crafted_bodies import CRAFTED_BODIES
+from tests.monitor.joining import forged_join
 
-PEER_ID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+IDENTITY = PeerIdentity.generate()  # the joiner's libp2p identity
+PEER_ID = IDENTITY.peer_id.to_base58()
 
 
 def fill_checkpoint(directory: Path) -> None:
@@ -88,7 +90,7 @@ def closed_monitor(tmp_path):
 
 
 def client(url: str, **credential) -> JoinClient:
-    return JoinClient(url, JoinCredential(**credential), PeerID.from_base58(PEER_ID), private_key=RSAPrivateKey())
+    return JoinClient(url, JoinCredential(**credential), IDENTITY, private_key=RSAPrivateKey())
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
@@ -121,6 +123,33 @@ def test_allowlisted_join_key_admits_and_an_unlisted_one_is_refused(closed_monit
     (tmp_path / "other.key").write_bytes(RSAPrivateKey().to_bytes())
     with pytest.raises(JoinRefused, match="not in the run's allowlist"):
         client(closed_monitor.url, join_key_file=str(tmp_path / "other.key"))()
+
+
+def test_a_join_must_prove_the_key_and_the_peer_id_it_names(closed_monitor):
+    """Over real HTTP, with the right run secret: naming another peer's RSA key or peer id (keys are public, the
+    HMAC is right) is refused, as is a request without the proofs (a peer older than this monitor)."""
+    secret, member = "old-secret-0123456789", RSAPrivateKey()
+    other_key = RSAPrivateKey().get_public_key().to_bytes()
+    own_key = member.get_public_key().to_bytes()
+    other_peer = PeerIdentity.generate().peer_id.to_base58()
+    cases = [
+        (forged_join(IDENTITY, member, secret, other_key, PEER_ID), "'key_signature' is not a signature"),
+        (
+            forged_join(IDENTITY, member, secret, own_key, other_peer),
+            f"'peer_key' is not the key of peer id {other_peer}",
+        ),
+    ]
+    unproven = forged_join(IDENTITY, member, secret, own_key, PEER_ID)
+    for field in ("key_signature", "peer_key", "peer_signature"):
+        del unproven[field]
+    cases.append((unproven, "does not prove that it holds its keys"))
+    for body, refusal in cases:
+        status, answer = post(closed_monitor.url, json.dumps(body).encode())
+        assert status == 403 and refusal in answer["detail"], (status, answer)
+    assert (
+        post(closed_monitor.url, json.dumps(forged_join(IDENTITY, member, secret, own_key, PEER_ID)).encode())[0]
+        == 200
+    )
 
 
 def test_garbage_and_forged_join_requests_get_4xx_not_500(closed_monitor):
@@ -335,9 +364,8 @@ def test_a_closed_monitor_process_serves_members_only_and_survives_crafted_bodie
 
 def skewed_client(url: str, secret_file: Path, offset: float) -> JoinClient:
     """A JoinClient on a machine whose clock is `offset` seconds ahead (the system clock itself cannot be moved)."""
-    peer = PeerID.from_base58(PEER_ID)
     credential = JoinCredential(secret_file=str(secret_file))
-    return JoinClient(url, credential, peer, private_key=RSAPrivateKey(), clock=lambda: time.time() + offset)
+    return JoinClient(url, credential, IDENTITY, private_key=RSAPrivateKey(), clock=lambda: time.time() + offset)
 
 
 def test_a_skewed_clock_is_warned_about_once_and_refused_where_tokens_would_fail(closed_monitor, caplog):

@@ -9,8 +9,6 @@ processes aggregating with CenteredClip. The attacker is revoked and cannot rene
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 import sys
@@ -19,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -32,26 +29,24 @@ from monitor.metrics import make_registry
 from monitor.revocation import MAX_SHOWN, RevocationPolicy, RevocationStore
 from monitor.server import ServerThread, create_app
 from monitor.suspicion import suspects
-from peer.swarm.access_tokens import encode_token, join_message
+from peer.swarm.access_tokens import encode_token
+from peer.swarm.peer_identity import PeerIdentity
 from peer.swarm.run_key import RunKey
 from peer.swarm.scores import ScoreRecord
 from tests.harness import wait_until
 from tests.monitor.conftest import PEER_FLAGS, MonitorProcess, PeerProcess, Process
+from tests.monitor.joining import SecretCredential, signed_join
 
 SECRET = "closed-run-secret-0123456789"
 
 
-def new_peer_id(tmp_path: Path, name: str) -> str:
-    path = tmp_path / f"{name}.id"
-    P2P.generate_identity(str(path))
-    return PeerID.from_identity(path.read_bytes()).to_base58()
+def join_request(identity: PeerIdentity, key: RSAPrivateKey, secret: str = SECRET) -> dict:
+    """What peer/swarm/join_client.py posts: its RSA key, libp2p id, the time, the secret's HMAC, both keys' proofs."""
+    return signed_join(identity, key, SecretCredential(secret))
 
 
-def join_request(peer_id: str, key: RSAPrivateKey, secret: str = SECRET) -> dict:
-    """What peer/swarm/join_client.py posts: its RSA key, libp2p id, the time, and the secret's HMAC over them."""
-    public_key, timestamp = key.get_public_key().to_bytes(), int(get_dht_time())
-    proof = hmac.new(secret.encode(), join_message(public_key, peer_id, timestamp), hashlib.sha256).hexdigest()
-    return {"peer_id": peer_id, "public_key": public_key.decode(), "timestamp": timestamp, "hmac": proof}
+def peer_id(identity: PeerIdentity) -> str:
+    return identity.peer_id.to_base58()
 
 
 def record(epoch: int, scores: dict[str, float]) -> ScoreRecord:
@@ -79,30 +74,34 @@ def test_the_streak_must_be_unbroken_and_above_the_threshold():
 
 def test_a_revoked_member_gets_no_token_under_its_id_or_key_and_it_outlives_a_restart(tmp_path):
     auth, store = authority(tmp_path)
-    accused, honest = new_peer_id(tmp_path, "accused"), new_peer_id(tmp_path, "honest")
+    accused_identity, honest = PeerIdentity.generate(), PeerIdentity.generate()
+    accused = peer_id(accused_identity)
     accused_key, honest_key = RSAPrivateKey(), RSAPrivateKey()
-    token = auth.join(join_request(accused, accused_key))["token"]
+    token = auth.join(join_request(accused_identity, accused_key))["token"]
     auth.join(join_request(honest, honest_key))
-    records = {b"reporter-1": record(7, {accused: 950.0, honest: 1.1}), b"reporter-2": record(8, {accused: 880.0})}
+    records = {
+        b"reporter-1": record(7, {accused: 950.0, peer_id(honest): 1.1}),
+        b"reporter-2": record(8, {accused: 880.0}),
+    }
     [row] = [row for row in suspects(records.values()) if row.peer_id == accused]
     decision = store.revoke(row, 3, 100.0, records)
     assert [(item["epoch"], item["score"]) for item in decision.evidence] == [(7, 950.0), (8, 880.0)]
     assert "950 at epoch 7" in decision.summary() and "above 100 for 3 refreshes" in decision.summary()
 
     with pytest.raises(AdmissionRefused, match=rf"revoked from this run at .* \(peer {accused}\)"):
-        auth.join(join_request(accused, accused_key))
+        auth.join(join_request(accused_identity, accused_key))
     with pytest.raises(AdmissionRefused, match="revoked"):  # a new identity with the key it joined with
-        auth.join(join_request(new_peer_id(tmp_path, "again"), accused_key))
+        auth.join(join_request(PeerIdentity.generate(), accused_key))
     with pytest.raises(AdmissionRefused, match="revoked"):  # its current token no longer opens the members' API
         auth.check_member(token)
     with pytest.raises(AdmissionRefused, match="wrong run secret"):  # no credential, no news about revocations
-        auth.join(join_request(accused, accused_key, secret="guessed-secret-0123456789"))
+        auth.join(join_request(accused_identity, accused_key, secret="guessed-secret-0123456789"))
     assert auth.join(join_request(honest, honest_key))["token"]
 
     store.close()
     auth, store = authority(tmp_path)  # a restarted monitor: the same SQLite file and authority key
     with pytest.raises(AdmissionRefused, match="revoked"):
-        auth.join(join_request(accused, accused_key))
+        auth.join(join_request(accused_identity, accused_key))
     assert auth.join(join_request(honest, honest_key))["token"]
     [saved] = store.all()
     assert saved == decision and saved.as_dict()["evidence"][0] == {
@@ -117,7 +116,7 @@ def test_a_revoked_member_gets_no_token_under_its_id_or_key_and_it_outlives_a_re
 def test_the_api_metrics_and_dashboard_show_a_revocation_after_its_member_stopped_being_scored(tmp_path):
     """Over real HTTP: the revoked member is no longer in any score record (it left), yet /api/suspects still lists
     it as revoked, /api/revocations gives the evidence, /api/status and /metrics count it, the dashboard has a tile."""
-    accused, honest = new_peer_id(tmp_path, "accused"), new_peer_id(tmp_path, "honest")
+    accused, honest = peer_id(PeerIdentity.generate()), peer_id(PeerIdentity.generate())
     store = RevocationStore(tmp_path / "history.sqlite")
     records = {b"reporter-1": record(7, {accused: 950.0, honest: 1.1}), b"reporter-2": record(8, {accused: 880.0})}
     [row] = [row for row in suspects(records.values()) if row.peer_id == accused]
