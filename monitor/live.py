@@ -44,6 +44,9 @@ class LiveState:
     suspects: tuple[Suspect, ...] = ()  # senders the robust reducers scored, most suspicious first (bounded)
     revocations: tuple[Revocation, ...] = ()  # closed runs: members revoked for their scores, newest first
     revoked_count: int = 0  # every revocation decision (revocations holds the newest few)
+    # closed runs: each admitted member's contributor id by libp2p peer id (the scores name peer ids, the contributors
+    # table signing keys; the member's proven join ties the two)
+    contributor_of_peer: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

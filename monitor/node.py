@@ -316,6 +316,7 @@ class Monitor:
                     f"current token ends within {self.config.token_ttl:.0f} s. Evidence: {decision.summary()}"
                 )
         self.live.revocations, self.live.revoked_count = tuple(self.revocations.all()), self.revocations.count()
+        self.live.contributor_of_peer = self.revocations.contributors_of_members()
 
     def _count_contributions(self, snapshot: SwarmSnapshot) -> None:
         """Fold the snapshot into the contributors table and save it (the table in memory follows only once saved)."""

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from monitor.suspicion import MAX_SUSPECTS, Suspect
+from peer.swarm.progress import peer_label
 from peer.swarm.scores import ScoreRecord
 
 MAX_EVIDENCE = 32  # reporters kept in a decision's evidence (highest scores first): bounded whatever the DHT holds
@@ -216,6 +217,13 @@ class RevocationStore:
             public_key, join_key = self._credentials.get(peer_id, (b"", b""))
         chosen = join_key or public_key
         return fingerprint(chosen) if chosen else None
+
+    def contributors_of_members(self) -> dict[str, str]:
+        """The contributor id (peer/swarm/progress.py ``peer_label``) of each remembered member's peer id: its records
+        are signed by the RSA key it joined with, which its join request proved it holds (peer/swarm/peer_identity.py)."""
+        with self._lock:
+            keys = {peer_id: public_key for peer_id, (public_key, _) in self._credentials.items()}
+        return {peer_id: peer_label(OWNER_PREFIX + key + OWNER_SUFFIX) for peer_id, key in keys.items() if key}
 
     def voter(self, owner: bytes) -> Voter | None:
         """The member a record's owner (its DHT subkey) is, or None: a key this authority admitted no peer with, one

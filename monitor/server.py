@@ -205,8 +205,30 @@ def create_app(
 
     @app.get("/api/contributors", dependencies=members, responses=member_errors)
     def contributors_table() -> list[dict]:
-        """Who contributed what: samples and compute time are each peer's signed lifetime claim (largest read)."""
-        return contributors.contributors() if contributors is not None else []
+        """Who contributed what: samples and compute time are each peer's signed lifetime claim (largest read). In a
+        closed run, `suspicion` and `verdict` are the robust reducers' view of the member (null where unscored)."""
+        rows = contributors.contributors() if contributors is not None else []
+        verdicts = suspects_by_contributor()
+        return [{**row, **verdicts.get(row["peer_id"], {"suspicion": None, "verdict": None})} for row in rows]
+
+    def suspect_rows() -> list[dict]:
+        revoked = {decision.peer_id: decision for decision in live.revocations}
+        rows = [{**suspect.as_dict(), "revoked": suspect.peer_id in revoked} for suspect in live.suspects]
+        scored = {suspect.peer_id for suspect in live.suspects}
+        for peer_id, decision in revoked.items():
+            if peer_id not in scored:
+                row = {"peer_id": peer_id, "suspicion": decision.suspicion, "reporters": decision.reporters}
+                rows.append({**row, "suspicious": True, "revoked": True})
+        contributor_of = live.contributor_of_peer
+        return [{**row, "contributor": contributor_of.get(row["peer_id"])} for row in rows]
+
+    def suspects_by_contributor() -> dict[str, dict]:
+        verdicts = {}
+        for row in suspect_rows():
+            if row["contributor"] is not None:
+                verdict = "revoked" if row["revoked"] else "suspicious" if row["suspicious"] else "ok"
+                verdicts[row["contributor"]] = {"suspicion": row["suspicion"], "verdict": verdict}
+        return verdicts
 
     @app.get("/api/contributors/{peer_id}", dependencies=members, responses={**CONTRIBUTOR_ERRORS, **member_errors})
     def contributor(peer_id: str = PathParam(..., pattern=PEER_ID_PATTERN)) -> dict:
@@ -220,15 +242,9 @@ def create_app(
     def api_suspects() -> list[dict]:
         """Senders scored by the robust reducers (--aggregation centered-clip), most suspicious first; in a closed
         run with --revoke-above, `revoked` says which were revoked, and revoked members no longer scored follow
-        (their suspicion and reporters as at the decision)."""
-        revoked = {decision.peer_id: decision for decision in live.revocations}
-        rows = [{**suspect.as_dict(), "revoked": suspect.peer_id in revoked} for suspect in live.suspects]
-        scored = {suspect.peer_id for suspect in live.suspects}
-        for peer_id, decision in revoked.items():
-            if peer_id not in scored:
-                row = {"peer_id": peer_id, "suspicion": decision.suspicion, "reporters": decision.reporters}
-                rows.append({**row, "suspicious": True, "revoked": True})
-        return rows
+        (their suspicion and reporters as at the decision). In a closed run, `contributor` is the member's row of
+        the contributors table (null in an open run, where nothing ties a peer id to a signing key)."""
+        return suspect_rows()
 
     @app.get("/api/revocations", dependencies=members, responses=member_errors)
     def api_revocations() -> list[dict]:

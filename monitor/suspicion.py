@@ -6,8 +6,9 @@ median of the scores the reporters gave it: an attacker scoring itself 0 or fram
 only when reporters like it are half of those that scored the sender. A pure function, no I/O; its output is bounded
 (MAX_SUSPECTS rows) however many keys the DHT holds.
 
-Limits: a record names senders by libp2p peer id while progress records are keyed by their signing key, so the
-dashboard cannot yet put a suspicion next to a contributor row; and keys are free, so colluding reporters (or one
+A record names senders by libp2p peer id while progress records are keyed by their signing key: in a closed run the
+members' proven joins tie the two (RevocationStore.contributors_of_members), so the dashboard shows a member's
+suspicion in its contributor row; in an open run nothing ties them. Limits: keys are free, so colluding reporters (or one
 member signing under many keys) can frame or clear anyone they outnumber here. This table only informs: a revocation
 counts admitted members' votes alone (monitor/revocation.py).
 """

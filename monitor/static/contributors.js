@@ -17,8 +17,15 @@ function formatMoment(seconds) {
   return new Date(seconds * 1000).toLocaleString();
 }
 
+// A closed run's robust reducers' view of a member ("–" where unscored, and always in an open run).
+function formatSuspicion(contributor) {
+  if (contributor.suspicion === null || contributor.suspicion === undefined) return "–";
+  return `${formatNumber(contributor.suspicion)} ${contributor.verdict}`;
+}
+
 function compareContributors(a, b) {
-  const [x, y] = [a[contributorSort.key], b[contributorSort.key]];
+  // unscored rows (null suspicion) sort below every scored one
+  const [x, y] = [a[contributorSort.key] ?? -Infinity, b[contributorSort.key] ?? -Infinity];
   const order = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y));
   return (contributorSort.descending ? -order : order) || a.peer_id.localeCompare(b.peer_id);
 }
@@ -32,7 +39,9 @@ function renderContributors(contributors) {
   body.replaceChildren();
   for (const contributor of [...contributors].sort(compareContributors)) {
     const row = body.insertRow();
-    row.className = contributor.status;
+    row.className = ["suspicious", "revoked"].includes(contributor.verdict)
+      ? `${contributor.status} suspicious`
+      : contributor.status;
     row.dataset.peerId = contributor.peer_id;
     const link = document.createElement("a");
     link.href = `/contributor?id=${encodeURIComponent(contributor.peer_id)}`;
@@ -48,6 +57,7 @@ function renderContributors(contributors) {
     cell(row, formatMoment(contributor.last_seen));
     cell(row, contributor.device);
     cell(row, contributor.status);
+    cell(row, formatSuspicion(contributor), "num suspicion");
   }
 }
 

@@ -121,6 +121,15 @@ function renderSuspects(suspects) {
     cell(row, formatNumber(suspect.suspicion), "num");
     cell(row, suspect.reporters, "num");
     cell(row, suspect.revoked ? "revoked" : suspect.suspicious ? "suspicious" : "ok");
+    const contributorCell = row.insertCell();  // closed runs: the member's row of the contributors table
+    if (suspect.contributor) {
+      const link = document.createElement("a");
+      link.href = `/contributor?id=${encodeURIComponent(suspect.contributor)}`;
+      link.textContent = suspect.contributor;
+      contributorCell.appendChild(link);
+    } else {
+      contributorCell.textContent = "–";
+    }
   }
 }
 

@@ -7,24 +7,33 @@ score records with keys it never joined with and stores them in a real hivemind 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import re
 from pathlib import Path
 
 import hivemind
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from monitor.access import Authority
+from monitor.access import AdmissionRefused, Authority
+from monitor.checkpoint import CheckpointStore
 from monitor.config import MonitorConfig
+from monitor.contributor_store import ContributorStore
+from monitor.history import History
+from monitor.live import LiveState
+from monitor.metrics import make_registry
 from monitor.records import monitor_validators, read_suspects
 from monitor.revocation import RevocationPolicy, RevocationStore, member_suspects
-from peer.swarm.access_tokens import join_message
-from peer.swarm.progress import local_public_key
+from monitor.server import ServerThread, create_app
+from monitor.suspicion import suspects
+from peer.swarm.peer_identity import PeerIdentity
+from peer.swarm.progress import local_public_key, peer_label
 from peer.swarm.scores import ScoreRecord, scores_key
+from tests.monitor.conftest import chromium
+from tests.monitor.joining import JoinKeyCredential, SecretCredential, forged_join, signed_join
+from tests.monitor.test_contributors import Run, report
+from tests.monitor.test_monitor_revocation import http_json
 
 SECRET = "closed-run-secret-0123456789"
 THRESHOLD = 100.0
@@ -36,23 +45,15 @@ class Member:
     DHT subkey."""
 
     def __init__(self, tmp_path: Path, name: str):
-        identity = tmp_path / f"{name}.id"
-        P2P.generate_identity(str(identity))
-        self.peer_id = PeerID.from_identity(identity.read_bytes()).to_base58()
+        self.identity = PeerIdentity.generate()
+        self.peer_id = self.identity.peer_id.to_base58()
         self.key = RSAPrivateKey()
         self.owner = local_public_key(self.key)
 
     def join(self, authority: Authority, join_key: RSAPrivateKey | None = None) -> Member:
         """Post a join request as peer/swarm/join_client.py does: with the run secret, or signed by a join key."""
-        public_key, timestamp = self.key.get_public_key().to_bytes(), int(get_dht_time())
-        message = join_message(public_key, self.peer_id, timestamp)
-        request = {"peer_id": self.peer_id, "public_key": public_key.decode(), "timestamp": timestamp}
-        if join_key is None:
-            request["hmac"] = hmac.new(SECRET.encode(), message, hashlib.sha256).hexdigest()
-        else:
-            request["join_key"] = join_key.get_public_key().to_bytes().decode()
-            request["signature"] = join_key.sign(message).decode()
-        assert authority.join(request)["token"]
+        credential = SecretCredential(SECRET) if join_key is None else JoinKeyCredential(join_key)
+        assert authority.join(signed_join(self.identity, self.key, credential))["token"]
         return self
 
 
@@ -102,6 +103,37 @@ def test_more_than_half_of_a_quorum_of_members_must_accuse(run, tmp_path):
     [row] = tally(accusing=3, voting=5)
     assert (row.reporters, row.suspicion) == (5, 500.0)
     assert revoked_after(policy, (row,), 3) == [accused.peer_id]
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "unchecked-control"])
+def test_a_member_cannot_take_over_another_members_key_or_peer_id(run, tmp_path, monkeypatch, checked):
+    """A member holding the run secret joins naming an honest member's RSA key (so that the honest member's records
+    would vote as the thief, and their accusations of the thief count as its votes on itself, dropped) and then its
+    peer id (to be scored and revoked in its name). Both are refused, and the honest member's records still vote as
+    the honest member. The control, with the proofs not checked: the thief takes the honest member's votes over."""
+    authority, store, _ = run
+    if not checked:
+        monkeypatch.setattr(Authority, "_check_possession", staticmethod(lambda *args: None))
+    honest = Member(tmp_path, "honest").join(authority)
+    thief = Member(tmp_path, "thief").join(authority)
+    honest_key = honest.key.get_public_key().to_bytes()
+    thief_key = thief.key.get_public_key().to_bytes()
+    claims = [
+        (forged_join(thief.identity, thief.key, SECRET, honest_key, thief.peer_id), "'key_signature' is not"),
+        (forged_join(thief.identity, thief.key, SECRET, thief_key, honest.peer_id), "'peer_key' is not the key of"),
+    ]
+    for request, refusal in claims:
+        if checked:
+            with pytest.raises(AdmissionRefused, match=refusal):
+                authority.join(request)
+        else:
+            authority.join(request)
+    voter = store.voter(honest.owner)
+    if checked:
+        assert voter is not None and voter.peer_id == honest.peer_id
+        assert store.voter(thief.owner).peer_id == thief.peer_id
+    else:
+        assert voter is None or voter.peer_id != honest.peer_id, "the control: the thief's claims changed nothing"
 
 
 def test_keys_no_member_joined_with_frame_nobody_even_from_a_real_dht(run, tmp_path):
@@ -183,3 +215,51 @@ def test_a_member_that_joins_again_with_another_key_votes_with_that_one_only(run
 def test_the_quorum_is_at_least_two(tmp_path):
     with pytest.raises(ValueError, match="revoke_quorum must be at least 2"):
         MonitorConfig(run_dir=str(tmp_path), revoke_quorum=1)
+
+
+def test_a_members_suspicion_is_shown_on_its_contributor_row_over_http(run, tmp_path):
+    """The scores name libp2p peer ids, the contributors table signing keys: the members' proven joins tie the two.
+    Over real HTTP, /api/contributors carries each member's suspicion and verdict, /api/suspects each sender's
+    contributor id, and a contributor no member joined as (an open run's peer) gets none."""
+    authority, store, _ = run
+    thief, honest = Member(tmp_path, "thief").join(authority), Member(tmp_path, "honest").join(authority)
+    labels = {member.peer_id: peer_label(member.owner) for member in (thief, honest)}
+    stranger = peer_label(b"a key nobody joined with")
+    contributors = ContributorStore(tmp_path / "history.sqlite")
+    reports = [report(label, 100.0, total=8) for label in (*labels.values(), stranger)]
+    contributors.save(Run().refresh(100.0, *reports))
+    live = LiveState(run_id="votes")
+    votes = [record({thief.peer_id: 500.0, honest.peer_id: 1.1}), record({thief.peer_id: 700.0, honest.peer_id: 1.3})]
+    live.suspects = tuple(suspects(votes))
+    live.contributor_of_peer = store.contributors_of_members()
+    history = History(tmp_path / "history.sqlite")
+    checkpoints = CheckpointStore(tmp_path / "checkpoints", history)
+    app = create_app(live, history, checkpoints, make_registry(live, checkpoints), contributors=contributors)
+    server = ServerThread(app, "127.0.0.1", 0)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        rows = {row["peer_id"]: row for row in http_json(url + "/api/contributors")}
+        assert (rows[labels[thief.peer_id]]["suspicion"], rows[labels[thief.peer_id]]["verdict"]) == (
+            600.0,
+            "suspicious",
+        )
+        assert rows[labels[honest.peer_id]]["verdict"] == "ok" and rows[labels[honest.peer_id]][
+            "suspicion"
+        ] == pytest.approx(1.2)
+        assert (rows[stranger]["suspicion"], rows[stranger]["verdict"]) == (None, None)
+        shown = {row["peer_id"]: row["contributor"] for row in http_json(url + "/api/suspects")}
+        assert shown == labels
+        # the dashboard, in Chromium: the verdict in the member's contributor row, and a link from its suspect row
+        dom = chromium(url + "/", tmp_path, "--dump-dom")
+        table = dom.split('id="contributors-table"')[1].split("</table>")[0]
+        thief_row = re.search(
+            rf'<tr class="(\w+ suspicious)" data-peer-id="{labels[thief.peer_id]}">(.*?)</tr>', table
+        )
+        assert thief_row and '<td class="num suspicion">600 suspicious</td>' in thief_row.group(2), table
+        assert re.search(rf'data-peer-id="{stranger}">.*?<td class="num suspicion">–</td>', table)
+        assert f'href="/contributor?id={labels[thief.peer_id]}"' in dom.split('id="suspects-table"')[1]
+    finally:
+        server.stop()
+        contributors.close()
+        history.close()
