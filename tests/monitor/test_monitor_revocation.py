@@ -246,6 +246,11 @@ def test_a_sign_flipper_is_revoked_and_leaves_and_no_honest_member_is(tmp_path, 
     assert decisions[0]["suspicion"] > 100 and decisions[0]["reporters"] >= 2 and decisions[0]["evidence"]
     rows = {row["peer_id"]: row for row in http_json(monitor.url + "/api/suspects", token)}
     assert rows[attacker_id]["revoked"] and not any(rows[peer]["revoked"] for peer in honest_ids if peer in rows)
+    # the attacker's contributor row (its progress records, signed with the key it proved at its join) says so too
+    contributors = {row["peer_id"]: row for row in http_json(monitor.url + "/api/contributors", token)}
+    attacker_row = contributors.get(rows[attacker_id]["contributor"])
+    assert attacker_row and attacker_row["verdict"] == "revoked", (rows[attacker_id], list(contributors.values()))
+    assert [row["verdict"] for row in contributors.values()].count("revoked") == 1
     assert monitor.get("/api/status")["revoked_members"] == 1
 
     # its token is not renewed; once it ended, the attacker (which stays: --stay) is no member for the others
