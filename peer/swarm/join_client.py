@@ -80,6 +80,14 @@ def join_request(
     """The body of POST /api/join: the RSA key and peer id the token is to name, the time, the credential's proof,
     and the proofs that the sender holds both keys (peer/swarm/peer_identity.py says why)."""
     public_key, peer_id = private_key.get_public_key().to_bytes(), identity.peer_id.to_base58()
+    return claim_body(credential, public_key, peer_id, timestamp, private_key, identity)
+
+
+def claim_body(
+    credential, public_key: bytes, peer_id: str, timestamp: int, private_key: RSAPrivateKey, identity: PeerIdentity
+) -> dict:
+    """A join body claiming ``public_key`` and ``peer_id``, its proofs signed by ``private_key`` and ``identity``. An
+    honest peer claims the keys it signs with (join_request); tests forge a claim of another peer's keys with it."""
     message = join_message(public_key, peer_id, timestamp)
     return {
         "peer_id": peer_id,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.swarm.access_tokens import join_message
-from peer.swarm.join_client import join_request
+from peer.swarm.join_client import claim_body, join_request
 from peer.swarm.peer_identity import PeerIdentity
 
 
@@ -43,14 +41,4 @@ def signed_join(identity: PeerIdentity, key: RSAPrivateKey, credential) -> dict:
 def forged_join(signer: PeerIdentity, key: RSAPrivateKey, secret: str, public_key: bytes, peer_id: str) -> dict:
     """A member holding the run secret claims ``public_key`` and ``peer_id`` (another member's), signing with the keys
     it holds: the HMAC is right, a proof of a key it does not hold cannot be."""
-    timestamp = int(get_dht_time())
-    message = join_message(public_key, peer_id, timestamp)
-    return {
-        "peer_id": peer_id,
-        "public_key": public_key.decode(),
-        "timestamp": timestamp,
-        **SecretCredential(secret).proof(message),
-        "key_signature": key.sign(message).decode(),
-        "peer_key": base64.b64encode(signer.public_key).decode(),
-        "peer_signature": signer.sign(message),
-    }
+    return claim_body(SecretCredential(secret), public_key, peer_id, int(get_dht_time()), key, signer)
