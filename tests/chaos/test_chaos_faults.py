@@ -105,6 +105,9 @@ def test_kill_joiner_during_state_download(run):
 @pytest.mark.timeout(300)
 def test_monitor_killed_during_checkpoint_fetch_then_restarted(run):
     monitor = run.monitor
+    # set by the previous test already; again here, so that a rerun (the end of this test lifts it) or a run of this
+    # test alone also kills a slow fetch rather than finding it done
+    run.network.nodes["monitor"].limit_rate(8, download_only=True)
     began = run.wait_for_log(monitor, "Downloading parameters from peer", timeout=120, after=len(monitor.log_text()))
     time.sleep(1.5)
     status_before = monitor.get("/api/status")
