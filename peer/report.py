@@ -94,7 +94,8 @@ class GuardCollector:
         yield skipped
         yield CounterMetricFamily(
             "albert_peer_refused_states",
-            "Training states downloaded from peers and refused (non-finite or implausible epoch)",
+            "Training states refused: downloaded from peers (non-finite or implausible epoch), or the non-finite mean "
+            "of a state round",
             value=self.training.refused_states,
         )
         averaged_bytes = self.training.averaged_bytes

@@ -31,7 +31,7 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
 - ``cancel()``: leaving: cancel the averaging rounds under way and start none (thread-safe; a stop signal calls it
   from another thread). ``shutdown()``: leave the swarm and release the averagers (once, at the end).
 - ``update_guard`` and ``refused_states``: what this peer refused from the swarm (averaged gradients, downloaded
-  states), exported as metrics; a mode without such checks gives None and 0.
+  states, state rounds), exported as metrics; a mode without such checks gives None and 0.
 - ``averaged_bytes``: (sent, received) payload bytes of this peer's gradient or pseudo-gradient all-reduce rounds so
   far (peer/hivemind_gaps/traffic.py), exported as metrics; None where they are not counted.
 """
@@ -133,7 +133,8 @@ class SynchronousSwarm:
 
     @property
     def refused_states(self) -> int:
-        return getattr(self.optimizer.state_averager, "refused_states", 0)
+        averager = self.optimizer.state_averager  # downloads refused, and state rounds whose mean was not finite
+        return getattr(averager, "refused_states", 0) + getattr(averager, "refused_state_rounds", 0)
 
     @property
     def averaged_bytes(self) -> tuple[int, int]:

@@ -148,6 +148,15 @@
                                              SwarmOptimizer._keep_robust_quorum
     Proved on plain hivemind: tests/peer/test_robust_quorum.py::test_a_follower_refuses_a_small_group_an_attacker_leads
       [2] (the control: hivemind's minimum of 2 averages with the attacker)
+23  A state averaging round applies the     state_rounds.py: CheckedStateRounds  checks or robustly aggregates
+    members' mean as it arrives, unchecked:  (hivemind's _run_allreduce_inplace_, a state round's mean
+    one member's NaN or x1000 parameters     updates applied once whole: a NaN
+    reach every peer of its group (and       mean refused, each tensor group moved
+    centered-clip guards gradients only).    at most MAX_STATE_ROUND_CHANGE of its
+                                             norm; CenteredClip with centered-clip)
+    Proved on plain hivemind: tests/peer/test_state_rounds.py::
+      test_a_member_poisoning_state_rounds_moves_no_honest_peer_far[unchecked-control] (the check taken out: the
+      honest peers' parameters x334)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

@@ -6,7 +6,7 @@ Each class extends the one before it, so a gap closed for one is closed for the 
   and the scheduler catches up to any epoch in one step (state_check.py).
 - ``ConsistentTrainingStateAverager`` (a trainer's, open run): also serves one epoch's state and keeps loaded LAMB
   moments the averaged ones (consistent_state.py); its rounds can be cancelled by a leaving peer
-  (cancellable_rounds.py).
+  (cancellable_rounds.py); a state round's mean is checked, and bounded, before it is applied (state_rounds.py).
 - ``GuardedTrainingStateAverager`` and ``GuardedGradientAverager`` (closed runs, trainers and monitor): also answer
   run members only (averager_guard.py).
 - ``CountedGradientAverager`` (the open run's): hivemind's GradientAverager counting the bytes of its all-reduce
@@ -34,6 +34,7 @@ from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
 from peer.hivemind_gaps.state_layout import StateLayout
+from peer.hivemind_gaps.state_rounds import CheckedStateRounds
 from peer.hivemind_gaps.traffic import CountedTraffic
 
 
@@ -54,9 +55,12 @@ class CheckedTrainingStateAverager(HivemindHandleNames, FastSchedulerCatchUp, Tr
     """hivemind's TrainingStateAverager that refuses non-finite or implausible downloaded states (the monitor's)."""
 
 
-class ConsistentTrainingStateAverager(ConsistentStateMixin, CheckedTrainingStateAverager, CancellableRounds):
+class ConsistentTrainingStateAverager(
+    ConsistentStateMixin, CheckedStateRounds, CheckedTrainingStateAverager, CancellableRounds
+):
     """hivemind's TrainingStateAverager whose served state is always one epoch's, with rounds a leaving peer cancels;
-    a downloaded state is checked before it is applied (state_check.py)."""
+    a downloaded state is checked before it is applied (state_check.py), a state round's mean before it is applied
+    (state_rounds.py; robust with ``state_clip_settings``)."""
 
 
 class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentTrainingStateAverager):

@@ -28,6 +28,7 @@ from peer.hivemind_gaps.averagers import (
 from peer.hivemind_gaps.robust_allreduce import QuorumKeeper
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
+from peer.swarm.centered_clip import ClipSettings
 
 logger = logging.getLogger(__name__)
 QUORUM_REFRESH = 1.0  # seconds between two reads of the peer count for the robust rounds' smallest group
@@ -38,7 +39,8 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     state_averager_class: type[TrainingStateAverager] = ConsistentTrainingStateAverager
 
-    def __init__(self, *args, robust_quorum: float = 0.0, **kwargs):
+    def __init__(self, *args, robust_quorum: float = 0.0, state_clip_settings: ClipSettings | None = None, **kwargs):
+        self._state_clip_settings = state_clip_settings  # read by _make_state_averager, inside hivemind's __init__
         super().__init__(*args, **kwargs)
         # a donor's epoch may be ahead of what this peer knows of the swarm, but not by more than a margin
         self.state_averager.epoch_limit = lambda: max(self.local_epoch, self.tracker.global_epoch) + EPOCH_MARGIN
@@ -101,7 +103,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _state_averager_options(self) -> dict:
         """Extra keyword arguments for ``state_averager_class`` (subclasses add theirs)."""
-        return {}
+        return {"state_clip_settings": self._state_clip_settings}
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # the same arguments as hivemind.Optimizer._make_state_averager (1.1.12), with this class's averager
@@ -140,4 +142,4 @@ class GuardedOptimizer(SwarmOptimizer):
         super().__init__(grad_averager_factory=partial(grad_averager_class, membership=membership), **kwargs)
 
     def _state_averager_options(self) -> dict:
-        return {"membership": self._membership}
+        return {**super()._state_averager_options(), "membership": self._membership}

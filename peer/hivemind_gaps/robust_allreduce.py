@@ -187,6 +187,12 @@ class CenteredClipReducer(TensorPartReducer):
         }
 
 
+def register_runner(averager, runner: AllReduceRunner, group_id: bytes) -> None:
+    """Hand ``runner`` to the averager's group (hivemind's _run_allreduce_inplace_ does so before running it)."""
+    assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+    averager._running_groups[group_id].set_result(runner)
+
+
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's AllReduceRunner whose reducer is a CenteredClipReducer (built with ``clip_settings``)."""
 
@@ -282,8 +288,7 @@ class RobustAggregation:
             ordered_peer_ids=group_info.peer_ids,
             **kwargs,
         )
-        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-        self._running_groups[group_id].set_result(runner)
+        register_runner(self, runner, group_id)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
                 tensor.add_(update, alpha=self._averaging_alpha)

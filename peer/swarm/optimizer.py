@@ -25,6 +25,7 @@ from peer.hivemind_gaps.bounded_download import StateDownloadFailed
 from peer.hivemind_gaps.codec_registry import install_codecs
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.update_guard import UpdateGuard
+from peer.swarm.centered_clip import ClipSettings
 from peer.swarm.codecs import Float16RoundTrip, Int4BlockCompression, Int8BlockCompression
 from peer.swarm.config import OptimConfig, SwarmConfig
 
@@ -136,12 +137,16 @@ def averaged_statistics(optim: OptimConfig) -> tuple[str, ...]:
 def optimizer_with_averagers(
     optim: OptimConfig, membership: MembershipCheck | None
 ) -> Callable[..., hivemind.Optimizer]:
-    """The optimizer class, its gradient averager chosen: guarded in a closed run, robust with centered-clip."""
+    """The optimizer class, its averagers chosen: guarded in a closed run; with centered-clip the gradient all-reduce
+    and the state rounds robust."""
     robust = optim.aggregation == "centered-clip"
     if membership is None:
         if robust:
             return partial(
-                SwarmOptimizer, grad_averager_factory=RobustGradientAverager, robust_quorum=optim.robust_quorum
+                SwarmOptimizer,
+                grad_averager_factory=RobustGradientAverager,
+                robust_quorum=optim.robust_quorum,
+                state_clip_settings=ClipSettings(),
             )
         return partial(SwarmOptimizer, grad_averager_factory=CountedGradientAverager)
     if robust:
@@ -150,6 +155,7 @@ def optimizer_with_averagers(
             membership=membership,
             grad_averager_class=GuardedRobustGradientAverager,
             robust_quorum=optim.robust_quorum,
+            state_clip_settings=ClipSettings(),
         )
     return partial(GuardedOptimizer, membership=membership)
 

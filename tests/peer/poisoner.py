@@ -4,6 +4,7 @@ poisoned training state to peers that download one.
 
     python -m tests.peer.poisoner --mode grads --schedule nan,huge,outlier --epochs_each 3 PEER_FLAGS...
     python -m tests.peer.poisoner --mode state --poison nan|epoch|ahead|shape|oversize PEER_FLAGS...
+    python -m tests.peer.poisoner --mode rounds --schedule scale,nan --epochs_each 4 PEER_FLAGS...
 
 grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
@@ -13,13 +14,18 @@ state: it shares, at the highest priority, a state whose first tensor is NaN (``
 downloader allows over the run's known epoch), whose first matrix has half its rows (``shape``: finite, as from a
 model of another size), or with 1 MiB tensors appended, 3x the state's size in all (``oversize``: finite; many small
 ones, so the stream never pauses long enough to time out the downloader, as compressing one huge tensor would), until
-killed. It prints one line per event: POISONED <phase> epoch <e>, SERVING, DONE.
+killed. rounds: it trains in step with the swarm (sending zero gradients) and sends, in every state averaging round,
+its parameters and optimizer statistics x1000 (``scale``: finite) or NaN (``nan``), one phase per ``--epochs_each``
+epochs, then leaves; its own state is untouched (the poison goes into copies). It prints one line per event:
+POISONED <phase> epoch <e>, POISONED ROUND <phase>, SERVING, DONE.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import multiprocessing as mp
 import sys
 import time
 
@@ -71,6 +77,44 @@ def send_poisoned_gradients(optimizer, model, samples: int, schedule: list[str],
             if optimizer.local_epoch != before:
                 print(f"POISONED {phase} epoch {before}", flush=True)
             time.sleep(0.3)  # the pace of an honest tiny peer, so the rounds are not all the attacker's
+
+
+ROUND_POISONS = ("scale", "nan")
+SCALE = 1000.0  # x the sender's own state: finite, and far beyond any honest peer's
+# the phase of the state-round attack, set by the main process, read in the state averager's (forked after it is made)
+ROUND_PHASE = mp.Value(ctypes.c_int, -1)
+
+
+def poison_state_rounds() -> None:
+    """Send poisoned copies of this process's state in every state round (class-level patch: the averager's process
+    is forked from this one, so it runs the patched method); what comes back is applied to the copies only."""
+    honest = ConsistentTrainingStateAverager._run_allreduce_inplace_
+
+    async def poisoned_round(self, tensors, group_info, *args, **kwargs):
+        if ROUND_PHASE.value < 0:
+            return await honest(self, tensors, group_info, *args, **kwargs)
+        poison = ROUND_POISONS[ROUND_PHASE.value]
+        copies = [tensor * SCALE if poison == "scale" else torch.full_like(tensor, float("nan")) for tensor in tensors]
+        print(f"POISONED ROUND {poison} with {len(group_info.peer_ids) - 1} peer(s)", flush=True)
+        return await honest(self, copies, group_info, *args, **kwargs)
+
+    ConsistentTrainingStateAverager._run_allreduce_inplace_ = poisoned_round
+
+
+def poison_rounds_in_step(optimizer, model, samples: int, schedule: list[str], epochs_each: int):
+    optimizer.load_state_from_peers()  # at the swarm's epoch first: a state round gathers one epoch's peers
+    for phase in schedule:
+        ROUND_PHASE.value = ROUND_POISONS.index(phase)
+        until = optimizer.local_epoch + epochs_each
+        while optimizer.local_epoch < until:
+            for param in model.parameters():  # its gradients are not the attack: zeros weigh nothing in the mean
+                param.grad = torch.zeros_like(param)
+            before = optimizer.local_epoch
+            optimizer.step(batch_size=samples)
+            optimizer.zero_grad(set_to_none=True)
+            if optimizer.local_epoch != before:
+                print(f"POISONED {phase} epoch {before}", flush=True)
+            time.sleep(0.3)
 
 
 def poisoned_index(tensors: list[torch.Tensor], poison: str) -> int:
@@ -126,7 +170,7 @@ def serve_poisoned_state(optimizer) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=("grads", "state"), required=True)
+    parser.add_argument("--mode", choices=("grads", "state", "rounds"), required=True)
     parser.add_argument("--schedule", default="nan,huge,outlier")
     parser.add_argument("--epochs_each", type=int, default=3)
     parser.add_argument("--outlier_value", type=float, default=10.0)
@@ -137,6 +181,8 @@ def main() -> int:
     torch.set_num_threads(1)
     if args.mode == "state":
         poison_served_state(args.poison)
+    if args.mode == "rounds":
+        poison_state_rounds()
     _, model = build_model(config, torch.device("cpu"))
     dht = build_dht(swarm)
     optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)
@@ -146,6 +192,9 @@ def main() -> int:
             send_poisoned_gradients(
                 optimizer, model, config.samples_per_step, schedule, args.epochs_each, args.outlier_value
             )
+        elif args.mode == "rounds":
+            schedule = args.schedule.split(",")
+            poison_rounds_in_step(optimizer, model, config.samples_per_step, schedule, args.epochs_each)
         else:
             serve_poisoned_state(optimizer)
     finally:

@@ -1,0 +1,151 @@
+"""A state averaging round's result is checked before it is applied, and with centered-clip aggregated robustly.
+
+Every ``--average-state-every`` epochs hivemind 1.1.12's TrainingStateAverager averages the peers' parameters and
+optimizer statistics, and writes the mean into them as the parts arrive (in place: with the offloaded optimizer these
+are the very tensors the optimizer steps). Nothing checks what the members sent: one member sending NaN makes every
+peer of its group NaN, one sending its parameters x1000 moves every peer's by x1000 / group size, and with
+``--aggregation centered-clip`` the gradient all-reduce is robust while this round, which every member also enters,
+is not.
+
+``CheckedStateRounds`` (a TrainingStateAverager mixin, hivemind's ``_run_allreduce_inplace_`` with the updates held
+back until the round is whole):
+
+- with ``state_clip_settings`` the parts this peer reduces are aggregated with CenteredClip (robust_allreduce.py's
+  runner). Honest peers' states lie close together (they apply the same averaged gradients), so a far part is left
+  out. Its scores are not published: a peer that stepped on its own gradients for a while is far for honest reasons;
+- the result is refused whole (this peer keeps its own state) if any value is not finite;
+- each group of tensors (the parameters, each averaged optimizer statistic, the extra tensors) moves at most
+  ``MAX_STATE_ROUND_CHANGE`` of its own norm: a farther mean is approached by that much, as the local-steps re-sync
+  does (peer/local_steps.py).
+
+So in a mean run a member moves the others' parameters by at most 5% of their norm per state round, in a
+centered-clip run not at all while it is a minority of the group. A joiner's state is its download, not a round, and
+is checked there (state_check.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+from collections.abc import Sequence
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.utils import get_dht_time
+
+from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, register_runner
+from peer.swarm.centered_clip import ClipSettings
+
+logger = logging.getLogger(__name__)
+# Relative to a group's own norm, per round. The local-steps re-sync's bound (MAX_RESYNC_CHANGE there); honest state
+# rounds moved parameters by at most ~2e-3 of their norm and LAMB's statistics by at most ~0.03 in the runs of
+# tests/peer/test_state_rounds.py (logged by every round: "relative change")
+MAX_STATE_ROUND_CHANGE = 0.05
+
+
+class CheckedStateRounds:
+    """TrainingStateAverager mixin: a state round's mean is applied only when finite, and moves each group of tensors
+    by at most MAX_STATE_ROUND_CHANGE of its norm (module doc). Put it before TrainingStateAverager among the bases.
+
+    Args:
+        state_clip_settings: CenteredClip's settings for the parts this peer reduces (None: hivemind's mean).
+        kwargs: passed to the hivemind averager.
+    """
+
+    def __init__(self, *args, state_clip_settings: ClipSettings | None = None, **kwargs):
+        self.state_clip_settings = state_clip_settings
+        # counted in the averager's process, read in the peer's (made before hivemind forks it)
+        self._refused_rounds = mp.Value(ctypes.c_int64, 0)
+        self._bounded_rounds = mp.Value(ctypes.c_int64, 0)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def refused_state_rounds(self) -> int:
+        """State rounds whose mean was not finite: this peer kept its own state."""
+        return int(self._refused_rounds.value)
+
+    @property
+    def bounded_state_rounds(self) -> int:
+        """State rounds whose mean lay farther than MAX_STATE_ROUND_CHANGE: approached by that much."""
+        return int(self._bounded_rounds.value)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
+        """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12), applying the updates once all are in
+        and checked."""
+        group_id = group_info.group_id if group_id is None else group_id
+        options = dict(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        if self.state_clip_settings is None:
+            runner = AllReduceRunner(**options)
+        else:
+            runner = RobustAllReduceRunner(clip_settings=self.state_clip_settings, **options)
+        register_runner(self, runner, group_id)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+            return
+        updates = [update async for update in runner]
+        peers = len(group_info.peer_ids) - 1
+        updates = self._checked_updates(tensors, updates, peers)
+        if updates is None:
+            return
+        for tensor, update in zip(tensors, updates, strict=True):
+            tensor.add_(update, alpha=self._averaging_alpha)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+    def _checked_updates(self, tensors, updates, peers: int) -> list[torch.Tensor] | None:
+        """The updates to apply: None if any is not finite, each group's scaled down to MAX_STATE_ROUND_CHANGE."""
+        if not all(bool(torch.isfinite(update).all()) for update in updates):
+            with self._refused_rounds.get_lock():
+                self._refused_rounds.value += 1
+            logger.error(
+                f"Refused the state round with {peers} peer(s): its mean is not finite; keeping this peer's own"
+            )
+            return None
+        bounded, changes = [], []
+        for name, indices in self._tensor_groups(len(tensors)):
+            own, moves = [tensors[i] for i in indices], [updates[i] for i in indices]
+            change = relative_norm(moves, own)
+            changes.append(f"{name} {change:.2e}")
+            scale = MAX_STATE_ROUND_CHANGE / change if change > MAX_STATE_ROUND_CHANGE else 1.0
+            bounded.extend((i, update * scale) for i, update in zip(indices, moves))
+            if scale < 1.0:
+                with self._bounded_rounds.get_lock():
+                    self._bounded_rounds.value += 1
+                logger.warning(
+                    f"The state round's mean {name} lies far from this peer's (relative change {change:.2e}): "
+                    f"moving at most {MAX_STATE_ROUND_CHANGE} toward it"
+                )
+        logger.info(f"Averaged the training state with {peers} peer(s) (relative change: {', '.join(changes)})")
+        return [update for _, update in sorted(bounded, key=lambda pair: pair[0])]
+
+    def _tensor_groups(self, count: int) -> list[tuple[str, range]]:
+        """The averaged tensors in hivemind's order: parameters, then each averaged statistic's, then the extras."""
+        size = len(self.main_parameters)
+        groups = [("parameters", range(size))]
+        for number, key in enumerate(self.opt_keys_for_averaging, start=1):
+            groups.append((key, range(number * size, (number + 1) * size)))
+        end = size * (1 + len(self.opt_keys_for_averaging))
+        if count > end:
+            groups.append(("extra tensors", range(end, count)))
+        return groups
+
+
+def relative_norm(moves: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> float:
+    """||moves|| / ||own|| over all tensors together: 0 if nothing moves, inf if ``own`` is all zeros and it does
+    (optimizer statistics before a peer's first step have no scale to bound a move by: such a group stays as it is
+    until its own step gives it one)."""
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m.float()) for m in moves]))
+    if float(moved) == 0.0:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in own]))
+    return float(moved / norm) if float(norm) > 0 else float("inf")

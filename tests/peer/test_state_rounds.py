@@ -1,0 +1,93 @@
+"""A member poisoning the state averaging rounds of a real swarm (tests/peer/poisoner.py --mode rounds): it trains in
+step with two honest CLI peers and sends, in every state round, its parameters and LAMB statistics x1000 and then
+NaN. With the check of peer/hivemind_gaps/state_rounds.py the honest peers refuse the NaN mean and move at most 5% of
+their norm toward the scaled one (a mean run), or leave the attacker out (centered-clip); their parameters stay
+finite and near their norm. The control runs the honest peers with the check taken out
+(tests/peer/unchecked_state_rounds.py, hivemind's behaviour): their parameters blow up, then turn NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from peer.hivemind_gaps.state_rounds import MAX_STATE_ROUND_CHANGE
+from tests.harness import wait_until
+from tests.peer.test_poisoning import Poisoner
+
+pytestmark = [pytest.mark.slow]
+
+STATE_EVERY = 2  # epochs between state rounds: several rounds per attack phase
+EPOCHS_EACH = 4  # epochs of the attacker's per phase (scale, then nan)
+HONEST = ("a", "b")
+
+
+def parameter_norm(parameters: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(tensor.float().pow(2).sum()) for tensor in parameters.values()))
+
+
+def backup_norms(peer, since: int) -> dict[int, float]:
+    return {epoch: parameter_norm(peer.parameters(epoch)) for epoch in peer.backup_epochs() if epoch >= since}
+
+
+def round_changes(log: str) -> list[float]:
+    """The parameters' relative change of each state round this peer applied (state_rounds.py's log line)."""
+    return [float(change) for change in re.findall(r"Averaged the training state .*?parameters ([0-9.e+-]+|inf)", log)]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("variant", ["mean", "centered-clip", "unchecked-control"])
+def test_a_member_poisoning_state_rounds_moves_no_honest_peer_far(make_swarm, variant):
+    swarm = make_swarm()
+    flags = ["--average_state_every", str(STATE_EVERY)]
+    if variant == "centered-clip":
+        flags += ["--aggregation", "centered-clip"]
+    module = "tests.peer.unchecked_state_rounds" if variant == "unchecked-control" else "peer"
+    try:
+        for name in HONEST:
+            swarm.start_peer(name, extra_flags=flags, module=module)
+        swarm.wait_for_epoch(2 * STATE_EVERY, peers=2, timeout=300)
+        before = {name: backup_norms(swarm.peers[name], since=0) for name in HONEST}
+        attack_from = min(max(norms) for norms in before.values())
+        reference = {name: before[name][max(before[name])] for name in HONEST}
+        poisoner = Poisoner(
+            swarm, f"poisoner-rounds-{variant}", "--mode", "rounds", "--schedule", "scale,nan",
+            "--epochs_each", str(EPOCHS_EACH), *flags,
+        )  # fmt: skip
+        try:
+            poisoner.process.wait(timeout=420)
+        finally:
+            poisoner.kill()
+        output = poisoner.output()
+        print(output[-2000:])
+        for poison in ("scale", "nan"):  # the attacker really sent each poison to someone
+            assert re.search(rf"POISONED ROUND {poison} with [1-9]", output), output[-3000:]
+        if variant != "unchecked-control":  # the honest peers train on after the attack
+            wait_until(lambda: min(swarm.epochs()[-2:]) >= attack_from + 2 * EPOCHS_EACH + 2, 240, "epochs after it")
+        norms = {name: backup_norms(swarm.peers[name], since=attack_from) for name in HONEST}
+        logs = {name: swarm.peers[name].log_text() for name in HONEST}
+        for name in HONEST:
+            ratios = {epoch: norm / reference[name] for epoch, norm in norms[name].items()}
+            print(f"peer {name} ({variant}): parameter norm over its norm before the attack, by epoch: {ratios}")
+            print(f"peer {name}: state rounds' relative change of the parameters: {round_changes(logs[name])}")
+        if variant == "unchecked-control":
+            worst = [max(norm / reference[name] for norm in norms[name].values()) for name in HONEST]
+            # NaN norms compare False: a NaN backup is caught below
+            poisoned = [
+                any(not math.isfinite(norm) or norm > 10 * reference[name] for norm in norms[name].values())
+                for name in HONEST
+            ]
+            assert any(poisoned), f"the unchecked peers were not moved: worst norm ratios {worst}"
+            return
+        for name in HONEST:
+            assert all(math.isfinite(norm) for norm in norms[name].values()), f"peer {name} was poisoned"
+            assert max(norms[name].values()) < 1.5 * reference[name], (name, norms[name], reference[name])
+        text = "\n".join(logs.values())
+        if variant == "mean":  # the NaN mean refused, the scaled one approached by MAX_STATE_ROUND_CHANGE at most
+            assert "Refused the state round" in text, text[-3000:]
+            assert f"moving at most {MAX_STATE_ROUND_CHANGE} toward it" in text, text[-3000:]
+    finally:
+        swarm.close()
