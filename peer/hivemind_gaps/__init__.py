@@ -157,6 +157,14 @@
     Proved on plain hivemind: tests/peer/test_state_rounds.py::
       test_a_member_poisoning_state_rounds_moves_no_honest_peer_far[unchecked-control] (the check taken out: the
       honest peers' parameters x334)
+24  Each peer's share of the vector to      robust_allreduce.py: equal_shares    sizes shares by something a
+    reduce is sized by the bandwidth it      (RobustAggregation and, robust,      peer cannot declare, or checks
+    declares, and a reducer's result is      CheckedStateRounds                   a reducer's result
+    unchecked: a member declaring 1e9        ._aggregate_with_group: every
+    reduces the whole vector, CenteredClip   reducing peer 1/n)
+    or not.
+    Proved on plain hivemind: tests/peer/test_equal_shares.py::
+      test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share[hivemind-control]
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

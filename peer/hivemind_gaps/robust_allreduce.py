@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
@@ -187,6 +188,23 @@ class CenteredClipReducer(TensorPartReducer):
         }
 
 
+def equal_shares(group_info: GroupInfo, serializer) -> GroupInfo:
+    """``group_info`` with every peer's declared bandwidth (what hivemind sizes each peer's share of the vector to
+    reduce by) made equal: each reducing peer reduces 1/n of the vector, whatever it declares.
+
+    A reducer returns the aggregate of its share to everybody, and nobody can check it: a member that declared a
+    bandwidth of 1e9 reduced the whole vector, CenteredClip or not (tests/peer/test_equal_shares.py). A declared 0
+    (a peer that wants to reduce nothing) stays 0; client-mode peers reduce nothing anyway. Every robust peer rewrites
+    the same gathered data the same way, so their shares agree; a peer that sizes them otherwise sends parts of the
+    wrong sizes and is banned from the round (CenteredClipReducer.accumulate_part).
+    """
+    gathered = []
+    for entry in group_info.gathered:
+        bandwidth, mode, user_data = serializer.loads(entry)
+        gathered.append(serializer.dumps([None if bandwidth else bandwidth, mode, user_data]))
+    return GroupInfo(group_info.group_id, group_info.peer_ids, tuple(gathered))
+
+
 def register_runner(averager, runner: AllReduceRunner, group_id: bytes) -> None:
     """Hand ``runner`` to the averager's group (hivemind's _run_allreduce_inplace_ does so before running it)."""
     assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -264,7 +282,7 @@ class RobustAggregation:
             )
             logger.warning(f"Not averaging gradients with {len(group_info.peer_ids) - 1} peer(s): {refusal}")
             fail_group(self._running_groups, group_info.group_id, refusal)
-        return await super()._aggregate_with_group(group_info, *args, **kwargs)
+        return await super()._aggregate_with_group(equal_shares(group_info, self.serializer), *args, **kwargs)
 
     def take_round_scores(self) -> list[RoundScores]:
         """The rounds reduced since the previous call, oldest first (thread-safe, never blocks)."""

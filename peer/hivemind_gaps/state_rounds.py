@@ -11,7 +11,7 @@ is not.
 back until the round is whole):
 
 - with ``state_clip_settings`` the parts this peer reduces are aggregated with CenteredClip (robust_allreduce.py's
-  runner). Honest peers' states lie close together (they apply the same averaged gradients), so a far part is left
+  runner), and every member reduces an equal share (``equal_shares``). Honest peers' states lie close together (they apply the same averaged gradients), so a far part is left
   out. Its scores are not published: a peer that stepped on its own gradients for a while is far for honest reasons;
 - the result is refused whole (this peer keeps its own state) if any value is not finite;
 - each group of tensors (the parameters, each averaged optimizer statistic, the extra tensors) moves at most
@@ -34,7 +34,7 @@ import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.utils import get_dht_time
 
-from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, register_runner
+from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, equal_shares, register_runner
 from peer.swarm.centered_clip import ClipSettings
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ class CheckedStateRounds:
     def bounded_state_rounds(self) -> int:
         """State rounds whose mean lay farther than MAX_STATE_ROUND_CHANGE: approached by that much."""
         return int(self._bounded_rounds.value)
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        if self.state_clip_settings is not None:  # robust: no member reduces more than its share (equal_shares)
+            group_info = equal_shares(group_info, self.serializer)
+        return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12), applying the updates once all are in

@@ -1,0 +1,93 @@
+"""No member reduces more than its share of a robust all-reduce, whatever bandwidth it declares (real DHTs, real
+averagers).
+
+hivemind sizes each peer's share of the vector to reduce by the bandwidth the peer declares, and a reducer returns
+the aggregate of its share to everybody, unchecked. A member declaring 1e9 became the reducer of the whole vector,
+so CenteredClip at the honest peers had nothing to reduce. ``equal_shares`` (robust_allreduce.py) gives every
+reducing peer 1/n.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.utils import MSGPackSerializer
+
+from peer.hivemind_gaps import robust_allreduce
+from peer.hivemind_gaps.averagers import HivemindHandleNames
+from peer.hivemind_gaps.robust_allreduce import equal_shares
+from tests.peer.test_robust_quorum import ATTACKER, HONEST, RobustAverager, Swarm, average_together
+
+SIZE = 3 * 2**17  # three of hivemind's 2**19-byte parts: one share each when shares are equal
+CLIENT_MODE, NODE_MODE = 1, 0
+
+
+def shares(gathered: list[list]) -> tuple[int, ...]:
+    group = GroupInfo(b"g", (), tuple(MSGPackSerializer.dumps(entry) for entry in gathered))
+    bandwidths = [MSGPackSerializer.loads(entry)[0] for entry in equal_shares(group, MSGPackSerializer).gathered]
+    return load_balance_peers(900, bandwidths)
+
+
+def test_declared_bandwidths_are_made_equal_but_a_zero_stays():
+    assert shares([[1e9, NODE_MODE, b""], [100.0, NODE_MODE, b""], [None, NODE_MODE, b""]]) == (300, 300, 300)
+    assert shares([[1e9, NODE_MODE, b""], [100.0, NODE_MODE, b""], [0.0, NODE_MODE, b""]]) == (450, 450, 0)
+    # the user data each peer gathered is kept
+    group = GroupInfo(b"g", (), (MSGPackSerializer.dumps([5.0, CLIENT_MODE, b"epoch 7"]),))
+    assert MSGPackSerializer.loads(equal_shares(group, MSGPackSerializer).gathered[0]) == [
+        None,
+        CLIENT_MODE,
+        b"epoch 7",
+    ]
+
+
+class MeanReducer(HivemindHandleNames, DecentralizedAverager):
+    """The attacker: it shares the vector as the robust peers do (or every round would fail: parts of the wrong
+    sizes), and reduces its own share with hivemind's mean, which it returns to everybody."""
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        shared = robust_allreduce.equal_shares(group_info, self.serializer)  # looked up here: the control patches it
+        return await super()._aggregate_with_group(shared, *args, **kwargs)
+
+
+class BigSwarm(Swarm):
+    def averager(self, cls, index: int, value: float, **kwargs):
+        made = cls(
+            [torch.full((SIZE,), value)],
+            self.dhts[index],
+            prefix="shares_test",
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            start=True,
+            **kwargs,
+        )
+        self.averagers.append(made)
+        return made
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("balancing", ["equal", "hivemind-control"])
+def test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share(monkeypatch, balancing):
+    """Two robust peers and an attacker declaring 1e9 Mbit/s that sends 1000 where they send 1. The share it reduces
+    comes back as the mean (334), the parts they reduce with CenteredClip as 1. With equal shares they
+    reduce 2/3 of the vector; with hivemind's balancing (the control) next to nothing."""
+    if balancing == "hivemind-control":  # before the averagers' processes fork: they run the patched module
+        monkeypatch.setattr(robust_allreduce, "equal_shares", lambda group_info, serializer: group_info)
+    swarm = BigSwarm(3)
+    try:
+        attacker = swarm.averager(MeanReducer, 0, ATTACKER, bandwidth=1e9)
+        # 100 Mbit/s: what the swarm's peers declare by default (--bandwidth)
+        honest = [swarm.averager(RobustAverager, index, HONEST, bandwidth=100.0) for index in (1, 2)]
+        average_together([attacker, *honest])
+        for each in honest:
+            with each.get_tensors() as tensors:
+                kept = float((tensors[0] - HONEST).abs().lt(1e-3).float().mean())
+            print(f"{balancing}: share of the honest peer's vector still at the honest value: {kept:.3f}")
+            if balancing == "equal":
+                assert kept == pytest.approx(2 / 3, abs=0.01)
+            else:
+                assert kept < 0.1
+    finally:
+        swarm.shutdown()
