@@ -245,8 +245,10 @@ class RunAccess:
 
 def admit_peer(run_id: str, join_url: str, credential: JoinCredential, identity_path: str) -> RunAccess:
     """Ask the monitor to admit this peer (JoinRefused: it said no; JoinUnavailable: it did not answer)."""
-    peer_id = identity_peer_id(identity_path)  # created here if missing
-    client = JoinClient(join_url, credential, PeerIdentity.load(identity_path))
+    identity_peer_id(identity_path)  # creates the file if missing
+    identity = PeerIdentity.load(identity_path)
+    peer_id = identity.peer_id
+    client = JoinClient(join_url, credential, identity)
     token = client()
     logger.info(f"Admitted to closed run {run_id!r} as {peer_id} (access tokens live {client.ttl:.0f} s)")
     return RunAccess(run_id, peer_id, identity_path, client, token, client.authority_key, client.ttl)
