@@ -103,7 +103,8 @@ class OptimConfig:
         delay_grad_averaging: Average gradients in the background too, for the most overlap (needs
             --delay-optimizer-step; not with --local-steps).
         offload_optimizer: Keep optimizer state in host memory (saves GPU memory).
-        bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load.
+        bandwidth: This peer's network bandwidth in Mbit/s; balances the all-reduce load (not with centered-clip:
+            there every peer reduces an equal share, whatever it declares).
         local_steps: Low-communication (DiLoCo) mode when above 0: each peer takes inner LAMB steps on its own
             batches, and the swarm makes one outer step (one epoch) per local_steps x target_batch_size samples it
             accumulates, all-reducing the pseudo-gradients (outer weights minus local weights, in
