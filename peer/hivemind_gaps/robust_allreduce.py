@@ -205,6 +205,19 @@ def equal_shares(group_info: GroupInfo, serializer) -> GroupInfo:
     return GroupInfo(group_info.group_id, group_info.peer_ids, tuple(gathered))
 
 
+def runner_options(averager, tensors, group_info: GroupInfo, group_id: bytes, **kwargs) -> dict:
+    """The arguments hivemind's _run_allreduce_inplace_ (1.1.12) builds its AllReduceRunner with."""
+    return dict(
+        p2p=averager._p2p,
+        servicer_type=type(averager),
+        prefix=averager.prefix,
+        tensors=tensors,
+        group_id=group_id,
+        ordered_peer_ids=group_info.peer_ids,
+        **kwargs,
+    )
+
+
 def register_runner(averager, runner: AllReduceRunner, group_id: bytes) -> None:
     """Hand ``runner`` to the averager's group (hivemind's _run_allreduce_inplace_ does so before running it)."""
     assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -296,16 +309,8 @@ class RobustAggregation:
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12) with a RobustAllReduceRunner."""
         group_id = group_info.group_id if group_id is None else group_id
-        runner = RobustAllReduceRunner(
-            clip_settings=self.clip_settings,
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
+        options = runner_options(self, tensors, group_info, group_id, **kwargs)
+        runner = RobustAllReduceRunner(clip_settings=self.clip_settings, **options)
         register_runner(self, runner, group_id)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):

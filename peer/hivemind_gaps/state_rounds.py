@@ -34,7 +34,12 @@ import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.utils import get_dht_time
 
-from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, equal_shares, register_runner
+from peer.hivemind_gaps.robust_allreduce import (
+    RobustAllReduceRunner,
+    equal_shares,
+    register_runner,
+    runner_options,
+)
 from peer.swarm.centered_clip import ClipSettings
 
 logger = logging.getLogger(__name__)
@@ -74,15 +79,7 @@ class CheckedStateRounds:
         """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12), applying the updates once all are in
         and checked."""
         group_id = group_info.group_id if group_id is None else group_id
-        options = dict(
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
+        options = runner_options(self, tensors, group_info, group_id, **kwargs)
         if self.state_clip_settings is None:
             runner = AllReduceRunner(**options)
         else:
