@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
@@ -188,21 +189,35 @@ class CenteredClipReducer(TensorPartReducer):
         }
 
 
-def equal_shares(group_info: GroupInfo, serializer) -> GroupInfo:
+def equal_shares(averager, group_info: GroupInfo) -> GroupInfo:
     """``group_info`` with every peer's declared bandwidth (what hivemind sizes each peer's share of the vector to
-    reduce by) made equal: each reducing peer reduces 1/n of the vector, whatever it declares.
+    reduce by) made equal: each reducing peer reduces 1/n of the vector, whatever it declares. Call it in the
+    averager's process, where ``averager`` is this peer's.
 
     A reducer returns the aggregate of its share to everybody, and nobody can check it: a member that declared a
-    bandwidth of 1e9 reduced the whole vector, CenteredClip or not (tests/peer/test_equal_shares.py). A declared 0
-    (a peer that wants to reduce nothing) stays 0; client-mode peers reduce nothing anyway. Every robust peer rewrites
-    the same gathered data the same way, so their shares agree; a peer that sizes them otherwise sends parts of the
-    wrong sizes and is banned from the round (CenteredClipReducer.accumulate_part).
+    bandwidth of 1e9 reduced the whole vector, CenteredClip or not (tests/peer/test_equal_shares.py). A declared 0 is
+    made equal too (this project's peers never declare it: --bandwidth must be positive); client-mode peers still
+    reduce nothing. Every robust peer rewrites the same gathered data the same way, so their shares agree.
+
+    The leader relays what each member declared, and could rewrite it (mark honest peers as clients, which reduce
+    nothing): a peer whose own declaration the leader altered refuses the group. A leader that tells each follower
+    something else about the others is not detected here (docs/robust-aggregation.md).
     """
-    gathered = []
-    for entry in group_info.gathered:
-        bandwidth, mode, user_data = serializer.loads(entry)
-        gathered.append(serializer.dumps([None if bandwidth else bandwidth, mode, user_data]))
-    return GroupInfo(group_info.group_id, group_info.peer_ids, tuple(gathered))
+    try:
+        declared = [averager.serializer.loads(entry) for entry in group_info.gathered]
+        own_bandwidth, own_mode, _ = declared[group_info.peer_ids.index(averager.peer_id)]
+        gathered = tuple(averager.serializer.dumps([None, mode, user_data]) for _, mode, user_data in declared)
+    except Exception as error:  # noqa: BLE001 - whatever the leader sent: hivemind looks for another group then
+        malformed = MatchmakingException(f"malformed group metadata from the leader: {error!r}")
+        fail_group(averager._running_groups, group_info.group_id, malformed)
+    if own_bandwidth != averager.bandwidth or own_mode != averager.mode.value:
+        altered = AllreduceException(
+            f"the leader relayed this peer's bandwidth and mode as {own_bandwidth!r}, {own_mode!r}, not "
+            f"{averager.bandwidth!r}, {averager.mode.value!r}: it could size the shares to reduce its way"
+        )
+        logger.warning(f"Not averaging in this group: {altered}")
+        fail_group(averager._running_groups, group_info.group_id, altered)
+    return GroupInfo(group_info.group_id, group_info.peer_ids, gathered)
 
 
 def runner_options(averager, tensors, group_info: GroupInfo, group_id: bytes, **kwargs) -> dict:
@@ -295,7 +310,7 @@ class RobustAggregation:
             )
             logger.warning(f"Not averaging gradients with {len(group_info.peer_ids) - 1} peer(s): {refusal}")
             fail_group(self._running_groups, group_info.group_id, refusal)
-        return await super()._aggregate_with_group(equal_shares(group_info, self.serializer), *args, **kwargs)
+        return await super()._aggregate_with_group(equal_shares(self, group_info), *args, **kwargs)
 
     def take_round_scores(self) -> list[RoundScores]:
         """The rounds reduced since the previous call, oldest first (thread-safe, never blocks)."""

@@ -18,9 +18,12 @@ back until the round is whole):
   ``MAX_STATE_ROUND_CHANGE`` of its own norm: a farther mean is approached by that much, as the local-steps re-sync
   does (peer/local_steps.py).
 
-So in a mean run a member moves the others' parameters by at most 5% of their norm per state round, in a
-centered-clip run not at all while it is a minority of the group. A joiner's state is its download, not a round, and
-is checked there (state_check.py).
+So in a mean run a member moves the others' state by at most 5% of each group's norm per state round (the bound is
+on a group's norm: all of it can go into one small tensor, a LayerNorm gain, moving that by several times its own
+norm). In a centered-clip run what it sends is left out while it is a minority of the group, but not the share it
+reduces itself (1/n of the vector, returned to everybody unchecked) nor its part in a group of two (CenteredClip of
+two is their mean): there the 5% bound is the defence. A joiner's state is its download, not a round, and is checked
+there (state_check.py).
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ logger = logging.getLogger(__name__)
 # stepped alone while they found each other), 2e-3 to 4e-3 in the next two, under 1e-3 after; LAMB's moments by up to
 # 0.30 at the first round, approached 5% at a time then (logged by every round: "relative change")
 MAX_STATE_ROUND_CHANGE = 0.05
+# CenteredClip's settings for robust state rounds: every honest peer weighs 1 in a state round (hivemind's default
+# weight), so a sender's weight counts no more than that (the gradient rounds' cap of 4x the median would let one
+# sender claiming 4 outweigh three honest ones inside the rejection radius)
+STATE_ROUND_CLIP = ClipSettings(max_weight_ratio=1.0)
 
 
 class CheckedStateRounds:
@@ -72,7 +79,7 @@ class CheckedStateRounds:
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
         if self.state_clip_settings is not None:  # robust: no member reduces more than its share (equal_shares)
-            group_info = equal_shares(group_info, self.serializer)
+            group_info = equal_shares(self, group_info)
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):

@@ -24,8 +24,8 @@ from peer.hivemind_gaps.averagers import (
 from peer.hivemind_gaps.bounded_download import StateDownloadFailed
 from peer.hivemind_gaps.codec_registry import install_codecs
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
+from peer.hivemind_gaps.state_rounds import STATE_ROUND_CLIP
 from peer.hivemind_gaps.update_guard import UpdateGuard
-from peer.swarm.centered_clip import ClipSettings
 from peer.swarm.codecs import Float16RoundTrip, Int4BlockCompression, Int8BlockCompression
 from peer.swarm.config import OptimConfig, SwarmConfig
 
@@ -146,7 +146,7 @@ def optimizer_with_averagers(
                 SwarmOptimizer,
                 grad_averager_factory=RobustGradientAverager,
                 robust_quorum=optim.robust_quorum,
-                state_clip_settings=ClipSettings(),
+                state_clip_settings=STATE_ROUND_CLIP,
             )
         return partial(SwarmOptimizer, grad_averager_factory=CountedGradientAverager)
     if robust:
@@ -155,7 +155,7 @@ def optimizer_with_averagers(
             membership=membership,
             grad_averager_class=GuardedRobustGradientAverager,
             robust_quorum=optim.robust_quorum,
-            state_clip_settings=ClipSettings(),
+            state_clip_settings=STATE_ROUND_CLIP,
         )
     return partial(GuardedOptimizer, membership=membership)
 

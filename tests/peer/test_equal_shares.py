@@ -12,8 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.partition import AllreduceException
+from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
 from peer.hivemind_gaps import robust_allreduce
@@ -22,25 +26,50 @@ from peer.hivemind_gaps.robust_allreduce import equal_shares
 from tests.peer.test_robust_quorum import ATTACKER, HONEST, RobustAverager, Swarm, average_together
 
 SIZE = 3 * 2**17  # three of hivemind's 2**19-byte parts: one share each when shares are equal
-CLIENT_MODE, NODE_MODE = 1, 0
+NODE, CLIENT = AveragingMode.NODE.value, AveragingMode.CLIENT.value
 
 
-def shares(gathered: list[list]) -> tuple[int, ...]:
-    group = GroupInfo(b"g", (), tuple(MSGPackSerializer.dumps(entry) for entry in gathered))
-    bandwidths = [MSGPackSerializer.loads(entry)[0] for entry in equal_shares(group, MSGPackSerializer).gathered]
-    return load_balance_peers(900, bandwidths)
+class Peer:
+    """What equal_shares reads of this peer's averager: its declaration, and the groups it is averaging in."""
+
+    serializer = MSGPackSerializer
+
+    def __init__(self, bandwidth=100.0, mode=AveragingMode.NODE):
+        self.peer_id, self.bandwidth, self.mode, self._running_groups = PeerID(b"me"), bandwidth, mode, {}
 
 
-def test_declared_bandwidths_are_made_equal_but_a_zero_stays():
-    assert shares([[1e9, NODE_MODE, b""], [100.0, NODE_MODE, b""], [None, NODE_MODE, b""]]) == (300, 300, 300)
-    assert shares([[1e9, NODE_MODE, b""], [100.0, NODE_MODE, b""], [0.0, NODE_MODE, b""]]) == (450, 450, 0)
-    # the user data each peer gathered is kept
-    group = GroupInfo(b"g", (), (MSGPackSerializer.dumps([5.0, CLIENT_MODE, b"epoch 7"]),))
-    assert MSGPackSerializer.loads(equal_shares(group, MSGPackSerializer).gathered[0]) == [
-        None,
-        CLIENT_MODE,
-        b"epoch 7",
-    ]
+def group_of(entries: list[list], me: int = 0) -> GroupInfo:
+    peer_ids = tuple(PeerID(b"me") if index == me else PeerID(b"peer %d" % index) for index in range(len(entries)))
+    return GroupInfo(b"g", peer_ids, tuple(MSGPackSerializer.dumps(entry) for entry in entries))
+
+
+def shares(entries: list[list], peer: Peer) -> tuple[int, ...]:
+    gathered = equal_shares(peer, group_of(entries)).gathered
+    bandwidths = [MSGPackSerializer.loads(entry)[0] for entry in gathered]
+    modes = [MSGPackSerializer.loads(entry)[1] for entry in gathered]
+    return load_balance_peers(900, [0.0 if mode == CLIENT else share for share, mode in zip(bandwidths, modes)])
+
+
+def test_declared_bandwidths_are_made_equal():
+    assert shares([[100.0, NODE, b""], [1e9, NODE, b""], [None, NODE, b""]], Peer()) == (300, 300, 300)
+    assert shares([[100.0, NODE, b""], [1e9, NODE, b""], [0.0, NODE, b""]], Peer()) == (300, 300, 300)
+    # a client reduces nothing; the user data each peer gathered is kept
+    assert shares([[100.0, NODE, b""], [5.0, CLIENT, b"x"]], Peer()) == (900, 0)
+    gathered = equal_shares(Peer(), group_of([[100.0, NODE, b""], [5.0, CLIENT, b"epoch 7"]])).gathered
+    assert MSGPackSerializer.loads(gathered[1]) == [None, CLIENT, b"epoch 7"]
+
+
+def test_a_leader_that_alters_this_peers_declaration_or_sends_garbage_is_refused():
+    with pytest.raises(
+        AllreduceException,
+        match=f"the leader relayed this peer's bandwidth and mode as 100.0, {CLIENT}, not 100.0, {NODE}",
+    ):
+        equal_shares(Peer(), group_of([[100.0, CLIENT, b""], [1e9, NODE, b""]]))  # made a client: reduces nothing
+    with pytest.raises(AllreduceException, match=f"as 0.0, {NODE}"):
+        equal_shares(Peer(), group_of([[0.0, NODE, b""], [1e9, NODE, b""]]))
+    garbage = GroupInfo(b"g", (PeerID(b"me"),), (b"\xc1 not msgpack",))
+    with pytest.raises(MatchmakingException, match="malformed group metadata from the leader"):
+        equal_shares(Peer(), garbage)
 
 
 class MeanReducer(HivemindHandleNames, DecentralizedAverager):
@@ -48,7 +77,7 @@ class MeanReducer(HivemindHandleNames, DecentralizedAverager):
     sizes), and reduces its own share with hivemind's mean, which it returns to everybody."""
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
-        shared = robust_allreduce.equal_shares(group_info, self.serializer)  # looked up here: the control patches it
+        shared = robust_allreduce.equal_shares(self, group_info)  # looked up here: the control patches it
         return await super()._aggregate_with_group(shared, *args, **kwargs)
 
 
@@ -74,7 +103,7 @@ def test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share(monkeypatch,
     comes back as the mean (334), the parts they reduce with CenteredClip as 1. With equal shares they
     reduce 2/3 of the vector; with hivemind's balancing (the control) next to nothing."""
     if balancing == "hivemind-control":  # before the averagers' processes fork: they run the patched module
-        monkeypatch.setattr(robust_allreduce, "equal_shares", lambda group_info, serializer: group_info)
+        monkeypatch.setattr(robust_allreduce, "equal_shares", lambda averager, group_info: group_info)
     swarm = BigSwarm(3)
     try:
         attacker = swarm.averager(MeanReducer, 0, ATTACKER, bandwidth=1e9)

@@ -38,7 +38,8 @@ from peer.hivemind_gaps.averagers import (
     RobustGradientAverager,
 )
 from peer.hivemind_gaps.optimizer import SwarmOptimizer
-from peer.hivemind_gaps.robust_allreduce import RobustAggregation
+from peer.hivemind_gaps.robust_allreduce import RobustAggregation, runner_options
+from peer.hivemind_gaps.state_rounds import CheckedStateRounds
 from tests.harness import REPO, run_cli
 
 INDEX = peer.hivemind_gaps.__doc__
@@ -53,7 +54,7 @@ PRIVATE_METHODS = [
     (TrainingStateAverager, "_update_scheduler"),  # state_check.py FastSchedulerCatchUp
     (DecentralizedAverager, "_load_state_from_peers"),  # state_check.py CheckedDownloads
     (ServicerBase, "_get_handle_name"),  # averagers.py HivemindHandleNames
-    (DecentralizedAverager, "_run_allreduce_inplace_"),  # robust_allreduce.py RobustAggregation
+    (DecentralizedAverager, "_run_allreduce_inplace_"),  # robust_allreduce.py RobustAggregation, state_rounds.py
     (DecentralizedAverager, "_aggregate_with_group"),  # averager_guard.py GuardedAveragerMixin
     (Matchmaking, "_request_join_group"),  # averager_guard.py follow_members_only
     (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
@@ -69,6 +70,7 @@ PRIVATE_ATTRIBUTES = [
     (DecentralizedAverager, "self.allreduce_kwargs"),  # traffic.py CountedTraffic.run
     (DecentralizedAverager, "self._running_groups"),  # averager_guard.py fail_group
     (Matchmaking, "self.min_group_size"),  # robust_allreduce.py RobustAggregation._set_min_group_size (read per wait)
+    (DecentralizedAverager, "self._state_updated"),  # robust_allreduce.py, state_rounds.py _run_allreduce_inplace_
 ]
 # private class attributes
 PRIVATE_CLASS_ATTRIBUTES = [
@@ -135,9 +137,11 @@ def test_our_state_averager_gets_the_arguments_hiveminds_does():
 
 
 def test_our_allreduce_builds_its_runner_with_the_arguments_hiveminds_does():
-    ours = keyword_arguments(RobustAggregation._run_allreduce_inplace_)
+    ours = {name: re.sub(r"\baverager\b", "self", value) for name, value in keyword_arguments(runner_options).items()}
     theirs = keyword_arguments(DecentralizedAverager._run_allreduce_inplace_)
-    assert theirs and ours == {**theirs, "clip_settings": "self.clip_settings"}, REVIEW
+    assert theirs and ours == theirs, REVIEW
+    for method in (RobustAggregation._run_allreduce_inplace_, CheckedStateRounds._run_allreduce_inplace_):
+        assert "runner_options(self, tensors, group_info, group_id, **kwargs)" in inspect.getsource(method), REVIEW
 
 
 def test_a_subclass_of_a_hivemind_averager_renames_its_handlers():
