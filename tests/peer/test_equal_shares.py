@@ -20,9 +20,10 @@ from hivemind.averaging.partition import AllreduceException
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
-from peer.hivemind_gaps import robust_allreduce
+from peer.hivemind_gaps import robust_allreduce, state_rounds
 from peer.hivemind_gaps.averagers import HivemindHandleNames
 from peer.hivemind_gaps.robust_allreduce import equal_shares
+from peer.hivemind_gaps.state_rounds import STATE_ROUND_CLIP, CheckedStateRounds
 from tests.peer.test_robust_quorum import ATTACKER, HONEST, RobustAverager, Swarm, average_together
 
 SIZE = 3 * 2**17  # three of hivemind's 2**19-byte parts: one share each when shares are equal
@@ -81,6 +82,16 @@ class MeanReducer(HivemindHandleNames, DecentralizedAverager):
         return await super()._aggregate_with_group(shared, *args, **kwargs)
 
 
+class StateRoundAverager(HivemindHandleNames, CheckedStateRounds, DecentralizedAverager):
+    """A robust state round's averager on hivemind's base averager: its one tensor is the "parameters" group."""
+
+    opt_keys_for_averaging = ()
+
+    def __init__(self, tensors, *args, **kwargs):
+        self.main_parameters = list(tensors)
+        super().__init__(tensors, *args, state_clip_settings=STATE_ROUND_CLIP, **kwargs)
+
+
 class BigSwarm(Swarm):
     def averager(self, cls, index: int, value: float, **kwargs):
         made = cls(
@@ -97,23 +108,28 @@ class BigSwarm(Swarm):
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("honest_class", [RobustAverager, StateRoundAverager], ids=["gradient", "state"])
 @pytest.mark.parametrize("balancing", ["equal", "hivemind-control"])
-def test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share(monkeypatch, balancing):
-    """Two robust peers and an attacker declaring 1e9 Mbit/s that sends 1000 where they send 1. The share it reduces
-    comes back as the mean (334), the parts they reduce with CenteredClip as 1. With equal shares they
-    reduce 2/3 of the vector; with hivemind's balancing (the control) next to nothing."""
-    if balancing == "hivemind-control":  # before the averagers' processes fork: they run the patched module
-        monkeypatch.setattr(robust_allreduce, "equal_shares", lambda averager, group_info: group_info)
+def test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share(monkeypatch, balancing, honest_class):
+    """Two robust peers (of gradient rounds, or of state rounds) and an attacker declaring 1e9 Mbit/s that sends 1000
+    where they send 1. The share it reduces comes back as the mean (334; a state round moves 5% toward it), the parts
+    they reduce with CenteredClip as 1. With equal shares they reduce 2/3 of the vector; with hivemind's balancing
+    (the control) next to nothing."""
+    if balancing == "hivemind-control":  # before the averagers' processes fork: they run the patched modules
+        for module in (robust_allreduce, state_rounds):
+            monkeypatch.setattr(module, "equal_shares", lambda averager, group_info: group_info)
     swarm = BigSwarm(3)
     try:
         attacker = swarm.averager(MeanReducer, 0, ATTACKER, bandwidth=1e9)
         # 100 Mbit/s: what the swarm's peers declare by default (--bandwidth)
-        honest = [swarm.averager(RobustAverager, index, HONEST, bandwidth=100.0) for index in (1, 2)]
+        honest = [swarm.averager(honest_class, index, HONEST, bandwidth=100.0) for index in (1, 2)]
         average_together([attacker, *honest])
         for each in honest:
             with each.get_tensors() as tensors:
                 kept = float((tensors[0] - HONEST).abs().lt(1e-3).float().mean())
-            print(f"{balancing}: share of the honest peer's vector still at the honest value: {kept:.3f}")
+            print(
+                f"{balancing}, {honest_class.__name__}: share of the honest peer's vector still at the honest value: {kept:.3f}"
+            )
             if balancing == "equal":
                 assert kept == pytest.approx(2 / 3, abs=0.01)
             else:
