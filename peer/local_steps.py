@@ -25,7 +25,12 @@ With --delay-optimizer-step the outer all-reduce overlaps the next inner phase: 
 background and goes on stepping from its local weights; when the mean lands (checked at each step), the outer step is
 made and the inner steps taken meanwhile are carried onto the new outer weights (local = new outer + their change
 since the round started), as Streaming DiLoCo's eager outer step does with a one-round-stale update. Samples trained
-during the round count toward the next one. (The monitor keeps, serves and checkpoints the outer state:
+during the round count toward the next one. The outer-state re-sync (every --average-state-every epochs, uncompressed:
+~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too: when its mean lands, the
+change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
+inner steps taken meanwhile are kept and the next pseudo-gradient is unchanged. A joiner served the state while a
+re-sync is under way takes it before that correction: the drift the re-sync undoes (1e-5 to 1e-2, below), which the
+next re-sync corrects. (The monitor keeps, serves and checkpoints the outer state:
 monitor/outer_state.py.)
 """
 
@@ -82,6 +87,16 @@ class PendingRound:
         return self.control is None or self.control.done()
 
 
+@dataclass
+class PendingResync:
+    """An overlapped outer-state re-sync under way: the state it sent, and that state's epoch."""
+
+    control: object  # hivemind's StepControl
+    epoch: int
+    outer: list[torch.Tensor]
+    momentum: list[torch.Tensor]
+
+
 class LocalStepsSwarm:
     """Inner steps on every batch, one outer step with the swarm per epoch (see the module docstring).
 
@@ -105,6 +120,8 @@ class LocalStepsSwarm:
         self._epoch, self._samples, self.dropped_samples = 0, 0, 0
         self.overlap = optim.delay_optimizer_step  # the outer all-reduce runs while the next inner steps go on
         self._pending: PendingRound | None = None
+        self._pending_resync: PendingResync | None = None  # only with the overlap
+        self.inner_step_seconds = 0.0  # in the inner optimizer's steps: compute, as forward and backward are
         self.refused_resyncs = 0  # re-syncs whose mean was not finite
         self.bounded_resyncs = 0  # re-syncs whose mean was over MAX_RESYNC_CHANGE away: approached by that much
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
@@ -164,17 +181,20 @@ class LocalStepsSwarm:
         return self.averager.bytes_sent, self.averager.bytes_received
 
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
+        self._apply_landed_resync()
         pending = self._pending  # read once: cancel() may clear it from the stop thread
         if pending is not None:
             if pending.done() and not self._finish_round():
                 return  # dropped: this batch's gradients were computed on the discarded local weights
         elif self.tracker.global_epoch > self._epoch and self._caught_up():
             return  # this batch's gradients were computed on the stale local weights
+        started = time.perf_counter()
         if scaler is None:
             self.inner.step()
         else:
             scaler.step(self.inner)
             scaler.update()
+        self.inner_step_seconds += time.perf_counter() - started
         self._samples += batch_size
         if self._pending is not None:
             return  # counted toward the next round once this one lands
@@ -264,13 +284,16 @@ class LocalStepsSwarm:
         if self.outer_guard.admit(averaged):
             nesterov_outer_step(outer, averaged, momentum, self.optim.outer_learning_rate, self.optim.outer_momentum)
         epoch = self._epoch + 1
-        if epoch % self.optim.average_state_every == 0:
+        resync_now = epoch % self.optim.average_state_every == 0
+        if resync_now and not self.overlap:
             outer, momentum = self._resynced(outer, momentum, epoch)
         with self._state_lock:
             copy_into([*self.outer, *self.momentum], [*outer, *momentum])
             self._epoch = epoch
         self._offer_state_at_epoch()
         self._carry_inner_steps(pending.anchor)
+        if resync_now and self.overlap:
+            self._start_overlapped_resync(outer, momentum, epoch)
         set_schedule_epoch(self.scheduler, self._epoch)
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self._epoch)
@@ -307,10 +330,22 @@ class LocalStepsSwarm:
         it (hivemind sends the reduced parts as compressed deltas), so the peers' outer states drift apart round after
         round (tests/peer/test_pseudo_gradient_codecs.py measures it). This round brings them back together.
         """
+        control = self._start_resync(outer, momentum, epoch)
+        return (outer, momentum) if control is None else self._resync_result(control, outer, momentum, epoch)
+
+    def _start_resync(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
+        """Start the re-sync round of ``epoch`` with this state (hivemind's StepControl; None if it did not start)."""
         with self.resync.get_tensors() as buffers:
             copy_into(buffers, [*outer, *momentum])
         try:
-            control = self.resync.step(gather=epoch, weight=1.0, timeout=self.optim.averaging_timeout, wait=False)
+            return self.resync.step(gather=epoch, weight=1.0, timeout=self.optim.averaging_timeout, wait=False)
+        except Exception as error:  # noqa: BLE001 - a shut-down averager
+            logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
+            return None
+
+    def _resync_result(self, control, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
+        """The re-sync's checked mean of (outer, momentum) sent at ``epoch`` (waiting for it), or those as they are."""
+        try:
             gathered = control.result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer state not re-synced ({error!r}): keeping this peer's own")
@@ -344,6 +379,44 @@ class LocalStepsSwarm:
             f"(relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e})"
         )
         return mean_outer, mean_momentum
+
+    def _start_overlapped_resync(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int) -> None:
+        """Start the re-sync of ``epoch``'s outer state (copies, kept apart) and train on; applied when it lands."""
+        if self._pending_resync is not None:
+            logger.warning(f"The re-sync of epoch {self._pending_resync.epoch} is still under way: none at {epoch}")
+            return
+        control = self._start_resync(outer, momentum, epoch)
+        if control is not None:
+            self._pending_resync = PendingResync(control, epoch, outer, momentum)
+
+    def _apply_landed_resync(self) -> None:
+        """Once an overlapped re-sync has landed, add what it changed to the outer state and to the local weights.
+
+        Shifting outer and local weights alike keeps the inner steps taken meanwhile and the next pseudo-gradient
+        (outer minus local); an outer step made meanwhile is kept too (every peer made the same one). A round under
+        way carries its inner steps from an anchor, which is shifted the same, so the change is not counted twice.
+        """
+        resync = self._pending_resync
+        if resync is None or not resync.control.done():
+            return
+        self._pending_resync = None
+        outer, momentum = self._resync_result(resync.control, resync.outer, resync.momentum, resync.epoch)
+        if outer is resync.outer and momentum is resync.momentum:
+            return  # kept its own: nothing to change
+        with torch.no_grad():
+            outer_change = [new - old for new, old in zip(outer, resync.outer, strict=True)]
+            momentum_change = [new - old for new, old in zip(momentum, resync.momentum, strict=True)]
+            with self._state_lock:
+                for tensor, change in zip([*self.outer, *self.momentum], [*outer_change, *momentum_change]):
+                    tensor.add_(change)
+            local = [
+                parameter.detach().float().cpu() + change for parameter, change in zip(self.parameters, outer_change)
+            ]
+            copy_into(self.parameters, local)
+            pending = self._pending
+            if pending is not None and pending.anchor is not None:
+                for start, change in zip(pending.anchor, outer_change):
+                    start.add_(change)
 
     def _restart_round(self) -> None:
         """Drop this round's local work: back to the outer weights (the epoch is unchanged)."""
@@ -435,7 +508,10 @@ class LocalStepsSwarm:
         return self._epoch
 
     def _drop_pending_round(self) -> None:
-        """Give up a round under way (its result would apply to a state this peer is replacing)."""
+        """Give up a round and a re-sync under way (their results would apply to a state this peer is replacing)."""
+        resync, self._pending_resync = self._pending_resync, None
+        if resync is not None:
+            resync.control.cancel()
         pending, self._pending = self._pending, None
         if pending is None:
             return

@@ -109,6 +109,13 @@ class GuardCollector:
             for direction, count in zip(("sent", "received"), averaged_bytes):
                 traffic.add_metric([direction], count)
             yield traffic
+        inner_step_seconds = self.training.inner_step_seconds
+        if inner_step_seconds is not None:
+            yield CounterMetricFamily(
+                "albert_peer_inner_step_seconds",
+                "Seconds in this peer's inner optimizer steps (--local-steps): compute beside forward and backward",
+                value=inner_step_seconds,
+            )
 
 
 class Reporter:

@@ -7,7 +7,10 @@ each configuration a fresh swarm boots and trains until all four peers are in st
 download are shaped by ``tc tbf`` to --mbit, and after --settle seconds, for --window seconds, the peers' /metrics are
 read at the start and the end (no latency is added: the tbf queue's own delay only):
 
-- utilisation: a peer's seconds in forward and backward over the window's seconds (the median peer, and the lowest);
+- utilisation: a peer's seconds of compute over the window's seconds (the median peer, and the lowest): forward and
+  backward, plus the inner optimizer's steps with --local-steps (they are compute, as in DiLoCo's utilisation; the
+  synchronous mode's optimizer step is not told apart from its all-reduce and is not counted); the forward and
+  backward share alone is printed beside it (``fb med``);
 - bytes per trained sample: all-reduce payload bytes sent and received by every peer (gradients, or pseudo-gradients
   with --local-steps; the occasional state averaging and outer-state re-sync rounds are not in the counter) over the
   samples the peers trained;
@@ -51,6 +54,7 @@ CONFIGS = {
     # the outer all-reduce overlapping the next inner phase (its update lands one round late)
     "h8-fp16-overlap": ["--local_steps", "8", "--grad_compression", "fp16", "--delay_optimizer_step"],
     "h32-int4-overlap": ["--local_steps", "32", "--grad_compression", "int4-block", "--delay_optimizer_step"],
+    "h128-int4-overlap": ["--local_steps", "128", "--grad_compression", "int4-block", "--delay_optimizer_step"],
 }
 # The chaos suite's every-epoch state rounds, uncompressed formats and short timeouts are for judging faults within a
 # minute; over these slow links a run needs the defaults back (an fp16 all-reduce of the tiny model takes ~8 s at
@@ -71,6 +75,7 @@ class Reading:
 
     time: float
     compute_seconds: float
+    inner_step_seconds: float
     samples: float
     bytes: float
     loss: float
@@ -82,6 +87,7 @@ class Row:
     seconds: float
     utilisation_median: float
     utilisation_lowest: float
+    forward_backward_median: float  # utilisation without the inner steps
     bytes_per_sample: float
     samples_per_second: float
     epochs: tuple[int, int]
@@ -97,6 +103,7 @@ def read_metrics(address: str) -> Reading:
     return Reading(
         time.time(),
         total("albert_peer_compute_seconds_total"),
+        total("albert_peer_inner_step_seconds_total"),  # 0: not exported (the synchronous mode)
         total("albert_peer_samples_total"),
         total("albert_peer_allreduce_bytes_total"),
         total("albert_peer_loss"),
@@ -139,10 +146,12 @@ def measure(name: str, flags: list[str], args, workdir: Path) -> Row:
 
 def summarise(name: str, first: dict[str, Reading], last: dict[str, Reading], epochs: tuple[int, int]) -> Row:
     seconds = statistics.median(last[peer].time - first[peer].time for peer in first)
-    utilisation = [
-        (last[peer].compute_seconds - first[peer].compute_seconds) / (last[peer].time - first[peer].time)
-        for peer in first
-    ]
+
+    def share(peer: str, *fields: str) -> float:
+        busy = sum(getattr(last[peer], field) - getattr(first[peer], field) for field in fields)
+        return busy / (last[peer].time - first[peer].time)
+
+    utilisation = [share(peer, "compute_seconds", "inner_step_seconds") for peer in first]
     samples = sum(last[peer].samples - first[peer].samples for peer in first)
     traffic = sum(last[peer].bytes - first[peer].bytes for peer in first)
     return Row(
@@ -150,6 +159,7 @@ def summarise(name: str, first: dict[str, Reading], last: dict[str, Reading], ep
         seconds,
         statistics.median(utilisation),
         min(utilisation),
+        statistics.median(share(peer, "compute_seconds") for peer in first),
         traffic / samples if samples else float("nan"),
         samples / seconds,
         epochs,
@@ -208,13 +218,14 @@ def main() -> None:
 
 def print_rows(rows: list[Row]) -> None:
     print(
-        f"{'config':17} {'seconds':>7} {'util med':>8} {'util min':>8} {'bytes/sample':>12} {'samples/s':>9} "
+        f"{'config':17} {'seconds':>7} {'util med':>8} {'util min':>8} {'fb med':>6} {'bytes/sample':>12} "
+        f"{'samples/s':>9} "
         f"{'loss':>6}  epochs"
     )
     for row in rows:
         print(
             f"{row.config:17} {row.seconds:7.0f} {row.utilisation_median:8.2f} {row.utilisation_lowest:8.2f} "
-            f"{row.bytes_per_sample:12.0f} {row.samples_per_second:9.2f} {row.loss_end:6.2f}  {row.epochs}",
+            f"{row.forward_backward_median:6.2f} {row.bytes_per_sample:12.0f} {row.samples_per_second:9.2f} {row.loss_end:6.2f}  {row.epochs}",
             flush=True,
         )
 

@@ -8,6 +8,7 @@ int4-block.
 from __future__ import annotations
 
 import re
+import urllib.request
 
 import pytest
 import torch
@@ -65,3 +66,15 @@ def test_backups_hold_the_error_feedback_residual(swarm):
     assert [r.shape for r in residual] == [o.shape for o in outer]
     assert all(bool(torch.isfinite(r).all()) for r in residual)
     assert sum(float(r.abs().sum()) for r in residual) > 0  # 4-bit rounding left something to send next round
+
+
+@pytest.mark.timeout(60)
+def test_the_inner_steps_time_is_exported_beside_forward_and_backward(swarm):
+    """/metrics counts the inner optimizer's seconds apart (bench_wan's utilisation adds them to forward and
+    backward): more than nothing, less than the forward and backward of the same batches on this model."""
+    for name, port in swarm.metrics_ports.items():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        inner = float(re.search(r"^albert_peer_inner_step_seconds_total (\S+)$", text, re.MULTILINE).group(1))
+        compute = float(re.search(r"^albert_peer_compute_seconds_total (\S+)$", text, re.MULTILINE).group(1))
+        print(f"peer {name}: {inner:.2f} s in inner steps, {compute:.2f} s in forward and backward")
+        assert 0 < inner < compute, (inner, compute)

@@ -9,12 +9,16 @@ import re
 import pytest
 
 from tests.harness import wait_until
-from tests.peer.test_local_steps import AGREEMENT, LOCAL_STEPS, gap
+from tests.peer.test_local_steps import LOCAL_STEPS, gap
 
 pytestmark = [pytest.mark.slow]
 
 OVERLAPPED = [*LOCAL_STEPS, "--delay_optimizer_step"]
 ROUND = re.compile(r"averaged pseudo-gradients with 2 peers in ([\d.]+) s, overlapped")
+RESYNCED = re.compile(r"Re-synced the outer state with 2 peers at epoch (\d+) \(relative change: weights (\S+),")
+# measured here: 8e-6 to 1.4e-5 apart at epochs 5-10 (re-syncs changing the weights by 5e-6 to 1.7e-5); without any
+# re-sync fp16 drift reached 1.2e-2 after 19 rounds (test_local_steps.py)
+DRIFT_BOUND = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,10 @@ def test_overlapped_rounds_of_two_land_the_loss_falls_and_outer_weights_agree(sw
         return both if len(both) >= 5 else None
 
     common = wait_until(common_epochs, 180, "five epochs backed up by both peers")
-    resynced = {epoch: gap(first, second, epoch) for epoch in common[-6:] if epoch % 2 == 0}
-    print(f"outer weights apart after a re-sync {resynced}")
-    assert sum(value < AGREEMENT for value in resynced.values()) >= 2, resynced
+    # the re-sync overlaps the inner steps too: a backup, written at the outer step, holds its epoch's state before
+    # that epoch's re-sync lands, so the peers stay within a round or two of fp16 drift instead of agreeing exactly
+    gaps = {epoch: gap(first, second, epoch) for epoch in common[-6:]}
+    resyncs = [RESYNCED.findall(peer.log_text()) for peer in (first, second)]
+    print(f"outer weights apart by epoch {gaps}; re-syncs of two (epoch, weights' change): {resyncs}")
+    assert min(len(each) for each in resyncs) >= 2, resyncs
+    assert max(gaps.values()) < DRIFT_BOUND, gaps

@@ -322,3 +322,41 @@ def test_a_download_reads_the_outer_layout_without_copying_the_outer_state(start
     mode.averager._state_provider = lambda: copies.append(1) or serve()
     assert mode.load_state_from_peers() is None  # nobody shares a state
     assert copies == []
+
+
+@pytest.mark.timeout(120)
+def test_an_overlapped_resync_shifts_the_outer_state_and_the_local_weights_alike(started):
+    """--delay-optimizer-step: the re-sync runs while the peer trains on; when it lands, its change to the outer
+    weights is added to them, to the local weights (keeping the inner steps taken meanwhile) and to the anchor of a
+    round under way (so that round does not count it twice); the momentum takes its change too."""
+    optim = dataclasses.replace(OVERLAPPED, matchmaking_time=2, averaging_timeout=10)
+    models = [small_model(0), small_model(0)]
+    first = started("ls-state-l", models[0], optim=optim)
+    second = started("ls-state-l", models[1], join_first=True, optim=optim)
+    sent = []
+    for mode, scale in ((first, 1.0), (second, 1.002)):
+        outer = [tensor * scale for tensor in mode.outer]
+        momentum = [torch.full_like(tensor, 0.1 * scale) for tensor in mode.momentum]
+        with mode._state_lock:
+            copy_into([*mode.outer, *mode.momentum], [*outer, *momentum])
+        sent.append((outer, momentum))
+    with torch.no_grad():  # inner steps since the round began, and a round under way from there
+        for parameter in models[0].parameters():
+            parameter.add_(0.01)
+    local = flat(models[0].parameters()).clone()
+    anchor = [parameter.detach().float().clone() for parameter in models[0].parameters()]
+    first._pending = PendingRound(None, [], [tensor.clone() for tensor in anchor], (0, 0), 0, time.perf_counter())
+    for mode, (outer, momentum) in zip((first, second), sent):
+        mode._start_overlapped_resync([t.clone() for t in outer], [t.clone() for t in momentum], 2)
+    wait_until(lambda: first._pending_resync.control.done() and second._pending_resync.control.done(), 60, "re-sync")
+    first._apply_landed_resync()
+    second._apply_landed_resync()
+    assert first._pending_resync is None and second._pending_resync is None
+    mean = (flat(sent[0][0]) + flat(sent[1][0])) / 2
+    change = mean - flat(sent[0][0])
+    assert change.norm() > 0
+    torch.testing.assert_close(flat(first.outer), mean)
+    torch.testing.assert_close(flat(second.outer), mean)
+    torch.testing.assert_close(flat(first.momentum), torch.full_like(flat(first.momentum), 0.1 * 1.001))
+    torch.testing.assert_close(flat(models[0].parameters()), local + change)
+    torch.testing.assert_close(flat(first._pending.anchor), flat(anchor) + change)

@@ -38,6 +38,19 @@ def round_changes(log: str) -> list[float]:
     return [float(change) for change in re.findall(r"Averaged the training state .*?parameters ([0-9.e+-]+|inf)", log)]
 
 
+def far_rounds_of_three(log: str, far: str) -> list[str]:
+    """The state rounds of three members (this peer and 2 others) whose mean lay far, or was refused."""
+    found, far_seen = [], False
+    for line in log.splitlines():
+        if far in line:
+            far_seen = True
+        elif "Averaged the training state with" in line or "Refused the state round with" in line:
+            if "with 2 peer(s)" in line and (far_seen or "Refused" in line):
+                found.append(line)
+            far_seen = False
+    return found
+
+
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("variant", ["mean", "centered-clip", "unchecked-control"])
 def test_a_member_poisoning_state_rounds_moves_no_honest_peer_far(make_swarm, variant):
@@ -94,8 +107,11 @@ def test_a_member_poisoning_state_rounds_moves_no_honest_peer_far(make_swarm, va
             assert re.search(
                 rf"{far} \(relative change \d\.\d+e\+0[2-3]\): moving at most {MAX_STATE_ROUND_CHANGE}", text
             ), text[-3000:]
-        else:  # the attacker was in the honest peers' rounds, and left out: no mean far from them
+        else:  # the attacker was in the honest peers' rounds of three, and left out: no mean far from them
             assert "Averaged the training state with 2 peer(s)" in text, text[-3000:]
-            assert far not in text and "Refused the state round" not in text, text[-3000:]
+            for name in HONEST:
+                # a round of two (the attacker and one honest peer) is CenteredClip's documented limit: its mean may
+                # lie far (approached by 5%, the norms above hold); a round of three must leave the attacker out
+                assert not far_rounds_of_three(logs[name], far), logs[name][-3000:]
     finally:
         swarm.close()
