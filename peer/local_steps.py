@@ -649,7 +649,7 @@ def build_local_steps(
             min_matchmaking_time=optim.matchmaking_time,
             request_timeout=min(3.0, optim.matchmaking_time / 2),
             allreduce_timeout=optim.averaging_timeout,
-            next_chunk_timeout=optim.matchmaking_time,  # as hivemind.Optimizer: a silent member is dropped soon
+            next_chunk_timeout=optim.chunk_timeout,  # a silent member is dropped soon (hivemind.Optimizer's rule)
             compression=COMPRESSION_FACTORIES[optim.grad_compression if pseudo_gradients else "none"](),
             state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
             bandwidth=optim.bandwidth,

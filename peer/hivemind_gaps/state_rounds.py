@@ -115,20 +115,19 @@ class CheckedStateRounds:
                 f"Refused the state round with {peers} peer(s): its mean is not finite; keeping this peer's own"
             )
             return None
-        bounded, changes = [], []
+        bounded, changes = list(updates), []
         for name, indices in self._tensor_groups(len(tensors)):
-            own, moves = [tensors[i] for i in indices], [updates[i] for i in indices]
-            change = relative_norm(moves, own)
+            change = relative_norm([updates[i] for i in indices], [tensors[i] for i in indices])
             changes.append(f"{name} {change:.2e}")
-            scale = MAX_STATE_ROUND_CHANGE / change if change > MAX_STATE_ROUND_CHANGE else 1.0
-            bounded.extend((i, update * scale) for i, update in zip(indices, moves))
-            if scale < 1.0:
+            if change > MAX_STATE_ROUND_CHANGE:
+                for i in indices:
+                    bounded[i] = updates[i] * (MAX_STATE_ROUND_CHANGE / change)
                 logger.warning(
                     f"The state round's mean {name} lies far from this peer's (relative change {change:.2e}): "
                     f"moving at most {MAX_STATE_ROUND_CHANGE} toward it"
                 )
         logger.info(f"Averaged the training state with {peers} peer(s) (relative change: {', '.join(changes)})")
-        return [update for _, update in sorted(bounded, key=lambda pair: pair[0])]
+        return bounded
 
     def _tensor_groups(self, count: int) -> list[tuple[str, range]]:
         """The averaged tensors in hivemind's order: parameters, then each averaged statistic's, then the extras."""

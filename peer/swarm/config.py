@@ -85,6 +85,11 @@ class OptimConfig:
         max_grad_norm: Clip the swarm-averaged gradient to this L2 norm before the step (0: off).
         matchmaking_time: Seconds to gather an averaging group: 3-5 on a LAN, 15-30 over the internet.
         averaging_timeout: Seconds before an averaging round is abandoned (about 2x a normal all-reduce).
+        next_chunk_timeout: Seconds a peer waits for a member's next part of an all-reduce before leaving that member
+            out of the round (0: --matchmaking-time, hivemind's rule). A member left out makes the round partial:
+            every peer keeps its own values where that member's parts were, so peers do not really average (hivemind
+            warns "Averaging: received N% results"). Over slow links set it above the time a part takes (hivemind's
+            parts are ~0.5 MB on the wire, sent to every member at once: at 5 Mbit/s and 4 peers ~2.5 s each).
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
             downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: the
@@ -134,6 +139,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     matchmaking_time: float = 15.0
     averaging_timeout: float = 120.0
+    next_chunk_timeout: float = 0.0
     load_state_timeout: float = 120.0
     # not hivemind's 1: a state round runs in the background and overlaps the next epoch's gradient matchmaking, so
     # peers still averaging parameters miss the gradient round and the swarm splits into noisier sub-groups. Measured
@@ -154,6 +160,11 @@ class OptimConfig:
     inner_optimizer: Literal["lamb", "adamw"] = "lamb"
 
     @property
+    def chunk_timeout(self) -> float:
+        """Seconds to wait for a member's next all-reduce part (--next-chunk-timeout, or --matchmaking-time)."""
+        return self.next_chunk_timeout or self.matchmaking_time
+
+    @property
     def training_mode(self) -> str:
         """How the swarm trains: "synchronous" (one all-reduced gradient per epoch) or "local-steps" (DiLoCo)."""
         return "local-steps" if self.local_steps else "synchronous"
@@ -166,6 +177,7 @@ class OptimConfig:
         require_positive(self, "averaging_timeout", "load_state_timeout", "average_state_every", "bandwidth")
         require_positive(self, "presence_expiration")
         require_non_negative(self, "warmup_epochs", "weight_decay", "max_grad_norm", "local_steps")
+        require_non_negative(self, "next_chunk_timeout")
         require_positive(self, "outer_learning_rate")
         if not 0 <= self.outer_momentum < 1:
             raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")

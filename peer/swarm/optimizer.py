@@ -186,6 +186,7 @@ def build_optimizer(
         scheduler=partial(make_scheduler, optim=optim),
         matchmaking_time=optim.matchmaking_time,
         averaging_timeout=optim.averaging_timeout,
+        next_chunk_timeout=optim.chunk_timeout,
         load_state_timeout=optim.load_state_timeout,
         offload_optimizer=optim.offload_optimizer,
         delay_optimizer_step=optim.delay_optimizer_step,

@@ -7,6 +7,7 @@ Runs (same preset, tokenizer, corpus, effective batch, LAMB + linear schedule, t
   churn-4    4 peers, one SIGKILLed and a fresh one started every --churn-every epochs
   local-4    4 peers in local-steps (DiLoCo) mode: --local-steps H inner steps per outer step, with --local-args
   overlap-4  the same, the outer all-reduce overlapping the next inner phase (--delay_optimizer_step)
+  localchurn-4  local-4 with churn-4's kills and joins (every --churn-every outer steps)
 Every run is scored every --eval-every epochs on the same held-out token set (monitor.evaluation); swarm runs are
 scored from the peers' backups (every live peer holds the same averaged weights; in local-steps mode, the outer
 weights). A local-steps epoch is one outer step of H x --target-batch-size samples: its schedule (warm-up, total)
@@ -188,8 +189,9 @@ def swarm_epoch(http_port: int) -> int:
 
 
 def local_flags(args, kind: str) -> list[str]:
-    """The flags of a local-steps run (kind local or overlap), for its peers and its monitor alike; [] otherwise."""
-    if kind not in ("local", "overlap"):
+    """The flags of a local-steps run (kind local, overlap or localchurn), for its peers and its monitor alike; []
+    otherwise."""
+    if kind not in ("local", "overlap", "localchurn"):
         return []
     overlap = ["--delay_optimizer_step"] if kind == "overlap" else []
     return ["--local_steps", str(args.local_steps), *shlex.split(args.local_args), *overlap]
@@ -337,7 +339,7 @@ def main() -> None:
         kind, peers = name.split("-")[0], int(name.split("-")[1])
         local = local_flags(args, kind)
         outer_epochs = epochs // args.local_steps if local else epochs  # the same samples in outer steps
-        run, backups = run_swarm(args, name, peers, kind == "churn", outer_epochs, local)
+        run, backups = run_swarm(args, name, peers, kind in ("churn", "localchurn"), outer_epochs, local)
         per_epoch = args.target_batch_size * (args.local_steps if local else 1)
         score_backups(args, run, backups, tokenizer, held_out, outer_epochs, per_epoch)
         runs.append(run)

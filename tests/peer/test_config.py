@@ -61,3 +61,13 @@ def test_help_names_the_environment_variables(capsys):
     with pytest.raises(SystemExit):
         parse_configs(*ALL, args=["--help"], environ={})
     assert env_var("initial_peers") in capsys.readouterr().out
+
+
+def test_the_next_chunk_timeout_is_the_matchmaking_time_unless_set():
+    """hivemind's rule by default; over slow links a part takes longer than matchmaking (docs/configuration.md)."""
+    _, optim, _ = parse_configs(*ALL, args=["--matchmaking-time", "4"], environ={})
+    assert optim.chunk_timeout == 4
+    _, optim, _ = parse_configs(*ALL, args=["--matchmaking-time", "4", "--next-chunk-timeout", "20"], environ={})
+    assert optim.chunk_timeout == 20
+    with pytest.raises(ValueError, match="next_chunk_timeout"):
+        OptimConfig(next_chunk_timeout=-1)

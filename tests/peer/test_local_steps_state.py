@@ -360,3 +360,9 @@ def test_an_overlapped_resync_shifts_the_outer_state_and_the_local_weights_alike
     torch.testing.assert_close(flat(first.momentum), torch.full_like(flat(first.momentum), 0.1 * 1.001))
     torch.testing.assert_close(flat(models[0].parameters()), local + change)
     torch.testing.assert_close(flat(first._pending.anchor), flat(anchor) + change)
+
+
+@pytest.mark.timeout(60)
+def test_the_averagers_wait_the_next_chunk_timeout_for_a_members_part(started):
+    mode = started("ls-state-m", small_model(0), optim=dataclasses.replace(OPTIM, next_chunk_timeout=7.0))
+    assert mode.averager.next_chunk_timeout == mode.resync.next_chunk_timeout == 7.0
