@@ -121,7 +121,7 @@ class LocalStepsSwarm:
         self.overlap = optim.delay_optimizer_step  # the outer all-reduce runs while the next inner steps go on
         self._pending: PendingRound | None = None
         self._pending_resync: PendingResync | None = None  # only with the overlap
-        self.inner_step_seconds = 0.0  # in the inner optimizer's steps: compute, as forward and backward are
+        self._inner_step_seconds = 0.0  # in the inner optimizer's steps: compute, as forward and backward are
         self.refused_resyncs = 0  # re-syncs whose mean was not finite
         self.bounded_resyncs = 0  # re-syncs whose mean was over MAX_RESYNC_CHANGE away: approached by that much
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
@@ -180,6 +180,10 @@ class LocalStepsSwarm:
     def averaged_bytes(self) -> tuple[int, int]:
         return self.averager.bytes_sent, self.averager.bytes_received
 
+    @property
+    def inner_step_seconds(self) -> float:
+        return self._inner_step_seconds
+
     def step(self, batch_size: int, scaler: torch.amp.GradScaler | None = None) -> None:
         self._apply_landed_resync()
         pending = self._pending  # read once: cancel() may clear it from the stop thread
@@ -194,7 +198,7 @@ class LocalStepsSwarm:
         else:
             scaler.step(self.inner)
             scaler.update()
-        self.inner_step_seconds += time.perf_counter() - started
+        self._inner_step_seconds += time.perf_counter() - started
         self._samples += batch_size
         if self._pending is not None:
             return  # counted toward the next round once this one lands
