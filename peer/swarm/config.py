@@ -89,7 +89,8 @@ class OptimConfig:
             out of the round (0: --matchmaking-time, hivemind's rule). A member left out makes the round partial:
             every peer keeps its own values where that member's parts were, so peers do not really average (hivemind
             warns "Averaging: received N% results"). Over slow links set it above the time a part takes (hivemind's
-            parts are ~0.5 MB on the wire, sent to every member at once: at 5 Mbit/s and 4 peers ~2.5 s each).
+            parts are ~0.5 MB on the wire, sent to every member at once: at 5 Mbit/s and 4 peers ~2.5 s each, an
+            estimate from the part size, not a measurement).
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
             downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: the
