@@ -17,9 +17,10 @@ would triple the download, and a donor's moments follow its own batches, not the
 makes a fresh start take full-sized steps at once. A backup holds all of it,
 inner state included, so a restarted peer resumes its own trajectory.
 
-Lossy codecs (--grad-compression fp16, int8-block, int4-block) carry an error feedback (peer/error_feedback.py): the
-residual is this peer's, kept in its backups, and starts at zero for a joiner or a peer that takes the swarm's state.
-The bytes of each outer all-reduce are counted (peer/hivemind_gaps/traffic.py), logged per round and exported.
+Lossy codecs (--grad-compression fp16, int8-block, int4-block, topk-int4) carry an error feedback
+(peer/error_feedback.py): the residual is this peer's, kept in its backups, and starts at zero for a joiner or a peer
+that takes the swarm's state. The bytes of each outer all-reduce are counted (peer/hivemind_gaps/traffic.py), logged
+per round and exported.
 
 With --delay-optimizer-step the outer all-reduce overlaps the next inner phase: the peer starts the round in the
 background and goes on stepping from its local weights; when the mean lands (checked at each step), the outer step is

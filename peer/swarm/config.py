@@ -14,9 +14,9 @@ from peer.swarm.field_docs import help_from_docstring
 from peer.swarm.flags import require_non_negative, require_positive, scoped
 from peer.swarm.run_key import normalize_fingerprint
 
-COMPRESSIONS = ("none", "fp16", "scaled-fp16", "int8-block", "int4-block")
+COMPRESSIONS = ("none", "fp16", "scaled-fp16", "int8-block", "int4-block", "topk-int4")
 # blockwise 8/4-bit (peer/swarm/codecs.py): pseudo-gradients of --local-steps only, which carry an error feedback
-QUANTIZED_COMPRESSIONS = ("int8-block", "int4-block")
+QUANTIZED_COMPRESSIONS = ("int8-block", "int4-block", "topk-int4")
 AGGREGATIONS = ("mean", "centered-clip")
 
 
@@ -98,8 +98,9 @@ class OptimConfig:
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce. int8-block and int4-block (blockwise 8- and 4-bit
-            with float32 scales per 256 / 128 values, docs/operating.md) only with --local-steps: each peer feeds
-            its quantization error back into its next pseudo-gradient, which the synchronous mode does not.
+            with float32 scales per 256 / 128 values, docs/operating.md) and topk-int4 (int4-block sending only the
+            4 largest of every 128 values, deflated) only with --local-steps: each peer feeds what its codec dropped
+            back into its next pseudo-gradient, which the synchronous mode does not.
         state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
             zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
         delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
@@ -147,7 +148,7 @@ class OptimConfig:
     # with 4 peers (README "Does it learn?"): every epoch +4.3% held-out loss against one process, every 10 -0.54%
     average_state_every: int = 10
     presence_expiration: float = 10.0
-    grad_compression: Literal["none", "fp16", "scaled-fp16", "int8-block", "int4-block"] = "scaled-fp16"
+    grad_compression: Literal["none", "fp16", "scaled-fp16", "int8-block", "int4-block", "topk-int4"] = "scaled-fp16"
     # "none" by default: LAMB's second moments (~1e-10) fall below fp16's smallest value, so fp16 state transfers
     # zero them (measured: 96% zeros in a newcomer's downloaded state) and newcomers then take oversized steps
     state_compression: Literal["none", "fp16", "scaled-fp16"] = "none"

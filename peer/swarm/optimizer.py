@@ -26,7 +26,7 @@ from peer.hivemind_gaps.codec_registry import install_codecs
 from peer.hivemind_gaps.optimizer import GuardedOptimizer, SwarmOptimizer
 from peer.hivemind_gaps.state_rounds import STATE_ROUND_CLIP
 from peer.hivemind_gaps.update_guard import UpdateGuard
-from peer.swarm.codecs import Float16RoundTrip, Int4BlockCompression, Int8BlockCompression
+from peer.swarm.codecs import Float16RoundTrip, Int4BlockCompression, Int8BlockCompression, TopKInt4Compression
 from peer.swarm.config import OptimConfig, SwarmConfig
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ COMPRESSION_FACTORIES: dict[str, Callable[[], CompressionBase]] = {
     "scaled-fp16": ScaledFloat16Compression,
     "int8-block": Int8BlockCompression,
     "int4-block": Int4BlockCompression,
+    "topk-int4": TopKInt4Compression,
 }
 install_codecs()
 

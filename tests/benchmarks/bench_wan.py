@@ -59,7 +59,14 @@ CONFIGS = {
     "h8-fp16-overlap": ["--local_steps", "8", "--grad_compression", "fp16", "--delay_optimizer_step"],
     "h32-int4-overlap": ["--local_steps", "32", "--grad_compression", "int4-block", "--delay_optimizer_step"],
     "h128-int4-overlap": ["--local_steps", "128", "--grad_compression", "int4-block", "--delay_optimizer_step"],
-}
+    # 4 of every 128 values, deflated; the re-sync (fp16 weights and momentum, ~40% of h32-int4's bytes at every 10)
+    # every 10 outer steps as the others, or every 30
+    "h32-topk-overlap": ["--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step"],
+    "h32-topk-overlap-s30": [
+        "--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step",
+        "--average_state_every", "30",
+    ],
+}  # fmt: skip
 # The chaos suite's every-epoch state rounds, uncompressed formats and short timeouts are for judging faults within a
 # minute; over these slow links a run needs the defaults back (an fp16 all-reduce of the tiny model takes ~8 s at
 # 5 Mbit/s, longer than the suite's 8 s averaging timeout)

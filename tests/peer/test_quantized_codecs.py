@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor, seri
 from hivemind.proto import runtime_pb2
 
 from peer.error_feedback import ErrorFeedback
-from peer.swarm.codecs import HEADER, MAGIC, Int4BlockCompression, Int8BlockCompression
+from peer.swarm.codecs import DEFLATED, HEADER, MAGIC, Int4BlockCompression, Int8BlockCompression, TopKInt4Compression
 from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import COMPRESSION_FACTORIES
 
@@ -61,6 +62,64 @@ def test_hiveminds_table_sends_each_codec_under_its_own_type():
     for name, codec in CODECS.items():
         via_table = serialize_torch_tensor(tensor, codec.compression_type)  # how a reducer encodes its deltas
         assert via_table.buffer == encode(COMPRESSION_FACTORIES[name](), tensor).buffer
+
+
+def test_topk_int4_sends_each_blocks_largest_values_deflated():
+    codec = TopKInt4Compression()
+    tensor = torch.randn(128 * 500 + 77, generator=torch.Generator().manual_seed(5))
+    sent = codec.round_trip(tensor)
+    blocks = torch.nn.functional.pad(tensor, (0, -tensor.numel() % 128)).reshape(-1, 128)
+    kept = torch.nn.functional.pad(sent, (0, -sent.numel() % 128)).reshape(-1, 128) != 0
+    assert int(kept.sum(1).max()) <= codec.keep
+    # every kept value is at least as large as every dropped one of its block (4-bit rounding may zero a kept one)
+    smallest_kept = torch.where(kept, blocks.abs(), torch.inf).amin(1)
+    largest_dropped = torch.where(kept, 0.0, blocks.abs()).topk(codec.keep + 1, dim=1).values[:, -1]
+    assert bool((smallest_kept >= largest_dropped).all())
+    assert torch.equal(codec.round_trip(sent), sent)  # idempotent: error feedback relies on it
+    serialized = encode(codec, sent)
+    assert HEADER.unpack_from(serialized.buffer)[2] == DEFLATED
+    bits = 8 * len(serialized.buffer) / tensor.numel()
+    print(f"topk-int4: {bits:.3f} bits per value on the wire at density {float(kept.float().mean()):.4f}")
+    assert bits < 1.2  # int4-block: 4.25
+    assert torch.equal(deserialize_torch_tensor(serialized), sent)  # hivemind's table decodes it as int4-block
+    # a dense part is not deflated: its bytes are int4-block's exactly (test_a_round_trip_is_within_half_a_step...)
+    assert HEADER.unpack_from(encode(codec, tensor).buffer)[2] == 0
+
+
+def deflated(codec, payload: bytes, *, count=300, flags=DEFLATED) -> runtime_pb2.Tensor:
+    """A part of ``codec``'s type whose scales and codes are ``payload``, deflated already."""
+    return runtime_pb2.Tensor(
+        compression=codec.compression_type,
+        buffer=HEADER.pack(MAGIC, codec.bits, flags, codec.block_size, count) + payload,
+        size=[count],
+        dtype="float32",
+    )
+
+
+def honest_payload(codec, count=300) -> bytes:
+    return struct.pack(
+        f"<{math.ceil(count / codec.block_size)}f", *[0.01] * math.ceil(count / codec.block_size)
+    ) + bytes(math.ceil(count * codec.bits / 8))
+
+
+DEFLATE_HOSTILE = {
+    # 130 kB that inflate to 128 MB: refused after inflating one byte more than the header implies
+    "inflates past its size": lambda codec: deflated(codec, zlib.compress(bytes(2**27), 9)),
+    "inflates short of its size": lambda codec: deflated(codec, zlib.compress(honest_payload(codec)[:-1])),
+    "not a zlib stream": lambda codec: deflated(codec, b"\x00garbage" * 10),
+    "truncated stream": lambda codec: deflated(codec, zlib.compress(honest_payload(codec))[:-3]),
+    "bytes after the stream": lambda codec: deflated(codec, zlib.compress(honest_payload(codec)) + b"x"),
+    "unknown flag": lambda codec: deflated(codec, zlib.compress(honest_payload(codec)), flags=DEFLATED | 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEFLATE_HOSTILE))
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_a_crafted_deflated_part_is_refused_by_name(name, case):
+    codec = CODECS[name]()
+    assert deserialize_torch_tensor(deflated(codec, zlib.compress(honest_payload(codec)))).shape == (300,)
+    with pytest.raises(ValueError, match="part"):
+        deserialize_torch_tensor(DEFLATE_HOSTILE[case](codec))
 
 
 def crafted(codec, *, magic=MAGIC, bits=None, block=None, count=None, size=None, dtype="float32", scales=None, tail=0):
@@ -119,6 +178,8 @@ def test_quantized_codecs_need_local_steps_and_never_carry_state():
         OptimConfig(grad_compression="int8-block")
     with pytest.raises(ValueError, match="--state-compression int4-block"):
         OptimConfig(local_steps=2, state_compression="int4-block")
+    with pytest.raises(ValueError, match="topk-int4 needs --local-steps"):
+        OptimConfig(grad_compression="topk-int4")
 
 
 def test_error_feedback_keeps_what_the_codec_dropped_and_refuses_a_bad_backup():
