@@ -182,6 +182,10 @@ class LocalStepsSwarm:
         return self.averager.bytes_sent, self.averager.bytes_received
 
     @property
+    def state_bytes(self) -> tuple[int, int]:
+        return self.resync.bytes_sent, self.resync.bytes_received
+
+    @property
     def inner_step_seconds(self) -> float:
         return self._inner_step_seconds
 

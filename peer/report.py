@@ -98,17 +98,18 @@ class GuardCollector:
             "of a state round",
             value=self.training.refused_states,
         )
-        averaged_bytes = self.training.averaged_bytes
-        if averaged_bytes is not None:
-            traffic = CounterMetricFamily(
-                "albert_peer_allreduce_bytes",
-                "Payload bytes of tensor parts this peer's gradient (or, with --local-steps, pseudo-gradient) "
-                "all-reduce sent and received (no framing)",
-                labels=["direction"],
-            )
-            for direction, count in zip(("sent", "received"), averaged_bytes):
-                traffic.add_metric([direction], count)
-            yield traffic
+        yield from byte_counter(
+            "albert_peer_allreduce_bytes",
+            "Payload bytes of tensor parts this peer's gradient (or, with --local-steps, pseudo-gradient) all-reduce "
+            "sent and received (no framing)",
+            self.training.averaged_bytes,
+        )
+        yield from byte_counter(
+            "albert_peer_state_round_bytes",
+            "Payload bytes of tensor parts this peer's state rounds (with --local-steps, the outer re-sync of weights "
+            "and momentum) sent and received (no framing)",
+            self.training.state_bytes,
+        )
         inner_step_seconds = self.training.inner_step_seconds
         if inner_step_seconds is not None:
             yield CounterMetricFamily(
@@ -116,6 +117,16 @@ class GuardCollector:
                 "Seconds in this peer's inner optimizer steps (--local-steps): compute beside forward and backward",
                 value=inner_step_seconds,
             )
+
+
+def byte_counter(name: str, documentation: str, counts: tuple[int, int] | None):
+    """A counter of (sent, received) bytes labelled by direction; nothing where the mode does not count them."""
+    if counts is None:
+        return
+    counter = CounterMetricFamily(name, documentation, labels=["direction"])
+    for direction, count in zip(("sent", "received"), counts):
+        counter.add_metric([direction], count)
+    yield counter
 
 
 class Reporter:

@@ -34,6 +34,9 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
   states, state rounds), exported as metrics; a mode without such checks gives None and 0.
 - ``averaged_bytes``: (sent, received) payload bytes of this peer's gradient or pseudo-gradient all-reduce rounds so
   far (peer/hivemind_gaps/traffic.py), exported as metrics; None where they are not counted.
+- ``state_bytes``: (sent, received) payload bytes of the rounds that average the state itself so far (the
+  local-steps mode's outer re-sync, every --average-state-every outer steps), exported apart from ``averaged_bytes``;
+  None where they are not counted (the synchronous mode's state rounds run inside hivemind's state averager).
 - ``inner_step_seconds``: seconds this peer spent in its own optimizer's steps, apart from the swarm's rounds (the
   local-steps mode's inner steps: compute, as forward and backward are), exported as a metric; None where a step
   cannot be told apart from averaging (the synchronous mode's optimizer steps only at an epoch's all-reduce).
@@ -78,6 +81,9 @@ class TrainingMode(Protocol):
 
     @property
     def averaged_bytes(self) -> tuple[int, int] | None: ...
+
+    @property
+    def state_bytes(self) -> tuple[int, int] | None: ...
 
     @property
     def inner_step_seconds(self) -> float | None: ...
@@ -146,6 +152,10 @@ class SynchronousSwarm:
     def averaged_bytes(self) -> tuple[int, int]:
         averager = self.optimizer.grad_averager  # every gradient averager of peer/swarm/optimizer.py counts
         return averager.bytes_sent, averager.bytes_received
+
+    @property
+    def state_bytes(self) -> None:
+        return None
 
     @property
     def inner_step_seconds(self) -> None:

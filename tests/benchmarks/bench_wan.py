@@ -12,8 +12,9 @@ read at the start and the end (no latency is added: the tbf queue's own delay on
   synchronous mode's optimizer step is not told apart from its all-reduce and is not counted); the forward and
   backward share alone is printed beside it (``fb med``);
 - bytes per trained sample: all-reduce payload bytes sent and received by every peer (gradients, or pseudo-gradients
-  with --local-steps; the occasional state averaging and outer-state re-sync rounds are not in the counter) over the
-  samples the peers trained;
+  with --local-steps) over the samples the peers trained; ``+state`` adds the local-steps mode's outer re-syncs
+  (weights and momentum, every --average-state-every outer steps; the synchronous mode's state rounds run inside
+  hivemind's state averager and are not counted, which only flatters the reference);
 - samples/s of the swarm: samples every peer trained, over the window;
 - partial rounds: hivemind's warnings of rounds that left some member's parts out (each peer kept its own values
   there: the round did not really average), in the four peers' logs during the window;
@@ -93,6 +94,7 @@ class Reading:
     inner_step_seconds: float
     samples: float
     bytes: float
+    state_bytes: float
     loss: float
 
 
@@ -104,6 +106,7 @@ class Row:
     utilisation_lowest: float
     forward_backward_median: float  # utilisation without the inner steps
     bytes_per_sample: float
+    bytes_per_sample_with_state: float  # the outer re-syncs too (local steps)
     samples_per_second: float
     epochs: tuple[int, int]
     partial_rounds: int  # hivemind's "Averaging: received N% results" in the peers' logs during the window
@@ -122,6 +125,7 @@ def read_metrics(address: str) -> Reading:
         total("albert_peer_inner_step_seconds_total"),  # 0: not exported (the synchronous mode)
         total("albert_peer_samples_total"),
         total("albert_peer_allreduce_bytes_total"),
+        total("albert_peer_state_round_bytes_total"),  # 0: not exported (the synchronous mode)
         total("albert_peer_loss"),
     )
 
@@ -174,6 +178,7 @@ def summarise(
     utilisation = [share(peer, "compute_seconds", "inner_step_seconds") for peer in first]
     samples = sum(last[peer].samples - first[peer].samples for peer in first)
     traffic = sum(last[peer].bytes - first[peer].bytes for peer in first)
+    state = sum(last[peer].state_bytes - first[peer].state_bytes for peer in first)
     return Row(
         name,
         seconds,
@@ -181,6 +186,7 @@ def summarise(
         min(utilisation),
         statistics.median(share(peer, "compute_seconds") for peer in first),
         traffic / samples if samples else float("nan"),
+        (traffic + state) / samples if samples else float("nan"),
         samples / seconds,
         epochs,
         partial,
@@ -234,19 +240,23 @@ def main() -> None:
     if sync is not None:
         for row in rows:
             if row.bytes_per_sample > 0:  # NaN or 0 when no round (or no sample) fell in the window
-                print(f"{row.config}: {sync.bytes_per_sample / row.bytes_per_sample:.0f}x fewer bytes per sample")
+                print(
+                    f"{row.config}: {sync.bytes_per_sample / row.bytes_per_sample:.0f}x fewer bytes per sample, "
+                    f"{sync.bytes_per_sample / row.bytes_per_sample_with_state:.0f}x with the re-syncs"
+                )
 
 
 def print_rows(rows: list[Row]) -> None:
     print(
-        f"{'config':17} {'seconds':>7} {'util med':>8} {'util min':>8} {'fb med':>6} {'bytes/sample':>12} "
+        f"{'config':20} {'seconds':>7} {'util med':>8} {'util min':>8} {'fb med':>6} {'bytes/sample':>12} {'+state':>8} "
         f"{'samples/s':>9} {'partial':>7} "
         f"{'loss':>6}  epochs"
     )
     for row in rows:
         print(
-            f"{row.config:17} {row.seconds:7.0f} {row.utilisation_median:8.2f} {row.utilisation_lowest:8.2f} "
-            f"{row.forward_backward_median:6.2f} {row.bytes_per_sample:12.0f} {row.samples_per_second:9.2f} "
+            f"{row.config:20} {row.seconds:7.0f} {row.utilisation_median:8.2f} {row.utilisation_lowest:8.2f} "
+            f"{row.forward_backward_median:6.2f} {row.bytes_per_sample:12.0f} {row.bytes_per_sample_with_state:8.0f} "
+            f"{row.samples_per_second:9.2f} "
             f"{row.partial_rounds:7d} {row.loss_end:6.2f}  {row.epochs}",
             flush=True,
         )

@@ -87,3 +87,25 @@ def test_the_inner_steps_time_is_exported_beside_forward_and_backward(swarm):
         compute = float(re.search(r"^albert_peer_compute_seconds_total (\S+)$", text, re.MULTILINE).group(1))
         print(f"peer {name}: {inner:.2f} s in inner steps, {compute:.2f} s in forward and backward")
         assert 0 < inner < compute, (inner, compute)
+
+
+@pytest.mark.timeout(60)
+def test_the_outer_resync_bytes_are_counted_apart(swarm):
+    """The re-sync of weights and momentum (every 2 outer steps here, uncompressed) has its own counter: as many
+    bytes as values (x 4 bytes, x 2 tensors each) in one round of two, within hivemind's uneven split."""
+    peer = swarm.peers["a"]
+    outer = torch.load(peer.backup_dir / f"epoch-{peer.backup_epochs()[-1]:06d}.pt", weights_only=True)["local_steps"]
+    values = sum(tensor.numel() for tensor in outer["outer"])
+    for name, port in swarm.metrics_ports.items():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        sent, received = (
+            float(
+                re.search(rf'^albert_peer_state_round_bytes_total{{direction="{way}"}} (\S+)$', text, re.MULTILINE)[1]
+            )
+            for way in ("sent", "received")
+        )
+        resyncs = len(re.findall(r"Re-synced the outer state with 2 peers", swarm.peers[name].log_text()))
+        print(f"peer {name}: {resyncs} re-syncs, state-round bytes sent {sent:.0f}, received {received:.0f}")
+        assert resyncs >= 1
+        # each re-sync moves between a quarter and twice (weights + momentum) x 4 B each way, by the split
+        assert resyncs * 0.25 * 8 * values <= sent + received, (sent, received, values)

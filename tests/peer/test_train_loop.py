@@ -59,7 +59,7 @@ class FakeSwarm:
         self.model, self.sgd = model, torch.optim.SGD(model.parameters(), lr=0.1)
         self.epoch, self.samples, self.target_batch_size = 0, 0, target_batch_size
         self.num_peers, self.presence_expiration, self.update_guard, self.refused_states = 2, 30.0, None, 0
-        self.averaged_bytes = self.inner_step_seconds = None
+        self.averaged_bytes = self.state_bytes = self.inner_step_seconds = None
         self.at_epoch: dict[int, Callable[[], None]] = {}
         self.peer_state: dict | None = None
         self.calls: list[tuple[str, int]] = []  # (method, epoch afterwards)
