@@ -205,8 +205,9 @@ TINY_PEER = {
 LOOPBACK = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
 
 
-def allreduce_bytes(port: int) -> dict[str, float]:
-    """A peer's all-reduce byte counters by direction ("sent", "received"), read from its /metrics on ``port``."""
+def allreduce_bytes(port: int, counter: str = "albert_peer_allreduce_bytes_total") -> dict[str, float]:
+    """A peer's all-reduce byte counters by direction ("sent", "received"), read from its /metrics on ``port``
+    (``counter``: or another byte counter, albert_peer_state_round_bytes_total)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    found = re.findall(r'^albert_peer_allreduce_bytes_total\{direction="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    found = re.findall(rf'^{counter}\{{direction="(\w+)"\}} (\S+)$', text, re.MULTILINE)
     return {direction: float(count) for direction, count in found}

@@ -5,8 +5,9 @@ fixed table (``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``) key
 ``CompressionType``; a reducer also re-encodes its deltas with the table's codec of the part's type. A codec of one's
 own therefore cannot be received unless it takes one of the enum's slots. Ours take the two 8-bit slots whose
 hivemind decoders fail with numpy >= 2.4 anyway: BLOCKWISE_8BIT carries ``int8-block``, QUANTILE_8BIT ``int4-block``
-and ``topk-int4`` (the same wire format; UNIFORM_8BIT stays hivemind's). A part of hivemind's own format under those types is refused by our decoders' magic
-check (a ValueError: hivemind bans that sender for the round), so a plain-hivemind peer cannot be misread.
+and ``topk-int4`` (the same wire format; UNIFORM_8BIT stays hivemind's). A part of hivemind's own format under those
+types is refused by our decoders' magic check (a ValueError: hivemind bans that sender for the round), so a
+plain-hivemind peer cannot be misread.
 
 Installed when peer.swarm.optimizer is imported (every process that builds an averager imports it before it forks
 the averager, which inherits the table).

@@ -18,11 +18,11 @@ over ``qmax``) and one signed integer code per value, ``round(value / scale)`` i
 Serialized buffer: a 16-byte header (magic, bits, flags, block size, value count), the block scales, the packed
 codes. A part whose codes are at least half zeros (a sparse pseudo-gradient's, ``topk-int4``, and the deltas its
 reducers send back) has scales and codes deflated (zlib level 1: measured 4.25 -> 0.84 bits per value at 1/32 of
-the values non-zero, 1.64 at 12%; a dense int4 part saves only ~13%, not worth the CPU). A part whose header
-disagrees with its buffer length, its declared shape or dtype, whose deflated payload does not inflate to exactly
-the size its header implies, or whose scales are not finite and non-negative is refused with a ValueError before
-anything sized by the sender's numbers is allocated (hivemind then bans that sender for the round). Measured error
-and bytes: docs/operating.md.
+3 M Gaussian values non-zero, 1.64 at 12%; a dense int4 part saves only ~13%, not worth the CPU). A part whose header
+disagrees with its buffer length, its declared shape or dtype, whose deflated payload declares more values than one
+of hivemind's parts holds or does not inflate to exactly the size its header implies, or whose scales are not finite
+and non-negative is refused with a ValueError before anything sized by the sender's numbers is allocated (hivemind
+then bans that sender for the round). Measured error and bytes: docs/operating.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import zlib
 
 import numpy as np
 import torch
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.compression.base import CompressionBase, CompressionInfo
 from hivemind.compression.floating import Float16Compression
 from hivemind.proto import runtime_pb2
@@ -56,6 +57,10 @@ class BlockwiseQuantization(CompressionBase):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.bits, self.block_size, self.qmax = bits, block_size, (1 << (bits - 1)) - 1
+        # a plain part's memory is bounded by its own length, a deflated one's by this: zlib shrinks zeros ~1000:1,
+        # so a 4 MB message could declare (and hold) billions of values. hivemind's parts hold part_size_bytes /
+        # (4 * ratio) values: 2**20 for 4 bits, 2**19 for 8
+        self.most_deflated_values = DEFAULT_PART_SIZE_BYTES * 32 // (4 * bits)
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         if tensor.dtype != torch.float32:
@@ -64,7 +69,7 @@ class BlockwiseQuantization(CompressionBase):
         codes, scales = self._quantize(flat)
         packed = pack_nibbles(codes) if self.bits == 4 else codes.numpy().tobytes()
         payload, flags = scales.numpy().tobytes() + packed, 0
-        if codes.numel() and int((codes == 0).sum()) >= DEFLATE_ZERO_SHARE * codes.numel():
+        if 0 < codes.numel() <= self.most_deflated_values and (codes == 0).sum() >= DEFLATE_ZERO_SHARE * codes.numel():
             payload, flags = zlib.compress(payload, 1), DEFLATED
         header = HEADER.pack(MAGIC, self.bits, flags, self.block_size, flat.numel())
         return runtime_pb2.Tensor(
@@ -129,7 +134,11 @@ class BlockwiseQuantization(CompressionBase):
             raise ValueError(f"a quantized part declares dtype {serialized.dtype!r}, not float32")
         if math.prod(serialized.size) != count:  # size is uint32 in the protobuf: no negative dimension
             raise ValueError(f"a quantized part's shape {list(serialized.size)[:8]} does not hold its {count} values")
-        expected = 4 * math.ceil(count / block_size) + math.ceil(count * self.bits / 8)
+        expected = 4 * -(-count // block_size) + (count * self.bits + 7) // 8
+        if flags & DEFLATED and count > self.most_deflated_values:
+            raise ValueError(
+                f"a deflated quantized part declares {count} values, over a part's {self.most_deflated_values}"
+            )
         payload = inflate(buffer[HEADER.size :], expected) if flags & DEFLATED else buffer[HEADER.size :]
         if len(payload) != expected:
             raise ValueError(f"a quantized part of {count} values has {len(payload)} bytes, not {expected}")
@@ -214,11 +223,11 @@ class TopKInt4Compression(Int4BlockCompression):
         self.keep = keep
 
     def round_trip(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The block's ``keep`` largest magnitudes of ``tensor``, quantized; zero elsewhere (idempotent: a sparse
+        """Each block's ``keep`` largest magnitudes of ``tensor``, quantized; zero elsewhere (idempotent: a sparse
         tensor on the grid keeps its non-zeros, which quantize to themselves)."""
         flat = tensor.detach().float().cpu().reshape(-1)
         blocks = self._blocks(flat)
-        kept = blocks.abs().topk(min(self.keep, self.block_size), dim=1).indices
+        kept = blocks.abs().topk(self.keep, dim=1).indices
         sparse = torch.zeros_like(blocks).scatter_(1, kept, blocks.gather(1, kept))
         return super().round_trip(sparse.reshape(-1)[: flat.numel()]).reshape(tensor.shape)
 

@@ -60,8 +60,8 @@ CONFIGS = {
     "h8-fp16-overlap": ["--local_steps", "8", "--grad_compression", "fp16", "--delay_optimizer_step"],
     "h32-int4-overlap": ["--local_steps", "32", "--grad_compression", "int4-block", "--delay_optimizer_step"],
     "h128-int4-overlap": ["--local_steps", "128", "--grad_compression", "int4-block", "--delay_optimizer_step"],
-    # 4 of every 128 values, deflated; the re-sync (fp16 weights and momentum, ~40% of h32-int4's bytes at every 10)
-    # every 10 outer steps as the others, or every 30
+    # 4 of every 128 values, deflated; the re-sync (weights and momentum in fp32, whatever the codec: ~1.5x the bytes
+    # of h32-int4's 10 rounds between two re-syncs, ~8x topk's) every 10 outer steps as the others, or every 30
     "h32-topk-overlap": ["--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step"],
     "h32-topk-overlap-s30": [
         "--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step",
@@ -248,8 +248,8 @@ def main() -> None:
 
 def print_rows(rows: list[Row]) -> None:
     print(
-        f"{'config':20} {'seconds':>7} {'util med':>8} {'util min':>8} {'fb med':>6} {'bytes/sample':>12} {'+state':>8} "
-        f"{'samples/s':>9} {'partial':>7} "
+        f"{'config':20} {'seconds':>7} {'util med':>8} {'util min':>8} {'fb med':>6} {'bytes/sample':>12} "
+        f"{'+state':>8} {'samples/s':>9} {'partial':>7} "
         f"{'loss':>6}  epochs"
     )
     for row in rows:

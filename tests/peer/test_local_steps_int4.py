@@ -18,6 +18,9 @@ from tests.harness import allreduce_bytes, free_port, wait_until
 pytestmark = [pytest.mark.slow]
 
 FLAGS = ["--local_steps", "2", "--average_state_every", "2"]
+# the loss falls by at least this in 8 outer steps (measured: int4-block 1.2-1.8; topk-int4 0.64-0.73, most of each
+# round's pseudo-gradient waiting in the residual)
+LEAST_FALL = {"int4-block": 0.5, "topk-int4": 0.3}
 # bits per value on the wire: int4-block's 4 + a float32 scale per 128; for topk-int4 a third of that, so that a
 # round (up to two pseudo-gradients' worth, sent and received, with hivemind's uneven split) stays within two thirds
 # of int4-block's one (measured here: 345 kB sent and received a round, against int4-block's 1.72 MB: 0.20)
@@ -36,11 +39,18 @@ def swarm(make_swarm, request):
     return swarm
 
 
+def pseudo_gradient_values(swarm) -> int:
+    """How many values the pseudo-gradient has (the outer weights' in peer a's last backup)."""
+    peer = swarm.peers["a"]
+    outer = torch.load(peer.backup_dir / f"epoch-{peer.backup_epochs()[-1]:06d}.pt", weights_only=True)["local_steps"]
+    return sum(tensor.numel() for tensor in outer["outer"])
+
+
 @pytest.mark.timeout(300)
 def test_int4_peers_make_outer_steps_and_their_loss_falls(swarm):
     early, late = swarm.early_and_late_loss()
-    print(f"loss: early {early:.3f}, late {late:.3f}")
-    assert late < early - 0.5, (early, late)
+    print(f"{swarm.codec} loss: early {early:.3f}, late {late:.3f}")
+    assert late < early - LEAST_FALL[swarm.codec], (early, late)
 
 
 @pytest.mark.timeout(120)
@@ -48,12 +58,10 @@ def test_each_round_counts_at_most_an_eighth_of_fp32(swarm):
     """Two peers: each sends about half the pseudo-gradient to the other's reducer plus the deltas of the half it
     reduces, so about one pseudo-gradient's worth, at 4.25 bits a value (4 + a float32 scale per 128) in int4-block,
     at most a third of that in topk-int4."""
-    peer = swarm.peers["a"]
-    outer = torch.load(peer.backup_dir / f"epoch-{peer.backup_epochs()[-1]:06d}.pt", weights_only=True)["local_steps"]
-    values = sum(tensor.numel() for tensor in outer["outer"])  # the pseudo-gradient's values
+    values = pseudo_gradient_values(swarm)
     bits = MOST_BITS[swarm.codec]
-    # a sparse round's bytes depend on how the peers' supports overlap: no floor but hivemind's split for int4-block
-    least = 0.25 * values * bits / 8 if swarm.codec == "int4-block" else 0
+    # hivemind's split sends a quarter of the vector or more; topk-int4 sends 1/32 of that, 4 bits each at least
+    least = 0.25 * values * (bits if swarm.codec == "int4-block" else 4 / 32) / 8
     for name, port in swarm.metrics_ports.items():
         rounds = [(int(sent), int(received)) for sent, received in ROUND_LINE.findall(swarm.peers[name].log_text())]
         assert rounds, f"peer {name} logged no 2-peer round"
@@ -91,21 +99,16 @@ def test_the_inner_steps_time_is_exported_beside_forward_and_backward(swarm):
 
 @pytest.mark.timeout(60)
 def test_the_outer_resync_bytes_are_counted_apart(swarm):
-    """The re-sync of weights and momentum (every 2 outer steps here, uncompressed) has its own counter: as many
-    bytes as values (x 4 bytes, x 2 tensors each) in one round of two, within hivemind's uneven split."""
-    peer = swarm.peers["a"]
-    outer = torch.load(peer.backup_dir / f"epoch-{peer.backup_epochs()[-1]:06d}.pt", weights_only=True)["local_steps"]
-    values = sum(tensor.numel() for tensor in outer["outer"])
+    """The re-sync of weights and momentum (every 2 outer steps here, uncompressed fp32 whatever the codec) has its own
+    counter: in a round of two each peer sends and receives about the whole vector, (weights + momentum) x 4 B, each
+    way (measured: exactly that, 12,980,736 B each way per re-sync), within hivemind's uneven split."""
+    values = pseudo_gradient_values(swarm)
+    whole = 2 * 4 * values  # weights and momentum in fp32
     for name, port in swarm.metrics_ports.items():
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        sent, received = (
-            float(
-                re.search(rf'^albert_peer_state_round_bytes_total{{direction="{way}"}} (\S+)$', text, re.MULTILINE)[1]
-            )
-            for way in ("sent", "received")
-        )
+        counted = allreduce_bytes(port, "albert_peer_state_round_bytes_total")  # read before the log: its re-syncs
         resyncs = len(re.findall(r"Re-synced the outer state with 2 peers", swarm.peers[name].log_text()))
-        print(f"peer {name}: {resyncs} re-syncs, state-round bytes sent {sent:.0f}, received {received:.0f}")
+        print(f"peer {name}: {resyncs} re-syncs, state-round bytes {counted}")
         assert resyncs >= 1
-        # each re-sync moves between a quarter and twice (weights + momentum) x 4 B each way, by the split
-        assert resyncs * 0.25 * 8 * values <= sent + received, (sent, received, values)
+        total = counted["sent"] + counted["received"]
+        # the split sends a quarter to twice the vector each way; one re-sync may have been under way at the reading
+        assert 0.25 * whole * (resyncs - 1) <= total <= 2 * 2 * whole * (resyncs + 1), (counted, whole, resyncs)
