@@ -26,8 +26,8 @@ With --delay-optimizer-step the outer all-reduce overlaps the next inner phase: 
 background and goes on stepping from its local weights; when the mean lands (checked at each step), the outer step is
 made and the inner steps taken meanwhile are carried onto the new outer weights (local = new outer + their change
 since the round started), as Streaming DiLoCo's eager outer step does with a one-round-stale update. Samples trained
-during the round count toward the next one. The outer-state re-sync (every --average-state-every epochs, uncompressed:
-~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too: when its mean lands, the
+during the round count toward the next one. The outer-state re-sync (every --average-state-every epochs, in
+--state-compression's format, uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too: when its mean lands, the
 change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
 inner steps taken meanwhile are kept and the next pseudo-gradient is unchanged. A joiner served the state while a
 re-sync is under way takes it before that correction: the drift the re-sync undoes (1e-5 to 1e-2, below), which the
@@ -109,7 +109,7 @@ class LocalStepsSwarm:
         tracker: hivemind's progress tracker over ``local_steps x target_batch_size`` samples.
         make_averager: builds an averager over the given tensors, checking downloads against the given layout: with
             a state provider, the pseudo-gradients' (in --grad-compression, serving the outer state); without, the
-            outer state's re-sync (uncompressed).
+            outer state's re-sync (in --state-compression).
     """
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, tracker: ProgressTracker, make_averager):
@@ -332,8 +332,8 @@ class LocalStepsSwarm:
         copy_into(self.parameters, local)
 
     def _resynced(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
-        """The swarm's mean of the outer weights and momentum of ``epoch``, uncompressed (every --average-state-every
-        epochs); this peer's own if the round fails.
+        """The swarm's mean of the outer weights and momentum of ``epoch`` (every --average-state-every epochs, in
+        --state-compression's format); this peer's own if the round fails.
 
         With a lossy --grad-compression each peer receives the swarm's mean pseudo-gradient plus its own rounding of
         it (hivemind sends the reduced parts as compressed deltas), so the peers' outer states drift apart round after
@@ -659,7 +659,10 @@ def build_local_steps(
             request_timeout=min(3.0, optim.matchmaking_time / 2),
             allreduce_timeout=optim.averaging_timeout,
             next_chunk_timeout=optim.chunk_timeout,  # a silent member is dropped soon (hivemind.Optimizer's rule)
-            compression=COMPRESSION_FACTORIES[optim.grad_compression if pseudo_gradients else "none"](),
+            # the re-sync is a state round: weights and momentum in --state-compression's format (none by default)
+            compression=COMPRESSION_FACTORIES[
+                optim.grad_compression if pseudo_gradients else optim.state_compression
+            ](),
             state_compression=COMPRESSION_FACTORIES[optim.state_compression](),
             bandwidth=optim.bandwidth,
             client_mode=dht.client_mode,

@@ -94,15 +94,17 @@ class OptimConfig:
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
             downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: the
-            outer weights and momentum, uncompressed, undoing the drift a lossy --grad-compression causes.
+            outer weights and momentum (in --state-compression's format), undoing the drift a lossy
+            --grad-compression causes.
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce. int8-block and int4-block (blockwise 8- and 4-bit
             with float32 scales per 256 / 128 values, docs/operating.md) and topk-int4 (int4-block sending only the
             4 largest of every 128 values, deflated) only with --local-steps: each peer feeds what its codec dropped
             back into its next pseudo-gradient, which the synchronous mode does not.
-        state_compression: Wire format of parameters and optimizer state in state averaging and downloads (fp16
-            zeroes LAMB's second moments; scaled-fp16 is refused: hivemind cannot send 0-d tensors with it).
+        state_compression: Wire format of parameters and optimizer state in state averaging and downloads, and of
+            the outer re-sync with --local-steps (fp16 zeroes LAMB's second moments; scaled-fp16 is refused:
+            hivemind cannot send 0-d tensors with it).
         delay_optimizer_step: Apply optimizer steps in the background, one epoch stale (delayed parameter updates).
             With --local-steps: the outer all-reduce runs while the next inner steps go on, and its outer step is
             added to them when it lands (the peer never waits for it: the samples trained meanwhile count toward the
