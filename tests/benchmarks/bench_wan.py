@@ -83,6 +83,11 @@ RUN_DEFAULTS = [
 ]  # fmt: skip
 # the monitor downloads the state every 10 epochs (its default) over a peer's slow link, not every 2
 MONITOR_DEFAULTS = ["--fetch_state_every", "10", "--checkpoint_every", "50"]
+# a peer backs up every 10 epochs and keeps 2 (its defaults), not every epoch as the harness's peers do for the
+# tests' agreement checks: at H = 32 each backup (39 MB of the tiny preset: weights, outer state, inner moments,
+# residual) is written by the training thread once per outer round, time the utilisation counted as idle (runs before
+# 2026-12-07 backed up every epoch)
+PEER_DEFAULTS = ["--metrics_port", str(METRICS_PORT), "--backup_every", "10", "--keep_backups", "2"]
 
 
 @dataclass
@@ -138,7 +143,7 @@ def measure(name: str, flags: list[str], args, workdir: Path) -> Row:
         workdir / name,
         run_flags=[*RUN_DEFAULTS, *flags],
         liveness_bound=600.0,
-        peer_flags=["--metrics_port", str(METRICS_PORT)],
+        peer_flags=PEER_DEFAULTS,
         monitor_flags=MONITOR_DEFAULTS,
     )
     try:
