@@ -60,8 +60,8 @@ CONFIGS = {
     "h8-fp16-overlap": ["--local_steps", "8", "--grad_compression", "fp16", "--delay_optimizer_step"],
     "h32-int4-overlap": ["--local_steps", "32", "--grad_compression", "int4-block", "--delay_optimizer_step"],
     "h128-int4-overlap": ["--local_steps", "128", "--grad_compression", "int4-block", "--delay_optimizer_step"],
-    # 4 of every 128 values, deflated; the re-sync (weights and momentum in fp32, whatever the codec: ~1.5x the bytes
-    # of h32-int4's 10 rounds between two re-syncs, ~8x topk's) every 10 outer steps as the others, or every 30
+    # 4 of every 128 values, deflated; the re-sync (weights and momentum in --state-compression fp16, 70% of the
+    # bytes of an h32-topk run at every 10, docs/experiments.md) every 10 outer steps as the others, or every 30
     "h32-topk-overlap": ["--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step"],
     "h32-topk-overlap-s30": [
         "--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step",
@@ -83,11 +83,10 @@ RUN_DEFAULTS = [
 ]  # fmt: skip
 # the monitor downloads the state every 10 epochs (its default) over a peer's slow link, not every 2
 MONITOR_DEFAULTS = ["--fetch_state_every", "10", "--checkpoint_every", "50"]
-# a peer backs up every 10 epochs and keeps 2 (its defaults), not every epoch as the harness's peers do for the
-# tests' agreement checks: at H = 32 each backup (39 MB of the tiny preset: weights, outer state, inner moments,
-# residual) is written by the training thread once per outer round, time the utilisation counted as idle (runs before
-# 2026-12-07 backed up every epoch)
-PEER_DEFAULTS = ["--metrics_port", str(METRICS_PORT), "--backup_every", "10", "--keep_backups", "2"]
+# peers back up every epoch, as the harness's do: the harness reads the epochs from the backups. At H = 32 each backup
+# (39 MB of the tiny preset) is written on the training thread once per outer round; a run with --backup_every 10
+# (docs/experiments.md; its epochs then read in tens) measured the same utilisation
+PEER_DEFAULTS = ["--metrics_port", str(METRICS_PORT)]
 
 
 @dataclass

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow]
 FLAGS = ["--local_steps", "2", "--average_state_every", "2"]
 # the loss falls by at least this in 8 outer steps (measured: int4-block 1.2-1.8; topk-int4 0.47-0.73, most of each
 # round's pseudo-gradient waiting in the residual)
-LEAST_FALL = {"int4-block": 0.5, "topk-int4": 0.2}
+LEAST_FALL = {"int4-block": 0.5, "topk-int4": 0.2}  # under half the lowest fall measured: the fall varies by run
 STATE_COMPRESSION = {"int4-block": "none", "topk-int4": "fp16"}  # the re-sync's format: 4 or 2 bytes a value
 STATE_BYTES = {"none": 4, "fp16": 2}
 # bits per value on the wire: int4-block's 4 + a float32 scale per 128; for topk-int4 a third of that, so that a
