@@ -45,7 +45,8 @@ def test_compression_round_trips_through_an_averaging_round(name):
         controls = [averager.step(wait=False, timeout=60) for averager in averagers]
         assert all(len(control.result()) == 2 for control in controls)  # both rounds formed a group of two
         # float32 rounding of the deltas; fp16 keeps ~3 digits; the blockwise codecs' step is absmax / 127 or / 7
-        tolerance = {"none": 1e-6, "int8-block": 0.05, "int4-block": 0.8}.get(name, 1e-2)
+        # (topk-int4 sparsifies only in its round trip, the peer's error feedback: what it sends is int4-block)
+        tolerance = {"none": 1e-6, "int8-block": 0.05, "int4-block": 0.8, "topk-int4": 0.8}.get(name, 1e-2)
         for averager in averagers:
             with averager.get_tensors() as averaged:
                 for result, target in zip(averaged, expected):
