@@ -8,8 +8,9 @@ sum of what a peer delivered differs from the sum of its pseudo-gradients by its
 every round's rounding (DeMo, Streaming DiLoCo and SparseLoCo do the same).
 
 Not covered: the deltas each reducer sends back are rounded too (the average minus the sender's own part, in the same
-codec); that error is each receiver's and is undone by the re-sync of the outer state (peer/local_steps.py). With a lossless codec (none) or one that is not idempotent (scaled-fp16: its statistics are per
-part) there is no feedback and the residual stays zero.
+codec); that error is each receiver's and is undone by the re-sync of the outer state (peer/local_steps.py). With a
+lossless codec (none) or one that is not idempotent (scaled-fp16: its statistics are per part) there is no feedback
+and the residual stays zero.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ background and goes on stepping from its local weights; when the mean lands (che
 made and the inner steps taken meanwhile are carried onto the new outer weights (local = new outer + their change
 since the round started), as Streaming DiLoCo's eager outer step does with a one-round-stale update. Samples trained
 during the round count toward the next one. The outer-state re-sync (every --average-state-every epochs, in
---state-compression's format, uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too: when its mean lands, the
-change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
+--state-compression's format, uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4)
+overlaps the inner steps too: when its mean lands, the change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
 inner steps taken meanwhile are kept and the next pseudo-gradient is unchanged. A joiner served the state while a
 re-sync is under way takes it before that correction: the drift the re-sync undoes (1e-5 to 1e-2, below), which the
 next re-sync corrects. (The monitor keeps, serves and checkpoints the outer state:

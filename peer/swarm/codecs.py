@@ -117,7 +117,7 @@ class BlockwiseQuantization(CompressionBase):
         values = self._dequantize(codes, scales, block_size)
         return values.reshape(tuple(serialized_tensor.size)).requires_grad_(serialized_tensor.requires_grad)
 
-    def _check(self, serialized: runtime_pb2.Tensor) -> tuple[int, int, bytes]:
+    def _check(self, serialized: runtime_pb2.Tensor) -> tuple[int, int, bytes | memoryview]:
         """(value count, block size, scales and codes) of a serialized part, after checking that every declared size
         agrees."""
         buffer = serialized.buffer
@@ -139,7 +139,8 @@ class BlockwiseQuantization(CompressionBase):
             raise ValueError(
                 f"a deflated quantized part declares {count} values, over a part's {self.most_deflated_values}"
             )
-        payload = inflate(buffer[HEADER.size :], expected) if flags & DEFLATED else buffer[HEADER.size :]
+        body = memoryview(buffer)[HEADER.size :]  # not a copy of every received part
+        payload = inflate(body, expected) if flags & DEFLATED else body
         if len(payload) != expected:
             raise ValueError(f"a quantized part of {count} values has {len(payload)} bytes, not {expected}")
         return count, block_size, payload
@@ -151,7 +152,7 @@ class BlockwiseQuantization(CompressionBase):
         return f"{type(self).__name__}(bits={self.bits}, block_size={self.block_size})"
 
 
-def inflate(deflated: bytes, expected: int) -> bytes:
+def inflate(deflated: bytes | memoryview, expected: int) -> bytes:
     """The payload of a deflated part; ValueError unless it is one whole zlib stream of exactly ``expected`` bytes.
 
     Inflates at most ``expected + 1`` bytes, so a crafted stream (a "zip bomb" of a few bytes that inflates to
