@@ -55,6 +55,7 @@ from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.hivemind_gaps.update_guard import UpdateGuard
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 from peer.outer_step import nesterov_outer_step, pseudo_gradients
+from peer.state_fingerprint import fingerprint, is_fingerprint, same_state
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.finite import all_finite
 from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optimizer, make_scheduler, param_groups
@@ -125,6 +126,7 @@ class LocalStepsSwarm:
         self._inner_step_seconds = 0.0  # in the inner optimizer's steps: compute, as forward and backward are
         self.refused_resyncs = 0  # re-syncs whose mean was not finite
         self.bounded_resyncs = 0  # re-syncs whose mean was over MAX_RESYNC_CHANGE away: approached by that much
+        self.skipped_resyncs = 0  # re-sync epochs whose round showed the outer states the same: no state round
         self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
         self.inner, self.scheduler = self._fresh_inner_optimizer()
         self.feedback = ErrorFeedback(COMPRESSION_FACTORIES[optim.grad_compression](), self.outer)
@@ -256,12 +258,13 @@ class LocalStepsSwarm:
                 self._restart_round()
                 return
             pseudo = self.feedback.apply(pseudo)
+            metadata = self._round_metadata()
             before = self.averaged_bytes
             with self.averager.get_tensors() as buffers:
                 copy_into(buffers, pseudo)
             try:
                 control = self.averager.step(
-                    gather=self._epoch, weight=float(self._samples), timeout=self.optim.averaging_timeout, wait=False
+                    gather=metadata, weight=float(self._samples), timeout=self.optim.averaging_timeout, wait=False
                 )
             except Exception as error:  # noqa: BLE001 - a shut-down averager: step with this peer's own
                 logger.warning(f"Outer round not started ({error!r})")
@@ -273,13 +276,21 @@ class LocalStepsSwarm:
             self._pending = PendingRound(control, pseudo, anchor, before, self._samples, time.perf_counter())
             self._samples = 0
 
+    def _round_metadata(self) -> dict:
+        """What this peer gathers with its pseudo-gradient: its epoch, and the fingerprint of its outer state (None
+        while a re-sync is under way: the state it has is about to change, and would read as drift)."""
+        if self._pending_resync is not None:
+            return {"epoch": self._epoch, "fingerprint": None}
+        with self._state_lock:
+            return {"epoch": self._epoch, "fingerprint": fingerprint(self.outer, self.momentum)}
+
     def _finish_round(self) -> bool:
         """Apply the round's mean (waiting for it) with the outer optimizer and move to the next epoch; False if the
         round was dropped (cancelled meanwhile, or this peer was behind the swarm: its next step downloads)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return False
-        averaged, peers = self._round_result(pending)
+        averaged, peers, agreed = self._round_result(pending)
         if averaged is None:
             self.dropped_samples += pending.samples
             self.feedback.reset()  # the residual belonged to the dropped pseudo-gradient
@@ -293,7 +304,10 @@ class LocalStepsSwarm:
         if self.outer_guard.admit(averaged):
             nesterov_outer_step(outer, averaged, momentum, self.optim.outer_learning_rate, self.optim.outer_momentum)
         epoch = self._epoch + 1
-        resync_now = epoch % self.optim.average_state_every == 0
+        resync_now = epoch % self.optim.average_state_every == 0 and not agreed
+        if epoch % self.optim.average_state_every == 0 and agreed and peers > 1:
+            self.skipped_resyncs += 1
+            logger.info(f"No re-sync at epoch {epoch}: the outer states of the round's {peers} peers agreed")
         if resync_now and not self.overlap:
             outer, momentum = self._resynced(outer, momentum, epoch)
         with self._state_lock:
@@ -434,9 +448,10 @@ class LocalStepsSwarm:
         copy_into(self.parameters, self.outer)
         self.tracker.report_local_progress(self._epoch, 0, update_global_samples=False)
 
-    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor] | None, int]:
-        """The swarm's sample-weighted mean of the pseudo-gradients, this peer's own if no round succeeded, or None
-        if the round showed this peer behind the swarm.
+    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor] | None, int, bool]:
+        """The swarm's sample-weighted mean of the pseudo-gradients (this peer's own if no round succeeded, None if
+        the round showed this peer behind the swarm), the peers it averaged with, and whether their outer states
+        agreed when the round started (True where this peer stepped alone: there is nobody to re-sync with).
 
         hivemind groups by prefix only, so a peer whose tracker had not yet seen the swarm's step can land in a round
         of the next epoch: the mean of pseudo-gradients taken from newer outer weights, applied to its older ones,
@@ -445,23 +460,24 @@ class LocalStepsSwarm:
         pseudo-gradient one round stale, as an overlapped round's is.)
         """
         if pending.control is None:
-            return pending.pseudo, 1
+            return pending.pseudo, 1, True
         try:
             gathered = pending.control.result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer round failed ({error!r}): stepping with this peer's own pseudo-gradient")
-            return pending.pseudo, 1
+            return pending.pseudo, 1, True
         if not gathered:
-            return pending.pseudo, 1
-        ahead = sorted({value for value in gathered.values() if type(value) is int and value > self._epoch})
+            return pending.pseudo, 1, True
+        epochs = [gathered_epoch(value) for value in gathered.values()]
+        ahead = sorted({epoch for epoch in epochs if epoch is not None and epoch > self._epoch})
         if ahead and self.tracker.global_epoch > self._epoch:
             logger.warning(
                 f"Outer round of epoch {self._epoch} grouped with peers at epochs {ahead[:5]}: this peer is behind "
                 "the swarm; dropping the round's work to take the swarm's state"
             )
-            return None, len(gathered)
+            return None, len(gathered), True
         with self.averager.get_tensors() as buffers:
-            return [buffer.clone() for buffer in buffers], len(gathered)
+            return [buffer.clone() for buffer in buffers], len(gathered), states_agree(gathered.values())
 
     def _served_state(self):
         with self._state_lock:
@@ -673,6 +689,24 @@ def build_local_steps(
     except BaseException:
         tracker.shutdown()
         raise
+
+
+def gathered_epoch(value) -> int | None:
+    """The epoch a member of an outer round declared (``_round_metadata``), None if it declared none."""
+    epoch = value.get("epoch") if isinstance(value, dict) else value
+    return epoch if type(epoch) is int else None
+
+
+def states_agree(gathered) -> bool:
+    """Whether the members of an outer round started it from the same outer state, by the fingerprints they
+    gathered. A member with a re-sync under way (fingerprint None) is left out; any other that sent no fingerprint
+    counts as apart: a member can ask for a re-sync this way, as it could by sending drifted weights (it costs the
+    group a state round's bytes, nothing more)."""
+    fingerprints = [value.get("fingerprint") if isinstance(value, dict) else "none" for value in gathered]
+    known = [entry for entry in fingerprints if entry is not None]
+    if not all(is_fingerprint(entry) for entry in known):
+        return False
+    return all(same_state(known[0], entry) for entry in known[1:])
 
 
 def serves_nothing():

@@ -13,7 +13,8 @@ Each class extends the one before it, so a gap closed for one is closed for the 
   (traffic.py), as every gradient averager here does.
 - ``OuterAverager`` (local-steps mode, peer/local_steps.py): all-reduces pseudo-gradients, serves the outer state a
   callable gives, checks downloaded states and cancels its rounds like the others, and counts the bytes of its
-  all-reduce (traffic.py); ``GuardedOuterAverager`` answers run members only.
+  all-reduce (traffic.py); its rounds leave every member the same result (mean_replies.py);
+  ``GuardedOuterAverager`` answers run members only.
 - ``RobustGradientAverager`` and ``GuardedRobustGradientAverager`` (``--aggregation centered-clip``): the parts this
   peer reduces are aggregated with CenteredClip and their senders scored (robust_allreduce.py).
 
@@ -31,6 +32,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from peer.hivemind_gaps.averager_guard import GuardedAveragerMixin
 from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
 from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
+from peer.hivemind_gaps.mean_replies import MeanReplies
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_check import CheckedDownloads, FastSchedulerCatchUp
 from peer.hivemind_gaps.state_layout import StateLayout
@@ -75,7 +77,7 @@ class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, Counted
     """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
 
 
-class OuterAverager(HivemindHandleNames, CountedTraffic, CheckedDownloads, CancellableRounds):
+class OuterAverager(HivemindHandleNames, MeanReplies, CountedTraffic, CheckedDownloads, CancellableRounds):
     """A DecentralizedAverager whose averaged tensors are pseudo-gradients and whose served state is not them.
 
     Args:

@@ -74,3 +74,8 @@ class CountedTraffic:
     @property
     def bytes_received(self) -> int:
         return self._bytes_received.value
+
+
+def uncounted(codec: CompressionBase) -> CompressionBase:
+    """The codec a CountingCodec wraps (``codec`` itself if it counts nothing): for work that sends nothing."""
+    return codec.codec if isinstance(codec, CountingCodec) else codec

@@ -14,11 +14,12 @@ from tests.peer.conftest import RUN_ID
 pytestmark = [pytest.mark.slow]
 
 # 2 x the tiny swarm's 32-sample target per outer step: each of two peers (8 samples a batch) takes ~4 inner steps.
-# fp16 pseudo-gradients leave each peer its own rounding of the mean (tests/peer/test_pseudo_gradient_codecs.py), so
-# the outer weights drift apart a little each round; the uncompressed re-sync every 2 epochs undoes it.
+# Every member of a round takes the same fp16 mean (peer/hivemind_gaps/mean_replies.py), so the outer weights stay
+# the same round after round and the re-sync every 2 epochs finds nothing to do (tests/peer/test_local_steps_int4.py
+# and test_local_steps_overlap.py make peers drift on purpose to see re-syncs).
 LOCAL_STEPS = ["--local_steps", "2", "--grad_compression", "fp16", "--average_state_every", "2"]
-# ||outer_a - outer_b|| / ||outer_a|| at the same epoch, right after a re-sync (fp32 rounding only). Without the
-# re-sync (fp16, no re-sync) this grew steadily: 1.2e-2 after 19 rounds, 7e-3 after 23 (measured here)
+# ||outer_a - outer_b|| / ||outer_a|| at the same epoch. When each peer took its own rounding of the mean (hivemind's
+# delta replies), this grew steadily without a re-sync: 1.2e-2 after 19 rounds, 7e-3 after 23 (measured here)
 AGREEMENT = 1e-5
 
 
@@ -68,11 +69,12 @@ def test_outer_weights_agree_after_each_round(swarm):
         return both if len(both) >= 5 else None
 
     common = wait_until(common_epochs, 180, "five epochs backed up by both peers")
-    resynced = {epoch: gap(first, second, epoch) for epoch in common[-6:] if epoch % 2 == 0}
-    drifted = {epoch: gap(first, second, epoch) for epoch in common[-6:] if epoch % 2}
-    print(f"outer weights apart after a re-sync {resynced}, after one fp16 round {drifted}")
-    # a round that fails (on a loaded machine) leaves the peers apart until the next re-sync; most must succeed
-    assert sum(value < AGREEMENT for value in resynced.values()) >= 2, resynced
+    gaps = {epoch: gap(first, second, epoch) for epoch in common[-6:]}
+    skipped = [peer.log_text().count("No re-sync at epoch") for peer in (first, second)]
+    print(f"outer weights apart by epoch {gaps}; re-syncs skipped {skipped}")
+    # a round that fails or lands in part (on a loaded machine) leaves the peers apart until a re-sync; most succeed
+    assert sum(value < AGREEMENT for value in gaps.values()) >= 4, gaps
+    assert all(count >= 1 for count in skipped), skipped  # a round of two that agreed: no state round after it
 
 
 @pytest.mark.timeout(300)

@@ -3,7 +3,8 @@ each round's log line and /metrics count the all-reduce's bytes, and the backups
 
 A module swarm of its own (test_local_steps.py's runs fp16), once per codec: two peers, --local_steps 2,
 --grad_compression int4-block with the re-sync uncompressed, then topk-int4 (int4-block sending 4 of every 128
-values, deflated) with the re-sync in fp16 (--state_compression fp16).
+values, deflated) with the re-sync in fp16 (--state_compression fp16). Peer a drifts on purpose before every
+re-sync epoch (tests/peer/drifting_peer.py): peers that agree send no state round, and its bytes are counted here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from tests.harness import allreduce_bytes, free_port, wait_until
+from tests.peer.drifting_peer import DRIFT_EVERY
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,7 +40,8 @@ def swarm(make_swarm, request):
     swarm.metrics_ports = {name: free_port() for name in ("a", "b")}
     for name, port in swarm.metrics_ports.items():
         codec_flags = ["--grad_compression", swarm.codec, "--state_compression", STATE_COMPRESSION[swarm.codec]]
-        swarm.start_peer(name, [*FLAGS, *codec_flags, "--metrics_port", str(port)])
+        drifting = {"extra_env": {DRIFT_EVERY: "2"}, "module": "tests.peer.drifting_peer"} if name == "a" else {}
+        swarm.start_peer(name, [*FLAGS, *codec_flags, "--metrics_port", str(port)], **drifting)
     swarm.wait_for_epoch(8, peers=2, timeout=240)
     return swarm
 
@@ -103,8 +106,8 @@ def test_the_inner_steps_time_is_exported_beside_forward_and_backward(swarm):
 
 @pytest.mark.timeout(60)
 def test_the_outer_resync_bytes_are_counted_apart(swarm):
-    """The re-sync of weights and momentum (every 2 outer steps here, in --state-compression's format) has its own
-    counter: in a round of two each peer sends the whole vector (its parts for the other's reducer and the deltas of
+    """The re-sync of weights and momentum (every 2 outer steps here after peer a's drift, in --state-compression's
+    format) has its own counter: in a round of two each peer sends the whole vector (its parts for the other's reducer and the deltas of
     the share it reduces), and receives as much: measured exactly (weights + momentum) x 4 B each way per re-sync
     uncompressed (12,980,736 B for the tiny preset)."""
     whole = 2 * STATE_BYTES[STATE_COMPRESSION[swarm.codec]] * pseudo_gradient_values(swarm)  # weights and momentum

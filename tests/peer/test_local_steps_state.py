@@ -313,6 +313,55 @@ def test_a_peer_in_a_round_of_a_newer_epoch_drops_it_and_the_other_applies_it(st
     assert first.epoch == 4 and not torch.equal(flat(first.outer), before)  # it stepped with the mean
 
 
+@pytest.mark.timeout(180)
+def test_peers_apart_re_sync_after_their_round_and_peers_alike_do_not(started, caplog):
+    """Every epoch may re-sync here (--average-state-every 1). Two peers whose outer weights differ (one nudged, as
+    a round received in part leaves a peer) average a round: the fingerprints they gathered differ, so both re-sync
+    right after it and end the same to the bit (each member takes the same mean: mean_replies.py). Their next round
+    finds them alike and sends no state round; its int4 mean leaves them the same to the bit again."""
+    optim = dataclasses.replace(
+        OPTIM, matchmaking_time=2, averaging_timeout=10, average_state_every=1, grad_compression="int4-block"
+    )
+    models = [small_model(0), small_model(0)]
+    modes = [started("ls-state-m", models[0], optim=optim)]
+    modes.append(started("ls-state-m", models[1], join_first=True, optim=optim))
+    with torch.no_grad():
+        modes[1].outer[0].add_(torch.randn_like(modes[1].outer[0]) * 1e-3)
+
+    def round_of_two(seed: int) -> None:
+        for index, (model, mode) in enumerate(zip(models, modes)):
+            generator = torch.Generator().manual_seed(seed + index)
+            with torch.no_grad():  # inner steps of its own: the pseudo-gradient is outer - local
+                for parameter in model.parameters():
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 1e-2)
+            mode._samples = 4
+            mode._start_round()
+        threads = [threading.Thread(target=mode._finish_round) for mode in modes]  # each waits for the other
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    with caplog.at_level("INFO", logger="peer.local_steps"):
+        round_of_two(seed=1)
+        assert [mode.epoch for mode in modes] == [1, 1]
+        assert caplog.text.count("averaged pseudo-gradients with 2 peers") == 2
+        assert caplog.text.count("Re-synced the outer state with 2 peers at epoch 1") == 2
+        assert torch.equal(flat(modes[0].outer), flat(modes[1].outer))
+        assert torch.equal(flat(modes[0].momentum), flat(modes[1].momentum))
+        state_bytes = [mode.state_bytes for mode in modes]
+        assert all(sent > 0 and received > 0 for sent, received in state_bytes)
+
+        round_of_two(seed=3)
+        assert [mode.epoch for mode in modes] == [2, 2]
+        assert caplog.text.count("No re-sync at epoch 2: the outer states of the round's 2 peers agreed") == 2
+        assert "Re-synced the outer state with 2 peers at epoch 2" not in caplog.text
+        assert [mode.skipped_resyncs for mode in modes] == [1, 1]
+        assert [mode.state_bytes for mode in modes] == state_bytes  # no state round
+        assert torch.equal(flat(modes[0].outer), flat(modes[1].outer))
+        assert torch.equal(flat(modes[0].momentum), flat(modes[1].momentum))
+
+
 @pytest.mark.timeout(60)
 def test_a_download_reads_the_outer_layout_without_copying_the_outer_state(started):
     """The layout a donor's state must fit is fixed at the start: a download no longer clones the whole outer state
