@@ -22,13 +22,21 @@ Lossy codecs (--grad-compression fp16, int8-block, int4-block, topk-int4) carry 
 that takes the swarm's state. The bytes of each outer all-reduce are counted (peer/hivemind_gaps/traffic.py), logged
 per round and exported.
 
+Every member of an outer round takes the same mean, to the bit (peer/hivemind_gaps/mean_replies.py), and makes the
+same outer step from it, so peers that took part in the same whole rounds hold the same outer state. They drift apart
+only where a round went partial for some peer (a reducer's part never came back: it keeps its own values there), a
+peer stepped alone, or the swarm split into two groups. So the outer-state re-sync (a state round of weights and
+momentum) runs only where needed: each peer gathers the fingerprint of its outer state with its pseudo-gradient
+(peer/state_fingerprint.py), and at every --average-state-every epoch the members of the round that led to it
+re-sync if their fingerprints differed, and skip it (logged) if not. All members of a round read the same gathered
+data, so they decide alike; a peer that stepped alone is found apart at a later check, in a round with the others.
+
 With --delay-optimizer-step the outer all-reduce overlaps the next inner phase: the peer starts the round in the
 background and goes on stepping from its local weights; when the mean lands (checked at each step), the outer step is
 made and the inner steps taken meanwhile are carried onto the new outer weights (local = new outer + their change
 since the round started), as Streaming DiLoCo's eager outer step does with a one-round-stale update. Samples trained
-during the round count toward the next one. The outer-state re-sync (every --average-state-every epochs, in
---state-compression's format, uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4)
-overlaps the inner steps too: when its mean lands, the change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
+during the round count toward the next one. The outer-state re-sync (where needed, in --state-compression's format,
+uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too: when its mean lands, the change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
 inner steps taken meanwhile are kept and the next pseudo-gradient is unchanged. A joiner served the state while a
 re-sync is under way takes it before that correction: the drift the re-sync undoes (1e-5 to 1e-2, below), which the
 next re-sync corrects. (The monitor keeps, serves and checkpoints the outer state:
@@ -346,12 +354,9 @@ class LocalStepsSwarm:
         copy_into(self.parameters, local)
 
     def _resynced(self, outer: list[torch.Tensor], momentum: list[torch.Tensor], epoch: int):
-        """The swarm's mean of the outer weights and momentum of ``epoch`` (every --average-state-every epochs, in
-        --state-compression's format); this peer's own if the round fails.
-
-        With a lossy --grad-compression each peer receives the swarm's mean pseudo-gradient plus its own rounding of
-        it (hivemind sends the reduced parts as compressed deltas), so the peers' outer states drift apart round after
-        round (tests/peer/test_pseudo_gradient_codecs.py measures it). This round brings them back together.
+        """The swarm's mean of the outer weights and momentum of ``epoch`` (in --state-compression's format); this
+        peer's own if the round fails. Run where the round before showed the peers' outer states apart (module doc):
+        this round brings them back together.
         """
         control = self._start_resync(outer, momentum, epoch)
         return (outer, momentum) if control is None else self._resync_result(control, outer, momentum, epoch)

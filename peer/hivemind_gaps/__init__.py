@@ -165,6 +165,14 @@
     or not.
     Proved on plain hivemind: tests/peer/test_equal_shares.py::
       test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share[hivemind-control]
+25  A reducer replies to each member with   mean_replies.py: MeanReplies         replies with the mean itself
+    the mean minus that member's part,      (hivemind's _run_allreduce_inplace_  (compressed), the same bytes
+    compressed: with a lossy codec each     copying the results in) and          to every member
+    member ends a round with its own        MeanReplyRunner (the reducer's
+    rounding, and the local-steps peers'    replies and own part), in the
+    outer weights drift apart each round.   OuterAverager (averagers.py)
+    Proved on plain hivemind: tests/peer/test_pseudo_gradient_codecs.py::
+      test_with_hiveminds_delta_replies_the_peers_end_a_round_apart
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

@@ -93,9 +93,9 @@ class OptimConfig:
             estimate from the part size, not a measurement).
         load_state_timeout: Seconds one attempt to download the swarm's training state may take.
         average_state_every: Average parameters and optimizer state with peers every this many epochs (a joiner
-            downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: the
-            outer weights and momentum (in --state-compression's format), undoing the drift a lossy
-            --grad-compression causes.
+            downloads the state whenever it joins; out-of-sync peers reload it at once). With --local-steps: check
+            this often whether the peers' outer weights and momentum came apart (a round received in part, a peer
+            that stepped alone), and re-sync them (in --state-compression's format) only if so.
         presence_expiration: Seconds a silent peer still counts as a member of the swarm (in the peer count and the
             target batch): how soon survivors forget a dead peer (hivemind's progress-tracker entry).
         grad_compression: Wire format of gradients in all-reduce. int8-block and int4-block (blockwise 8- and 4-bit
