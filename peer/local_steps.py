@@ -30,6 +30,9 @@ momentum) runs only where needed: each peer gathers the fingerprint of its outer
 (peer/state_fingerprint.py), and at every --average-state-every epoch the members of the round that led to it
 re-sync if their fingerprints differed, and skip it (logged) if not. All members of a round read the same gathered
 data, so they decide alike; a peer that stepped alone is found apart at a later check, in a round with the others.
+Fingerprints are taken as a round starts, so a round that went partial shows at the check after the next: a drift
+lasts up to --average-state-every + 1 epochs. The re-sync itself keeps hivemind's rounds (each member its own values
+plus the rounded difference to the mean): in --state-compression fp16 a mean reply would round the weights to fp16.
 
 With --delay-optimizer-step the outer all-reduce overlaps the next inner phase: the peer starts the round in the
 background and goes on stepping from its local weights; when the mean lands (checked at each step), the outer step is
@@ -60,7 +63,7 @@ from peer.error_feedback import ErrorFeedback
 from peer.hivemind_gaps.averager_guard import MembershipCheck
 from peer.hivemind_gaps.averagers import GuardedOuterAverager, OuterAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
-from peer.hivemind_gaps.update_guard import UpdateGuard
+from peer.hivemind_gaps.update_guard import UpdateGuard, WeightRelativeGuard
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 from peer.outer_step import nesterov_outer_step, pseudo_gradients
 from peer.state_fingerprint import fingerprint, is_fingerprint, same_state
@@ -135,7 +138,9 @@ class LocalStepsSwarm:
         self.refused_resyncs = 0  # re-syncs whose mean was not finite
         self.bounded_resyncs = 0  # re-syncs whose mean was over MAX_RESYNC_CHANGE away: approached by that much
         self.skipped_resyncs = 0  # re-sync epochs whose round showed the outer states the same: no state round
-        self.outer_guard = UpdateGuard()  # on the averaged pseudo-gradient, the swarm's input to every peer
+        # on the averaged pseudo-gradient, the swarm's input to every peer, judged against the outer weights (which
+        # peers in agreement hold alike, so they refuse the same steps: WeightRelativeGuard)
+        self.outer_guard = WeightRelativeGuard()
         self.inner, self.scheduler = self._fresh_inner_optimizer()
         self.feedback = ErrorFeedback(COMPRESSION_FACTORIES[optim.grad_compression](), self.outer)
         # what a donor's outer state must be like: checked per donor, in the averager's process, so that a refused
@@ -309,11 +314,11 @@ class LocalStepsSwarm:
         # of E is under way would otherwise hold E's pre-re-sync weights, which no other peer has
         with self._state_lock:
             outer, momentum = [t.clone() for t in self.outer], [t.clone() for t in self.momentum]
-        if self.outer_guard.admit(averaged):
+        if self.outer_guard.admit_for(averaged, outer):
             nesterov_outer_step(outer, averaged, momentum, self.optim.outer_learning_rate, self.optim.outer_momentum)
         epoch = self._epoch + 1
-        resync_now = epoch % self.optim.average_state_every == 0 and not agreed
-        if epoch % self.optim.average_state_every == 0 and agreed and peers > 1:
+        resync_now = epoch % self.optim.average_state_every == 0 and agreed is False
+        if epoch % self.optim.average_state_every == 0 and agreed:
             self.skipped_resyncs += 1
             logger.info(f"No re-sync at epoch {epoch}: the outer states of the round's {peers} peers agreed")
         if resync_now and not self.overlap:
@@ -453,10 +458,11 @@ class LocalStepsSwarm:
         copy_into(self.parameters, self.outer)
         self.tracker.report_local_progress(self._epoch, 0, update_global_samples=False)
 
-    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor] | None, int, bool]:
+    def _round_result(self, pending: PendingRound) -> tuple[list[torch.Tensor] | None, int, bool | None]:
         """The swarm's sample-weighted mean of the pseudo-gradients (this peer's own if no round succeeded, None if
-        the round showed this peer behind the swarm), the peers it averaged with, and whether their outer states
-        agreed when the round started (True where this peer stepped alone: there is nobody to re-sync with).
+        the round showed this peer behind the swarm), the peers it averaged with, and whether the outer states of the
+        members at this peer's epoch agreed when the round started (None where nothing was compared: this peer
+        stepped alone, or no other member at its epoch sent a fingerprint; there is nobody to re-sync with).
 
         hivemind groups by prefix only, so a peer whose tracker had not yet seen the swarm's step can land in a round
         of the next epoch: the mean of pseudo-gradients taken from newer outer weights, applied to its older ones,
@@ -465,14 +471,14 @@ class LocalStepsSwarm:
         pseudo-gradient one round stale, as an overlapped round's is.)
         """
         if pending.control is None:
-            return pending.pseudo, 1, True
+            return pending.pseudo, 1, None
         try:
             gathered = pending.control.result()
         except (Exception, asyncio.CancelledError) as error:  # noqa: BLE001 - a cancel (a stop), any failed round
             logger.warning(f"Outer round failed ({error!r}): stepping with this peer's own pseudo-gradient")
-            return pending.pseudo, 1, True
+            return pending.pseudo, 1, None
         if not gathered:
-            return pending.pseudo, 1, True
+            return pending.pseudo, 1, None
         epochs = [gathered_epoch(value) for value in gathered.values()]
         ahead = sorted({epoch for epoch in epochs if epoch is not None and epoch > self._epoch})
         if ahead and self.tracker.global_epoch > self._epoch:
@@ -480,9 +486,11 @@ class LocalStepsSwarm:
                 f"Outer round of epoch {self._epoch} grouped with peers at epochs {ahead[:5]}: this peer is behind "
                 "the swarm; dropping the round's work to take the swarm's state"
             )
-            return None, len(gathered), True
+            return None, len(gathered), None
+        # members of another epoch hold another epoch's state: their fingerprints say nothing of drift
+        alike = states_agree([value for value in gathered.values() if gathered_epoch(value) == self._epoch])
         with self.averager.get_tensors() as buffers:
-            return [buffer.clone() for buffer in buffers], len(gathered), states_agree(gathered.values())
+            return [buffer.clone() for buffer in buffers], len(gathered), alike
 
     def _served_state(self):
         with self._state_lock:
@@ -680,7 +688,10 @@ def build_local_steps(
             request_timeout=min(3.0, optim.matchmaking_time / 2),
             allreduce_timeout=optim.averaging_timeout,
             next_chunk_timeout=optim.chunk_timeout,  # a silent member is dropped soon (hivemind.Optimizer's rule)
-            # the re-sync is a state round: weights and momentum in --state-compression's format (none by default)
+            # the re-sync is a state round: weights and momentum in --state-compression's format (none by default),
+            # in hivemind's rounds (each member keeps its own values plus a rounded change: with mean replies an fp16
+            # re-sync would round every member's weights to fp16)
+            mean_replies=pseudo_gradients,
             compression=COMPRESSION_FACTORIES[
                 optim.grad_compression if pseudo_gradients else optim.state_compression
             ](),
@@ -702,15 +713,17 @@ def gathered_epoch(value) -> int | None:
     return epoch if type(epoch) is int else None
 
 
-def states_agree(gathered) -> bool:
-    """Whether the members of an outer round started it from the same outer state, by the fingerprints they
-    gathered. A member with a re-sync under way (fingerprint None) is left out; any other that sent no fingerprint
-    counts as apart: a member can ask for a re-sync this way, as it could by sending drifted weights (it costs the
-    group a state round's bytes, nothing more)."""
+def states_agree(gathered) -> bool | None:
+    """Whether the members of an outer round (at one epoch) started it from the same outer state, by the fingerprints
+    they gathered; None if fewer than two could be compared. A member with a re-sync under way (fingerprint None) is
+    left out; any other that sent no fingerprint counts as apart: a member can ask for a re-sync this way, as it could
+    by sending drifted weights (it costs the group a state round's bytes, at most every --average-state-every epochs)."""
     fingerprints = [value.get("fingerprint") if isinstance(value, dict) else "none" for value in gathered]
     known = [entry for entry in fingerprints if entry is not None]
     if not all(is_fingerprint(entry) for entry in known):
         return False
+    if len(known) < 2:
+        return None
     return all(same_state(known[0], entry) for entry in known[1:])
 
 

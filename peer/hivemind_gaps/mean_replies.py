@@ -15,10 +15,22 @@ the same whole rounds hold the same outer weights, and the re-sync has nothing l
 missed or received in part. A part whose reducer failed keeps this peer's own values, as hivemind does
 (``TensorPartContainer.return_deltas = False``: its own part instead of a zero delta).
 
+The reply's rounding is the same for every member, but it is a rounding of the mean itself (hivemind's rounded the
+mean minus each member's own part, small where members agree), and a persistent direction's rounding adds up round
+after round. So the reducer carries it forward (``ReplyFeedback``): it replies with the mean plus what its last
+replies of that part of the vector dropped, and keeps what this one drops, as each peer's error feedback does for
+what it sends (peer/error_feedback.py). Only where the mean is non-zero: a topk-int4 mean (non-zero on the members'
+supports) stays as sparse, and a dropped value waits for its coordinate's next non-zero mean.
+
 What goes over the wire is the same protobuf in the same codecs; only the meaning of a reply changed (the mean, not
 a difference), which a peer of the earlier protocol would misread as a difference. So each member declares the
 protocol in its gathered data (``MeanReplies.step`` wraps the caller's), and a peer refuses a group in which any
-member does not: hivemind then looks for another group, and its caller sees only the caller's gathered data.
+member does not: hivemind then looks for another group, and its caller sees only the caller's gathered data. (The run's
+PROTOCOL_VERSION refuses such a peer at join already; this covers a peer that skipped the check.)
+
+Only for averagers whose result replaces the local values as a whole (the pseudo-gradients): a state round in a
+lossy format would leave every member the *rounded* state, where hivemind's differences leave each its own values
+plus a rounded small change. ``mean_replies=False`` keeps hivemind's rounds (the local-steps re-sync).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from peer.hivemind_gaps.averager_guard import fail_group
 from peer.hivemind_gaps.robust_allreduce import register_runner, runner_options
 from peer.hivemind_gaps.traffic import uncounted
+from peer.swarm.access_tokens import RateLimitedWarning
 
 logger = logging.getLogger(__name__)
 PROTOCOL = "mean-replies/1"  # what each member declares in its gathered data (module docstring)
@@ -51,13 +64,58 @@ def as_decoded(part: torch.Tensor, compression_type: int) -> torch.Tensor:
     return codec.extract(codec.compress(part, CompressionInfo.from_tensor(part)))
 
 
+class ReplyFeedback:
+    """A reducer's error feedback on its replies: per part of the vector (keyed by tensor and part within it, which
+    never change: hivemind splits each tensor at fixed sizes), what the reply's encoding dropped. It lives in the
+    averager's process and outlives rounds; a part this peer no longer reduces keeps its residual for when it does."""
+
+    def __init__(self):
+        self.residuals: dict[tuple, torch.Tensor] = {}
+
+    def reply(self, key: tuple, mean: torch.Tensor, compression_type: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what to encode, what every member decodes from it) for ``mean``, updating the residual of ``key``."""
+        residual = self.residuals.get(key)
+        support = mean != 0
+        target = mean if residual is None or residual.shape != mean.shape else mean + residual * support
+        if not bool(torch.isfinite(target).all()):  # a crafted weight's mean: the encoding refuses it, and no
+            self.residuals.pop(key, None)  # residual is kept from it
+            return mean, as_decoded(mean, compression_type)
+        sent = as_decoded(target, compression_type)
+        dropped = target - sent
+        self.residuals[key] = (
+            dropped if residual is None or residual.shape != mean.shape else (torch.where(support, dropped, residual))
+        )
+        return target, sent
+
+
 class MeanReplyRunner(AllReduceRunner):
     """hivemind's AllReduceRunner (1.1.12) whose reducer replies with the compressed mean and whose output is the
-    result itself, not a difference (module docstring)."""
+    result itself, not a difference (module docstring).
 
-    def __init__(self, **kwargs):
+    Args:
+        reply_feedback: the averager's residuals of its replies (a fresh one: none carried from earlier rounds).
+        kwargs: as AllReduceRunner.
+    """
+
+    def __init__(self, *, reply_feedback: ReplyFeedback | None = None, **kwargs):
         super().__init__(**kwargs)
         self.tensor_part_container.return_deltas = False  # a failed reducer's parts: this peer's own values
+        self.reply_feedback = reply_feedback or ReplyFeedback()
+        own = self.ordered_peer_ids.index(self.peer_id)
+        # which part of which tensor each part this peer reduces is (CompressionInfo.get_part: key, part_index)
+        self._part_keys = [
+            (info.key, info.part_index) for _, info in self.tensor_part_container._input_parts_by_peer[own]
+        ]
+        self._replies: dict[int, asyncio.Future] = {}  # part index -> (what to encode, what members decode)
+
+    async def _reply(self, part_index: int, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reply to every sender of part ``part_index``, made once (its residual moves once) in an executor."""
+        if part_index not in self._replies:
+            compression_type = self.tensor_part_container.compression.compression_type
+            self._replies[part_index] = asyncio.get_event_loop().run_in_executor(
+                None, self.reply_feedback.reply, self._part_keys[part_index], mean, compression_type
+            )
+        return await self._replies[part_index]
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
@@ -65,18 +123,23 @@ class MeanReplyRunner(AllReduceRunner):
             return
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
-        compression_type = self.tensor_part_container.compression.compression_type
-        loop = asyncio.get_event_loop()
-        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged_part = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=self.weight
-            )
-            # what every other member decodes from this peer's reply, so that this peer holds the same
-            decoded = await loop.run_in_executor(None, as_decoded, averaged_part, compression_type)
-            self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+        try:
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+                # what every other member decodes from this peer's reply, so that this peer holds the same
+                _, decoded = await self._reply(part_index, averaged_part)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+        except BaseException:
+            # e.g. a mean our codec refuses to encode (non-finite, from a member's crafted weight): this peer keeps
+            # its own values for the rest of its share, as for any failed reducer, instead of waiting out the round
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
-        """hivemind's (1.1.12), replying with the mean in the sender's compression instead of the difference."""
+        """hivemind's (1.1.12), replying with the mean (and the reply's residual) in the sender's compression instead of
+        the difference."""
         part_index = 0
         try:
             loop = asyncio.get_event_loop()
@@ -85,6 +148,7 @@ class MeanReplyRunner(AllReduceRunner):
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
+                reduced_index = part_index
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight
@@ -93,8 +157,9 @@ class MeanReplyRunner(AllReduceRunner):
                 except BannedException:
                     logger.debug(f"Sender {sender_index} is already banned")
                     break
+                reply, _ = await self._reply(reduced_index, averaged_part)
                 serialized = await loop.run_in_executor(
-                    None, serialization.serialize_torch_tensor, averaged_part, part_compression
+                    None, serialization.serialize_torch_tensor, reply, part_compression
                 )
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
         finally:
@@ -105,39 +170,69 @@ class MeanReplyRunner(AllReduceRunner):
 class MeanReplies:
     """Averager mixin: its all-reduce rounds run MeanReplyRunner, and only with members that declare the protocol.
 
-    ``step(gather=...)`` returns the members' gathered data as the callers gave it (the declaration is taken off).
+    ``step(gather)`` returns the members' gathered data as the callers gave it (the declaration is taken off).
+
+    Args:
+        mean_replies: False for hivemind's rounds unchanged (module docstring: state rounds in a lossy format).
+        kwargs: passed to the hivemind averager.
     """
 
-    def step(self, *args, gather=None, **kwargs):
-        return super().step(*args, gather={"protocol": PROTOCOL, "data": gather}, **kwargs)
+    reply_feedback_class = ReplyFeedback
+
+    def __init__(self, *args, mean_replies: bool = True, **kwargs):
+        self.mean_replies = mean_replies
+        self._reply_feedback = self.reply_feedback_class()  # filled in the averager's process, kept across rounds
+        self._strangers_warning = RateLimitedWarning(logger, period=60.0)  # a stranger retries at every round
+        super().__init__(*args, **kwargs)
+
+    def step(self, gather=None, *args, **kwargs):
+        if self.mean_replies:
+            gather = {"protocol": PROTOCOL, "data": gather}
+        return super().step(gather, *args, **kwargs)
 
     async def _aggregate_with_group(self, group_info: GroupInfo, *args, **kwargs):
+        if self.mean_replies:
+            group_info = self._declared_group(group_info)
+        return await super()._aggregate_with_group(group_info, *args, **kwargs)
+
+    def _declared_group(self, group_info: GroupInfo) -> GroupInfo:
+        """``group_info`` with each member's declaration taken off its gathered data; the group is refused (an
+        AllreduceException: hivemind looks for another) if a member does not declare the protocol."""
         unwrapped, strangers = [], []
         for peer_id, entry in zip(group_info.peer_ids, group_info.gathered):
-            try:  # hivemind serializes each member's data twice: [bandwidth, mode, dumps(gather)]
-                bandwidth, mode, user_bytes = self.serializer.loads(entry)
-                declared = self.serializer.loads(user_bytes)
-            except Exception:  # noqa: BLE001 - whatever a member sent: not the protocol
-                declared = None
-            if not isinstance(declared, dict) or declared.get("protocol") != PROTOCOL:
+            undeclared = self._undeclared(entry)
+            if undeclared is None:
                 strangers.append(peer_id.to_base58())
-                continue
-            unwrapped.append(self.serializer.dumps([bandwidth, mode, self.serializer.dumps(declared.get("data"))]))
+            unwrapped.append(undeclared)
         if strangers:
             refusal = AllreduceException(
                 f"members {strangers} do not declare {PROTOCOL} (a peer of another version?): their replies would "
                 "be misread"
             )
-            logger.warning(f"Not averaging in this group: {refusal}")
+            self._strangers_warning(",".join(strangers), f"Not averaging in this group: {refusal}")
             fail_group(self._running_groups, group_info.group_id, refusal)
-        group = GroupInfo(group_info.group_id, group_info.peer_ids, tuple(unwrapped))
-        return await super()._aggregate_with_group(group, *args, **kwargs)
+        return GroupInfo(group_info.group_id, group_info.peer_ids, tuple(unwrapped))
+
+    def _undeclared(self, entry: bytes) -> bytes | None:
+        """A member's gathered entry with its declaration taken off, None if it does not declare the protocol."""
+        try:  # hivemind serializes each member's data twice: [bandwidth, mode, dumps(gather)]
+            bandwidth, mode, user_bytes = self.serializer.loads(entry)
+            declared = self.serializer.loads(user_bytes)
+            if isinstance(declared, dict) and declared.get("protocol") == PROTOCOL:
+                return self.serializer.dumps([bandwidth, mode, self.serializer.dumps(declared["data"])])
+        except Exception:  # noqa: BLE001 - whatever a member sent: not the protocol
+            return None
+        return None
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12) with a MeanReplyRunner, whose outputs
         replace the tensors (hivemind adds its differences, scaled by an averaging alpha this averager leaves at 1)."""
+        if not self.mean_replies:
+            return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        assert self._averaging_alpha == 1.0, "mean replies replace the tensors: no averaging alpha"
         group_id = group_info.group_id if group_id is None else group_id
-        runner = MeanReplyRunner(**runner_options(self, tensors, group_info, group_id, **kwargs))
+        options = runner_options(self, tensors, group_info, group_id, **kwargs)
+        runner = MeanReplyRunner(reply_feedback=self._reply_feedback, **options)
         register_runner(self, runner, group_id)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, result in azip(as_aiter(*tensors), runner):

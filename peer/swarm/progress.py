@@ -37,7 +37,9 @@ MAX_RECORD_BYTES = 4096  # a record is ~300 bytes; anything far larger is abuse
 # It lives here, not in run_record (which re-exports it), because run_record imports this module.
 # 3: the progress records moved from the key {run_id}_metrics to {run_id}_progress_records, and carry the peer's
 # display name and cumulative contribution
-PROTOCOL_VERSION = 3
+# 4: local-steps reducers reply with the mean, not the difference (peer/hivemind_gaps/mean_replies.py), and outer
+# rounds gather {"epoch", "fingerprint"}: a peer of version 3 would misread every reply
+PROTOCOL_VERSION = 4
 # Largest count a record may carry: every integer of a record stays exact as a float (2**53), and sums of a capped
 # number of them stay far below SQLite's INTEGER limit (2**63 - 1).
 MAX_COUNT = 2**53

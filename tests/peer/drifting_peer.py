@@ -6,8 +6,9 @@ peer (``python -m peer``) whose LocalStepsSwarm is wrapped, before training star
 Peers that take part in the same whole outer rounds hold the same outer state (peer/hivemind_gaps/mean_replies.py),
 so a re-sync only happens after a round some peer received in part, stepped alone or split: on a quiet machine,
 rarely. This peer stands in for such a round: each time it reaches an epoch one before a multiple of DRIFT_EVERY, it
-adds noise of DRIFT_SCALE (relative) to its first outer tensor, as a round whose part for that slice never came
-back would leave it. The round of that epoch then gathers a fingerprint the others' do not match, and the group
+adds noise of DRIFT_SCALE (relative) to its first outer tensor and the same to its local weights, as a round whose
+part for that slice never came back would leave it (outer and local weights moved alike: its next pseudo-gradient is
+unchanged). The round of that epoch then gathers a fingerprint the others' do not match, and the group
 re-syncs at the multiple. Each nudge logs a "TEST-ONLY: ..." line.
 """
 
@@ -51,7 +52,10 @@ class DriftingOuterState:
         if epoch != before and (epoch + 1) % self.every == 0:
             with self.inner._state_lock, torch.no_grad():
                 first = self.inner.outer[0]
-                first.add_(torch.randn(first.shape, generator=self.generator) * DRIFT_SCALE * first.abs())
+                nudge = torch.randn(first.shape, generator=self.generator) * DRIFT_SCALE * first.abs()
+                first.add_(nudge)
+                local = self.inner.parameters[0]  # the same tensor's local weights (LocalStepsSwarm keeps the order)
+                local.add_(nudge.to(local.device, local.dtype))
             logger.warning(f"TEST-ONLY: outer weights nudged at epoch {epoch}")
 
 

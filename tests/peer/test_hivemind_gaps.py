@@ -14,7 +14,9 @@ from pathlib import Path
 import hivemind
 import pytest
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.matchmaking import Matchmaking
+from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import serialization
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.grad_averager import GradientAverager
@@ -37,6 +39,7 @@ from peer.hivemind_gaps.averagers import (
     OuterAverager,
     RobustGradientAverager,
 )
+from peer.hivemind_gaps.mean_replies import MeanReplies
 from peer.hivemind_gaps.optimizer import SwarmOptimizer
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation, runner_options
 from peer.hivemind_gaps.state_rounds import CheckedStateRounds
@@ -58,6 +61,8 @@ PRIVATE_METHODS = [
     (DecentralizedAverager, "_aggregate_with_group"),  # averager_guard.py GuardedAveragerMixin
     (Matchmaking, "_request_join_group"),  # averager_guard.py follow_members_only
     (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
+    (AllReduceRunner, "_accumulate_parts_streaming"),  # mean_replies.py MeanReplyRunner (hivemind's body, copied)
+    (AllReduceRunner, "_communicate_with_peer"),  # mean_replies.py MeanReplyRunner
 ]
 # private attributes set in __init__, found in the class's source
 PRIVATE_ATTRIBUTES = [
@@ -71,6 +76,8 @@ PRIVATE_ATTRIBUTES = [
     (DecentralizedAverager, "self._running_groups"),  # averager_guard.py fail_group
     (Matchmaking, "self.min_group_size"),  # robust_allreduce.py RobustAggregation._set_min_group_size (read per wait)
     (DecentralizedAverager, "self._state_updated"),  # robust_allreduce.py, state_rounds.py _run_allreduce_inplace_
+    (TensorPartContainer, "self.return_deltas"),  # mean_replies.py MeanReplyRunner (read by register_failed_reducer)
+    (DecentralizedAverager, "self._averaging_alpha"),  # mean_replies.py MeanReplies (asserted 1)
 ]
 # private class attributes
 PRIVATE_CLASS_ATTRIBUTES = [
@@ -140,7 +147,12 @@ def test_our_allreduce_builds_its_runner_with_the_arguments_hiveminds_does():
     ours = {name: re.sub(r"\baverager\b", "self", value) for name, value in keyword_arguments(runner_options).items()}
     theirs = keyword_arguments(DecentralizedAverager._run_allreduce_inplace_)
     assert theirs and ours == theirs, REVIEW
-    for method in (RobustAggregation._run_allreduce_inplace_, CheckedStateRounds._run_allreduce_inplace_):
+    methods = (
+        RobustAggregation._run_allreduce_inplace_,
+        CheckedStateRounds._run_allreduce_inplace_,
+        MeanReplies._run_allreduce_inplace_,
+    )
+    for method in methods:
         assert "runner_options(self, tensors, group_info, group_id, **kwargs)" in inspect.getsource(method), REVIEW
 
 

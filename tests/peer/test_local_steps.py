@@ -73,7 +73,7 @@ def test_outer_weights_agree_after_each_round(swarm):
     skipped = [peer.log_text().count("No re-sync at epoch") for peer in (first, second)]
     print(f"outer weights apart by epoch {gaps}; re-syncs skipped {skipped}")
     # a round that fails or lands in part (on a loaded machine) leaves the peers apart until a re-sync; most succeed
-    assert sum(value < AGREEMENT for value in gaps.values()) >= 4, gaps
+    assert sum(value < AGREEMENT for value in gaps.values()) >= 3, gaps
     assert all(count >= 1 for count in skipped), skipped  # a round of two that agreed: no state round after it
 
 

@@ -336,11 +336,20 @@ def test_peers_apart_re_sync_after_their_round_and_peers_alike_do_not(started, c
                     parameter.add_(torch.randn(parameter.shape, generator=generator) * 1e-2)
             mode._samples = 4
             mode._start_round()
-        threads = [threading.Thread(target=mode._finish_round) for mode in modes]  # each waits for the other
+        errors = []
+
+        def finish(mode) -> None:
+            try:
+                mode._finish_round()
+            except BaseException as error:  # noqa: BLE001 - raised in the test's thread below
+                errors.append(error)
+
+        threads = [threading.Thread(target=finish, args=(mode,)) for mode in modes]  # each waits for the other
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=60)
+        assert not errors and not any(thread.is_alive() for thread in threads), errors
 
     with caplog.at_level("INFO", logger="peer.local_steps"):
         round_of_two(seed=1)
