@@ -21,7 +21,9 @@ Why the bound is safe for honest gradients (tests/peer/test_poisoning.py prints 
   the median to zero and make every later step look like an outlier.
 
 A refusal costs the swarm one step of progress, never the run: the next round averages fresh gradients. Every peer
-receives the same average, so all refuse the same steps and stay in agreement. A member that poisons every round
+receives the same average, but the median is each peer's own history (a joiner's is short): peers can judge the same
+step differently, and come apart until state averaging brings them together. The local-steps outer step has no such
+averaging every epoch, so its guard (WeightRelativeGuard, below) judges by the weights instead. A member that poisons every round
 stalls the swarm instead of corrupting it; doing better needs robust aggregation, which hivemind does not have.
 """
 
@@ -123,3 +125,41 @@ class UpdateGuard:
         """Median of the recently accepted non-zero norms (None before any)."""
         with self._lock:
             return statistics.median(self._accepted) if self._accepted else None
+
+
+# The local-steps outer guard's bound: an averaged pseudo-gradient over this many times the outer weights' norm is
+# refused. Measured in bench_wan (4 tiny peers, H = 32, topk-int4, the harness's LAMB 0.05 whose weights grew 57 to
+# 5,504 in 16 outer steps): 0.04-0.42 of the outer weights' norm at every outer step; 2 leaves ~5x over that.
+WEIGHT_FACTOR = 2.0
+
+
+class WeightRelativeGuard(UpdateGuard):
+    """An UpdateGuard whose relative bound is the norm of the weights the update applies to, not its own history.
+
+    The local-steps mode's outer step must be the same on every peer holding the same outer weights, or they come
+    apart: a median of past norms is each peer's own history (a joiner's is short, a restarted peer's empty). Seen in
+    bench_wan: as the weights grew, two peers (median 60.5) refused every outer step from epoch 16 on while two others
+    (median 110) took three more, and the outer weights ended 1.8x apart. The median also locks a run out for good
+    once its honest norms outgrow it 50x (a refused norm is never remembered); a bound on the weights grows with them.
+
+    Args:
+        factor: refuse an update whose norm is above ``factor`` x the weights' norm.
+        absolute_cap: refuse norms above this, always.
+    """
+
+    def __init__(self, factor: float = WEIGHT_FACTOR, absolute_cap: float = ABSOLUTE_CAP):
+        super().__init__(factor=math.inf, absolute_cap=absolute_cap)  # no median rule
+        self.weight_factor = factor
+        self._weights_norm = math.inf
+
+    def admit_for(self, update: Iterable[torch.Tensor], weights: Iterable[torch.Tensor]) -> bool:
+        """``admit(update)``, judged against the norm of ``weights`` (the weights it would change)."""
+        self._weights_norm = gradient_norm(weights)
+        return self.admit(update)
+
+    def _judge(self, norm: float, overflow: bool) -> tuple[str | None, str]:
+        reason, detail = super()._judge(norm, overflow)
+        if reason is None and norm > self.weight_factor * self._weights_norm:
+            limit = f"{self.weight_factor:g}x the weights' norm {self._weights_norm:.3g}"
+            return OUTLIER, f"norm {norm:.3g} is above {limit}"
+        return reason, detail

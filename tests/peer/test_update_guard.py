@@ -12,7 +12,15 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from peer.hivemind_gaps.state_check import MAX_EPOCH, FastSchedulerCatchUp, StateRefused, check_state
 from peer.hivemind_gaps.state_layout import StateLayout
-from peer.hivemind_gaps.update_guard import ABOVE_CAP, NON_FINITE, OUTLIER, WARMUP, UpdateGuard
+from peer.hivemind_gaps.update_guard import (
+    ABOVE_CAP,
+    NON_FINITE,
+    OUTLIER,
+    WARMUP,
+    WEIGHT_FACTOR,
+    UpdateGuard,
+    WeightRelativeGuard,
+)
 from peer.swarm.config import OptimConfig
 from peer.swarm.optimizer import make_optimizer, make_scheduler
 
@@ -60,6 +68,27 @@ def test_outlier_is_refused_after_warmup_only():
     assert not guard.admit(grads_of_norm(200.0))  # > 50x the median (~2.5)
     assert guard.admit(grads_of_norm(100.0))  # < 50x: a spike the run may really have
     assert guard.refused()[OUTLIER] == 1
+
+
+def test_the_outer_guard_judges_by_the_weights_so_histories_do_not_matter():
+    """The local-steps outer guard: two guards with different pasts (a long-running peer's and a joiner's) take and
+    refuse the same updates of the same weights, and updates that grow with the weights are never locked out (the
+    median guard refuses for good once honest norms outgrow its median 50x, as bench_wan's diverging runs showed)."""
+    veteran, joiner, median_guard = WeightRelativeGuard(), WeightRelativeGuard(), UpdateGuard()
+    for norm in honest_norms(30):  # only the veteran and the median guard saw these
+        weights = grads_of_norm(10 * norm)
+        assert veteran.admit_for(grads_of_norm(norm), weights) and median_guard.admit(grads_of_norm(norm))
+    for scale in (1, 10, 100, 1000):  # weights and updates growing together, as the diverging run's
+        weights, update = grads_of_norm(10.0 * scale), grads_of_norm(2.0 * scale)
+        assert veteran.admit_for(update, weights) and joiner.admit_for(update, weights)
+    assert not median_guard.admit(grads_of_norm(2000.0))  # the median guard: 800x its median, refused
+    weights = grads_of_norm(10.0)
+    too_far = grads_of_norm(10.0 * WEIGHT_FACTOR * 1.01)
+    assert not veteran.admit_for(too_far, weights) and not joiner.admit_for(too_far, weights)
+    assert veteran.refused()[OUTLIER] == joiner.refused()[OUTLIER] == 1
+    nan = grads_of_norm(1.0)
+    nan[0][3] = float("nan")
+    assert not joiner.admit_for(nan, weights) and joiner.refused()[NON_FINITE] == 1
 
 
 def test_zero_norms_do_not_drag_the_median_down():
