@@ -39,10 +39,11 @@ background and goes on stepping from its local weights; when the mean lands (che
 made and the inner steps taken meanwhile are carried onto the new outer weights (local = new outer + their change
 since the round started), as Streaming DiLoCo's eager outer step does with a one-round-stale update. Samples trained
 during the round count toward the next one. The outer-state re-sync (where needed, in --state-compression's format,
-uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too: when its mean lands, the change it makes to the outer state is added to the outer weights, the momentum and the local weights alike, so the
-inner steps taken meanwhile are kept and the next pseudo-gradient is unchanged. A joiner served the state while a
-re-sync is under way takes it before that correction: the drift the re-sync undoes (1e-5 to 1e-2, below), which the
-next re-sync corrects. (The monitor keeps, serves and checkpoints the outer state:
+uncompressed by default: ~2x the model per peer, ~10 rounds' worth of bytes at int4) overlaps the inner steps too:
+when its mean lands, the change it makes to the outer state is added to the outer weights, the momentum and the
+local weights alike, so the inner steps taken meanwhile are kept and the next pseudo-gradient is unchanged. A joiner
+served the state while a re-sync is under way takes it before that correction: the drift the re-sync undoes, which a
+later check finds (its fingerprint differs) and re-syncs. (The monitor keeps, serves and checkpoints the outer state:
 monitor/outer_state.py.)
 """
 
@@ -238,8 +239,8 @@ class LocalStepsSwarm:
     def _caught_up(self) -> bool:
         """The swarm made an outer step without this peer: take its outer state, dropping this round's work.
 
-        If no peer can give it, this peer joins the swarm's epoch with its own outer weights (the next re-sync,
-        every --average-state-every epochs, brings them in line) rather than train apart. True if it downloaded.
+        If no peer can give it, this peer joins the swarm's epoch with its own outer weights (a later check finds
+        them apart and re-syncs them) rather than train apart. True if it downloaded.
         """
         swarm_epoch = self.tracker.global_epoch
         logger.warning(f"The swarm is at epoch {swarm_epoch}, this peer at {self._epoch}: taking the swarm's state")
@@ -715,8 +716,8 @@ def gathered_epoch(value) -> int | None:
 
 def states_agree(gathered) -> bool | None:
     """Whether the members of an outer round (at one epoch) started it from the same outer state, by the fingerprints
-    they gathered; None if fewer than two could be compared. A member with a re-sync under way (fingerprint None) is
-    left out; any other that sent no fingerprint counts as apart: a member can ask for a re-sync this way, as it could
+    they gathered; None if fewer than two could be compared. A member with a re-sync under way (fingerprint None or
+    missing) is left out; a malformed fingerprint counts as apart: a member can ask for a re-sync this way, as it could
     by sending drifted weights (it costs the group a state round's bytes, at most every --average-state-every epochs)."""
     fingerprints = [value.get("fingerprint") if isinstance(value, dict) else "none" for value in gathered]
     known = [entry for entry in fingerprints if entry is not None]

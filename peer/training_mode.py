@@ -35,7 +35,7 @@ Epochs. An epoch is one update of the model made together by the swarm; the run'
 - ``averaged_bytes``: (sent, received) payload bytes of this peer's gradient or pseudo-gradient all-reduce rounds so
   far (peer/hivemind_gaps/traffic.py), exported as metrics; None where they are not counted.
 - ``state_bytes``: (sent, received) payload bytes of the rounds that average the state itself so far (the
-  local-steps mode's outer re-sync, every --average-state-every outer steps), exported apart from ``averaged_bytes``;
+  local-steps mode's outer re-sync, where peers came apart), exported apart from ``averaged_bytes``;
   None where they are not counted (the synchronous mode's state rounds run inside hivemind's state averager).
 - ``inner_step_seconds``: seconds this peer spent in its own optimizer's steps, apart from the swarm's rounds (the
   local-steps mode's inner steps: compute, as forward and backward are), exported as a metric; None where a step

@@ -13,7 +13,8 @@ Each class extends the one before it, so a gap closed for one is closed for the 
   (traffic.py), as every gradient averager here does.
 - ``OuterAverager`` (local-steps mode, peer/local_steps.py): all-reduces pseudo-gradients, serves the outer state a
   callable gives, checks downloaded states and cancels its rounds like the others, and counts the bytes of its
-  all-reduce (traffic.py); its rounds leave every member the same result (mean_replies.py);
+  all-reduce (traffic.py); its pseudo-gradient rounds leave every member the same result (mean_replies.py; the
+  re-sync's keep hivemind's: mean_replies=False);
   ``GuardedOuterAverager`` answers run members only.
 - ``RobustGradientAverager`` and ``GuardedRobustGradientAverager`` (``--aggregation centered-clip``): the parts this
   peer reduces are aggregated with CenteredClip and their senders scored (robust_allreduce.py).

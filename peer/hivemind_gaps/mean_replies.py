@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
@@ -82,6 +83,11 @@ class ReplyFeedback:
             return mean, as_decoded(mean, compression_type)
         sent = as_decoded(target, compression_type)
         dropped = target - sent
+        if not bool(dropped.any()) or dropped.norm() > 0.5 * target.norm():
+            # nothing dropped (a lossless codec: no residual to keep), or more than a rounding (fp16 clamps at
+            # 65504: a crafted mean's excess would come back in every later reply)
+            self.residuals.pop(key, None)
+            return target, sent
         self.residuals[key] = (
             dropped if residual is None or residual.shape != mean.shape else (torch.where(support, dropped, residual))
         )
@@ -115,7 +121,8 @@ class MeanReplyRunner(AllReduceRunner):
             self._replies[part_index] = asyncio.get_event_loop().run_in_executor(
                 None, self.reply_feedback.reply, self._part_keys[part_index], mean, compression_type
             )
-        return await self._replies[part_index]
+        # shielded: one sender's handler cancelled (its connection dropped) must not cancel every sender's reply
+        return await asyncio.shield(self._replies[part_index])
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
@@ -132,9 +139,10 @@ class MeanReplyRunner(AllReduceRunner):
                 _, decoded = await self._reply(part_index, averaged_part)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
         except BaseException:
-            # e.g. a mean our codec refuses to encode (non-finite, from a member's crafted weight): this peer keeps
-            # its own values for the rest of its share, as for any failed reducer, instead of waiting out the round
-            self.tensor_part_container.register_failed_reducer(peer_index)
+            # e.g. a mean our codec refuses to encode (non-finite): this peer keeps its own values for the rest of
+            # its share, as for any failed reducer, instead of waiting out the round (unless the round is over)
+            if not self.tensor_part_container.finished.is_set():
+                self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
@@ -148,6 +156,9 @@ class MeanReplyRunner(AllReduceRunner):
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
+                if not (math.isfinite(weight) and weight >= 0):  # hivemind takes any weight: a negative one can make
+                    # the mean as large as the sender likes
+                    raise AllreduceException(f"sender {sender_index} declared a weight of {weight}")
                 reduced_index = part_index
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(

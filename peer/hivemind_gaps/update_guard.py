@@ -153,7 +153,8 @@ class WeightRelativeGuard(UpdateGuard):
         self._weights_norm = math.inf
 
     def admit_for(self, update: Iterable[torch.Tensor], weights: Iterable[torch.Tensor]) -> bool:
-        """``admit(update)``, judged against the norm of ``weights`` (the weights it would change)."""
+        """``admit(update)``, judged against the norm of ``weights`` (the weights it would change). Call this, not
+        ``admit``: the bound is the norm of the last weights given (none before: no relative bound)."""
         self._weights_norm = gradient_norm(weights)
         return self.admit(update)
 

@@ -77,6 +77,7 @@ PRIVATE_ATTRIBUTES = [
     (Matchmaking, "self.min_group_size"),  # robust_allreduce.py RobustAggregation._set_min_group_size (read per wait)
     (DecentralizedAverager, "self._state_updated"),  # robust_allreduce.py, state_rounds.py _run_allreduce_inplace_
     (TensorPartContainer, "self.return_deltas"),  # mean_replies.py MeanReplyRunner (read by register_failed_reducer)
+    (TensorPartContainer, "self._input_parts_by_peer"),  # mean_replies.py MeanReplyRunner (its parts' keys)
 ]
 # private class attributes
 PRIVATE_CLASS_ATTRIBUTES = [
