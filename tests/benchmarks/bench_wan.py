@@ -63,6 +63,11 @@ CONFIGS = {
     # 4 of every 128 values, deflated; the re-sync (weights and momentum in --state-compression fp16, 70% of the
     # bytes of an h32-topk run at every 10, docs/experiments.md) every 10 outer steps as the others, or every 30
     "h32-topk-overlap": ["--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step"],
+    # the same with a gentler inner LAMB (the harness's 0.05 without warm-up diverges in local steps: the outer
+    # weights grew 57 -> 5,504 in 16 outer steps in a topk run, docs/experiments.md)
+    "h32-topk-overlap-lr": [
+        "--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step", "--learning_rate", "0.005",
+    ],
     "h32-topk-overlap-s30": [
         "--local_steps", "32", "--grad_compression", "topk-int4", "--delay_optimizer_step",
         "--average_state_every", "30",
