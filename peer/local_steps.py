@@ -26,8 +26,9 @@ Every member of an outer round takes the same mean, to the bit (peer/hivemind_ga
 same outer step from it, so peers that took part in the same whole rounds hold the same outer state. They drift apart
 only where a round went partial for some peer (a reducer's part never came back: it keeps its own values there), a
 peer stepped alone, or the swarm split into two groups. So the outer-state re-sync (a state round of weights and
-momentum) runs only where needed: each peer gathers the fingerprint of its outer state with its pseudo-gradient
-(peer/state_fingerprint.py), and at every --average-state-every epoch the members of the round that led to it
+momentum) runs only where needed: each peer gathers the fingerprint of its outer state with its pseudo-gradient in
+the round before each check (peer/state_fingerprint.py), and at every --average-state-every epoch the members of
+that round
 re-sync if their fingerprints differed, and skip it (logged) if not. All members of a round read the same gathered
 data, so they decide alike; a peer that stepped alone is found apart at a later check, in a round with the others.
 Fingerprints are taken as a round starts, so a round that went partial shows at the check after the next: a drift
@@ -291,9 +292,12 @@ class LocalStepsSwarm:
             self._samples = 0
 
     def _round_metadata(self) -> dict:
-        """What this peer gathers with its pseudo-gradient: its epoch, and the fingerprint of its outer state (None
-        while a re-sync is under way: the state it has is about to change, and would read as drift)."""
-        if self._pending_resync is not None:
+        """What this peer gathers with its pseudo-gradient: its epoch, and the fingerprint of its outer state in the
+        round that ends at a re-sync check (an --average-state-every epoch: the only round whose fingerprints are
+        read, and every member at this epoch knows which it is). None in the others, and while a re-sync is under
+        way: the state it has is about to change, and would read as drift."""
+        checked = (self._epoch + 1) % self.optim.average_state_every == 0
+        if self._pending_resync is not None or not checked:
             return {"epoch": self._epoch, "fingerprint": None}
         with self._state_lock:
             return {"epoch": self._epoch, "fingerprint": fingerprint(self.outer, self.momentum)}
@@ -318,8 +322,9 @@ class LocalStepsSwarm:
         if self.outer_guard.admit_for(averaged, outer):
             nesterov_outer_step(outer, averaged, momentum, self.optim.outer_learning_rate, self.optim.outer_momentum)
         epoch = self._epoch + 1
-        resync_now = epoch % self.optim.average_state_every == 0 and agreed is False
-        if epoch % self.optim.average_state_every == 0 and agreed:
+        check = epoch % self.optim.average_state_every == 0
+        resync_now = check and agreed is False
+        if check and agreed:
             self.skipped_resyncs += 1
             logger.info(f"No re-sync at epoch {epoch}: the outer states of the round's {peers} peers agreed")
         if resync_now and not self.overlap:

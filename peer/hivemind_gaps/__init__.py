@@ -169,6 +169,18 @@
     or not.
     Proved on plain hivemind: tests/peer/test_equal_shares.py::
       test_a_member_declaring_a_huge_bandwidth_reduces_only_its_share[hivemind-control]
+25  A reducer adds every sender's part with  checked_parts.py:                   checks what a reducer adds
+    the weight it declares, and a member     CheckedPartReducer (a non-finite    and what a member receives
+    adds every reply, unchecked: one         part, a weight not finite and >= 0
+    member's NaN part or NaN weight makes    refused, its sender banned for the
+    every member's result NaN, a negative    round), refuse_non_finite_results
+    weight the mean as large as it likes,    (a non-finite reply fails its
+    and one reducer's NaN reply poisons      reducer: own values there),
+    its share everywhere.                    CheckedAllReduceRunner (every
+                                             runner here extends it),
+                                             CheckedRounds (averagers.py)
+    Proved on plain hivemind: tests/peer/test_checked_parts.py::test_hiveminds_rounds_take_the_bad_part_control
+      (test_a_reducer_refuses_a_bad_part_or_weight_and_a_member_a_non_finite_reply shows the refusals here)
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

@@ -3,7 +3,9 @@
 Each class extends the one before it, so a gap closed for one is closed for the next:
 
 - ``CheckedTrainingStateAverager`` (the monitor's, open run): a downloaded state is checked before it is applied,
-  and the scheduler catches up to any epoch in one step (state_check.py).
+  and the scheduler catches up to any epoch in one step (state_check.py). Every averager here checks the parts it
+  reduces and the results it receives (checked_parts.py: a non-finite part or weight is refused, its sender banned
+  for the round; a non-finite result fails its reducer).
 - ``ConsistentTrainingStateAverager`` (a trainer's, open run): also serves one epoch's state and keeps loaded LAMB
   moments the averaged ones (consistent_state.py); its rounds can be cancelled by a leaving peer
   (cancellable_rounds.py); a state round's mean is checked, and bounded, before it is applied (state_rounds.py).
@@ -32,6 +34,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from peer.hivemind_gaps.averager_guard import GuardedAveragerMixin
 from peer.hivemind_gaps.cancellable_rounds import CancellableRounds
+from peer.hivemind_gaps.checked_parts import CheckedRounds
 from peer.hivemind_gaps.consistent_state import ConsistentStateMixin
 from peer.hivemind_gaps.mean_replies import MeanReplies
 from peer.hivemind_gaps.robust_allreduce import RobustAggregation
@@ -54,8 +57,11 @@ class HivemindHandleNames:
         return hivemind_class._get_handle_name(namespace, method_name)
 
 
-class CheckedTrainingStateAverager(HivemindHandleNames, FastSchedulerCatchUp, TrainingStateAverager, CheckedDownloads):
-    """hivemind's TrainingStateAverager that refuses non-finite or implausible downloaded states (the monitor's)."""
+class CheckedTrainingStateAverager(
+    HivemindHandleNames, FastSchedulerCatchUp, CheckedRounds, TrainingStateAverager, CheckedDownloads
+):
+    """hivemind's TrainingStateAverager that refuses non-finite or implausible downloaded states (the monitor's),
+    and non-finite parts and results in its rounds (checked_parts.py)."""
 
 
 class ConsistentTrainingStateAverager(
@@ -70,15 +76,21 @@ class GuardedTrainingStateAverager(GuardedAveragerMixin, ConsistentTrainingState
     """The swarm's TrainingStateAverager (consistent served state) averaging with and serving run members only."""
 
 
-class CountedGradientAverager(HivemindHandleNames, CountedTraffic, GradientAverager):
-    """hivemind's GradientAverager counting the payload bytes its all-reduce sends and receives."""
+class CountedGradientAverager(HivemindHandleNames, CountedTraffic, CheckedRounds, GradientAverager):
+    """hivemind's GradientAverager counting the payload bytes its all-reduce sends and receives, whose reducers refuse
+    non-finite parts and weights, and whose members non-finite results (checked_parts.py)."""
 
 
-class GuardedGradientAverager(HivemindHandleNames, GuardedAveragerMixin, CountedTraffic, GradientAverager):
-    """hivemind's GradientAverager that averages with run members only (pass ``membership=``)."""
+class GuardedGradientAverager(
+    HivemindHandleNames, GuardedAveragerMixin, CountedTraffic, CheckedRounds, GradientAverager
+):
+    """hivemind's GradientAverager that averages with run members only (pass ``membership=``); rounds checked as
+    CountedGradientAverager's."""
 
 
-class OuterAverager(HivemindHandleNames, MeanReplies, CountedTraffic, CheckedDownloads, CancellableRounds):
+class OuterAverager(
+    HivemindHandleNames, MeanReplies, CountedTraffic, CheckedRounds, CheckedDownloads, CancellableRounds
+):
     """A DecentralizedAverager whose averaged tensors are pseudo-gradients and whose served state is not them.
 
     Args:

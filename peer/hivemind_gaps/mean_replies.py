@@ -37,19 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialization
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.asyncio import amap_in_executor
 
 from peer.hivemind_gaps.averager_guard import fail_group
-from peer.hivemind_gaps.robust_allreduce import register_runner, runner_options
+from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, run_inplace, start_runner
 from peer.hivemind_gaps.traffic import uncounted
 from peer.swarm.access_tokens import RateLimitedWarning
 
@@ -94,9 +91,9 @@ class ReplyFeedback:
         return target, sent
 
 
-class MeanReplyRunner(AllReduceRunner):
+class MeanReplyRunner(CheckedAllReduceRunner):
     """hivemind's AllReduceRunner (1.1.12) whose reducer replies with the compressed mean and whose output is the
-    result itself, not a difference (module docstring).
+    result itself, not a difference (module docstring); parts and results are checked (checked_parts.py).
 
     Args:
         reply_feedback: the averager's residuals of its replies (a fresh one: none carried from earlier rounds).
@@ -124,26 +121,15 @@ class MeanReplyRunner(AllReduceRunner):
         # shielded: one sender's handler cancelled (its connection dropped) must not cancel every sender's reply
         return await asyncio.shield(self._replies[part_index])
 
-    async def _communicate_with_peer(self, peer_id):
-        if peer_id != self.peer_id:
-            await super()._communicate_with_peer(peer_id)  # registers what the reducer sends: now the mean
-            return
-        peer_index = self.ordered_peer_ids.index(peer_id)
-        sender_index = self.sender_peer_ids.index(peer_id)
+    async def own_result(self, part_index: int, own_part: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor | None:
+        """What every other member decodes from this peer's reply, so that this peer holds the same (None if the
+        codec refuses the mean, e.g. a non-finite one: this peer keeps its own values there, checked_parts.py)."""
         try:
-            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-                averaged_part = await self.tensor_part_reducer.accumulate_part(
-                    sender_index, part_index, tensor_part, weight=self.weight
-                )
-                # what every other member decodes from this peer's reply, so that this peer holds the same
-                _, decoded = await self._reply(part_index, averaged_part)
-                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
-        except BaseException:
-            # e.g. a mean our codec refuses to encode (non-finite): this peer keeps its own values for the rest of
-            # its share, as for any failed reducer, instead of waiting out the round (unless the round is over)
-            if not self.tensor_part_container.finished.is_set():
-                self.tensor_part_container.register_failed_reducer(peer_index)
-            raise
+            _, decoded = await self._reply(part_index, reduced)
+        except Exception as error:  # noqa: BLE001 - whatever the codec raised: the senders' replies fail with it too
+            logger.warning(f"The reply to part {part_index} of this peer's share could not be encoded: {error!r}")
+            return None
+        return decoded
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         """hivemind's (1.1.12), replying with the mean (and the reply's residual) in the sender's compression instead of
@@ -156,9 +142,6 @@ class MeanReplyRunner(AllReduceRunner):
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
-                if not (math.isfinite(weight) and weight >= 0):  # hivemind takes any weight: a negative one can make
-                    # the mean as large as the sender likes
-                    raise AllreduceException(f"sender {sender_index} declared a weight of {weight}")
                 reduced_index = part_index
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
@@ -241,15 +224,6 @@ class MeanReplies:
         if not self.mean_replies:
             return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
         assert self._averaging_alpha == 1.0, "mean replies replace the tensors: no averaging alpha"
-        group_id = group_info.group_id if group_id is None else group_id
-        options = runner_options(self, tensors, group_info, group_id, **kwargs)
-        runner = MeanReplyRunner(reply_feedback=self._reply_feedback, **options)
-        register_runner(self, runner, group_id)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, result in azip(as_aiter(*tensors), runner):
-                tensor.copy_(result)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
+        options = dict(reply_feedback=self._reply_feedback, **kwargs)
+        runner = start_runner(self, MeanReplyRunner, tensors, group_info, group_id, **options)
+        await run_inplace(self, runner, tensors, group_info, lambda tensor, result: tensor.copy_(result))

@@ -37,14 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
 
 from peer.hivemind_gaps.averager_guard import fail_group
+from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, check_size, run_inplace, start_runner
 from peer.swarm.centered_clip import ClipSettings, centered_clip
 
 logger = logging.getLogger(__name__)
@@ -129,13 +128,9 @@ class CenteredClipReducer(TensorPartReducer):
         """hivemind's accumulate_part (1.1.12), keeping the part instead of adding it to a sum."""
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
-        if tensor_part.numel() != self.part_shapes[part_index].numel():
-            # before it is counted: hivemind then bans this sender alone and the others' round completes (a part
-            # of another size would fail the stack of the whole part, in whichever sender's call completed it)
-            raise AllreduceException(
-                f"sender {sender_index} sent {tensor_part.numel()} values for part {part_index}, "
-                f"expected {self.part_shapes[part_index].numel()}"
-            )
+        # before it is counted: hivemind then bans this sender alone and the others' round completes (a part of
+        # another size would fail the stack of the whole part, in whichever sender's call completed it)
+        check_size(sender_index, part_index, tensor_part, self.part_shapes[part_index])
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
             await self._wait_for_previous_part()
@@ -220,36 +215,17 @@ def equal_shares(averager, group_info: GroupInfo) -> GroupInfo:
     return GroupInfo(group_info.group_id, group_info.peer_ids, gathered)
 
 
-def runner_options(averager, tensors, group_info: GroupInfo, group_id: bytes, **kwargs) -> dict:
-    """The arguments hivemind's _run_allreduce_inplace_ (1.1.12) builds its AllReduceRunner with."""
-    return dict(
-        p2p=averager._p2p,
-        servicer_type=type(averager),
-        prefix=averager.prefix,
-        tensors=tensors,
-        group_id=group_id,
-        ordered_peer_ids=group_info.peer_ids,
-        **kwargs,
-    )
-
-
-def register_runner(averager, runner: AllReduceRunner, group_id: bytes) -> None:
-    """Hand ``runner`` to the averager's group (hivemind's _run_allreduce_inplace_ does so before running it)."""
-    assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-    averager._running_groups[group_id].set_result(runner)
-
-
-class RobustAllReduceRunner(AllReduceRunner):
-    """hivemind's AllReduceRunner whose reducer is a CenteredClipReducer (built with ``clip_settings``)."""
+class RobustAllReduceRunner(CheckedAllReduceRunner):
+    """hivemind's AllReduceRunner whose reducer is a CenteredClipReducer (built with ``clip_settings``), and whose
+    received results must be finite (checked_parts.py)."""
 
     def __init__(self, *, clip_settings: ClipSettings, **kwargs):
+        self.clip_settings = clip_settings
         super().__init__(**kwargs)
-        # nothing ran yet: the runner's tasks start when it is iterated, so the mean reducer is replaced; marked
-        # finished first, or its __del__ logs "received 0.0% of input tensors" on every round
-        self.tensor_part_reducer.finished.set()
-        self.tensor_part_reducer = CenteredClipReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), clip_settings
-        )
+
+    def make_reducer(self) -> CenteredClipReducer:
+        shapes = tuple(part.shape for part in self.parts_for_local_averaging)
+        return CenteredClipReducer(shapes, len(self.sender_peer_ids), self.clip_settings)
 
     def round_scores(self) -> RoundScores:
         reducer = self.tensor_part_reducer
@@ -323,18 +299,10 @@ class RobustAggregation:
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12) with a RobustAllReduceRunner."""
-        group_id = group_info.group_id if group_id is None else group_id
-        options = runner_options(self, tensors, group_info, group_id, **kwargs)
-        runner = RobustAllReduceRunner(clip_settings=self.clip_settings, **options)
-        register_runner(self, runner, group_id)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
+        options = dict(clip_settings=self.clip_settings, **kwargs)
+        runner = start_runner(self, RobustAllReduceRunner, tensors, group_info, group_id, **options)
+        alpha = self._averaging_alpha
+        await run_inplace(self, runner, tensors, group_info, lambda tensor, delta: tensor.add_(delta, alpha=alpha))
         self._report(runner)
 
     def _report(self, runner: RobustAllReduceRunner) -> None:

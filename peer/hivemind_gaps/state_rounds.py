@@ -34,15 +34,11 @@ import multiprocessing as mp
 from collections.abc import Sequence
 
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.allreduce import AveragingMode
 from hivemind.utils import get_dht_time
 
-from peer.hivemind_gaps.robust_allreduce import (
-    RobustAllReduceRunner,
-    equal_shares,
-    register_runner,
-    runner_options,
-)
+from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, start_runner
+from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, equal_shares
 from peer.swarm.centered_clip import ClipSettings
 
 logger = logging.getLogger(__name__)
@@ -85,13 +81,11 @@ class CheckedStateRounds:
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
         """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12), applying the updates once all are in
         and checked."""
-        group_id = group_info.group_id if group_id is None else group_id
-        options = runner_options(self, tensors, group_info, group_id, **kwargs)
         if self.state_clip_settings is None:
-            runner = AllReduceRunner(**options)
+            runner = start_runner(self, CheckedAllReduceRunner, tensors, group_info, group_id, **kwargs)
         else:
-            runner = RobustAllReduceRunner(clip_settings=self.state_clip_settings, **options)
-        register_runner(self, runner, group_id)
+            options = dict(clip_settings=self.state_clip_settings, **kwargs)
+            runner = start_runner(self, RobustAllReduceRunner, tensors, group_info, group_id, **options)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")

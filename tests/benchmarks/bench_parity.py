@@ -97,11 +97,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def optim_config(args, epochs: int) -> OptimConfig:
+def optim_config(args, epochs: int, local_steps: int = 0) -> OptimConfig:
+    """The run's optimizer settings; with local steps, epochs are outer steps, and so is the warm-up (at least 1)."""
     return OptimConfig(
         target_batch_size=args.target_batch_size,
         learning_rate=args.learning_rate,
-        warmup_epochs=args.warmup_epochs,
+        warmup_epochs=max(1, args.warmup_epochs // local_steps) if local_steps else args.warmup_epochs,
         total_epochs=epochs,
         matchmaking_time=args.matchmaking_time,
         averaging_timeout=30.0,
@@ -154,11 +155,10 @@ def astuple(result) -> tuple[float, float]:
 
 def optim_flags(args, epochs: int, local_steps: int = 0) -> list[str]:
     """The run-wide flags; with local steps, epochs are outer steps (and so are the schedule's warm-up and total)."""
-    optim = optim_config(args, epochs)
-    warmup = max(1, optim.warmup_epochs // local_steps) if local_steps else optim.warmup_epochs
+    optim = optim_config(args, epochs, local_steps)
     return [
         *("--target_batch_size", str(optim.target_batch_size), "--learning_rate", str(optim.learning_rate)),
-        *("--warmup_epochs", str(warmup), "--total_epochs", str(optim.total_epochs)),
+        *("--warmup_epochs", str(optim.warmup_epochs), "--total_epochs", str(optim.total_epochs)),
         *("--matchmaking_time", str(optim.matchmaking_time), "--averaging_timeout", str(optim.averaging_timeout)),
         *("--load_state_timeout", str(optim.load_state_timeout)),
     ]

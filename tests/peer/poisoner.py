@@ -8,7 +8,8 @@ poisoned training state to peers that download one.
 
 grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
-random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients).
+random signs of magnitude --outlier_value (finite, fp16-safe, but far larger than honest gradients). It reduces its own
+share of each round with hivemind's unchecked runner (its own NaN part in), as an attacker would.
 state: it shares, at the highest priority, a state whose first tensor is NaN (``nan``), whose epoch is 2**62
 (``epoch``: beyond every bound) or 5000 ahead of its own (``ahead``: under the absolute cap, beyond the margin a
 downloader allows over the run's known epoch), whose first matrix has half its rows (``shape``: finite, as from a
@@ -16,7 +17,8 @@ model of another size), or with 1 MiB tensors appended, 3x the state's size in a
 ones, so the stream never pauses long enough to time out the downloader, as compressing one huge tensor would), until
 killed. rounds: it trains in step with the swarm (sending zero gradients) and sends, in every state averaging round,
 its parameters and optimizer statistics x1000 (``scale``: finite) or NaN (``nan``), one phase per ``--epochs_each``
-epochs, then leaves; its own state is untouched (the poison goes into copies). It prints one line per event:
+epochs, then leaves (the NaN rounds reduced with hivemind's unchecked runner, as an attacker would); its own state
+is untouched (the poison goes into copies). It prints one line per event:
 POISONED <phase> epoch <e>, POISONED ROUND <phase>, SERVING, DONE.
 """
 
@@ -30,10 +32,11 @@ import sys
 import time
 
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import CompressionInfo
 
 from peer.config import PeerConfig
-from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager
+from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager, CountedGradientAverager
 from peer.hivemind_gaps.state_check import EPOCH_MARGIN
 from peer.runtime import build_model
 from peer.swarm.config import OptimConfig, SwarmConfig
@@ -96,6 +99,8 @@ def poison_state_rounds() -> None:
         poison = ROUND_POISONS[ROUND_PHASE.value]
         copies = [tensor * SCALE if poison == "scale" else torch.full_like(tensor, float("nan")) for tensor in tensors]
         print(f"POISONED ROUND {poison} with {len(group_info.peer_ids) - 1} peer(s)", flush=True)
+        if poison == "nan":  # reduced with hivemind's unchecked runner, as an attacker would (its own NaN part in)
+            return await DecentralizedAverager._run_allreduce_inplace_(self, copies, group_info, *args, **kwargs)
         return await honest(self, copies, group_info, *args, **kwargs)
 
     ConsistentTrainingStateAverager._run_allreduce_inplace_ = poisoned_round
@@ -183,6 +188,8 @@ def main() -> int:
         poison_served_state(args.poison)
     if args.mode == "rounds":
         poison_state_rounds()
+    if args.mode == "grads":  # its own share reduced with hivemind's unchecked runner, as an attacker would
+        CountedGradientAverager._run_allreduce_inplace_ = DecentralizedAverager._run_allreduce_inplace_
     _, model = build_model(config, torch.device("cpu"))
     dht = build_dht(swarm)
     optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)

@@ -39,9 +39,10 @@ from peer.hivemind_gaps.averagers import (
     OuterAverager,
     RobustGradientAverager,
 )
+from peer.hivemind_gaps.checked_parts import CheckedRounds, runner_options
 from peer.hivemind_gaps.mean_replies import MeanReplies
 from peer.hivemind_gaps.optimizer import SwarmOptimizer
-from peer.hivemind_gaps.robust_allreduce import RobustAggregation, runner_options
+from peer.hivemind_gaps.robust_allreduce import RobustAggregation
 from peer.hivemind_gaps.state_rounds import CheckedStateRounds
 from tests.harness import REPO, run_cli
 
@@ -57,12 +58,14 @@ PRIVATE_METHODS = [
     (TrainingStateAverager, "_update_scheduler"),  # state_check.py FastSchedulerCatchUp
     (DecentralizedAverager, "_load_state_from_peers"),  # state_check.py CheckedDownloads
     (ServicerBase, "_get_handle_name"),  # averagers.py HivemindHandleNames
-    (DecentralizedAverager, "_run_allreduce_inplace_"),  # robust_allreduce.py RobustAggregation, state_rounds.py
+    (DecentralizedAverager, "_run_allreduce_inplace_"),  # checked_parts.py, robust_allreduce.py, state_rounds.py,
+    # mean_replies.py
     (DecentralizedAverager, "_aggregate_with_group"),  # averager_guard.py GuardedAveragerMixin
     (Matchmaking, "_request_join_group"),  # averager_guard.py follow_members_only
     (HfArgumentParser, "_parse_dataclass_field"),  # peer/swarm/flags.py (transformers)
     (AllReduceRunner, "_accumulate_parts_streaming"),  # mean_replies.py MeanReplyRunner (hivemind's body, copied)
-    (AllReduceRunner, "_communicate_with_peer"),  # mean_replies.py MeanReplyRunner
+    (AllReduceRunner, "_communicate_with_peer"),  # mean_replies.py MeanReplyRunner, checked_parts.py
+    (AllReduceRunner, "_ban_sender"),  # checked_parts.py CheckedAllReduceRunner, mean_replies.py MeanReplyRunner
 ]
 # private attributes set in __init__, found in the class's source
 PRIVATE_ATTRIBUTES = [
@@ -75,7 +78,7 @@ PRIVATE_ATTRIBUTES = [
     (DecentralizedAverager, "self.allreduce_kwargs"),  # traffic.py CountedTraffic.run
     (DecentralizedAverager, "self._running_groups"),  # averager_guard.py fail_group
     (Matchmaking, "self.min_group_size"),  # robust_allreduce.py RobustAggregation._set_min_group_size (read per wait)
-    (DecentralizedAverager, "self._state_updated"),  # robust_allreduce.py, state_rounds.py _run_allreduce_inplace_
+    (DecentralizedAverager, "self._state_updated"),  # checked_parts.py run_inplace, state_rounds.py
     (TensorPartContainer, "self.return_deltas"),  # mean_replies.py MeanReplyRunner (read by register_failed_reducer)
     (TensorPartContainer, "self._input_parts_by_peer"),  # mean_replies.py MeanReplyRunner (its parts' keys)
 ]
@@ -148,12 +151,13 @@ def test_our_allreduce_builds_its_runner_with_the_arguments_hiveminds_does():
     theirs = keyword_arguments(DecentralizedAverager._run_allreduce_inplace_)
     assert theirs and ours == theirs, REVIEW
     methods = (
+        CheckedRounds._run_allreduce_inplace_,
         RobustAggregation._run_allreduce_inplace_,
         CheckedStateRounds._run_allreduce_inplace_,
         MeanReplies._run_allreduce_inplace_,
     )
-    for method in methods:
-        assert "runner_options(self, tensors, group_info, group_id, **kwargs)" in inspect.getsource(method), REVIEW
+    for method in methods:  # each builds its runner with start_runner, which passes runner_options
+        assert "start_runner(self, " in inspect.getsource(method), REVIEW
 
 
 def test_a_subclass_of_a_hivemind_averager_renames_its_handlers():
