@@ -24,6 +24,7 @@ import json
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,7 +204,9 @@ def run_swarm(args, name: str, peers: int, churn: bool, epochs: int, local: list
     steps = args.local_steps if local else 0
     backup_every = max(1, args.eval_every // steps) if steps else args.eval_every
     workdir = args.workdir / name
-    workdir.mkdir(parents=True, exist_ok=True)
+    # a run left there (its backups, its monitor's state) would be resumed: the peers would start at its last epoch
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     http_port, run = 18000 + random.randint(0, 999), Run(name)
     monitor = spawn(
         [
