@@ -15,11 +15,12 @@ member stopped the whole swarm for as long as it stayed.
 
 Here:
 
-- ``CheckedPartReducer`` refuses a part of the wrong size, a part that is not finite and a weight that is not finite
-  and >= 0 (an AllreduceException raised before the part is counted, logged with the sender's peer id): hivemind
+- ``CheckedPartReducer`` refuses a part of the wrong shape or not of floating point, values not finite in float32,
+  and a weight outside [0, MAX_WEIGHT] or one that with the part's values could overflow hivemind's float32 sum (an
+  AllreduceException raised before the part is counted, logged with the sender's peer id): hivemind
   bans that sender for the round, and the reducer averages the other senders' parts, so the rest of the group's
   round completes without it. A runner that refuses its own part bans itself as a sender the same way.
-- ``refuse_non_finite_results``: a reply (or this peer's own reduced result) that is not finite fails that reducer at
+- ``refuse_non_finite_results``: a reply of the wrong shape or dtype, or not finite, fails that reducer at
   this member, which keeps its own values for the rest of that reducer's share (a zero delta, or its own part with
   mean replies), as for a reducer that timed out. A finite but outsized reply is the update guard's to judge.
 - ``CheckedAllReduceRunner``: hivemind's AllReduceRunner with both; ``CheckedRounds``: an averager mixin whose rounds
@@ -47,11 +48,13 @@ logger = logging.getLogger(__name__)
 
 
 def check_size(sender_index: int, part_index: int, tensor_part: torch.Tensor, shape: torch.Size) -> None:
-    """Refuse a part of another size than the reducer's (hivemind's sum would broadcast a one-value part across the
-    whole part, and fail on others only after counting the sender)."""
-    if tensor_part.numel() != shape.numel():
+    """Refuse a part of another shape than the reducer's: hivemind's sum would broadcast a one-value part across the
+    whole part, and fail on others (a (1, n) part of n values too) only after counting the sender, so that the part
+    never completes and every other sender waits for the reducer's timeout."""
+    if tensor_part.shape != shape:
         raise AllreduceException(
-            f"sender {sender_index} sent {tensor_part.numel()} values for part {part_index}, expected {shape.numel()}"
+            f"sender {sender_index} sent a part of shape {tuple(tensor_part.shape)} for part {part_index}, "
+            f"expected {tuple(shape)}"
         )
 
 
@@ -64,7 +67,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def check_part(
     sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float, shape, num_senders: int = 1
 ) -> None:
-    """Refuse what a mean cannot take from a sender: a part of the wrong size, not of floating point, with values not
+    """Refuse what a mean cannot take from a sender: a part of the wrong shape, not of floating point, with values not
     finite in float32 (hivemind's sum is float32: a float64 1e300 is inf there), a weight that is not a number in
     [0, MAX_WEIGHT], or a weighted part whose share of the sum could overflow float32 (a weight of 1e36 with values of
     1000: each sender's term must stay under FLOAT32_MAX / num_senders)."""
@@ -110,15 +113,23 @@ class CheckedPartReducer(TensorPartReducer):
 
 
 def refuse_non_finite_results(container: TensorPartContainer) -> None:
-    """Make ``container`` refuse (AllreduceException) a reducer's result that is not finite: hivemind's runner then
-    registers that reducer as failed for the rest of its share (this peer's own values there, which are registered
-    unchecked: hivemind's register_failed_reducer calls the same method)."""
+    """Make ``container`` refuse (AllreduceException) a reducer's result of another shape than this peer's part, not
+    of floating point, or not finite: hivemind's runner then registers that reducer as failed for the rest of its
+    share (this peer's own values there, which are registered unchecked: hivemind's register_failed_reducer calls
+    the same method)."""
     register = container.register_processed_part
 
     def register_finite(peer_index: int, part_index: int, part: torch.Tensor) -> None:
         own = container._input_parts_by_peer[peer_index][part_index][0]
-        if part is not own and not bool(torch.isfinite(part).all()):
-            raise AllreduceException(f"reducer {peer_index} returned non-finite values for part {part_index}")
+        if part is not own:
+            if part.shape != own.shape or not part.is_floating_point():
+                # hivemind would fail the whole round at its concatenation, or shift values to wrong places
+                raise AllreduceException(
+                    f"reducer {peer_index} returned a part of shape {tuple(part.shape)} and {part.dtype} for part "
+                    f"{part_index}, expected {tuple(own.shape)}"
+                )
+            if not bool(torch.isfinite(part).all()):
+                raise AllreduceException(f"reducer {peer_index} returned non-finite values for part {part_index}")
         register(peer_index, part_index, part)
 
     container.register_processed_part = register_finite
@@ -169,7 +180,11 @@ class CheckedAllReduceRunner(AllReduceRunner):
                 if not container.finished.is_set():
                     container.register_failed_reducer(peer_index)
                 raise
-            result = await self.own_result(part_index, own_part, reduced)
+            try:
+                result = await self.own_result(part_index, own_part, reduced)
+            except Exception as error:  # noqa: BLE001 - whatever it was, this part is not left unregistered
+                logger.warning(f"This peer's own share: part {part_index} could not be taken ({error!r})")
+                result = None
             if result is None or not bool(torch.isfinite(result).all()):
                 logger.warning(
                     f"This peer's own share reduced to non-finite values in part {part_index}: keeping its own"

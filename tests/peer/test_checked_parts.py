@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.partition import AllreduceException, TensorPartReducer
+from hivemind.averaging.partition import AllreduceException, TensorPartContainer, TensorPartReducer
 
 from peer.hivemind_gaps.averagers import HivemindHandleNames
-from peer.hivemind_gaps.checked_parts import CheckedPartReducer, CheckedRounds, check_part, run_inplace, start_runner
+from peer.hivemind_gaps.checked_parts import (
+    CheckedPartReducer,
+    CheckedRounds,
+    check_part,
+    refuse_non_finite_results,
+    run_inplace,
+    start_runner,
+)
 from peer.hivemind_gaps.mean_replies import MeanReplies, MeanReplyRunner
 from tests.peer.test_averager_guard import PlainAverager
 from tests.peer.test_robust_quorum import Swarm
@@ -192,7 +199,8 @@ def test_a_mean_of_zero_weights_leaves_every_member_its_own_values(swarm_of_thre
         (torch.ones(4, dtype=torch.complex64), 1.0, "a part of torch.complex64"),
         (torch.ones(4, dtype=torch.int32), 1.0, "a part of torch.int32"),
         (torch.tensor([1.0, float("inf"), 0.0, 0.0]), 1.0, "non-finite values in part 0"),
-        (torch.ones(1), 1.0, "sent 1 values for part 0, expected 4"),
+        (torch.ones(1), 1.0, r"sent a part of shape \(1,\) for part 0, expected \(4,\)"),
+        (torch.ones(1, 4), 1.0, r"shape \(1, 4\)"),  # 4 values, but hivemind's sum would fail after counting them
     ],
 )
 def test_the_checks_name_the_problem(part, weight, problem):
@@ -214,3 +222,20 @@ def test_the_checked_reducer_averages_the_parts_it_takes():
         return (await asyncio.gather(first, second))[0]
 
     assert torch.equal(asyncio.run(reduce()), torch.full((4,), 2.5))
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        (torch.ones(3), r"returned a part of shape \(3,\)"),
+        (torch.ones(1, 4), r"returned a part of shape \(1, 4\)"),
+        (torch.ones(4, dtype=torch.complex64), "complex64"),
+        (torch.tensor([1.0, float("nan"), 0.0, 0.0]), "returned non-finite values for part 0"),
+    ],
+)
+def test_a_member_refuses_a_reply_of_another_shape_dtype_or_non_finite(reply, problem):
+    container = TensorPartContainer([torch.ones(4)], peer_fractions=(1.0,), return_deltas=True)
+    refuse_non_finite_results(container)
+    with pytest.raises(AllreduceException, match=problem):
+        container.register_processed_part(0, 0, reply)
+    container.register_processed_part(0, 0, torch.zeros(4))  # a reply as it should be
