@@ -34,8 +34,10 @@ class PausingSGD(torch.optim.SGD):
                 self.resume.wait(timeout=STEP_PAUSE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dht():
+    # one per test: in two fresh-clone runs on the development machine the module's shared DHT process died (exit
+    # code 1) after the third test, and each later test waited for an averager that could not start until timeout
     node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     yield node
     node.shutdown()
