@@ -26,9 +26,8 @@ from peer.hivemind_gaps.checked_parts import (
 )
 from peer.hivemind_gaps.mean_replies import MeanReplies, MeanReplyRunner
 from tests.peer.test_averager_guard import PlainAverager
-from tests.peer.test_robust_quorum import Swarm
+from tests.peer.test_equal_shares import SIZE, BigSwarm
 
-SIZE = 3 * 2**17  # three of hivemind's 2**19-byte parts: one share each of three peers with equal bandwidths
 HONEST_VALUES = (1.0, 3.0)
 HONEST_MEAN = 2.0
 
@@ -105,24 +104,11 @@ ATTACKS = {  # attacker class, the value of its parts
 NON_FINITE_SHARE = ("nan-part", "nan-weight", "huge-weight", "mean-replies-nan")
 
 
-def averager(swarm: Swarm, cls, index: int, value: float) -> DecentralizedAverager:
-    made = cls(
-        [torch.full((SIZE,), value)],
-        swarm.dhts[index],
-        prefix="checked_parts_test",
-        min_matchmaking_time=2.0,
-        request_timeout=1.0,
-        start=True,
-    )
-    swarm.averagers.append(made)
-    return made
-
-
-def one_round(swarm: Swarm, honest_class, attack: str) -> list[torch.Tensor]:
+def one_round(swarm: BigSwarm, honest_class, attack: str) -> list[torch.Tensor]:
     """Two honest members (HONEST_VALUES) and the attacker average once; the honest members' results."""
     attacker_class, value = ATTACKS[attack]
-    members = [averager(swarm, honest_class, index, own) for index, own in enumerate(HONEST_VALUES)]
-    members.append(averager(swarm, attacker_class, 2, value))
+    members = [swarm.averager(honest_class, index, own) for index, own in enumerate(HONEST_VALUES)]
+    members.append(swarm.averager(attacker_class, 2, value))
     rounds = [each.step(gather=index, timeout=40, wait=False) for index, each in enumerate(members)]
     for future in rounds[:2]:
         assert len(future.result(timeout=60)) == 3, "the honest members did not average in a group of three"
@@ -137,7 +123,7 @@ def one_round(swarm: Swarm, honest_class, attack: str) -> list[torch.Tensor]:
 
 @pytest.fixture
 def swarm_of_three():
-    made = Swarm(3)
+    made = BigSwarm(3)  # vectors of SIZE values
     yield made
     made.shutdown()
 
@@ -177,7 +163,7 @@ def test_hiveminds_rounds_take_the_bad_part_control(swarm_of_three, attack):
 def test_a_mean_of_zero_weights_leaves_every_member_its_own_values(swarm_of_three):
     """Every member declaring 0 (no samples): each reducer's mean is 0/0. Each member keeps its own values, its own
     share included (the own-share path hivemind leaves unhandled), and the round completes."""
-    members = [averager(swarm_of_three, CheckedAverager, index, float(index + 1)) for index in range(3)]
+    members = [swarm_of_three.averager(CheckedAverager, index, float(index + 1)) for index in range(3)]
     rounds = [each.step(gather=index, weight=0.0, timeout=40, wait=False) for index, each in enumerate(members)]
     for future in rounds:
         assert len(future.result(timeout=60)) == 3
