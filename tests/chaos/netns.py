@@ -130,6 +130,10 @@ class Node:
 
     def drop_randomly(self, probability: float) -> None:
         """Drop each packet entering and each leaving this node with ``probability``."""
+        # Without this the veth hands iptables GSO batches (a 2 MB upload left in 307 packets of 13.8 kB on average,
+        # measured): one "lost packet" was a lost burst, and a 1% rule dropped nothing in ~5% of such uploads.
+        # One segment a packet (3003 packets for the same upload) makes the loss per wire packet, as on a real link.
+        self.ns("ip", "link", "set", "eth0", "gso_max_segs", "1")
         for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
             self.ns("iptables", "-A", chain, direction, "eth0", "-m", "statistic", "--mode", "random",
                     "--probability", str(probability), "-j", "DROP")  # fmt: skip
