@@ -69,6 +69,7 @@ from peer.hivemind_gaps.update_guard import UpdateGuard, WeightRelativeGuard
 from peer.hivemind_gaps.vouched_progress import VouchedProgressTracker, distrust_unvouched_epoch
 from peer.outer_step import nesterov_outer_step, pseudo_gradients
 from peer.state_fingerprint import fingerprint, is_fingerprint, same_state
+from peer.swarm.bounded_moves import Bounded, bound_moves
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.finite import all_finite
 from peer.swarm.optimizer import COMPRESSION_FACTORIES, guarded_step, make_optimizer, make_scheduler, param_groups
@@ -405,17 +406,18 @@ class LocalStepsSwarm:
             self.refused_resyncs += 1
             logger.error(f"Refused the re-sync at epoch {epoch} (the mean is not finite): keeping this peer's own")
             return outer, momentum
-        changes = relative_change(outer, mean_outer), relative_change(momentum, mean_momentum)
-        if max(changes) > MAX_RESYNC_CHANGE:
+        weights, moments = toward(outer, mean_outer), toward(momentum, mean_momentum)
+        if weights.bounded or moments.bounded:
             self.bounded_resyncs += 1
             logger.warning(
                 f"The swarm's mean outer state at epoch {epoch} is far from this peer's (relative change: weights "
-                f"{changes[0]:.2e}, momentum {changes[1]:.2e}): moving at most {MAX_RESYNC_CHANGE} toward it"
+                f"{weights.change:.2e}, momentum {moments.change:.2e}; {weights.held + moments.held} tensor(s) "
+                f"beyond their own bound): moving at most {MAX_RESYNC_CHANGE} toward it"
             )
-            return toward(outer, mean_outer, MAX_RESYNC_CHANGE), toward(momentum, mean_momentum, MAX_RESYNC_CHANGE)
+            return weights.moved(outer, mean_outer), moments.moved(momentum, mean_momentum)
         logger.info(
             f"Re-synced the outer state with {len(gathered)} peers at epoch {epoch} "
-            f"(relative change: weights {changes[0]:.2e}, momentum {changes[1]:.2e})"
+            f"(relative change: weights {weights.change:.2e}, momentum {moments.change:.2e})"
         )
         return mean_outer, mean_momentum
 
@@ -627,26 +629,9 @@ def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def toward(own: list[torch.Tensor], target: list[torch.Tensor], bound: float) -> list[torch.Tensor]:
-    """``own`` moved toward ``target`` by at most ``bound x ||own||`` (all tensors together); ``own`` is unchanged.
-
-    All of the way if ``target`` is that close; not at all if ``own`` is all zeros (no scale to bound the step by).
-    """
-    steps = [b - a for a, b in zip(own, target, strict=True)]
-    distance = torch.cat([step.flatten() for step in steps]).norm()
-    limit = bound * torch.cat([a.flatten() for a in own]).norm()
-    fraction = 1.0 if distance <= limit else float(limit / distance)
-    return [a + fraction * step for a, step in zip(own, steps)]
-
-
-@torch.no_grad()
-def relative_change(own: list[torch.Tensor], other: list[torch.Tensor]) -> float:
-    """||other - own|| / ||own|| over all tensors together (inf if ``own`` is all zeros and ``other`` is not)."""
-    difference = torch.cat([(b - a).flatten() for a, b in zip(own, other, strict=True)]).norm()
-    scale = torch.cat([a.flatten() for a in own]).norm()
-    if scale == 0:
-        return 0.0 if difference == 0 else float("inf")
-    return float(difference / scale)
+def toward(own: list[torch.Tensor], target: list[torch.Tensor]) -> Bounded:
+    """How far ``own`` may move toward ``target`` in one re-sync (peer/swarm/bounded_moves.py, MAX_RESYNC_CHANGE)."""
+    return bound_moves([b - a for a, b in zip(own, target, strict=True)], own, MAX_RESYNC_CHANGE)
 
 
 def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:

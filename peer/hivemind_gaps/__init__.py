@@ -155,7 +155,7 @@
 23  A state averaging round applies the     state_rounds.py: CheckedStateRounds  checks or robustly aggregates
     members' mean as it arrives, unchecked:  (hivemind's _run_allreduce_inplace_, a state round's mean
     one member's NaN or x1000 parameters     updates applied once whole: a NaN
-    reach every peer of its group (and       mean refused, each tensor group moved
+    reach every peer of its group (and       mean refused, each group and gain moved
     centered-clip guards gradients only).    at most MAX_STATE_ROUND_CHANGE of its
                                              norm; CenteredClip with centered-clip)
     Proved on plain hivemind: tests/peer/test_state_rounds.py::

@@ -11,18 +11,22 @@ is not.
 back until the round is whole):
 
 - with ``state_clip_settings`` the parts this peer reduces are aggregated with CenteredClip (robust_allreduce.py's
-  runner), and every member reduces an equal share (``equal_shares``). Honest peers' states lie close together (they apply the same averaged gradients), so a far part is left
-  out. Its scores are not published: a peer that stepped on its own gradients for a while is far for honest reasons;
+  runner), and every member reduces an equal share (``equal_shares``). Honest peers' states lie close together (they
+  apply the same averaged gradients), so a far part is left out. Its scores are not published: a peer that stepped
+  on its own gradients for a while is far for honest reasons;
 - the result is refused whole (this peer keeps its own state) if any value is not finite;
 - each group of tensors (the parameters, each averaged optimizer statistic, the extra tensors) moves at most
-  ``MAX_STATE_ROUND_CHANGE`` of its own norm: a farther mean is approached by that much, as the local-steps re-sync
-  does (peer/local_steps.py).
+  ``MAX_STATE_ROUND_CHANGE`` of its own norm, and each tensor whose norm is at least its even share of the group's
+  (the LayerNorm gains) at most that much of its own (peer/swarm/bounded_moves.py): a farther mean is approached by
+  that much, as the local-steps re-sync does (peer/local_steps.py).
 
-So in a mean run a member moves the others' state by at most 5% of each group's norm per state round (the bound is
-on a group's norm: all of it can go into one small tensor, a LayerNorm gain, moving that by several times its own
-norm). In a centered-clip run what it sends is left out while it is a minority of the group, but not the share it
-reduces itself (1/n of the vector, returned to everybody unchecked) nor its part in a group of two (CenteredClip of
-two is their mean): there the 5% bound is the defence. A joiner's state is its download, not a round, and is checked
+So in a mean run a member moves the others' state by at most 5% of each group's norm per state round, and cannot put
+all of that into a LayerNorm gain (measured in tests/peer/test_state_rounds.py, a member sending one gain x1000: the
+honest peers' gain x1.37 a round with the group's bound alone, x1.05 with the gain's own); it can into a bias or a
+weight matrix, each below its even share (bounded_moves.py says why). In a centered-clip run what it sends is left
+out while it is a minority of the group, but not the share it reduces itself (1/n of the vector, returned to
+everybody unchecked) nor its part in a group of two (CenteredClip of two is their mean): there the 5% bound is the
+defence. A joiner's state is its download, not a round, and is checked
 there (state_check.py).
 """
 
@@ -31,7 +35,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing as mp
-from collections.abc import Sequence
 
 import torch
 from hivemind.averaging.allreduce import AveragingMode
@@ -39,6 +42,7 @@ from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, start_runner
 from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, equal_shares
+from peer.swarm.bounded_moves import bound_moves
 from peer.swarm.centered_clip import ClipSettings
 
 logger = logging.getLogger(__name__)
@@ -111,14 +115,16 @@ class CheckedStateRounds:
             return None
         bounded, changes = list(updates), []
         for name, indices in self._tensor_groups(len(tensors)):
-            change = relative_norm([updates[i] for i in indices], [tensors[i] for i in indices])
-            changes.append(f"{name} {change:.2e}")
-            if change > MAX_STATE_ROUND_CHANGE:
-                for i in indices:
-                    bounded[i] = updates[i] * (MAX_STATE_ROUND_CHANGE / change)
+            group = [updates[i] for i in indices]
+            decided = bound_moves(group, [tensors[i] for i in indices], MAX_STATE_ROUND_CHANGE)
+            changes.append(f"{name} {decided.change:.2e}")
+            if decided.bounded:
+                for i, move in zip(indices, decided.apply(group), strict=True):
+                    bounded[i] = move
                 logger.warning(
-                    f"The state round's mean {name} lies far from this peer's (relative change {change:.2e}): "
-                    f"moving at most {MAX_STATE_ROUND_CHANGE} toward it"
+                    f"The state round's mean {name} lies far from this peer's (relative change {decided.change:.2e}, "
+                    f"{decided.held} tensor(s) beyond their own bound): moving at most {MAX_STATE_ROUND_CHANGE} "
+                    "toward it"
                 )
         logger.info(f"Averaged the training state with {peers} peer(s) (relative change: {', '.join(changes)})")
         return bounded
@@ -133,14 +139,3 @@ class CheckedStateRounds:
         if count > end:
             groups.append(("extra tensors", range(end, count)))
         return groups
-
-
-def relative_norm(moves: Sequence[torch.Tensor], own: Sequence[torch.Tensor]) -> float:
-    """||moves|| / ||own|| over all tensors together: 0 if nothing moves, inf if ``own`` is all zeros and it does
-    (optimizer statistics before a peer's first step have no scale to bound a move by: such a group stays as it is
-    until its own step gives it one)."""
-    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m.float()) for m in moves]))
-    if float(moved) == 0.0:
-        return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in own]))
-    return float(moved / norm) if float(norm) > 0 else float("inf")

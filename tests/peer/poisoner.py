@@ -4,7 +4,7 @@ poisoned training state to peers that download one.
 
     python -m tests.peer.poisoner --mode grads --schedule nan,huge,outlier --epochs_each 3 PEER_FLAGS...
     python -m tests.peer.poisoner --mode state --poison nan|epoch|ahead|shape|oversize PEER_FLAGS...
-    python -m tests.peer.poisoner --mode rounds --schedule scale,nan --epochs_each 4 PEER_FLAGS...
+    python -m tests.peer.poisoner --mode rounds --schedule focus,scale,nan --epochs_each 4 PEER_FLAGS...
 
 grads: before each step it fills every gradient with the phase's values (skipping the local finite check a peer
 makes), one phase per ``--epochs_each`` epochs of its own, then leaves. ``nan``: NaN; ``huge``: 1e30; ``outlier``:
@@ -16,8 +16,9 @@ downloader allows over the run's known epoch), whose first matrix has half its r
 model of another size), or with 1 MiB tensors appended, 3x the state's size in all (``oversize``: finite; many small
 ones, so the stream never pauses long enough to time out the downloader, as compressing one huge tensor would), until
 killed. rounds: it trains in step with the swarm (sending zero gradients) and sends, in every state averaging round,
-its parameters and optimizer statistics x1000 (``scale``: finite) or NaN (``nan``), one phase per ``--epochs_each``
-epochs, then leaves (the NaN rounds reduced with hivemind's unchecked runner, as an attacker would); its own state
+its parameters and optimizer statistics x1000 (``scale``: finite), its state with one small tensor x1000, the
+embeddings' LayerNorm gain (``focus``: the whole allowance of a bound on the set's norm aimed at 64 values), or NaN
+(``nan``), one phase per ``--epochs_each`` epochs, then leaves (the NaN rounds reduced with hivemind's unchecked runner, as an attacker would); its own state
 is untouched (the poison goes into copies). It prints one line per event:
 POISONED <phase> epoch <e>, POISONED ROUND <phase>, SERVING, DONE.
 """
@@ -42,7 +43,7 @@ from peer.runtime import build_model
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.dht import build_dht
 from peer.swarm.flags import parse_configs
-from peer.swarm.optimizer import build_optimizer
+from peer.swarm.optimizer import build_optimizer, param_groups
 
 HUGE = 1e30
 HUGE_EPOCH = 2**62
@@ -82,8 +83,10 @@ def send_poisoned_gradients(optimizer, model, samples: int, schedule: list[str],
             time.sleep(0.3)  # the pace of an honest tiny peer, so the rounds are not all the attacker's
 
 
-ROUND_POISONS = ("scale", "nan")
+ROUND_POISONS = ("scale", "nan", "focus")
 SCALE = 1000.0  # x the sender's own state: finite, and far beyond any honest peer's
+FOCUS = "lean_albert.embeddings.layer_norm.weight"  # 64 of the tiny preset's 1.36 M parameters; norm 8 of 53.5
+focus_index = -1  # its place among the averaged tensors (the parameters come first), set before the averager forks
 # the phase of the state-round attack, set by the main process, read in the state averager's (forked after it is made)
 ROUND_PHASE = mp.Value(ctypes.c_int, -1)
 
@@ -97,13 +100,21 @@ def poison_state_rounds() -> None:
         if ROUND_PHASE.value < 0:
             return await honest(self, tensors, group_info, *args, **kwargs)
         poison = ROUND_POISONS[ROUND_PHASE.value]
-        copies = [tensor * SCALE if poison == "scale" else torch.full_like(tensor, float("nan")) for tensor in tensors]
+        copies = [poisoned_copy(tensor, index, poison) for index, tensor in enumerate(tensors)]
         print(f"POISONED ROUND {poison} with {len(group_info.peer_ids) - 1} peer(s)", flush=True)
         if poison == "nan":  # reduced with hivemind's unchecked runner, as an attacker would (its own NaN part in)
             return await DecentralizedAverager._run_allreduce_inplace_(self, copies, group_info, *args, **kwargs)
         return await honest(self, copies, group_info, *args, **kwargs)
 
     ConsistentTrainingStateAverager._run_allreduce_inplace_ = poisoned_round
+
+
+def poisoned_copy(tensor: torch.Tensor, index: int, poison: str) -> torch.Tensor:
+    if poison == "nan":
+        return torch.full_like(tensor, float("nan"))
+    if poison == "scale" or index == focus_index:
+        return tensor * SCALE
+    return tensor.clone()
 
 
 def poison_rounds_in_step(optimizer, model, samples: int, schedule: list[str], epochs_each: int):
@@ -191,6 +202,9 @@ def main() -> int:
     if args.mode == "grads":  # its own share reduced with hivemind's unchecked runner, as an attacker would
         CountedGradientAverager._run_allreduce_inplace_ = DecentralizedAverager._run_allreduce_inplace_
     _, model = build_model(config, torch.device("cpu"))
+    global focus_index  # hivemind averages the parameters in the order of the optimizer's groups
+    averaged = [param for group in param_groups(model, optim.weight_decay) for param in group["params"]]
+    focus_index = next(i for i, param in enumerate(averaged) if param is model.get_parameter(FOCUS))
     dht = build_dht(swarm)
     optimizer = build_optimizer(dht, model, swarm, optim, config.samples_per_step)
     try:
