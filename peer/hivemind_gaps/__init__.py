@@ -139,19 +139,20 @@
     fills an averager's memory.              peer/swarm/dht.py build_dht)
     Proved on plain hivemind: tests/peer/test_message_bound.py::
       test_a_message_announced_beyond_the_bound_closes_its_stream_and_the_handler_serves_on[hivemind]
-22  A group's minimum size binds its       robust_allreduce.py:                checks the minimum on the
-    leader only (a follower averages in      RobustAggregation                   follower's side too, and takes
-    whatever group its leader assembles:     ._aggregate_with_group (refuses a   a new one while it runs
-    an attacker leading itself and one       group under the minimum),
-    honest peer owns that peer's round)      .set_min_group_size (Matchmaking
-    and is fixed at start.                   .min_group_size, set in the
-                                             averager's process; at most the
+22  A group's minimum size binds its       robust_allreduce.py: GroupQuorum    checks the minimum on the
+    leader only (a follower averages in      (RobustAggregation, state_rounds:   follower's side too, and takes
+    whatever group its leader assembles:     CheckedStateRounds).refuse_small_   a new one while it runs
+    an attacker leading itself and one       group (refuses a group under the
+    honest peer owns that peer's round)      minimum), .set_min_group_size
+    and is fixed at start.                   (Matchmaking.min_group_size, set in
+                                             the averager's process; at most the
                                              peers of its last SEEN_GROUPS
                                              groups, as progress entries are
                                              anyone's); optimizer.py:
                                              SwarmOptimizer._keep_robust_quorum
     Proved on plain hivemind: tests/peer/test_robust_quorum.py::test_a_follower_refuses_a_small_group_an_attacker_leads
-      [2] (the control: hivemind's minimum of 2 averages with the attacker)
+      [2] (the control: hivemind's minimum of 2 averages with the attacker), and
+      test_a_state_round_follower_refuses_a_small_group_an_attacker_leads[2] (the same in a state round)
 23  A state averaging round applies the     state_rounds.py: CheckedStateRounds  checks or robustly aggregates
     members' mean as it arrives, unchecked:  (hivemind's _run_allreduce_inplace_, a state round's mean
     one member's NaN or x1000 parameters     updates applied once whole: a NaN

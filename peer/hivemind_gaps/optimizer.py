@@ -51,8 +51,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             ).start()
 
     def _keep_robust_quorum(self, quorum: float) -> None:
-        """Keep the gradient averager's smallest group ``quorum`` of the peers training (until shutdown); a lower
-        count must last as long as a silent peer's progress entry does before the minimum follows it down."""
+        """Keep the smallest group of the gradient rounds (and of the robust state rounds) ``quorum`` of the peers
+        training (until shutdown); a lower count must last as long as a silent peer's progress entry does before the
+        minimum follows it down."""
         keeper = QuorumKeeper(quorum, hold=self.tracker.metadata_expiration)
         while not self._stopping.wait(QUORUM_REFRESH):
             peers = self.tracker.global_progress.num_peers
@@ -61,6 +62,8 @@ class SwarmOptimizer(hivemind.Optimizer):
                 continue
             try:
                 self.grad_averager.set_min_group_size(size)
+                if self._state_clip_settings is not None:  # robust state rounds: the same minimum
+                    self.state_averager.set_min_group_size(size)
             except OSError:  # the averager's process has ended: the optimizer is shutting down
                 return
             logger.info(f"Robust quorum: groups of {size} or more wanted ({quorum:g} of {peers} peers reporting)")

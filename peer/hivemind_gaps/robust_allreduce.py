@@ -233,19 +233,13 @@ class RobustAllReduceRunner(CheckedAllReduceRunner):
         return RoundScores(scores, reducer.parts_reduced, reducer.aggregation_seconds, get_dht_time())
 
 
-class RobustAggregation:
-    """Averager mixin: the parts this peer reduces are aggregated with CenteredClip, and each round's sender scores
-    can be read with ``take_round_scores`` from the process that built the averager.
+class GroupQuorum:
+    """Averager mixin: robust rounds average in groups of a minimum size that can change while the averager runs
+    (``set_min_group_size``), refused as follower as well as leader (``refuse_small_group``; module doc)."""
 
-    Args:
-        clip_settings: CenteredClip's settings (its defaults if None).
-        kwargs: passed to the hivemind averager.
-    """
+    rounds_name = "Robust rounds"  # how its log lines name the rounds it binds
 
-    def __init__(self, *args, clip_settings: ClipSettings | None = None, **kwargs):
-        self.clip_settings = clip_settings or ClipSettings()
-        # made before hivemind forks the averager's process (in super().__init__), which puts into it
-        self._round_scores: multiprocessing.Queue = multiprocessing.Queue(maxsize=MAX_QUEUED_ROUNDS)
+    def __init__(self, *args, **kwargs):
         # in the averager's process: the minimum asked for (None: hivemind's, left alone) and the recent groups
         self._wanted_group_size: int | None = None
         self._recent_groups: deque[frozenset] = deque(maxlen=SEEN_GROUPS)
@@ -270,22 +264,43 @@ class RobustAggregation:
         if size != self._matchmaking.min_group_size:
             self._matchmaking.min_group_size = size
             logger.info(
-                f"Robust rounds now average in groups of {size} or more ({self._wanted_group_size} wanted; "
+                f"{self.rounds_name} now average in groups of {size} or more ({self._wanted_group_size} wanted; "
                 f"{seen} peers took part in this peer's last {len(self._recent_groups)} groups)"
             )
 
-    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+    def refuse_small_group(self, group_info: GroupInfo, averaged: str) -> None:
+        """As a follower too, fail a group under the minimum (hivemind checks it for leaders only); call it first in
+        ``_aggregate_with_group``. ``averaged`` names what the round averages, for the log."""
         self._recent_groups.append(frozenset(group_info.peer_ids))
         self._apply_min_group_size()
-        # the follower's side of the minimum, which hivemind checks for leaders only
         needed = self._matchmaking.min_group_size
         if len(group_info.peer_ids) < needed:
             refusal = AllreduceException(
-                f"a group of {len(group_info.peer_ids)} peers: robust rounds average in groups of {needed} or more "
+                f"a group of {len(group_info.peer_ids)} peers: {self.rounds_name.lower()} average in groups of "
+                f"{needed} or more "
                 f"(in a smaller one a minority of the swarm can be half of the group); looking for another"
             )
-            logger.warning(f"Not averaging gradients with {len(group_info.peer_ids) - 1} peer(s): {refusal}")
+            logger.warning(f"Not averaging {averaged} with {len(group_info.peer_ids) - 1} peer(s): {refusal}")
             fail_group(self._running_groups, group_info.group_id, refusal)
+
+
+class RobustAggregation(GroupQuorum):
+    """Averager mixin: the parts this peer reduces are aggregated with CenteredClip, and each round's sender scores
+    can be read with ``take_round_scores`` from the process that built the averager.
+
+    Args:
+        clip_settings: CenteredClip's settings (its defaults if None).
+        kwargs: passed to the hivemind averager.
+    """
+
+    def __init__(self, *args, clip_settings: ClipSettings | None = None, **kwargs):
+        self.clip_settings = clip_settings or ClipSettings()
+        # made before hivemind forks the averager's process (in super().__init__), which puts into it
+        self._round_scores: multiprocessing.Queue = multiprocessing.Queue(maxsize=MAX_QUEUED_ROUNDS)
+        super().__init__(*args, **kwargs)
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        self.refuse_small_group(group_info, "gradients")
         return await super()._aggregate_with_group(equal_shares(self, group_info), *args, **kwargs)
 
     def take_round_scores(self) -> list[RoundScores]:

@@ -11,23 +11,24 @@ is not.
 back until the round is whole):
 
 - with ``state_clip_settings`` the parts this peer reduces are aggregated with CenteredClip (robust_allreduce.py's
-  runner), and every member reduces an equal share (``equal_shares``). Honest peers' states lie close together (they
+  runner), every member reduces an equal share (``equal_shares``), and a group under the minimum size that
+  ``set_min_group_size`` asks for is refused, as follower and as leader. Honest peers' states lie close together (they
   apply the same averaged gradients), so a far part is left out. Its scores are not published: a peer that stepped
   on its own gradients for a while is far for honest reasons;
 - the result is refused whole (this peer keeps its own state) if any value is not finite;
 - each group of tensors (the parameters, each averaged optimizer statistic, the extra tensors) moves at most
   ``MAX_STATE_ROUND_CHANGE`` of its own norm, and each tensor whose norm is at least its even share of the group's
-  (the LayerNorm gains) at most that much of its own (peer/swarm/bounded_moves.py): a farther mean is approached by
-  that much, as the local-steps re-sync does (peer/local_steps.py).
+  (among the parameters, the LayerNorm gains) at most that much of its own (peer/swarm/bounded_moves.py): a farther
+  mean is approached by that much, as the local-steps re-sync does (peer/local_steps.py).
 
 So in a mean run a member moves the others' state by at most 5% of each group's norm per state round, and cannot put
 all of that into a LayerNorm gain (measured in tests/peer/test_state_rounds.py, a member sending one gain x1000: the
 honest peers' gain x1.37 a round with the group's bound alone, x1.05 with the gain's own); it can into a bias or a
 weight matrix, each below its even share (bounded_moves.py says why). In a centered-clip run what it sends is left
 out while it is a minority of the group, but not the share it reduces itself (1/n of the vector, returned to
-everybody unchecked) nor its part in a group of two (CenteredClip of two is their mean): there the 5% bound is the
-defence. A joiner's state is its download, not a round, and is checked
-there (state_check.py).
+everybody unchecked) nor its part in a group of two (CenteredClip of two is their mean; ``--robust-quorum`` keeps
+state rounds from being that small, robust_allreduce.py's GroupQuorum): there the 5% bound is the defence. A
+joiner's state is its download, not a round, and is checked there (state_check.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from hivemind.averaging.allreduce import AveragingMode
 from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, start_runner
-from peer.hivemind_gaps.robust_allreduce import RobustAllReduceRunner, equal_shares
+from peer.hivemind_gaps.robust_allreduce import GroupQuorum, RobustAllReduceRunner, equal_shares
 from peer.swarm.bounded_moves import bound_moves
 from peer.swarm.centered_clip import ClipSettings
 
@@ -57,14 +58,19 @@ MAX_STATE_ROUND_CHANGE = 0.05
 STATE_ROUND_CLIP = ClipSettings(max_weight_ratio=1.0)
 
 
-class CheckedStateRounds:
+class CheckedStateRounds(GroupQuorum):
     """TrainingStateAverager mixin: a state round's mean is applied only when finite, and moves each group of tensors
-    by at most MAX_STATE_ROUND_CHANGE of its norm (module doc). Put it before TrainingStateAverager among the bases.
+    (and each tensor of it above its even share of the group's norm) by at most MAX_STATE_ROUND_CHANGE of its norm
+    (module doc). Put it before TrainingStateAverager among the bases.
 
     Args:
-        state_clip_settings: CenteredClip's settings for the parts this peer reduces (None: hivemind's mean).
+        state_clip_settings: CenteredClip's settings for the parts this peer reduces (None: hivemind's mean); such
+            robust rounds also keep the group's minimum size that ``set_min_group_size`` asks for (``--robust-quorum``),
+            as follower and as leader (robust_allreduce.py's GroupQuorum).
         kwargs: passed to the hivemind averager.
     """
+
+    rounds_name = "Robust state rounds"
 
     def __init__(self, *args, state_clip_settings: ClipSettings | None = None, **kwargs):
         self.state_clip_settings = state_clip_settings
@@ -78,7 +84,8 @@ class CheckedStateRounds:
         return int(self._refused_rounds.value)
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
-        if self.state_clip_settings is not None:  # robust: no member reduces more than its share (equal_shares)
+        if self.state_clip_settings is not None:  # robust: a group of the minimum size, equal shares to reduce
+            self.refuse_small_group(group_info, "the training state")
             group_info = equal_shares(self, group_info)
         return await super()._aggregate_with_group(group_info, *args, **kwargs)
 

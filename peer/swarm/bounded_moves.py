@@ -16,6 +16,7 @@ The gains and matrices of those same rounds moved at most 0.31x that bound.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,20 +53,23 @@ def bound_moves(moves: Sequence[torch.Tensor], own: Sequence[torch.Tensor], boun
     set's moves at most ``bound`` x its own norm, and the set at most ``bound`` x its own norm.
 
     A set of all zeros (optimizer statistics before a peer's first step) has no scale to bound a move by: it stays.
+    So does every tensor when a norm is not finite even in float64 (the callers refuse non-finite values first; finite
+    float32 values of 1e19 would overflow a float32 norm, and inf x 0 would then lift every bound).
     """
-    own_norms = torch.stack([torch.linalg.vector_norm(tensor.float()) for tensor in own])
-    move_norms = torch.stack([torch.linalg.vector_norm(move.float()) for move in moves])
-    whole, moved = torch.linalg.vector_norm(own_norms), torch.linalg.vector_norm(move_norms)
-    if float(moved) == 0.0:
+    own_norms = torch.stack([torch.linalg.vector_norm(tensor, dtype=torch.float64).cpu() for tensor in own])
+    moving = torch.stack([torch.linalg.vector_norm(move, dtype=torch.float64).cpu() for move in moves])
+    whole, moved = float(torch.linalg.vector_norm(own_norms)), float(torch.linalg.vector_norm(moving))
+    if not (math.isfinite(whole) and math.isfinite(moved)):
+        return Bounded([0.0] * len(own_norms), float("inf"), 0)
+    if moved == 0.0:
         return Bounded([1.0] * len(own_norms), 0.0, 0)
-    if float(whole) == 0.0:
+    if whole == 0.0:
         return Bounded([0.0] * len(own_norms), float("inf"), 0)
     sizes = torch.tensor([tensor.numel() for tensor in own], dtype=torch.float64)
-    shares = float(whole) * torch.sqrt(sizes / sizes.sum())
-    limits = torch.where(own_norms.double() >= shares, bound * own_norms.double(), torch.inf)
-    moving = move_norms.double()
+    shares = whole * torch.sqrt(sizes / sizes.sum())
+    limits = torch.where(own_norms >= shares, bound * own_norms, torch.inf)
     per_tensor = torch.where(moving > limits, limits / moving.clamp_min(1e-300), torch.ones_like(moving))
     after = float(torch.linalg.vector_norm(moving * per_tensor))
-    overall = min(1.0, bound * float(whole) / after) if after > 0 else 1.0
-    factors = [float(factor) * overall for factor in per_tensor]
-    return Bounded(factors, float(moved / whole), int((per_tensor < 1.0).sum()))
+    overall = min(1.0, bound * whole / after) if after > 0 else 1.0
+    factors = [factor * overall for factor in per_tensor.tolist()]
+    return Bounded(factors, moved / whole, int((per_tensor < 1.0).sum()))

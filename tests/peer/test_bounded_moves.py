@@ -86,3 +86,18 @@ def test_a_far_mean_everywhere_moves_the_set_by_the_bound_and_each_tensor_toward
     gains = [(a, move) for a, move in zip(own, moves) if float(a.norm()) >= whole * math.sqrt(a.numel() / total)]
     assert len(gains) == 5  # the LayerNorm gains: each at most 5% of itself
     assert all(float(move.norm()) <= BOUND * float(a.norm()) * (1 + 1e-5) for a, move in gains)
+
+
+def test_a_huge_finite_move_lifts_no_bound(tiny_parameters):
+    """1e19 per value is finite in float32, but its float32 norm is not: computed so, the gain's factor was 0 and
+    inf x 0 lifted the set's bound (a bias moved 800 against a bound of 2.7). In float64 both bounds hold."""
+    names = list(tiny_parameters)
+    own = list(tiny_parameters.values())
+    gain, bias = names.index("lean_albert.embeddings.layer_norm.weight"), names.index("mlm_head.layer_norm.bias")
+    moves = [torch.zeros_like(t) for t in own]
+    moves[gain] = torch.full_like(own[gain], 1e19)
+    moves[bias] = torch.full_like(own[bias], 100.0)
+    moved = bound_moves(moves, own, BOUND).apply(moves)
+    assert all(bool(torch.isfinite(m).all()) for m in moved)
+    assert norm(moved) <= BOUND * norm(own) * (1 + 1e-5)
+    assert float(moved[gain].norm()) <= BOUND * float(own[gain].norm()) * (1 + 1e-5)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import re
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 
-from peer.hivemind_gaps.averagers import HivemindHandleNames
+from peer.hivemind_gaps.averagers import ConsistentTrainingStateAverager, HivemindHandleNames
 from peer.hivemind_gaps.robust_allreduce import QuorumKeeper, RobustAggregation, quorum_group_size
+from peer.hivemind_gaps.state_rounds import MAX_STATE_ROUND_CHANGE, STATE_ROUND_CLIP
 from peer.swarm.config import OptimConfig
 from tests.harness import wait_until
 from tests.peer.conftest import RUN_ID
@@ -131,6 +134,52 @@ def test_a_follower_refuses_a_small_group_an_attacker_leads(swarm_of_three, mini
         gathered = honest_round.result(timeout=60)
         assert len(gathered) == 2
         assert value_of(honest) > 100 * HONEST, "the control did not average with the attacker"
+
+
+class PlainStateAverager(HivemindHandleNames, TrainingStateAverager):
+    """hivemind's state averager on 64 parameters and plain SGD: its averaged tensors are one vector of 64, as the
+    other averagers' here (its RPCs keep hivemind's TrainingStateAverager names, as the swarm's state averagers do:
+    averagers meet only their own kind)."""
+
+    def __init__(self, tensors, dht, **kwargs):
+        params = [torch.nn.Parameter(tensors[0])]
+        super().__init__(params=params, optimizer=partial(torch.optim.SGD, lr=0.1), dht=dht, **kwargs)
+
+    def step(self, *args, **kwargs):
+        # the bare averaging round, what TrainingStateAverager.step(averaging_round=True) runs inside
+        return DecentralizedAverager.step(self, *args, **kwargs)
+
+
+class RobustStateAverager(PlainStateAverager, ConsistentTrainingStateAverager):
+    """The swarm's state averager with --aggregation centered-clip: its state rounds robust."""
+
+    def __init__(self, tensors, dht, **kwargs):
+        super().__init__(tensors, dht, state_clip_settings=STATE_ROUND_CLIP, **kwargs)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("minimum", [3, 2])
+def test_a_state_round_follower_refuses_a_small_group_an_attacker_leads(swarm_of_three, minimum):
+    """The same as the gradient rounds' test above, with the honest peer's robust state rounds (the minimum that
+    --robust-quorum also sets for them): with 3 it refuses the attacker's group of two and keeps its parameters; with
+    hivemind's 2 (the control) the state round's mean is applied, approached by the 5% bound."""
+    attacker = swarm_of_three.averager(PlainStateAverager, 0, HONEST)
+    honest = swarm_of_three.averager(RobustStateAverager, 1, HONEST)
+    bystander = swarm_of_three.averager(PlainStateAverager, 2, HONEST)
+    honest.set_min_group_size(minimum)
+    average_together([attacker, honest, bystander])
+    with attacker.get_tensors() as tensors:
+        tensors[0].fill_(ATTACKER)
+    attacker.step(gather="attacker", scheduled_time=get_dht_time() + 5, timeout=15, wait=False)
+    time.sleep(1.5)  # the attacker has declared itself: the honest peer's first leader
+    honest_round = honest.step(gather="honest", scheduled_time=get_dht_time() + 3, timeout=12, wait=False)
+    if minimum == 3:
+        with pytest.raises(Exception):  # noqa: B017 -- hivemind's "could not find a group", whatever its type
+            honest_round.result(timeout=60)
+        assert value_of(honest) == HONEST
+    else:
+        assert len(honest_round.result(timeout=60)) == 2
+        assert value_of(honest) == pytest.approx(HONEST * (1 + MAX_STATE_ROUND_CHANGE))  # dragged 5% a round
 
 
 @pytest.mark.timeout(180)

@@ -53,23 +53,27 @@ def far_rounds_of_three(log: str, far: str) -> list[str]:
     return found
 
 
-def assert_focus_held(swarm, output: str, attack_from: int) -> None:
-    """The focus phase aimed the x1000 at one LayerNorm gain: each round moved it 5% of its own norm at most (the
-    bound on the parameters' norm alone let 33% of it through a round: 2.7 of the gain's 8)."""
+def assert_focus_held(swarm, output: str, text: str) -> None:
+    """The focus phase aimed the x1000 at one LayerNorm gain: its rounds held that one tensor to its own bound, and
+    moved it 5% of its own norm at most each (with the parameters' bound alone: x1.37 a round, measured)."""
+    # the focus rounds' signature: a mean 47-75 norms away (a group of 3 or 2), that one tensor held
+    far = r"The state round's mean parameters lies far from this peer's \(relative change \d\.\d+e\+01, 1 tensor"
+    assert re.search(far, text), text[-3000:]
     focus_epochs = [int(epoch) for epoch in re.findall(r"POISONED focus epoch (\d+)", output)]
     assert focus_epochs, output[-3000:]
     for name in HONEST:
         peer = swarm.peers[name]
-        gains = {
-            epoch: float(peer.parameters(epoch)[FOCUS].norm())
-            for epoch in peer.backup_epochs()
-            if epoch >= attack_from - 1
+        epochs = peer.backup_epochs()
+        before = max(epoch for epoch in epochs if epoch < min(focus_epochs))
+        start = float(peer.parameters(before)[FOCUS].norm())
+        during = {
+            epoch: float(peer.parameters(epoch)[FOCUS].norm()) / start
+            for epoch in epochs
+            if before < epoch <= max(focus_epochs) + 2
         }
-        start = gains[min(gains)]
-        during = {epoch: gain / start for epoch, gain in gains.items() if epoch <= max(focus_epochs) + 2}
-        print(f"peer {name}: the focused gain's norm over its norm before the attack, by epoch: {during}")
-        # 2 or 3 state rounds in the phase: 1.05**3 = 1.16 at most, where 1.33 a round got through before
-        assert max(during.values()) < 1.2, during
+        print(f"peer {name}: the focused gain's norm over its norm at epoch {before}, by epoch: {during}")
+        # 2 or 3 state rounds in the phase: 1.05**3 = 1.16 at most, where x1.37 a round got through before
+        assert during and max(during.values()) < 1.2, during
 
 
 @pytest.mark.timeout(1200)
@@ -126,7 +130,7 @@ def test_a_member_poisoning_state_rounds_moves_no_honest_peer_far(make_swarm, va
         far = "The state round's mean parameters lies far from this peer's"
         if variant == "mean":  # the NaN parts refused, the scaled mean approached by MAX_STATE_ROUND_CHANGE at most
             assert "sent non-finite values in part" in text, text[-3000:]
-            assert_focus_held(swarm, output, attack_from)
+            assert_focus_held(swarm, output, text)
             # x1000 of one sender in a group of 2 or 3: a mean 300-500 norms away
             assert re.search(
                 rf"{far} \(relative change \d\.\d+e\+0[2-3], \d+ tensor\(s\) beyond their own bound\): moving at most "
