@@ -151,8 +151,7 @@
                                              anyone's); optimizer.py:
                                              SwarmOptimizer._keep_robust_quorum
     Proved on plain hivemind: tests/peer/test_robust_quorum.py::test_a_follower_refuses_a_small_group_an_attacker_leads
-      [2] (the control: hivemind's minimum of 2 averages with the attacker), and
-      test_a_state_round_follower_refuses_a_small_group_an_attacker_leads[2] (the same in a state round)
+      [2-gradients] and [2-state] (the controls: hivemind's minimum of 2 averages with the attacker)
 23  A state averaging round applies the     state_rounds.py: CheckedStateRounds  checks or robustly aggregates
     members' mean as it arrives, unchecked:  (hivemind's _run_allreduce_inplace_, a state round's mean
     one member's NaN or x1000 parameters     updates applied once whole: a NaN
