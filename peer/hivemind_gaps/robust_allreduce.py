@@ -15,8 +15,9 @@ peers running hivemind's mean (the wire format is the same); only the parts it r
 CenteredClip outvotes a minority of a group only: where attackers are half of a small group, the group is theirs.
 hivemind's ``min_group_size`` binds a leader alone (a follower averages in whatever group its leader assembles, so an
 attacker leading itself and one honest follower owns that follower's round) and is fixed when the averager starts.
-``RobustAggregation`` refuses, as follower and as leader, a group under its minimum, and ``set_min_group_size``
-changes the minimum while the averager runs (``quorum_group_size``: a share of the peers training).
+``GroupQuorum`` (``RobustAggregation``'s base, and the robust state rounds') refuses, as follower and as leader, a
+group under its minimum, and ``set_min_group_size`` changes the minimum while the averager runs
+(``quorum_group_size``: a share of the peers training).
 
 The peers training are counted from progress entries, which anyone can sign: entries under a few extra keys would
 raise the minimum out of reach, every round would find no group, and each peer would step on its own gradients. So

@@ -127,10 +127,12 @@ class OptimConfig:
             (hivemind's weighted mean) or centered-clip (robust to a minority of Byzantine members, who are scored;
             docs/robust-aggregation.md). Run-wide: a mean reducer averages attackers in.
         robust_quorum: With centered-clip: the smallest group a gradient round or a state averaging round averages
-            in, as a share of the peers training (0: any group of 2, hivemind's rule). CenteredClip outvotes a minority of its group only, and
-            small groups form when peers reach a round apart: 1.0 keeps 2 attackers of 5 a minority of every round.
+            in, as a share of the peers training (0: any group of 2, hivemind's rule). CenteredClip outvotes a
+            minority of its group only, and small groups form when peers reach a round apart: 1.0 keeps 2 attackers
+            of 5 a minority of every round.
             A leader keeps looking until its group is this large, and a peer refuses a smaller group it was put in;
-            a round that finds none steps on the peer's own gradients (hivemind's fallback) at --averaging-timeout.
+            a round that finds none steps on the peer's own gradients (hivemind's fallback) at --averaging-timeout
+            (a state round: the peer keeps its own state, and its next step waits for that round meanwhile).
             Capped at the peers seen in a peer's last 10 groups (the count is from anyone's progress entries).
     """
 

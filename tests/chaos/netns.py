@@ -129,7 +129,8 @@ class Node:
                    "32kbit", "latency", "400ms")  # fmt: skip
 
     def drop_randomly(self, probability: float) -> None:
-        """Drop each packet entering and each leaving this node with ``probability``."""
+        """Drop each packet entering and each leaving this node with ``probability`` (leaving: each wire packet;
+        entering: as the sender batched them, one segment each where the sender drops too)."""
         # Without this the veth hands iptables GSO batches (a 2 MB upload left in 307 packets of 13.8 kB on average,
         # measured): one "lost packet" was a lost burst, and a 1% rule dropped nothing in ~5% of such uploads.
         # One segment a packet (3003 packets for the same upload) makes the loss per wire packet, as on a real link.

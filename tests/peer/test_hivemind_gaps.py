@@ -77,7 +77,7 @@ PRIVATE_ATTRIBUTES = [
     (ControlClient, "self.handlers[proto]"),  # averager_guard.py admit_members_first (read per incoming stream)
     (DecentralizedAverager, "self.allreduce_kwargs"),  # traffic.py CountedTraffic.run
     (DecentralizedAverager, "self._running_groups"),  # averager_guard.py fail_group
-    (Matchmaking, "self.min_group_size"),  # robust_allreduce.py RobustAggregation._set_min_group_size (read per wait)
+    (Matchmaking, "self.min_group_size"),  # robust_allreduce.py GroupQuorum._set_min_group_size (read per wait)
     (DecentralizedAverager, "self._state_updated"),  # checked_parts.py run_inplace, state_rounds.py
     (TensorPartContainer, "self.return_deltas"),  # mean_replies.py MeanReplyRunner (read by register_failed_reducer)
     (TensorPartContainer, "self._input_parts_by_peer"),  # mean_replies.py MeanReplyRunner (its parts' keys)

@@ -1,8 +1,9 @@
 """Robust rounds average in groups of a minimum size, as follower and as leader (real DHTs, real averagers).
 
 CenteredClip outvotes a minority of its group only. hivemind's ``min_group_size`` binds a leader alone and is fixed at
-start; ``RobustAggregation`` also refuses, as a follower, a group under the minimum, and takes a new minimum while it
-runs (``set_min_group_size``, what ``SwarmOptimizer`` calls with ``--robust-quorum``).
+start; ``GroupQuorum`` (``RobustAggregation``, robust state rounds) also refuses, as a follower, a group under the
+minimum, and takes a new minimum while it runs (``set_min_group_size``, what ``SwarmOptimizer`` calls with
+``--robust-quorum``).
 """
 
 from __future__ import annotations
