@@ -8,13 +8,15 @@ import dataclasses
 import re
 import threading
 import time
+import types
 
 import hivemind
 import pytest
 import torch
 
 from peer.backup import Backups
-from peer.local_steps import MAX_RESYNC_CHANGE, PendingRound, build_local_steps
+from peer.local_steps import MAX_RESYNC_CHANGE, LocalStepsSwarm, PendingRound, build_local_steps
+from peer.state_fingerprint import fingerprint
 from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.outer_state import copy_into
 from tests.harness import wait_until
@@ -428,3 +430,23 @@ def test_an_overlapped_resync_shifts_the_outer_state_and_the_local_weights_alike
 def test_the_averagers_wait_the_next_chunk_timeout_for_a_members_part(started):
     mode = started("ls-state-m", small_model(0), optim=dataclasses.replace(OPTIM, next_chunk_timeout=7.0))
     assert mode.averager.next_chunk_timeout == mode.resync.next_chunk_timeout == 7.0
+
+
+def test_the_fingerprint_is_gathered_only_in_the_round_before_a_check():
+    """A peer sends its outer state's fingerprint only in the round that ends at a re-sync check (every
+    --average-state-every epochs: the only fingerprints read), and none while a re-sync is under way (its state is
+    about to change, and would read as drift): computing it every round cost a pass over the outer state each time."""
+    outer, momentum = [torch.ones(4), torch.full((3,), 2.0)], [torch.zeros(4), torch.zeros(3)]
+    peer = types.SimpleNamespace(
+        optim=OptimConfig(average_state_every=4), outer=outer, momentum=momentum,
+        _pending_resync=None, _state_lock=threading.Lock(),
+    )  # fmt: skip
+    sent = {}
+    for epoch in range(9):
+        peer._epoch = epoch
+        sent[epoch] = LocalStepsSwarm._round_metadata(peer)
+    assert all(metadata["epoch"] == epoch for epoch, metadata in sent.items())
+    assert [epoch for epoch, metadata in sent.items() if metadata["fingerprint"] is not None] == [3, 7]
+    assert sent[3]["fingerprint"] == fingerprint(outer, momentum)
+    peer._epoch, peer._pending_resync = 7, object()
+    assert LocalStepsSwarm._round_metadata(peer)["fingerprint"] is None
