@@ -630,8 +630,9 @@ def make_inner_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def toward(own: list[torch.Tensor], target: list[torch.Tensor]) -> Bounded:
-    """How far ``own`` may move toward ``target`` in one re-sync (peer/swarm/bounded_moves.py, MAX_RESYNC_CHANGE)."""
-    return bound_moves([b - a for a, b in zip(own, target, strict=True)], own, MAX_RESYNC_CHANGE)
+    """How far ``own`` may move toward ``target`` in one re-sync: MAX_RESYNC_CHANGE of the set's norm. Not each
+    tensor's (peer/swarm/bounded_moves.py): peers that came apart met too slowly so, and re-synced again and again."""
+    return bound_moves([b - a for a, b in zip(own, target, strict=True)], own, MAX_RESYNC_CHANGE, per_tensor=False)
 
 
 def set_schedule_epoch(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int) -> None:

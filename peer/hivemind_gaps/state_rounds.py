@@ -17,8 +17,8 @@ back until the round is whole):
   on its own gradients for a while is far for honest reasons;
 - the result is refused whole (this peer keeps its own state) if any value is not finite;
 - each group of tensors (the parameters, each averaged optimizer statistic, the extra tensors) moves at most
-  ``MAX_STATE_ROUND_CHANGE`` of its own norm, and each tensor whose norm is at least its even share of the group's
-  (among the parameters, the LayerNorm gains) at most that much of its own (peer/swarm/bounded_moves.py): a farther
+  ``MAX_STATE_ROUND_CHANGE`` of its own norm, and each parameter tensor whose norm is at least its even share of
+  the parameters' (the LayerNorm gains) at most that much of its own (peer/swarm/bounded_moves.py): a farther
   mean is approached by that much, as the local-steps re-sync does (peer/local_steps.py).
 
 So in a mean run a member moves the others' state by at most 5% of each group's norm per state round, and cannot put
@@ -60,8 +60,8 @@ STATE_ROUND_CLIP = ClipSettings(max_weight_ratio=1.0)
 
 class CheckedStateRounds(GroupQuorum):
     """TrainingStateAverager mixin: a state round's mean is applied only when finite, and moves each group of tensors
-    (and each tensor of it above its even share of the group's norm) by at most MAX_STATE_ROUND_CHANGE of its norm
-    (module doc). Put it before TrainingStateAverager among the bases.
+    (and each parameter tensor above its even share of the parameters' norm) by at most MAX_STATE_ROUND_CHANGE of
+    its norm (module doc). Put it before TrainingStateAverager among the bases.
 
     Args:
         state_clip_settings: CenteredClip's settings for the parts this peer reduces (None: hivemind's mean); such
@@ -123,7 +123,10 @@ class CheckedStateRounds(GroupQuorum):
         bounded, changes = list(updates), []
         for name, indices in self._tensor_groups(len(tensors)):
             group = [updates[i] for i in indices]
-            decided = bound_moves(group, [tensors[i] for i in indices], MAX_STATE_ROUND_CHANGE)
+            own = [tensors[i] for i in indices]
+            # each tensor bounded among the parameters only: LAMB bounds a step by its trust ratio whatever the
+            # moments, and honest peers' moments lie far apart per tensor (held so, they met too slowly: CI, stop 28)
+            decided = bound_moves(group, own, MAX_STATE_ROUND_CHANGE, per_tensor=name == "parameters")
             changes.append(f"{name} {decided.change:.2e}")
             if decided.bounded:
                 for i, move in zip(indices, decided.apply(group), strict=True):

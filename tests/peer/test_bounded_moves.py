@@ -52,6 +52,8 @@ def test_a_move_put_into_one_layernorm_gain_moves_it_by_the_bound_of_its_own_nor
     gain = float(own[target].norm())
     set_bound_only = min(1.0, BOUND * whole / float(moves[target].norm())) * float(moves[target].norm()) / gain
     assert set_bound_only > 0.3  # 2.7 of 8: what the set's bound alone let through, per round
+    alone = bound_moves(moves, own, BOUND, per_tensor=False)  # the re-sync's and LAMB moments' bound (module doc)
+    assert alone.held == 0 and float(alone.apply(moves)[target].norm()) / gain == pytest.approx(set_bound_only)
 
     decided = bound_moves(moves, own, BOUND)
     moved = decided.apply(moves)

@@ -182,9 +182,7 @@ def test_a_resync_moves_the_outer_state_at_most_the_bound_toward_the_mean(starte
     crafted = ([t * 3 for t in own[0]], [t.clone() for t in own[1]])
     with caplog.at_level("WARNING", logger="peer.local_steps"):
         outer, momentum = resync_both(first, second, [own, crafted], epochs=(4, 4))[0]
-    moved = flat(outer) - flat(own[0])  # 5% of the weights' norm toward 2x, no tensor past its own bound
-    assert float(moved.norm() / flat(own[0]).norm()) == pytest.approx(MAX_RESYNC_CHANGE, rel=1e-4)
-    assert all(0 <= float(s) <= 1 for s in moved[flat(own[0]) != 0] / flat(own[0])[flat(own[0]) != 0])
+    torch.testing.assert_close(flat(outer), flat(own[0]) * (1 + MAX_RESYNC_CHANGE))  # 5% of the way to 2x
     torch.testing.assert_close(flat(momentum), flat(own[1]))  # the momenta agreed: the mean's, unchanged
     assert first.bounded_resyncs == 1 and first.refused_resyncs == 0
     assert re.search(
@@ -207,9 +205,8 @@ def test_a_resync_moves_the_outer_state_at_most_the_bound_toward_the_mean(starte
 
 @pytest.mark.timeout(120)
 def test_two_peers_whose_outer_states_came_apart_converge_by_resyncs(started, caplog):
-    """Two honest peers 26% apart (as two that each stepped alone on a failed round were in CI) meet in 4 re-syncs:
-    each moves MAX_RESYNC_CHANGE toward the mean until the mean is within it (the whole set's and each tensor's own
-    bound, bounded_moves.py), then takes the mean. Measured gaps: 0.168, 0.079, 0.014, 0."""
+    """Two honest peers 26% apart (as two that each stepped alone on a failed round were in CI) meet in 3 re-syncs:
+    each moves MAX_RESYNC_CHANGE toward the mean until the mean is within it, then takes the mean."""
     first, second = started("ls-state-h", small_model(0)), started("ls-state-h", small_model(0), join_first=True)
     own = ([t.clone() for t in first.outer], [torch.full_like(t, 0.1) for t in first.momentum])
     torch.manual_seed(5)
@@ -222,8 +219,7 @@ def test_two_peers_whose_outer_states_came_apart_converge_by_resyncs(started, ca
             states = resync_both(first, second, states, epochs=(epoch, epoch))
             gaps.append(float((flat(states[0][0]) - flat(states[1][0])).norm() / flat(states[0][0]).norm()))
     print(f"outer weights apart after each re-sync: {gaps}")
-    # each moved 5% of its norm toward the other (a little less where a tensor's own bound held it)
-    assert gaps[0] < 0.26 - 0.08 and gaps[1] < gaps[0] - 0.08, gaps
+    assert gaps[0] < 0.26 - 0.09 and gaps[1] < gaps[0] - 0.09, gaps  # each moved 5% of its norm toward the other
     assert gaps[-1] < 1e-6, gaps
     torch.testing.assert_close(flat(states[0][1]), flat(states[1][1]))
     assert first.bounded_resyncs >= 2 and first.refused_resyncs == 0
