@@ -15,9 +15,9 @@ The gains and matrices of those same rounds moved at most 0.31x that bound.
 
 Only the state rounds' parameters take the per-tensor bound. Their LAMB moments take the set's: LAMB bounds each step
 by its trust ratio whatever the moments, and held per tensor, two honest peers' moments were 13.7% apart at epoch 7
-and 0.6% at best by epoch 11, a state round every epoch (tests/peer/test_swarm.py in CI; under 0.1% before). The local-steps re-sync takes the set's bound too:
-held per tensor, peers that came apart stayed apart and re-synced again and again (4x the re-sync bytes of
-tests/peer/test_local_steps_int4.py in CI).
+and 0.6% at best by epoch 11, a state round every epoch (tests/peer/test_swarm.py in CI; under 0.1% before). The
+local-steps re-sync takes the set's bound too: held per tensor, peers that came apart stayed apart and re-synced
+again and again (4x the re-sync bytes of tests/peer/test_local_steps_int4.py in CI).
 """
 
 from __future__ import annotations
