@@ -411,8 +411,7 @@ class LocalStepsSwarm:
             self.bounded_resyncs += 1
             logger.warning(
                 f"The swarm's mean outer state at epoch {epoch} is far from this peer's (relative change: weights "
-                f"{weights.change:.2e}, momentum {moments.change:.2e}; {weights.held + moments.held} tensor(s) "
-                f"beyond their own bound): moving at most {MAX_RESYNC_CHANGE} toward it"
+                f"{weights.change:.2e}, momentum {moments.change:.2e}): moving at most {MAX_RESYNC_CHANGE} toward it"
             )
             return weights.moved(outer, mean_outer), moments.moved(momentum, mean_momentum)
         logger.info(

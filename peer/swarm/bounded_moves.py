@@ -8,9 +8,10 @@ at least its even share of the set's: the set's norm x sqrt(its elements / the s
 fraction of its own norm.
 
 Tensors below their even share (biases, which start at zero) are bounded by the set's bound only: two honest peers'
-biases were measured 0.6x their own norm apart, 6-11x a 5% bound on the larger of their norm and their share, in every
-state round of tests/peer/test_state_rounds.py (LAMB moves a zero tensor by the learning rate per element at each
-step, so the steps peers take apart leave their biases far apart), so a bound there would keep honest peers apart.
+biases were measured 0.6x their own norm apart, 6-11x a 5% bound on the larger of their norm and their share, in the
+backups of epochs 1-9 of a run of tests/peer/test_state_rounds.py (LAMB moves a zero tensor by the learning rate
+per element at each step, so the steps peers take apart leave their biases far apart), so a bound there would keep
+honest peers apart.
 The gains and matrices of those same rounds moved at most 0.31x that bound.
 
 Only the state rounds' parameters take the per-tensor bound. Their LAMB moments take the set's: LAMB bounds each step
