@@ -16,7 +16,7 @@ Writes DIR/bench_byzantine.json and, with matplotlib, DIR/<attack>.png (held-out
 the table only and says so.
 
     nice -n 10 python tests/benchmarks/bench_byzantine.py --peers 4 --attackers 1 --attack-from 4 --epochs 20 \\
-        --modes sign-flip,alie,ipm,label-flip --out-dir /tmp/bench-byzantine
+        --modes sign-flip,alie,ipm,label-flip,label-shift --out-dir /tmp/bench-byzantine
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attackers", type=int, default=1, help="Attacking members (M).")
     parser.add_argument("--attack-from", type=int, default=4, help="Epoch the attack starts at (E).")
     parser.add_argument("--epochs", type=int, default=20, help="Epochs per run (--max_epochs).")
-    parser.add_argument("--modes", default="sign-flip,alie,ipm,label-flip")
+    parser.add_argument("--modes", default="sign-flip,alie,ipm,label-flip,label-shift")
     parser.add_argument("--aggregations", default="mean,centered-clip")
     parser.add_argument("--scale", type=float, default=1000.0, help="sign-flip/constant/gaussian's --scale")
     parser.add_argument("--z", type=float, default=None, help="alie's z (default: the paper's formula for N, M)")
@@ -101,6 +101,13 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=0.0,
         help="centered-clip runs: --robust-quorum (the smallest group, as a share of the peers; 0: hivemind's 2).",
+    )
+    parser.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="A monitor checkpoint every run starts from (its epoch counts: --attack-from and --epochs are absolute), "
+        "to attack a model that is past learning token frequencies.",
     )
     parser.add_argument("--eval-every", type=int, default=4, help="Epochs between the backups that are scored.")
     parser.add_argument("--eval-sequences", type=int, default=64)
@@ -189,6 +196,7 @@ def run_swarm(args, attack: str, aggregation: str) -> tuple[Result, Path]:
             *("-m", "monitor", "--run_id", name, "--run_dir", str(workdir / "monitor")),
             *("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--http_host", "127.0.0.1", "--http_port", str(port)),
             *("--refresh_period", "1", "--model", "tiny", "--checkpoint_every", "0"),
+            *(("--resume_from", str(args.resume_from)) if args.resume_from else ()),
             *optim_flags(args, aggregation),
         ],
         workdir / "monitor.log",

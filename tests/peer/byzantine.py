@@ -12,6 +12,10 @@ Modes (the first three are blunt, the last three are the literature's):
 - label-flip: a real forward and backward on wrong targets: the masked positions' labels of each batch are shuffled
   among themselves (same tokens, wrong places), so the gradient has an honest norm and honest statistics but teaches
   the wrong mapping. ``--scale`` is not used.
+- label-shift: label flipping as BTARD's ALBERT runs did it (Gorbunov et al., ICML 2022): each masked position's
+  label is the next token id, ``(label + 1) % vocab_size``. Unlike label-flip it moves the token frequencies the
+  output layer learns first, so its gradient points elsewhere (a stronger attack, and an easier one to see).
+  ``--scale`` is not used.
 - alie ("A little is enough", Baruch et al., NeurIPS 2019): ``mean - z * std``, coordinate-wise, with
   ``z = inv_normal_cdf((n - s) / n)`` and ``s = floor(n / 2 + 1) - m`` for ``n = --peers`` members of which
   ``m = --attackers`` attack (``--z`` overrides it; note that z is 0 for 4 peers with 1 attacker).
@@ -51,7 +55,8 @@ from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.flags import parse_configs
 from peer.train import accumulate_gradients
 
-ATTACKS = ("sign-flip", "constant", "gaussian", "label-flip", "alie", "ipm")
+ATTACKS = ("sign-flip", "constant", "gaussian", "label-flip", "label-shift", "alie", "ipm")
+LABEL_ATTACKS = ("label-flip", "label-shift")
 WINDOW = 4  # own honest step gradients kept for the alie/ipm estimates: enough for a spread, recent enough to track
 IGNORED_LABEL = -100  # the MLM collator's label of unmasked positions
 
@@ -130,11 +135,19 @@ def shuffle_labels(batch: dict, generator: torch.Generator) -> dict:
     return {**batch, "labels": labels}
 
 
-class FlippedLabels:
-    """Wraps the peer's batch iterator: every batch comes with shuffled labels once ``active``."""
+def shift_labels(batch: dict, vocab_size: int) -> dict:
+    """The batch with each masked position's label replaced by the next token id (BTARD's label flipping)."""
+    labels = batch["labels"].clone()
+    masked = labels != IGNORED_LABEL
+    labels[masked] = (labels[masked] + 1) % vocab_size
+    return {**batch, "labels": labels}
 
-    def __init__(self, batches, seed: int = 4321):
-        self.batches, self.active = batches, False
+
+class WrongLabels:
+    """Wraps the peer's batch iterator: every batch comes with wrong labels (``attack``'s kind) once ``active``."""
+
+    def __init__(self, batches, attack: str, vocab_size: int, seed: int = 4321):
+        self.batches, self.attack, self.vocab_size, self.active = batches, attack, vocab_size, False
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
@@ -142,7 +155,11 @@ class FlippedLabels:
 
     def __next__(self) -> dict:
         batch = next(self.batches)
-        return shuffle_labels(batch, self.generator) if self.active else batch
+        if not self.active:
+            return batch
+        if self.attack == "label-shift":
+            return shift_labels(batch, self.vocab_size)
+        return shuffle_labels(batch, self.generator)
 
 
 def unit_direction(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
@@ -157,21 +174,21 @@ def attack_loop(peer, args: argparse.Namespace) -> None:
     direction = unit_direction(model, seed=1234)
     estimate = HonestEstimate()
     z = args.z if args.z is not None else (alie_z(args.peers, args.attackers) if args.attack == "alie" else 0.0)
-    if args.attack == "label-flip":
-        peer.batches = FlippedLabels(peer.batches)
+    if args.attack in LABEL_ATTACKS:
+        peer.batches = WrongLabels(peer.batches, args.attack, model.config.vocab_size)
     epoch, steps_this_round = training.epoch, 0
     model.train()
     # a stop request (SIGTERM, or its revoked token ending: peer/swarm/access.py) ends it like an honest peer
     while (not config.max_epochs or epoch < config.max_epochs) and not peer.stop.requested:
         attacking = training.epoch >= args.from_epoch
-        if args.attack == "label-flip":
+        if args.attack in LABEL_ATTACKS:
             peer.batches.active = attacking
         loss = accumulate_gradients(peer, contextlib.nullcontext(), None)
         if args.attack in ("alie", "ipm"):
             estimate.add(model)
             if attacking:
                 statistical_attack(model, args.attack, estimate, z, args.epsilon)
-        elif attacking and args.attack != "label-flip":
+        elif attacking and args.attack not in LABEL_ATTACKS:
             corrupt(model, args.attack, args.scale, direction)
         training.step(config.samples_per_step, None)
         steps_this_round += 1

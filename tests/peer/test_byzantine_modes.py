@@ -1,6 +1,6 @@
 """The attacker's modes on their own (tests/peer/byzantine.py), without a swarm: ALIE's z follows the paper's formula,
 the statistical attacks send what their docstring says from the attacker's own gradients, and label flipping keeps
-the batch's tokens but moves its targets."""
+the batch's tokens but moves its targets (label-flip among themselves, label-shift to the next token id)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 from tests.peer.byzantine import (
     IGNORED_LABEL,
     HonestEstimate,
+    WrongLabels,
     alie_z,
     flat_gradient,
+    shift_labels,
     shuffle_labels,
     statistical_attack,
 )
@@ -64,3 +66,21 @@ def test_label_flip_moves_the_targets_not_the_tokens():
     assert sorted(flipped["labels"][masked].tolist()) == list(range(11, 17))  # same target tokens
     assert (flipped["labels"][masked] != labels[masked]).sum() >= 4  # most at the wrong place
     assert torch.equal(batch["labels"], labels)  # the original batch is left alone
+
+
+def test_label_shift_targets_the_next_token_id_wrapping_at_the_vocabulary():
+    labels = torch.full((1, 8), IGNORED_LABEL)
+    labels[0, [2, 3, 6]] = torch.tensor([0, 41, 99])
+    batch = {"input_ids": torch.arange(8).view(1, 8), "labels": labels}
+    shifted = shift_labels(batch, vocab_size=100)
+    assert shifted["labels"][0, [2, 3, 6]].tolist() == [1, 42, 0]
+    assert torch.equal(shifted["labels"] == IGNORED_LABEL, labels == IGNORED_LABEL)  # unmasked stay ignored
+    assert torch.equal(batch["labels"], labels)
+
+
+def test_wrong_labels_pass_batches_through_until_active():
+    labels = torch.tensor([[IGNORED_LABEL, 5]])
+    batches = WrongLabels(iter([{"labels": labels}] * 2), "label-shift", vocab_size=10)
+    assert next(batches)["labels"].tolist() == [[IGNORED_LABEL, 5]]
+    batches.active = True
+    assert next(batches)["labels"].tolist() == [[IGNORED_LABEL, 6]]
