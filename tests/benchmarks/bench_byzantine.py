@@ -16,7 +16,7 @@ Writes DIR/bench_byzantine.json and, with matplotlib, DIR/<attack>.png (held-out
 the table only and says so.
 
     nice -n 10 python tests/benchmarks/bench_byzantine.py --peers 4 --attackers 1 --attack-from 4 --epochs 20 \\
-        --modes sign-flip,alie,ipm,label-flip,label-shift --out-dir /tmp/bench-byzantine
+        --modes sign-flip,alie,ipm,label-flip,label-shift,label-invert --out-dir /tmp/bench-byzantine
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attackers", type=int, default=1, help="Attacking members (M).")
     parser.add_argument("--attack-from", type=int, default=4, help="Epoch the attack starts at (E).")
     parser.add_argument("--epochs", type=int, default=20, help="Epochs per run (--max_epochs).")
-    parser.add_argument("--modes", default="sign-flip,alie,ipm,label-flip,label-shift")
+    parser.add_argument("--modes", default="sign-flip,alie,ipm,label-flip,label-shift,label-invert")
     parser.add_argument("--aggregations", default="mean,centered-clip")
     parser.add_argument("--scale", type=float, default=1000.0, help="sign-flip/constant/gaussian's --scale")
     parser.add_argument("--z", type=float, default=None, help="alie's z (default: the paper's formula for N, M)")

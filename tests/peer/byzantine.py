@@ -14,8 +14,10 @@ Modes (the first three are blunt, the last three are the literature's):
   the wrong mapping. ``--scale`` is not used.
 - label-shift: label flipping as BTARD's ALBERT runs did it (Gorbunov et al., ICML 2022): each masked position's
   label is the next token id, ``(label + 1) % vocab_size``. Unlike label-flip it moves the token frequencies the
-  output layer learns first, so its gradient points elsewhere (a stronger attack, and an easier one to see).
-  ``--scale`` is not used.
+  output layer learns first. Adjacent ids of a BPE vocabulary are merges of similar frequency, though, so the
+  frequencies it teaches stay close to the true ones. ``--scale`` is not used.
+- label-invert: the classic label flip of classification attacks (class ``c`` to ``C - 1 - c``) over the
+  vocabulary: ``vocab_size - 1 - label``, so frequent tokens' targets become rare ones. ``--scale`` is not used.
 - alie ("A little is enough", Baruch et al., NeurIPS 2019): ``mean - z * std``, coordinate-wise, with
   ``z = inv_normal_cdf((n - s) / n)`` and ``s = floor(n / 2 + 1) - m`` for ``n = --peers`` members of which
   ``m = --attackers`` attack (``--z`` overrides it; note that z is 0 for 4 peers with 1 attacker).
@@ -55,8 +57,8 @@ from peer.swarm.config import OptimConfig, SwarmConfig
 from peer.swarm.flags import parse_configs
 from peer.train import accumulate_gradients
 
-ATTACKS = ("sign-flip", "constant", "gaussian", "label-flip", "label-shift", "alie", "ipm")
-LABEL_ATTACKS = ("label-flip", "label-shift")
+ATTACKS = ("sign-flip", "constant", "gaussian", "label-flip", "label-shift", "label-invert", "alie", "ipm")
+LABEL_ATTACKS = ("label-flip", "label-shift", "label-invert")
 WINDOW = 4  # own honest step gradients kept for the alie/ipm estimates: enough for a spread, recent enough to track
 IGNORED_LABEL = -100  # the MLM collator's label of unmasked positions
 
@@ -135,11 +137,13 @@ def shuffle_labels(batch: dict, generator: torch.Generator) -> dict:
     return {**batch, "labels": labels}
 
 
-def shift_labels(batch: dict, vocab_size: int) -> dict:
-    """The batch with each masked position's label replaced by the next token id (BTARD's label flipping)."""
+def remap_labels(batch: dict, vocab_size: int, attack: str) -> dict:
+    """The batch with each masked position's label mapped to another token id: the next one (label-shift, BTARD's
+    label flipping) or its mirror in the vocabulary (label-invert, the classic flip)."""
     labels = batch["labels"].clone()
     masked = labels != IGNORED_LABEL
-    labels[masked] = (labels[masked] + 1) % vocab_size
+    targets = labels[masked]
+    labels[masked] = (targets + 1) % vocab_size if attack == "label-shift" else vocab_size - 1 - targets
     return {**batch, "labels": labels}
 
 
@@ -157,9 +161,9 @@ class WrongLabels:
         batch = next(self.batches)
         if not self.active:
             return batch
-        if self.attack == "label-shift":
-            return shift_labels(batch, self.vocab_size)
-        return shuffle_labels(batch, self.generator)
+        if self.attack == "label-flip":
+            return shuffle_labels(batch, self.generator)
+        return remap_labels(batch, self.vocab_size, self.attack)
 
 
 def unit_direction(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """The attacker's modes on their own (tests/peer/byzantine.py), without a swarm: ALIE's z follows the paper's formula,
 the statistical attacks send what their docstring says from the attacker's own gradients, and label flipping keeps
-the batch's tokens but moves its targets (label-flip among themselves, label-shift to the next token id)."""
+the batch's tokens but moves its targets (label-flip among themselves, label-shift and label-invert to other token ids)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.peer.byzantine import (
     WrongLabels,
     alie_z,
     flat_gradient,
-    shift_labels,
+    remap_labels,
     shuffle_labels,
     statistical_attack,
 )
@@ -68,13 +68,14 @@ def test_label_flip_moves_the_targets_not_the_tokens():
     assert torch.equal(batch["labels"], labels)  # the original batch is left alone
 
 
-def test_label_shift_targets_the_next_token_id_wrapping_at_the_vocabulary():
+@pytest.mark.parametrize("attack, expected", [("label-shift", [1, 42, 0]), ("label-invert", [99, 58, 0])])
+def test_label_remaps_target_another_token_id_within_the_vocabulary(attack, expected):
     labels = torch.full((1, 8), IGNORED_LABEL)
     labels[0, [2, 3, 6]] = torch.tensor([0, 41, 99])
     batch = {"input_ids": torch.arange(8).view(1, 8), "labels": labels}
-    shifted = shift_labels(batch, vocab_size=100)
-    assert shifted["labels"][0, [2, 3, 6]].tolist() == [1, 42, 0]
-    assert torch.equal(shifted["labels"] == IGNORED_LABEL, labels == IGNORED_LABEL)  # unmasked stay ignored
+    remapped = remap_labels(batch, vocab_size=100, attack=attack)
+    assert remapped["labels"][0, [2, 3, 6]].tolist() == expected
+    assert torch.equal(remapped["labels"] == IGNORED_LABEL, labels == IGNORED_LABEL)  # unmasked stay ignored
     assert torch.equal(batch["labels"], labels)
 
 
