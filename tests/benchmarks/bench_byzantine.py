@@ -196,7 +196,7 @@ def run_swarm(args, attack: str, aggregation: str) -> tuple[Result, Path]:
             *("-m", "monitor", "--run_id", name, "--run_dir", str(workdir / "monitor")),
             *("--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--http_host", "127.0.0.1", "--http_port", str(port)),
             *("--refresh_period", "1", "--model", "tiny", "--checkpoint_every", "0"),
-            *(("--resume_from", str(args.resume_from)) if args.resume_from else ()),
+            *(("--resume_from", str(args.resume_from.resolve())) if args.resume_from else ()),
             *optim_flags(args, aggregation),
         ],
         workdir / "monitor.log",

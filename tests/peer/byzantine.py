@@ -4,7 +4,7 @@ trains honestly until ``--from_epoch``, then corrupts the gradient it sends into
 
     python -m tests.peer.byzantine --attack MODE --from_epoch 3 [--scale 1000] [--peers 5 --attackers 2] PEER_FLAGS...
 
-Modes (the first three are blunt, the last three are the literature's):
+Modes (the first three are blunt, the others come from the literature):
 
 - sign-flip: its honest gradient times ``-scale``.
 - constant: one fixed direction (seeded), at ``scale`` times the norm of its honest gradient.
@@ -14,10 +14,11 @@ Modes (the first three are blunt, the last three are the literature's):
   the wrong mapping. ``--scale`` is not used.
 - label-shift: label flipping as BTARD's ALBERT runs did it (Gorbunov et al., ICML 2022): each masked position's
   label is the next token id, ``(label + 1) % vocab_size``. Unlike label-flip it moves the token frequencies the
-  output layer learns first. Adjacent ids of a BPE vocabulary are merges of similar frequency, though, so the
-  frequencies it teaches stay close to the true ones. ``--scale`` is not used.
+  output layer learns first; but the bundled Unigram tokenizer's ids are sorted by falling piece probability, so the
+  next id is about as frequent and the frequencies stay close to the true ones. ``--scale`` is not used.
 - label-invert: the classic label flip of classification attacks (class ``c`` to ``C - 1 - c``) over the
   vocabulary: ``vocab_size - 1 - label``, so frequent tokens' targets become rare ones. ``--scale`` is not used.
+  Both can map the rarest ids onto special tokens' (``[PAD]`` is 0): a few targets, left as they come.
 - alie ("A little is enough", Baruch et al., NeurIPS 2019): ``mean - z * std``, coordinate-wise, with
   ``z = inv_normal_cdf((n - s) / n)`` and ``s = floor(n / 2 + 1) - m`` for ``n = --peers`` members of which
   ``m = --attackers`` attack (``--z`` overrides it; note that z is 0 for 4 peers with 1 attacker).
