@@ -141,10 +141,10 @@ def shuffle_labels(batch: dict, generator: torch.Generator) -> dict:
 def remap_labels(batch: dict, vocab_size: int, attack: str) -> dict:
     """The batch with each masked position's label mapped to another token id: the next one (label-shift, BTARD's
     label flipping) or its mirror in the vocabulary (label-invert, the classic flip)."""
+    remaps = {"label-shift": lambda ids: (ids + 1) % vocab_size, "label-invert": lambda ids: vocab_size - 1 - ids}
     labels = batch["labels"].clone()
     masked = labels != IGNORED_LABEL
-    targets = labels[masked]
-    labels[masked] = (targets + 1) % vocab_size if attack == "label-shift" else vocab_size - 1 - targets
+    labels[masked] = remaps[attack](labels[masked])
     return {**batch, "labels": labels}
 
 

@@ -1,6 +1,6 @@
 """The attacker's modes on their own (tests/peer/byzantine.py), without a swarm: ALIE's z follows the paper's formula,
 the statistical attacks send what their docstring says from the attacker's own gradients, and label flipping keeps
-the batch's tokens but moves its targets (label-flip among themselves, label-shift and label-invert to other token ids)."""
+the batch's tokens but moves its targets (label-flip among themselves, label-shift and label-invert to other ids)."""
 
 from __future__ import annotations
 
