@@ -181,6 +181,14 @@
                                              CheckedRounds (averagers.py)
     Proved on plain hivemind: tests/peer/test_checked_parts.py::test_hiveminds_rounds_take_the_bad_part_control
       (test_a_reducer_refuses_a_bad_part_or_weight_and_a_member_a_non_finite_reply shows the refusals here)
+26  The leader tells each follower its     group_views.py: each sender's first  signs the group it assembles,
+    group in a message of its own, and      part carries a digest of its view   or members compare it before
+    nobody compares them: told the same     (the unused AveragingData.peer_id    the all-reduce
+    members in another order, a member      field); ViewBoundRunner refuses
+    sends each reducer another place's      other views, refuse_split_group a
+    slice (equal sizes: nothing fails).     round left under the minimum
+    Proved on plain hivemind: tests/peer/test_group_views.py::
+      test_a_follower_told_another_order_does_not_average_slices_of_other_places[unbound-control]
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

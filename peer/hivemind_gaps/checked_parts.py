@@ -234,6 +234,15 @@ async def run_inplace(averager, runner, tensors, group_info, apply: Callable[[to
         averager._state_updated.set()
 
 
+async def collect_outputs(averager, runner, group_info) -> list[torch.Tensor]:
+    """Every output of ``runner``, in the order of its tensors, once all are in (an aux peer receives none: [])."""
+    if runner.modes[group_info.peer_ids.index(averager.peer_id)] == AveragingMode.AUX:
+        async for _ in runner:
+            raise ValueError("aux peers should not receive averaged tensors")
+        return []
+    return [output async for output in runner]
+
+
 class CheckedRounds:
     """Averager mixin: its all-reduce rounds run a CheckedAllReduceRunner (hivemind's rounds otherwise unchanged:
     members add the differences their reducers reply)."""

@@ -8,8 +8,10 @@ hivemind's ``AllReduceRunner`` with that reducer; ``RobustAggregation`` is an av
 ``_run_allreduce_inplace_`` (hivemind's, same body) builds that runner, and which hands each round's scores from the
 averager's process to the peer's through a bounded queue.
 
-Everything else of the protocol is hivemind's: senders, deltas, timeouts, bans. A peer running this averages with
-peers running hivemind's mean (the wire format is the same); only the parts it reduces are robust, which is why
+Every sender's first part carries a digest of its view of the group, and a reducer refuses parts under another
+(group_views.py: a leader telling members different groups). Everything else of the protocol is hivemind's:
+senders, deltas, timeouts, bans. A peer running this averages with peers running hivemind's mean (the wire format
+is the same: hivemind leaves the digest's field alone); only the parts it reduces are robust, which is why
 ``--aggregation`` is a run-wide setting.
 
 CenteredClip outvotes a minority of a group only: where attackers are half of a small group, the group is theirs.
@@ -44,7 +46,8 @@ from hivemind.averaging.partition import AllreduceException, BannedException, Te
 from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.averager_guard import fail_group
-from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, check_size, run_inplace, start_runner
+from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, check_size, collect_outputs, start_runner
+from peer.hivemind_gaps.group_views import ViewBoundRunner, refuse_split_group, view_digest
 from peer.swarm.centered_clip import ClipSettings, centered_clip
 
 logger = logging.getLogger(__name__)
@@ -197,7 +200,7 @@ def equal_shares(averager, group_info: GroupInfo) -> GroupInfo:
 
     The leader relays what each member declared, and could rewrite it (mark honest peers as clients, which reduce
     nothing): a peer whose own declaration the leader altered refuses the group. A leader that tells each follower
-    something else about the others is not detected here (docs/robust-aggregation.md).
+    something else about the others is caught by the reducers (group_views.py: each part carries its sender's view).
     """
     try:
         declared = [averager.serializer.loads(entry) for entry in group_info.gathered]
@@ -216,9 +219,10 @@ def equal_shares(averager, group_info: GroupInfo) -> GroupInfo:
     return GroupInfo(group_info.group_id, group_info.peer_ids, gathered)
 
 
-class RobustAllReduceRunner(CheckedAllReduceRunner):
-    """hivemind's AllReduceRunner whose reducer is a CenteredClipReducer (built with ``clip_settings``), and whose
-    received results must be finite (checked_parts.py)."""
+class RobustAllReduceRunner(ViewBoundRunner, CheckedAllReduceRunner):
+    """hivemind's AllReduceRunner whose reducer is a CenteredClipReducer (built with ``clip_settings``), whose
+    received results must be finite (checked_parts.py), and which refuses parts sent under another view of the group
+    (group_views.py: pass ``view_digest=``)."""
 
     def __init__(self, *, clip_settings: ClipSettings, **kwargs):
         self.clip_settings = clip_settings
@@ -314,12 +318,18 @@ class RobustAggregation(GroupQuorum):
                 return rounds
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: bytes | None = None, **kwargs):
-        """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12) with a RobustAllReduceRunner."""
-        options = dict(clip_settings=self.clip_settings, **kwargs)
+        """hivemind's DecentralizedAverager._run_allreduce_inplace_ (1.1.12) with a RobustAllReduceRunner, applying
+        the results once all are in and the round kept enough members of this peer's view (group_views.py)."""
+        options = dict(clip_settings=self.clip_settings, view_digest=view_digest(group_info), **kwargs)
         runner = start_runner(self, RobustAllReduceRunner, tensors, group_info, group_id, **options)
-        alpha = self._averaging_alpha
-        await run_inplace(self, runner, tensors, group_info, lambda tensor, delta: tensor.add_(delta, alpha=alpha))
+        deltas = await collect_outputs(self, runner, group_info)
         self._report(runner)
+        refuse_split_group(runner, group_info, self._matchmaking.min_group_size)
+        for tensor, delta in zip(tensors, deltas, strict=True):
+            tensor.add_(delta, alpha=self._averaging_alpha)
+        if deltas:
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
 
     def _report(self, runner: RobustAllReduceRunner) -> None:
         scores = runner.round_scores()

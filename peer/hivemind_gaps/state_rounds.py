@@ -12,7 +12,8 @@ back until the round is whole):
 
 - with ``state_clip_settings`` the parts this peer reduces are aggregated with CenteredClip (robust_allreduce.py's
   runner), every member reduces an equal share (``equal_shares``), and a group under the minimum size that
-  ``set_min_group_size`` asks for is refused, as follower and as leader. Honest peers' states lie close together (they
+  ``set_min_group_size`` asks for is refused, as follower and as leader, as is a round left under it by members a
+  leader told of another group (group_views.py). Honest peers' states lie close together (they
   apply the same averaged gradients), so a far part is left out. Its scores are not published: a peer that stepped
   on its own gradients for a while is far for honest reasons;
 - the result is refused whole (this peer keeps its own state) if any value is not finite;
@@ -42,6 +43,7 @@ from hivemind.averaging.allreduce import AveragingMode
 from hivemind.utils import get_dht_time
 
 from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, start_runner
+from peer.hivemind_gaps.group_views import refuse_split_group, view_digest
 from peer.hivemind_gaps.robust_allreduce import GroupQuorum, RobustAllReduceRunner, equal_shares
 from peer.swarm.bounded_moves import bound_moves
 from peer.swarm.centered_clip import ClipSettings
@@ -95,13 +97,15 @@ class CheckedStateRounds(GroupQuorum):
         if self.state_clip_settings is None:
             runner = start_runner(self, CheckedAllReduceRunner, tensors, group_info, group_id, **kwargs)
         else:
-            options = dict(clip_settings=self.state_clip_settings, **kwargs)
+            options = dict(clip_settings=self.state_clip_settings, view_digest=view_digest(group_info), **kwargs)
             runner = start_runner(self, RobustAllReduceRunner, tensors, group_info, group_id, **options)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
             return
         updates = [update async for update in runner]
+        if isinstance(runner, RobustAllReduceRunner):
+            refuse_split_group(runner, group_info, self._matchmaking.min_group_size)
         peers = len(group_info.peer_ids) - 1
         updates = self._checked_updates(tensors, updates, peers)
         if updates is None:

@@ -66,6 +66,8 @@ PRIVATE_METHODS = [
     (AllReduceRunner, "_accumulate_parts_streaming"),  # mean_replies.py MeanReplyRunner (hivemind's body, copied)
     (AllReduceRunner, "_communicate_with_peer"),  # mean_replies.py MeanReplyRunner, checked_parts.py
     (AllReduceRunner, "_ban_sender"),  # checked_parts.py CheckedAllReduceRunner, mean_replies.py MeanReplyRunner
+    (AllReduceRunner, "_check_reasons_to_reject"),  # group_views.py ViewBoundRunner
+    (AllReduceRunner, "_generate_input_for_peer"),  # group_views.py ViewBoundRunner
 ]
 # private attributes set in __init__, found in the class's source
 PRIVATE_ATTRIBUTES = [
