@@ -187,8 +187,9 @@
     members in another order, a member      field); ViewBoundRunner refuses
     sends each reducer another place's      other views, refuse_split_group a
     slice (equal sizes: nothing fails).     round left under the minimum
-    Proved on plain hivemind: tests/peer/test_group_views.py::
-      test_a_follower_told_another_order_does_not_average_slices_of_other_places[unbound-control]
+    Proved on this project's robust rounds with every digest made equal (hivemind's behaviour):
+      tests/peer/test_group_views.py::test_a_follower_told_another_order_does_not_average_slices_of_other_places
+      [unbound-control-gradient] and [unbound-control-state]
 
 Outside this package, hivemind's gaps met by a setting or a habit (review them too on an upgrade):
 

@@ -8,7 +8,8 @@ slices are of the same size: nothing fails). Or it can tell each honest member a
 only, as far as the parts go, where CenteredClip cannot outvote anybody.
 
 Here each member of a robust round sends, with its first part to each reducer, a digest of its view of the group:
-the members in order and their gathered declarations (``view_digest``), in the ``peer_id`` field of hivemind's
+the members in order and their gathered entries (``view_digest``: modes and user data; the bandwidths are made
+equal before, robust_allreduce.py's ``equal_shares``), in the ``peer_id`` field of hivemind's
 AveragingData, which hivemind 1.1.12 neither sets nor reads (so peers running hivemind's own rounds average with these
 as before, and their parts, carrying no digest, are taken: they are their own parts, misled or not). A reducer refuses
 a part under another digest (its sender is banned for the round, as for any refused part, and it is logged), and the
@@ -60,7 +61,8 @@ class ViewBoundRunner:
         first = True
         async for message in super()._generate_input_for_peer(peer_index):
             if first:
-                message.peer_id, first = self.view_digest, False
+                message.peer_id = self.view_digest
+                first = False
             yield message
 
     def _check_reasons_to_reject(
@@ -76,8 +78,8 @@ class ViewBoundRunner:
         if sender not in self.refused_views:
             self.refused_views.add(sender)
             logger.warning(
-                f"Refused the parts of groupmate {sender}: it was told of another group than this peer (other members, "
-                "order or declarations) by the leader, or it sent a forged view; banned for the round"
+                f"Refused the parts of groupmate {sender}: it was told of another group than this peer (other "
+                "members, order or entries) by the leader, or it sent a forged view; banned for the round"
             )
         ban = asyncio.create_task(self._ban_sender(sender))  # the reducer goes on without its parts at once
         self._bans.add(ban)
@@ -85,14 +87,16 @@ class ViewBoundRunner:
 
 
 def refuse_split_group(runner: ViewBoundRunner, group_info: GroupInfo, min_group_size: int) -> None:
-    """Raise an AllreduceException if members told of another group left this peer's round with fewer members than
-    ``min_group_size`` (nothing of such a round may be applied)."""
+    """Raise an AllreduceException if members told of another group were refused in this peer's round and it
+    reduced the parts of fewer members than ``min_group_size`` (nothing of such a round may be applied)."""
     if not runner.refused_views:
         return
-    kept = len(group_info.peer_ids) - len(runner.refused_views)
+    # the senders whose parts this peer reduced: a member of the view that never sent (a leader can name peers that
+    # are not there) counts no more than one that sent another view
+    kept = len(runner.sender_peer_ids) - len(runner.banned_senders)
     if kept < min_group_size:
         raise AllreduceException(
             f"{len(runner.refused_views)} of {len(group_info.peer_ids) - 1} groupmates were told of another group: "
-            f"this round averaged {kept} member(s) of this peer's view, under the minimum of {min_group_size}; "
-            "applying nothing of it"
+            f"this round averaged the parts of {kept} member(s), under the minimum of {min_group_size}; applying "
+            "nothing of it"
         )

@@ -5,8 +5,8 @@ into one running sum, so one member moves every peer's gradient as far as it lik
 keeps the received parts of the current part index instead and, once all live senders have sent theirs, returns
 their CenteredClip (peer/swarm/centered_clip.py) and scores each sender on it. ``RobustAllReduceRunner`` is
 hivemind's ``AllReduceRunner`` with that reducer; ``RobustAggregation`` is an averager mixin whose
-``_run_allreduce_inplace_`` (hivemind's, same body) builds that runner, and which hands each round's scores from the
-averager's process to the peer's through a bounded queue.
+``_run_allreduce_inplace_`` (hivemind's, but applying the results once all are in) builds that runner, and which
+hands each round's scores from the averager's process to the peer's through a bounded queue.
 
 Every sender's first part carries a digest of its view of the group, and a reducer refuses parts under another
 (group_views.py: a leader telling members different groups). Everything else of the protocol is hivemind's:
@@ -200,7 +200,8 @@ def equal_shares(averager, group_info: GroupInfo) -> GroupInfo:
 
     The leader relays what each member declared, and could rewrite it (mark honest peers as clients, which reduce
     nothing): a peer whose own declaration the leader altered refuses the group. A leader that tells each follower
-    something else about the others is caught by the reducers (group_views.py: each part carries its sender's view).
+    something else about the others has its parts refused by the reducers (group_views.py: each part carries its
+    sender's view; nobody is accused, as the parts do not tell who lied).
     """
     try:
         declared = [averager.serializer.loads(entry) for entry in group_info.gathered]
@@ -325,11 +326,12 @@ class RobustAggregation(GroupQuorum):
         deltas = await collect_outputs(self, runner, group_info)
         self._report(runner)
         refuse_split_group(runner, group_info, self._matchmaking.min_group_size)
+        if not deltas:
+            return  # an aux peer: it receives nothing
         for tensor, delta in zip(tensors, deltas, strict=True):
             tensor.add_(delta, alpha=self._averaging_alpha)
-        if deltas:
-            self.last_updated = get_dht_time()
-            self._state_updated.set()
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
 
     def _report(self, runner: RobustAllReduceRunner) -> None:
         scores = runner.round_scores()

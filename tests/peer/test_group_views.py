@@ -24,7 +24,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import MSGPackSerializer
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from peer.hivemind_gaps import robust_allreduce, state_rounds
 from peer.hivemind_gaps.group_views import refuse_split_group, view_digest
@@ -54,12 +54,17 @@ def test_a_view_is_the_members_in_order_with_what_they_declared():
 
 def test_a_round_left_under_the_minimum_by_other_views_is_refused():
     three = group([0, 1, 2])
-    runner = SimpleNamespace(refused_views=set())
+    senders = three.peer_ids
+    runner = SimpleNamespace(sender_peer_ids=senders, banned_senders=set(), refused_views=set())
     refuse_split_group(runner, three, min_group_size=3)  # nobody refused: nothing to say
-    runner.refused_views = {PeerID(b"peer 1")}
-    refuse_split_group(runner, three, min_group_size=2)  # two of this peer's view averaged: enough
-    with pytest.raises(AllreduceException, match="1 of 2 groupmates were told of another group.* under the minimum"):
+    runner.refused_views = runner.banned_senders = {senders[1]}
+    refuse_split_group(runner, three, min_group_size=2)  # the parts of two members averaged: enough
+    with pytest.raises(AllreduceException, match="1 of 2 groupmates were told of another group.* of 2 member"):
         refuse_split_group(runner, three, min_group_size=3)
+    # a member that never sent (a leader can name peers that are not there) does not count as averaged either
+    runner.banned_senders = {senders[1], senders[2]}
+    with pytest.raises(AllreduceException, match="the parts of 1 member"):
+        refuse_split_group(runner, three, min_group_size=2)
 
 
 def test_hivemind_leaves_the_field_the_digest_travels_in_alone():
@@ -144,9 +149,13 @@ def test_a_follower_told_another_order_does_not_average_slices_of_other_places(m
             with each.get_tensors() as tensors:
                 tensors[0].copy_(start)
         leader.lying.value = True
-        rounds = [leader.step(gather=0, timeout=20, wait=False)]
-        time.sleep(1.0)  # the leader has declared itself: the followers' first leader
-        rounds += [each.step(gather=index, timeout=20, wait=False) for index, each in enumerate(followers, 1)]
+        # the leader's round is due first: the followers, looking later, find it the earliest leader to join
+        rounds = [leader.step(gather=0, scheduled_time=get_dht_time() + 6, timeout=20, wait=False)]
+        time.sleep(1.5)
+        rounds += [
+            each.step(gather=index, scheduled_time=get_dht_time() + 8, timeout=20, wait=False)
+            for index, each in enumerate(followers, 1)
+        ]
         failed = 0
         for future in rounds:
             try:
@@ -154,11 +163,13 @@ def test_a_follower_told_another_order_does_not_average_slices_of_other_places(m
             except Exception:  # noqa: BLE001 - the misled follower's round: refused, or no group left to retry in
                 failed += 1
         assert leader.lies.value >= 1, "the attacker did not lead: nobody was misled"
-        worst = max(off_its_place(each) for each in followers)
+        worst = max(off_its_place(each) for each in (leader, *followers))
         print(f"{kind}, {views}: lies {leader.lies.value}, failed rounds {failed}, worst distance {worst:.1f}")
         if views == "bound":
+            assert failed == 1, "the misled follower's round was not refused (or another's was)"
             assert worst < 1e-3
         else:
+            assert failed == 0
             assert worst > 1000.0, "the control's misled follower averaged the right slices"
     finally:
         swarm.shutdown()
