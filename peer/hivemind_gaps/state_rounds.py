@@ -39,10 +39,9 @@ import logging
 import multiprocessing as mp
 
 import torch
-from hivemind.averaging.allreduce import AveragingMode
 from hivemind.utils import get_dht_time
 
-from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, start_runner
+from peer.hivemind_gaps.checked_parts import CheckedAllReduceRunner, collect_outputs, start_runner
 from peer.hivemind_gaps.group_views import refuse_split_group, view_digest
 from peer.hivemind_gaps.robust_allreduce import GroupQuorum, RobustAllReduceRunner, equal_shares
 from peer.swarm.bounded_moves import bound_moves
@@ -99,11 +98,9 @@ class CheckedStateRounds(GroupQuorum):
         else:
             options = dict(clip_settings=self.state_clip_settings, view_digest=view_digest(group_info), **kwargs)
             runner = start_runner(self, RobustAllReduceRunner, tensors, group_info, group_id, **options)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
-            return
-        updates = [update async for update in runner]
+        updates = await collect_outputs(self, runner, group_info)
+        if not updates:
+            return  # an aux peer: it receives nothing
         if isinstance(runner, RobustAllReduceRunner):
             refuse_split_group(runner, group_info, self._matchmaking.min_group_size)
         peers = len(group_info.peer_ids) - 1
